@@ -1,0 +1,339 @@
+"""Benchmarks of unlearning_audit.metrics, each side by side with the naive route, in one run.
+
+    python bench/bench_metrics.py [--quick] [--device cpu|cuda] [--model-size 0.9m|100m]
+
+Prints a Markdown table. ``ratio`` is baseline / ours for times (above 1: ours is faster) and
+ours at the larger n / ours at the smaller n for memory (1: flat in n). CKA runs on the CPU
+(numpy); ``--device`` moves only the Fisher comparison. BLAS and torch use ``--threads`` threads
+(default 1: two threads oversubscribe a shared 2-core machine). Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from unlearning_audit.metrics import CKAAccumulator, fisher_diagonal, layer_parameters
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+MODELS = {
+    "0.9m": {
+        "vocab_size": 1024,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    },
+    "100m": {
+        "vocab_size": 32000,
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes: the full run follows the brief, ``--quick`` shrinks every n and d."""
+
+    cka_n: int
+    cka_d: int
+    batch_rows: int
+    memory_ns: tuple[int, int]
+    gram_n: int
+    repeats: int
+
+    @classmethod
+    def pick(cls, quick: bool) -> Sizes:
+        if quick:
+            return cls(8192, 256, 1024, (4096, 16384), 2000, 3)
+        return cls(50_000, 1024, 4096, (16_384, 65_536), 20_000, 2)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    ours: str
+    baseline: str
+    ratio: float
+    target: str
+    note: str = ""
+
+
+def paired_batches(n: int, d: int, rows: int, seed: int = 0) -> Iterator[Batch]:
+    """Correlated float32 activation batches (Y a noisy linear map of X), made lazily."""
+    rng = np.random.default_rng(seed)
+    mixing = (rng.normal(size=(d, d)) / np.sqrt(d)).astype(np.float32)
+    for start in range(0, n, rows):
+        x = rng.standard_normal((min(rows, n - start), d), dtype=np.float32) + 1.0
+        yield x, x @ mixing + 0.5 * rng.standard_normal(x.shape, dtype=np.float32)
+
+
+def best_time(run: Callable[[], object], repeats: int) -> float:
+    """Shortest wall time of ``repeats`` calls (the least disturbed by a shared machine)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def streaming_cka(batches: Iterator[Batch] | list[Batch], d: int, debiased: bool) -> float:
+    accumulator = CKAAccumulator(d, d, debiased=debiased)
+    for x, y in batches:
+        accumulator.update(x, y)
+    return accumulator.result()
+
+
+def cross_product_only(batches: list[Batch], d: int) -> np.ndarray:
+    """The baseline: X^T Y alone, in float64, over the same batches."""
+    total = np.zeros((d, d))
+    for x, y in batches:
+        total += x.astype(np.float64).T @ y.astype(np.float64)
+    return total
+
+
+def gram_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    """Kornblith et al.'s Gram route: centred n x n linear kernels, two matrices held at once."""
+
+    def centred_gram(A: np.ndarray) -> np.ndarray:
+        gram = A @ A.T
+        row_means = gram.mean(axis=1)
+        gram -= row_means[:, None]
+        gram -= row_means[None, :]
+        gram += row_means.mean()
+        return gram
+
+    K, L = centred_gram(X), centred_gram(Y)
+    return float(np.vdot(K, L) / np.sqrt(np.vdot(K, K) * np.vdot(L, L)))
+
+
+def measure(run: Callable[[], float]) -> tuple[float, float, int]:
+    """(result, wall seconds, peak traced bytes) of one call; numpy reports its buffers to
+    tracemalloc, so the peak counts every array the call allocates."""
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        result = run()
+        return result, time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def bench_streaming(sizes: Sizes) -> list[Row]:
+    n, d, rows = sizes.cka_n, sizes.cka_d, sizes.batch_rows
+    batches = list(paired_batches(n, d, rows))
+    base = best_time(lambda: cross_product_only(batches, d), sizes.repeats)
+    result = []
+    for debiased in (False, True):
+        ours = best_time(lambda: streaming_cka(batches, d, debiased), sizes.repeats)  # noqa: B023
+        label = "debiased" if debiased else "biased"
+        result.append(
+            Row(
+                f"streaming {label} CKA, n={n:,}, d={d}, f32 batches of {rows}",
+                f"{ours:.2f} s",
+                f"{base:.2f} s (X^T Y only, f64)",
+                base / ours,
+                ">= 0.5 (within 2x)",
+                "floor 0.5: X^T X and Y^T Y cost as much as X^T Y",
+            )
+        )
+    return result
+
+
+def bench_memory(sizes: Sizes) -> Row:
+    d, rows = sizes.cka_d, sizes.batch_rows
+    small, large = (
+        measure(lambda n=n: streaming_cka(paired_batches(n, d, rows), d, True))[2]
+        for n in sizes.memory_ns
+    )
+    n_small, n_large = sizes.memory_ns
+    return Row(
+        f"streaming CKA peak memory, n={n_small:,} vs {n_large:,}, d={d}",
+        f"{small / 2**20:.0f} MiB vs {large / 2**20:.0f} MiB",
+        "-",
+        large / small,
+        "~1 (flat in n)",
+        "tracemalloc; includes the batch being generated",
+    )
+
+
+def bench_gram(sizes: Sizes) -> Row:
+    n, d, rows = sizes.gram_n, sizes.cka_d, sizes.batch_rows
+    X, Y = (np.concatenate(parts) for parts in zip(*paired_batches(n, d, rows), strict=True))
+    X, Y = X.astype(np.float64), Y.astype(np.float64)
+    views = [(X[i : i + rows], Y[i : i + rows]) for i in range(0, n, rows)]
+    ours_value, ours, ours_peak = measure(lambda: streaming_cka(views, d, False))
+    base_value, base, base_peak = measure(lambda: gram_cka(X, Y))
+    return Row(
+        f"streaming vs n x n Gram CKA, n={n:,}, d={d}, f64",
+        f"{ours:.2f} s, {ours_peak / 2**20:.0f} MiB",
+        f"{base:.2f} s, {base_peak / 2**20:.0f} MiB",
+        base / ours,
+        ">= 20",
+        f"abs diff {abs(ours_value - base_value):.1e}; flops ratio n/(2d) = {n / (2 * d):.1f}",
+    )
+
+
+def fisher_batch(vocab: int, size: int, length: int, device: str) -> dict[str, torch.Tensor]:
+    """Right-padded batch, lengths from 2/3 of ``length`` to ``length``, 8 prompt tokens."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, vocab, (size, length), generator=generator)
+    lengths = torch.linspace(2 * length // 3, length, size).long()
+    positions = torch.arange(length)[None, :]
+    attention_mask = (positions < lengths[:, None]).long()
+    labels = input_ids.masked_fill((attention_mask == 0) | (positions < 8), -100)
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def answer_log_prob(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of answer-token log-probabilities (labels != -100) over the batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    return logits[:, :-1].log_softmax(-1)[keep, targets[keep]].sum()
+
+
+def by_layer_on_cpu(
+    model: LlamaForCausalLM, values: dict[str, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """Per-parameter tensors in fisher_diagonal's output form: flat float32 CPU tensor per layer."""
+    return {
+        layer: torch.cat([values[name].ravel() for name, _ in params]).float().cpu()
+        for layer, params in layer_parameters(model).items()
+    }
+
+
+def looped_fisher(
+    model: LlamaForCausalLM, batch: dict[str, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """The naive route: one backward pass per sample, squaring each sample's gradient; same
+    output as fisher_diagonal (so both pay the copy to the CPU)."""
+    sums = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    size = batch["input_ids"].shape[0]
+    for row in range(size):
+        model.zero_grad()
+        answer_log_prob(
+            model, {key: value[row : row + 1] for key, value in batch.items()}
+        ).backward()
+        for name, param in model.named_parameters():
+            sums[name] += param.grad.square()
+    return by_layer_on_cpu(model, {name: total / size for name, total in sums.items()})
+
+
+def bench_fisher(sizes: Sizes, model_size: str, device: str, attention: str) -> list[Row]:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **MODELS[model_size], tie_word_embeddings=True, attn_implementation=attention
+    )
+    model = LlamaForCausalLM(config).to(device).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    batch = fisher_batch(config.vocab_size, 16, 24, device)
+
+    def timed(run: Callable[[], object]) -> float:
+        def synced() -> object:
+            out = run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        synced()
+        return best_time(synced, max(sizes.repeats, 3))
+
+    def batched_backward() -> dict[int, torch.Tensor]:
+        model.zero_grad()
+        answer_log_prob(model, batch).backward()
+        return by_layer_on_cpu(model, {name: p.grad for name, p in model.named_parameters()})
+
+    ours = timed(lambda: fisher_diagonal(model, [batch]))
+    loop = timed(lambda: looped_fisher(model, batch))
+    bound = timed(batched_backward)
+    fisher = torch.cat(list(fisher_diagonal(model, [batch]).values()))
+    reference = torch.cat(list(looped_fisher(model, batch).values()))
+    error = float((fisher - reference).abs().max() / reference.abs().max())
+    label = (
+        f"{n_params / 1e6:.1f}M-param Llama, {attention} attention, batch 16, length 24, {device}"
+    )
+    return [
+        Row(
+            f"per-sample Fisher (vmap) vs loop of 16 backward passes, {label}",
+            f"{ours * 1e3:.1f} ms",
+            f"{loop * 1e3:.1f} ms",
+            loop / ours,
+            ">= 3",
+            f"max rel. diff {error:.1e}",
+        ),
+        Row(
+            f"bound: one batched backward of 16 (no per-sample grads) vs the loop, {label}",
+            f"{bound * 1e3:.1f} ms",
+            f"{loop * 1e3:.1f} ms",
+            loop / bound,
+            "info",
+            "the most any per-sample method could gain over the loop; all three include the "
+            "copy of P float32 values to the CPU",
+        ),
+    ]
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| benchmark | ours | baseline | ratio | target | note |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r.name} | {r.ours} | {r.baseline} | {r.ratio:.2f} | {r.target} | {r.note} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model-size", default="0.9m", choices=sorted(MODELS))
+    parser.add_argument("--threads", type=int, default=1, help="BLAS and torch threads")
+    parser.add_argument("--only", choices=["cka", "fisher"], help="run one group of benchmarks")
+    args = parser.parse_args()
+    sizes = Sizes.pick(args.quick)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+    stages: list[tuple[str, str, Callable[[], list[Row]]]] = [
+        ("cka", "streaming", lambda: bench_streaming(sizes)),
+        ("cka", "memory", lambda: [bench_memory(sizes)]),
+        ("cka", "gram", lambda: [bench_gram(sizes)]),
+    ]
+    stages += [
+        ("fisher", attention, partial(bench_fisher, sizes, args.model_size, args.device, attention))
+        for attention in ("sdpa", "eager")
+    ]
+    rows: list[Row] = []
+    with threadpool_limits(args.threads):
+        for group, name, stage in stages:
+            if args.only in (None, group):
+                start = time.perf_counter()
+                rows += stage()
+                print(f"# {group} {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

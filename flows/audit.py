@@ -1,0 +1,140 @@
+"""The audit flow: one checkpoint through every stage, each a task passing store references.
+
+fetch -> unlearn (per method) -> evaluate -> relearn -> evaluate -> extract -> metrics ->
+verdict -> report. Run locally, everything runs in this process; every stage is served from the
+store when its inputs, config and code are unchanged.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.checkpoint import fetch_checkpoint
+from tasks.data import prepare_data
+from tasks.evaluate import evaluate
+from tasks.extract import extract
+from tasks.metrics import metrics
+from tasks.relearn import relearn
+from tasks.report import publish, report
+from tasks.unlearn import unlearn
+from tasks.verdict import verdict
+from unlearning_audit.config import AuditParams
+from unlearning_audit.preflight import preflight
+from unlearning_audit.store import ArtifactRef
+
+
+def _control(store: str, params: AuditParams, data_ref: ArtifactRef) -> ArtifactRef | None:
+    if params.no_control:
+        return None
+    if params.control is not None:
+        return fetch_checkpoint(
+            store,
+            params.control,
+            data_ref,
+            params.embedded,
+            allow_pickle=params.allow_pickle,
+            trust_remote_code=params.trust_remote_code,
+        )
+    if params.original == "embedded":
+        return fetch_checkpoint(store, "embedded", data_ref, params.embedded, control=True)
+    return None
+
+
+def _relearn_all(
+    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef
+) -> dict[str, ArtifactRef]:
+    return {
+        src: relearn(store, checkpoint, data_ref, src, params.relearn, params.seed, params.device)
+        for src in params.relearn.sources
+    }
+
+
+def audit_run(
+    store: str,
+    params: AuditParams,
+    data_ref: ArtifactRef,
+    original: dict,
+    candidate: dict,
+    control_runs: dict[str, ArtifactRef],
+) -> dict:
+    """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
+    rows, dev = params.data.eval_max_rows, params.device
+    unlearned = candidate["checkpoint"]
+    unlearned_eval = evaluate(store, unlearned, data_ref, rows, dev)
+    relearned = _relearn_all(store, params, unlearned, data_ref)
+    relearned_eval = evaluate(store, relearned["forget"], data_ref, rows, dev)
+    acts = {
+        name: extract(store, ref, data_ref, params.layers, rows, dev)
+        for name, ref in (("unlearned", unlearned), ("relearned", relearned["forget"]))
+    }
+    return {
+        **{k: candidate[k] for k in ("label", "method", "lr")},
+        "relearned": relearned,
+        "unlearned_eval": unlearned_eval,
+        "relearned_eval": relearned_eval,
+        "metrics_unlearned": metrics(
+            store, original["checkpoint"], unlearned, original["acts"], acts["unlearned"]
+        ),
+        "metrics_relearned": metrics(
+            store, original["checkpoint"], relearned["forget"], original["acts"], acts["relearned"]
+        ),
+        "verdict": verdict(
+            store, original["eval"], unlearned_eval, relearned, control_runs, params.thresholds
+        ),
+    }
+
+
+@flow(name="audit-checkpoint")
+def audit_checkpoint(params: AuditParams | None = None) -> dict:
+    """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?"""
+    params = params or AuditParams()
+    store = preflight(params)
+    data_ref = prepare_data(store, params.data, params.embedded)
+    checkpoint = fetch_checkpoint(
+        store,
+        params.original,
+        data_ref,
+        params.embedded,
+        allow_pickle=params.allow_pickle,
+        trust_remote_code=params.trust_remote_code,
+    )
+    rows, dev = params.data.eval_max_rows, params.device
+    original = {
+        "checkpoint": checkpoint,
+        "eval": evaluate(store, checkpoint, data_ref, rows, dev),
+        "acts": extract(store, checkpoint, data_ref, params.layers, rows, dev),
+    }
+    control = _control(store, params, data_ref)
+    control_runs = _relearn_all(store, params, control, data_ref) if control else {}
+    if params.unlearned is not None:
+        given = fetch_checkpoint(
+            store,
+            params.unlearned,
+            data_ref,
+            params.embedded,
+            allow_pickle=params.allow_pickle,
+            trust_remote_code=params.trust_remote_code,
+        )
+        candidates = [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]
+    else:
+        candidates = [
+            {
+                "label": cfg.label,
+                "method": cfg.method,
+                "lr": cfg.lr,
+                "checkpoint": unlearn(store, checkpoint, data_ref, cfg, params.seed, dev),
+            }
+            for cfg in params.methods
+        ]
+    runs = [audit_run(store, params, data_ref, original, c, control_runs) for c in candidates]
+    audit = {
+        "name": params.name or f"{params.original} ({params.data.domain})",
+        "original": params.original,
+        "unlearned": params.unlearned,
+        "domain": params.data.domain if params.data.forget is None else "external",
+        "budget": params.relearn.budget,
+        "thresholds": params.thresholds.model_dump(),
+        "control": params.control or ("embedded never-learned" if control else None),
+    }
+    report_ref = report(store, audit, runs, control_runs)
+    return {**publish(store, report_ref), "report_ref": report_ref.model_dump()}

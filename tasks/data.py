@@ -1,0 +1,64 @@
+"""Data stage: the probe sets (forget, retain, unrelated, halves) as Parquet in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks._stage import CPU_OPTIONS, cached_stage
+from unlearning_audit import corpus, data
+from unlearning_audit.config import DataConfig, EmbeddedConfig
+from unlearning_audit.store import code_version, file_sha256
+
+CORPUS = "corpus.parquet"
+
+
+def embedded_corpus(config: EmbeddedConfig) -> tuple[list[corpus.Fact], set[str]]:
+    """The embedded corpus and its forget groups (a share of every domain's groups)."""
+    facts = corpus.generate(
+        config.seed, {"text": config.authors, "code": config.functions, "math": config.operands}
+    )
+    forget = set()
+    for domain in corpus.DOMAINS:
+        forget |= set(corpus.forget_groups(facts, domain, config.forget_fraction, config.seed))
+    return facts, forget
+
+
+def _source_identity(source: str | None) -> str | None:
+    """A local file by content; a `datasets` source by its (pinned) name."""
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    return file_sha256(path) if path.is_file() else source
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE, **CPU_OPTIONS)
+def prepare_data(store: str, config: DataConfig, embedded: EmbeddedConfig):
+    """Build and validate the probe sets, from the embedded corpus or the user's sources."""
+    external = config.forget is not None
+
+    def build(_, out: Path) -> dict:
+        if external:
+            sets = data.external_sets(config)
+        else:
+            facts, forget = embedded_corpus(embedded)
+            sets = data.embedded_sets(facts, forget, config.domain)
+            rows = [{**f.__dict__, "forget": f.group in forget} for f in facts]
+            pq.write_table(pa.Table.from_pylist(rows), out / CORPUS)
+        data.check_sets(sets)
+        data.write_sets(sets, out)
+        return {"rows": {name: len(rows) for name, rows in sets.items()}}
+
+    sources = {k: _source_identity(getattr(config, k)) for k in ("forget", "retain", "unrelated")}
+    return cached_stage(
+        store,
+        "data",
+        {"sources": sources},
+        {"data": config, "embedded": None if external else embedded},
+        code_version(corpus, data),
+        build,
+    )

@@ -1,0 +1,42 @@
+"""Extract stage: layer activations of one checkpoint on the probe sets, to Parquet."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
+from unlearning_audit import activations, data, layers, runtime
+from unlearning_audit.store import ArtifactRef, code_version
+
+PROBE_SETS = ("forget", "retain")
+SUMMARY = "activations.json"
+
+
+@task(name="extract", cache_policy=NO_CACHE, **gpu_options())
+def extract(
+    store: str,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    layer_indices: list[int] | None = None,
+    max_rows: int = 200,
+    device: str = "auto",
+):
+    """Masked-mean pooled activations of every selected layer, per probe set."""
+
+    def build(s, out):
+        model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
+        sets = load_sets(s, data_ref)
+        chosen = {name: data.sample(sets[name], max_rows) for name in PROBE_SETS}
+        summary = activations.extract(model, tokenizer, chosen, out, layer_indices)
+        write_json(out / SUMMARY, summary)
+        return summary
+
+    return cached_stage(
+        store,
+        "activations",
+        {"checkpoint": checkpoint, "data": data_ref},
+        {"layers": layer_indices, "max_rows": max_rows, "sets": PROBE_SETS},
+        code_version(activations, data, layers),
+        build,
+    )

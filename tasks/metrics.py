@@ -1,0 +1,53 @@
+"""Metrics stage (CPU): representation metrics of a candidate against the original, from stored
+activations and weights, as one long-format Parquet table."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks._stage import CPU_OPTIONS, cached_stage, load_model
+from tasks.extract import PROBE_SETS, SUMMARY
+from unlearning_audit import activations, runtime
+from unlearning_audit.metrics import cka, pca, table, weights
+from unlearning_audit.store import ArtifactRef, code_version
+
+TABLE = "metrics.parquet"
+
+
+@task(name="metrics", cache_policy=NO_CACHE, **CPU_OPTIONS)
+def metrics(
+    store: str,
+    original: ArtifactRef,
+    candidate: ArtifactRef,
+    original_acts: ArtifactRef,
+    candidate_acts: ArtifactRef,
+    k: int = 2,
+):
+    """CKA, PCA similarity, shift and distance per layer and probe set; weight change per layer."""
+
+    def build(s, out):
+        runtime.setup(0, "cpu")
+        layers = s.read_json(original_acts, SUMMARY)["layers"]
+        rows = table.activation_rows(
+            s.local_dir(original_acts), s.local_dir(candidate_acts), list(PROBE_SETS), layers, k
+        )
+        rows += table.weight_rows(
+            load_model(s, original, "cpu")[0], load_model(s, candidate, "cpu")[0]
+        )
+        table.write(rows, out / TABLE)
+        return {"rows": len(rows)}
+
+    return cached_stage(
+        store,
+        "metrics",
+        {
+            "original": original,
+            "candidate": candidate,
+            "original_acts": original_acts,
+            "candidate_acts": candidate_acts,
+        },
+        {"k": k},
+        code_version(table, cka, pca, weights, activations),
+        build,
+    )

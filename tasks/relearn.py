@@ -1,0 +1,43 @@
+"""Relearn stage: the relearning attack from one source; stores the relearned checkpoint and
+its recovery curve."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
+from unlearning_audit import checkpoints, data, evaluation, relearning, runtime, training
+from unlearning_audit.config import RelearnConfig, RelearnSource
+from unlearning_audit.store import ArtifactRef, code_version
+
+CURVE = "relearn.json"
+
+
+@task(name="relearn", cache_policy=NO_CACHE, **gpu_options())
+def relearn(
+    store: str,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    source: RelearnSource,
+    config: RelearnConfig,
+    seed: int = 0,
+    device: str = "auto",
+):
+    """Fine-tune ``checkpoint`` with the relearning budget from ``source``."""
+
+    def build(s, out):
+        model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
+        log = relearning.relearn(model, tokenizer, load_sets(s, data_ref), source, config, seed)
+        checkpoints.save(model, tokenizer, out)
+        write_json(out / CURVE, log)
+        return {"source": source, "steps": log["steps"]}
+
+    return cached_stage(
+        store,
+        "relearn",
+        {"checkpoint": checkpoint, "data": data_ref, "source": source, "seed": seed},
+        {"relearn": config.model_dump(exclude={"sources"})},
+        code_version(relearning, training, data, evaluation),
+        build,
+    )

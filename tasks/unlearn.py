@@ -1,0 +1,39 @@
+"""Unlearn stage: one method on the original checkpoint; the result is a new checkpoint."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
+from unlearning_audit import checkpoints, data, evaluation, runtime, training, unlearning
+from unlearning_audit.config import UnlearnConfig
+from unlearning_audit.store import ArtifactRef, code_version
+
+
+@task(name="unlearn", cache_policy=NO_CACHE, **gpu_options())
+def unlearn(
+    store: str,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    config: UnlearnConfig,
+    seed: int = 0,
+    device: str = "auto",
+):
+    """Run one unlearning method; stores the unlearned checkpoint and its training log."""
+
+    def build(s, out):
+        model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
+        log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), config, seed)
+        checkpoints.save(model, tokenizer, out)
+        write_json(out / "unlearn.json", log)
+        return {"steps": log["steps"], "stopped_early": log["stopped_early"]}
+
+    return cached_stage(
+        store,
+        "unlearn",
+        {"checkpoint": checkpoint, "data": data_ref, "seed": seed},
+        config,
+        code_version(unlearning, training, data, evaluation),
+        build,
+    )

@@ -1,0 +1,137 @@
+"""Linear CKA: streaming against in-memory, against the Gram-matrix definitions, invariances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unlearning_audit.metrics import CKAAccumulator, linear_cka
+
+
+def related_pair(seed: int, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Paired activations with shared structure, non-zero means and different widths."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 9)) * rng.uniform(0.5, 3.0, size=9) + 4.0
+    Y = X[:, :6] @ rng.normal(size=(6, 7)) + rng.normal(size=(n, 7)) - 2.0
+    return X, Y
+
+
+def gram_hsic_biased(K: np.ndarray, L: np.ndarray) -> float:
+    """tr(K H L H) / (n - 1)^2 with the centring matrix H = I - 11^T / n."""
+    n = K.shape[0]
+    H = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(K @ H @ L @ H)) / (n - 1) ** 2
+
+
+def gram_hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
+    """Song et al. (2007), eq. (5), with the Gram matrices' diagonals set to zero."""
+    n = K.shape[0]
+    K, L = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
+    one = np.ones(n)
+    return (
+        np.trace(K @ L)
+        + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (one @ K @ L @ one)
+    ) / (n * (n - 3))
+
+
+def gram_cka(X: np.ndarray, Y: np.ndarray, debiased: bool) -> float:
+    hsic = gram_hsic_unbiased if debiased else gram_hsic_biased
+    K, L = X @ X.T, Y @ Y.T
+    return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_streaming_equals_in_memory_with_uneven_batches(debiased: bool) -> None:
+    X, Y = related_pair(0, n=101)
+    accumulator = CKAAccumulator(X.shape[1], Y.shape[1], debiased=debiased)
+    for start, stop in [(0, 5), (5, 6), (6, 40), (40, 40), (40, 101)]:
+        accumulator.update(X[start:stop], Y[start:stop])
+    assert accumulator.n == 101
+    assert accumulator.result() == pytest.approx(linear_cka(X, Y, debiased=debiased), rel=1e-9)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_large_offsets_cost_no_precision_in_streaming(debiased: bool) -> None:
+    """Raw moments at offset 1e6 would cancel ~12 digits; the first-batch shift avoids it."""
+    X, Y = related_pair(7, n=101)
+    accumulator = CKAAccumulator(X.shape[1], Y.shape[1], debiased=debiased)
+    for start in range(0, 101, 25):
+        accumulator.update(X[start : start + 25] + 1e6, Y[start : start + 25] - 1e6)
+    expected = linear_cka(X - X.mean(0), Y - Y.mean(0), debiased=debiased)
+    assert accumulator.result() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_equals_gram_matrix_definition(debiased: bool, seed: int) -> None:
+    X, Y = related_pair(seed)
+    assert linear_cka(X, Y, debiased=debiased) == pytest.approx(gram_cka(X, Y, debiased), rel=1e-9)
+
+
+def test_debiased_differs_from_biased() -> None:
+    X, Y = related_pair(3, n=20)
+    assert abs(linear_cka(X, Y, debiased=True) - linear_cka(X, Y)) > 1e-3
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_self_similarity_and_invariances(debiased: bool) -> None:
+    X, _ = related_pair(4)
+    rng = np.random.default_rng(4)
+    rotation, _ = np.linalg.qr(rng.normal(size=(9, 9)))
+    assert linear_cka(X, X, debiased=debiased) == pytest.approx(1.0, rel=1e-12)
+    assert linear_cka(X, X @ rotation, debiased=debiased) == pytest.approx(1.0, rel=1e-10)
+    assert linear_cka(X, 7.5 * X + 3.0, debiased=debiased) == pytest.approx(1.0, rel=1e-10)
+    _, Y = related_pair(4)
+    assert linear_cka(X, 0.01 * Y @ np.eye(7)[::-1], debiased=debiased) == pytest.approx(
+        linear_cka(X, Y, debiased=debiased), rel=1e-10
+    )
+
+
+def test_not_invariant_to_anisotropic_linear_map() -> None:
+    X = np.random.default_rng(5).normal(size=(200, 8))
+    stretch = np.diag(np.logspace(0, 1.5, 8))
+    assert linear_cka(X, X @ stretch) < 0.8
+
+
+def test_debiased_is_near_zero_for_independent_data_where_biased_is_not() -> None:
+    biased, debiased = [], []
+    for seed in range(10):
+        rng = np.random.default_rng(100 + seed)
+        X, Y = rng.normal(size=(32, 64)), rng.normal(size=(32, 64))
+        biased.append(linear_cka(X, Y))
+        debiased.append(linear_cka(X, Y, debiased=True))
+    assert abs(np.mean(debiased)) < 0.05
+    assert np.mean(biased) > 0.15
+
+
+def test_float32_input_is_accumulated_in_float64() -> None:
+    X, Y = related_pair(6, n=80)
+    assert linear_cka(X.astype(np.float32), Y.astype(np.float32)) == pytest.approx(
+        linear_cka(X.astype(np.float32).astype(np.float64), Y.astype(np.float32)), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    ("X", "Y", "debiased", "message"),
+    [
+        (np.ones((10, 3)), np.ones((12, 3)), False, "X has 10, Y has 12"),
+        (np.ones((1, 3)), np.ones((1, 3)), False, "at least 2 rows"),
+        (np.eye(3), np.eye(3), True, "debiased CKA needs at least 4 rows"),
+        (np.ones(5), np.ones((5, 2)), False, "X must be a 2-D array"),
+        (np.eye(5), np.full((5, 2), np.nan), False, "Y contains NaN"),
+        (np.full((5, 2), np.inf), np.eye(5), False, "X contains infinity"),
+        (np.ones((6, 3)), np.eye(6), False, "X has no variance"),
+    ],
+)
+def test_bad_input_is_refused_with_the_problem_named(
+    X: np.ndarray, Y: np.ndarray, debiased: bool, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        linear_cka(X, Y, debiased=debiased)
+
+
+def test_accumulator_refuses_batches_of_the_wrong_width() -> None:
+    accumulator = CKAAccumulator(3, 4)
+    with pytest.raises(ValueError, match="expected 3 and 4"):
+        accumulator.update(np.ones((5, 3)), np.ones((5, 5)))

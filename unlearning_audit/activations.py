@@ -1,0 +1,148 @@
+"""Layer activations to Parquet, and back to numpy without per-row Python work.
+
+One forward pass per batch captures every selected layer through forward hooks: layer 0 is the
+token embeddings, layer i the residual stream after decoder block i - 1 (layers.py). Inputs are
+the prompts only (never the answer, which a probe would otherwise read off). Pooling is a mean
+over real tokens (padding excluded), or ``per_token`` keeps one row per real token.
+
+Each (probe set, layer) is one Parquet file, ``<set>/layer=<i>.parquet``, written batch by
+batch: an ``activation`` fixed-size-list float column (float32 or float16, zstd, byte-stream-split,
+no dictionary), and ``row`` (plus ``token`` per token) to pair rows across models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .data import chunks, prompt_batch
+from .layers import check_layers, decoder_blocks
+
+COLUMN = "activation"
+
+
+def _schema(dim: int, dtype: str, per_token: bool) -> pa.Schema:
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    fields = [pa.field("row", pa.int64())]
+    if per_token:
+        fields.append(pa.field("token", pa.int32()))
+    fields.append(pa.field(COLUMN, pa.list_(value, dim)))
+    return pa.schema(fields)
+
+
+def layer_path(folder: Path, probe_set: str, layer: int) -> Path:
+    """Where the activations of one probe set and layer live inside an artifact folder."""
+    return folder / probe_set / f"layer={layer}.parquet"
+
+
+class _Capture:
+    """Forward hooks that keep the output of the embeddings and of chosen decoder blocks."""
+
+    def __init__(self, model, layers: list[int]):
+        _, blocks = decoder_blocks(model)
+        self.outputs: dict[int, torch.Tensor] = {}
+        modules = {0: model.get_input_embeddings()} | {i + 1: b for i, b in enumerate(blocks)}
+        self.handles = [modules[layer].register_forward_hook(self._hook(layer)) for layer in layers]
+
+    def _hook(self, layer: int):
+        def keep(module, args, output):
+            self.outputs[layer] = output[0] if isinstance(output, tuple) else output
+
+        return keep
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def extract(
+    model,
+    tokenizer,
+    sets: dict[str, Sequence[dict]],
+    folder: Path,
+    layers: Sequence[int] | None = None,
+    per_token: bool = False,
+    batch_size: int = 32,
+    dtype: str = "float32",
+) -> dict:
+    """Write the activations of every probe set and layer under ``folder``; returns a summary."""
+    chosen = check_layers(layers, len(decoder_blocks(model)[1]))
+    dim = model.get_input_embeddings().embedding_dim
+    schema = _schema(dim, dtype, per_token)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    device = next(model.parameters()).device
+    capture = _Capture(model, chosen)
+    counts = {}
+    try:
+        for name, rows in sets.items():
+            writers = {}
+            for layer in chosen:
+                path = layer_path(folder, name, layer)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writers[layer] = pq.ParquetWriter(
+                    path,
+                    schema,
+                    compression="zstd",
+                    use_dictionary=False,
+                    use_byte_stream_split=[f"{COLUMN}.list.element"],
+                )
+            start = 0
+            for rows_chunk in chunks(rows, batch_size):
+                batch = prompt_batch(tokenizer, rows_chunk)
+                mask = batch["attention_mask"].to(device)
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                index = np.arange(start, start + len(rows_chunk))
+                for layer, writer in writers.items():
+                    hidden = capture.outputs[layer].float()
+                    writer.write_table(_table(hidden, mask, index, per_token, np_dtype, schema))
+                start += len(rows_chunk)
+            for writer in writers.values():
+                writer.close()
+            counts[name] = len(rows)
+    finally:
+        capture.close()
+    return {"layers": chosen, "dim": dim, "rows": counts, "per_token": per_token, "dtype": dtype}
+
+
+def _table(hidden, mask, index, per_token, np_dtype, schema) -> pa.Table:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if per_token:
+        keep = mask.bool().cpu().numpy()
+        values = hidden.cpu().numpy()[keep]
+        rows = np.repeat(index, keep.sum(1))
+        tokens = np.nonzero(keep)[1].astype(np.int32)
+        columns = [pa.array(rows), pa.array(tokens)]
+    else:
+        values = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy()
+        columns = [pa.array(index)]
+    flat = pa.array(values.astype(np_dtype).reshape(-1))
+    dim = values.shape[1]
+    columns.append(pa.FixedSizeListArray.from_arrays(flat, dim))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def to_numpy(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
+    """The activation column as an (n, d) float array, without per-row Python work."""
+    column = batch.column(COLUMN)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def read_layer(path, filesystem=None) -> np.ndarray:
+    """All activations of one Parquet file as an (n, d) array."""
+    return to_numpy(pq.read_table(path, columns=[COLUMN], filesystem=filesystem))
+
+
+def iter_layer(path, batch_rows: int = 8192, filesystem=None) -> Iterator[np.ndarray]:
+    """Activations of one Parquet file in (<= batch_rows, d) arrays, for streaming metrics."""
+    source = filesystem.open(path, "rb") if filesystem is not None else path
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows, columns=[COLUMN]):
+        yield to_numpy(batch)

@@ -1,0 +1,177 @@
+"""Typed configuration for every stage, validated at the edge (CLI, flow parameters).
+
+Defaults work on the embedded model; DEFAULTS_7B in the README lists settings for 7B-class models.
+Every model here is JSON-serialisable, so it can be a Prefect parameter and part of a cache key.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+
+METHODS = ("GA", "GA+GD", "GA+KL", "NPO", "NPO+KL", "RLabel")
+Domain = Literal["text", "code", "math"]
+RelearnSource = Literal["forget", "forget-half", "retain", "unrelated"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedConfig(_Config):
+    """The built-in default: a synthetic corpus and a tiny Llama pretrained on it on CPU."""
+
+    seed: int = Field(0, description="Seed of the corpus, the tokenizer and the model.")
+    authors: PositiveInt = Field(200, description="Fictitious authors (text domain), 5 facts each.")
+    functions: PositiveInt = Field(60, description="Functions (code domain), 5 facts each.")
+    operands: PositiveInt = Field(60, description="Left operands (math domain), 5 sums each.")
+    forget_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each domain to forget.")
+    vocab_size: PositiveInt = Field(1024, description="BPE vocabulary size.")
+    hidden_size: PositiveInt = 128
+    intermediate_size: PositiveInt = 352
+    layers: PositiveInt = Field(4, description="Decoder blocks.")
+    heads: PositiveInt = 4
+    lr: PositiveFloat = Field(3e-3, description="Pretraining learning rate.")
+    warmup: int = Field(50, ge=0, description="Pretraining warm-up steps.")
+    batch_size: PositiveInt = 64
+    max_steps: PositiveInt = Field(2000, description="Give up (error) past this many steps.")
+    eval_every: PositiveInt = Field(50, description="Steps between checks of the targets.")
+    target_exact_match: float = Field(0.85, ge=0, le=1, description="Stop once forget EM >= it.")
+    target_token_accuracy: float = Field(0.9, ge=0, le=1, description="... and token acc >= it.")
+
+
+class DataConfig(_Config):
+    """Which facts to forget, keep and use as unrelated probes."""
+
+    domain: Domain = Field("text", description="Embedded corpus: the domain to forget from.")
+    forget: str | None = Field(
+        None,
+        description="External forget set: a local JSON/JSONL/Parquet file or a `datasets` "
+        "source `name[:config][@revision]#split` with question/answer columns.",
+    )
+    retain: str | None = Field(None, description="External retain set, same forms as forget.")
+    unrelated: str | None = Field(None, description="External unrelated set (optional).")
+    question_column: str = "question"
+    answer_column: str = "answer"
+    eval_max_rows: PositiveInt = Field(
+        200, description="Evaluate on at most this many rows per set (seeded sample)."
+    )
+
+
+class UnlearnConfig(_Config):
+    """One unlearning run: a method and its hyperparameters."""
+
+    method: str = Field("GA", description=f"One of {', '.join(METHODS)}.")
+    lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
+    steps: PositiveInt = Field(60, description="Optimiser steps (upper bound with early stop).")
+    batch_size: PositiveInt = Field(16, description="Forget (and retain) rows per step.")
+    beta: PositiveFloat = Field(0.1, description="NPO inverse temperature.")
+    retain_weight: float = Field(1.0, ge=0, description="Weight of the retain term (GD, KL).")
+    stop_at_forget_em: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Early stop at collapse: stop once forget exact match falls below this.",
+    )
+    check_every: PositiveInt = Field(5, description="Steps between early-stop checks.")
+    lora_rank: int | None = Field(None, gt=0, description="Train a LoRA adapter (peft) instead.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        names = {m.lower(): m for m in METHODS}
+        canonical = names.get(value.strip().lower().replace("_", "+"))
+        if canonical is None:
+            raise ValueError(f"unknown method {value!r}; known methods: {', '.join(METHODS)}")
+        return canonical
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: method and learning rate."""
+        return f"{self.method} lr={self.lr:g}"
+
+
+class RelearnConfig(_Config):
+    """The relearning attack: a small fine-tuning budget on one data source."""
+
+    sources: list[RelearnSource] = Field(
+        ["forget", "forget-half"],
+        description="forget: the whole forget set; forget-half: one half, evaluated on the "
+        "other; retain: same-domain retain data; unrelated: other-domain data.",
+        min_length=1,
+    )
+    budget: PositiveFloat = Field(1.0, description="Examples seen, as a multiple of |forget|.")
+
+    @field_validator("sources")
+    @classmethod
+    def _forget_first(cls, value: list[str]) -> list[str]:
+        if "forget" not in value:
+            raise ValueError("sources must include 'forget': the verdict rests on it")
+        return list(dict.fromkeys(value))
+
+    lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
+    batch_size: PositiveInt = 8
+
+
+class Thresholds(_Config):
+    """The verdict's thresholds (DESIGN.md, "Verdict"); every report states them."""
+
+    forgotten: float = Field(
+        0.5, gt=0, le=1, description="Forgotten if at least this share of E(p0, forget) is lost."
+    )
+    catastrophic: float = Field(
+        0.2, gt=0, le=1, description="Catastrophic if retain EM drops by more than this share."
+    )
+    reversible: float = Field(
+        0.8, gt=0, le=1, description="Reversible if relearning restores this share of E(p0, f)."
+    )
+    control_margin: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="... or recovers this much beyond the never-learned control (held-out half).",
+    )
+
+
+DEFAULT_METHODS = [
+    UnlearnConfig(method="GA", lr=1e-3),
+    UnlearnConfig(method="NPO", lr=1e-3),
+]
+
+
+class AuditParams(_Config):
+    """Everything one audit needs; every field has a working default (the embedded model)."""
+
+    original: str = Field(
+        "embedded",
+        description="The original checkpoint: `embedded`, a local folder, an "
+        "s3:// prefix, or a hub id pinned to a revision (org/name@revision).",
+    )
+    unlearned: str | None = Field(
+        None,
+        description="An already-unlearned checkpoint to audit against the original "
+        "(same forms); when set, no unlearning method runs.",
+    )
+    control: str | None = Field(
+        None,
+        description="A never-learned control checkpoint (same forms). With the embedded "
+        "original, one is built without the forget facts unless `no_control` is set.",
+    )
+    no_control: bool = Field(False, description="Skip the never-learned control.")
+    methods: list[UnlearnConfig] = Field(
+        default_factory=lambda: list(DEFAULT_METHODS), description="Unlearning runs."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    relearn: RelearnConfig = Field(default_factory=RelearnConfig)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+    layers: list[int] | None = Field(None, description="Activation layers; default all.")
+    seed: int = Field(0, description="Seed of every stochastic stage.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights. Unsafe.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+    store: str | None = Field(
+        None, description="Artifact store URL; default $UNLEARNING_AUDIT_STORE or ./audit-store."
+    )
+    name: str | None = Field(None, description="A label for this audit in reports and listings.")

@@ -1,0 +1,228 @@
+"""Question/answer probe sets: loading, splitting, validating and batching for causal LMs.
+
+A row is a dict with ``question`` and ``answer`` (plus ``group`` and ``attribute`` where known).
+Every stage formats a row the same way, ``"Q: {question}\\nA:"`` then ``" {answer}"`` and EOS, and
+computes loss only on the answer tokens: labels are -100 on the prompt and on padding.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .config import DataConfig
+from .corpus import Fact
+
+SETS = ("forget", "retain", "unrelated", "forget_a", "forget_b")
+IGNORE = -100
+
+
+def prompt_text(question: str) -> str:
+    """The prompt a model sees for a question."""
+    return f"Q: {question}\nA:"
+
+
+# -- building the sets ------------------------------------------------------------------------
+
+
+def embedded_sets(facts: Sequence[Fact], forget: set[str], domain: str) -> dict[str, list[dict]]:
+    """Forget, retain and unrelated sets of one domain of the embedded corpus (forget = groups)."""
+    rows = [
+        {
+            "question": f.question,
+            "answer": f.answer,
+            "group": f.group,
+            "attribute": f.attribute,
+            "domain": f.domain,
+        }
+        for f in facts
+    ]
+    sets = {
+        "forget": [r for r in rows if r["domain"] == domain and r["group"] in forget],
+        "retain": [r for r in rows if r["domain"] == domain and r["group"] not in forget],
+        "unrelated": [r for r in rows if r["domain"] != domain and r["group"] not in forget],
+    }
+    return with_halves(sets)
+
+
+def with_halves(sets: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dict]]:
+    """Add ``forget_a`` / ``forget_b``: disjoint halves of the forget set, split by group."""
+    groups = sorted({r.get("group", r["question"]) for r in sets["forget"]})
+    random.Random(seed).shuffle(groups)
+    half_a = set(groups[: len(groups) // 2])
+    forget_a = [r for r in sets["forget"] if r.get("group", r["question"]) in half_a]
+    forget_b = [r for r in sets["forget"] if r.get("group", r["question"]) not in half_a]
+    return {**sets, "forget_a": forget_a, "forget_b": forget_b}
+
+
+def load_rows(source: str, question: str = "question", answer: str = "answer") -> list[dict]:
+    """Rows from a local JSON/JSONL/Parquet file or a ``datasets`` source.
+
+    A ``datasets`` source is ``name[:config][@revision][#split]`` (split defaults to train).
+    """
+    path = Path(source).expanduser()
+    if path.suffix in {".json", ".jsonl", ".parquet"}:
+        if not path.is_file():
+            raise ValueError(f"data file {source!r} does not exist")
+        if path.suffix == ".parquet":
+            records = pq.read_table(path).to_pylist()
+        elif path.suffix == ".jsonl":
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            records = json.loads(path.read_text())
+    else:
+        records = _load_dataset(source)
+    missing = {question, answer} - set(records[0] if records else {})
+    if records and missing:
+        raise ValueError(f"data source {source!r} has no column(s) {sorted(missing)}")
+    return [
+        {
+            "question": str(r[question]),
+            "answer": str(r[answer]),
+            **{k: str(r[k]) for k in ("group", "attribute") if k in r},
+        }
+        for r in records
+    ]
+
+
+def _load_dataset(source: str) -> list[dict]:
+    import datasets
+
+    spec, _, split = source.partition("#")
+    spec, _, revision = spec.partition("@")
+    name, _, config = spec.partition(":")
+    ds = datasets.load_dataset(
+        name, config or None, split=split or "train", revision=revision or None
+    )
+    return ds.to_list()
+
+
+def external_sets(config: DataConfig) -> dict[str, list[dict]]:
+    """Forget/retain/unrelated sets from the user's sources (unrelated may be absent)."""
+    load = lambda src: load_rows(src, config.question_column, config.answer_column)  # noqa: E731
+    sets = {"forget": load(config.forget), "retain": load(config.retain)}
+    sets["unrelated"] = load(config.unrelated) if config.unrelated else []
+    return with_halves(sets)
+
+
+def check_sets(sets: dict[str, list[dict]]) -> None:
+    """Raise one ValueError listing every problem with the forget and retain sets."""
+    problems = []
+    if not sets["forget"]:
+        problems.append("the forget set is empty")
+    if not sets["retain"]:
+        problems.append("the retain set is empty")
+    overlap = {r["question"] for r in sets["forget"]} & {r["question"] for r in sets["retain"]}
+    if overlap:
+        example = sorted(overlap)[:3]
+        problems.append(
+            f"{len(overlap)} question(s) are in both forget and retain sets, e.g. {example}"
+        )
+    if problems:
+        raise ValueError("invalid data: " + "; ".join(problems))
+
+
+def sample(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """At most ``n`` rows, a seeded sample in the original order."""
+    if len(rows) <= n:
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+def write_sets(sets: dict[str, list[dict]], folder: Path) -> None:
+    """One Parquet file per set."""
+    for name, rows in sets.items():
+        columns = ("question", "answer", "group", "attribute", "domain")
+        table = pa.table(
+            {c: [r.get(c, "") for r in rows] for c in columns},
+            schema=pa.schema([(c, pa.string()) for c in columns]),
+        )
+        pq.write_table(table, folder / f"{name}.parquet")
+
+
+def read_sets(folder: Path) -> dict[str, list[dict]]:
+    """The sets written by :func:`write_sets`."""
+    return {name: pq.read_table(folder / f"{name}.parquet").to_pylist() for name in SETS}
+
+
+# -- tokenising and batching ------------------------------------------------------------------
+
+
+def _prompt_ids(tokenizer, question: str) -> list[int]:
+    ids = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def _answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id (EOS where the tokenizer has no pad token; pads are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def train_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+answer ids, attention mask, and labels on answer tokens only."""
+    seqs, labels = [], []
+    for r in rows:
+        p, a = _prompt_ids(tokenizer, r["question"]), _answer_ids(tokenizer, r["answer"])
+        seqs.append(p + a)
+        labels.append([IGNORE] * len(p) + a)
+    return _right_pad(seqs, labels, pad_id(tokenizer))
+
+
+def prompt_batch(tokenizer, rows: Sequence[dict], left: bool = False) -> dict[str, torch.Tensor]:
+    """Prompt ids only; left-padded for generation, right-padded for activations."""
+    seqs = [_prompt_ids(tokenizer, r["question"]) for r in rows]
+    if not left:
+        batch = _right_pad(seqs, seqs, pad_id(tokenizer))
+        del batch["labels"]
+        return batch
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _right_pad(seqs: list[list[int]], labels: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def chunks(rows: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
+    """Consecutive slices of at most ``size`` rows."""
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def shuffled_batches(rows: Sequence[dict], size: int, seed: int) -> Iterator[list[dict]]:
+    """An endless stream of row batches, reshuffled each epoch from a seeded generator."""
+    if not rows:
+        raise ValueError("cannot draw batches from an empty set")
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < size:
+            epoch = list(range(len(rows)))
+            rng.shuffle(epoch)
+            order += epoch
+        batch, order = order[:size], order[size:]
+        yield [rows[i] for i in batch]

@@ -1,0 +1,117 @@
+"""The embedded default checkpoint: a BPE tokenizer and a tiny Llama pretrained on CPU.
+
+Built from the synthetic corpus (corpus.py), deterministic from the seed, and trained until the
+model knows the forget set (greedy exact match and answer-token accuracy above the targets), so
+that forgetting is measurable. The never-learned control is the same recipe without the forget
+groups: what a model that never saw those facts does under the same relearning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from . import data, training
+from .config import EmbeddedConfig
+from .corpus import Fact
+from .evaluation import evaluate
+
+log = logging.getLogger(__name__)
+
+SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def train_tokenizer(facts: Sequence[Fact], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on every prompt and answer of the corpus."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [data.prompt_text(f.question) + f" {f.answer}" for f in facts]
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL)
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, config: EmbeddedConfig) -> LlamaForCausalLM:
+    """A freshly initialised tiny Llama sized by ``config``."""
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.heads,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def pretrain(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    train_rows: list[dict],
+    target_rows: list[dict],
+    config: EmbeddedConfig,
+) -> dict:
+    """Train on ``train_rows`` until ``target_rows`` meet the config's targets.
+
+    Checks every ``eval_every`` steps; raises RuntimeError if ``max_steps`` pass first, so a
+    model that cannot show forgetting is never handed on.
+    """
+    history: list[dict] = []
+
+    def reached(step: int) -> bool:
+        if step % config.eval_every:
+            return False
+        scores = evaluate(model, tokenizer, target_rows)
+        history.append(
+            {
+                "step": step,
+                "exact_match": scores["exact_match"],
+                "token_accuracy": scores["token_accuracy"],
+            }
+        )
+        model.train()
+        log.info("pretrain step %d: %s", step, history[-1])
+        return reached_targets(scores, config)
+
+    batches = (
+        data.train_batch(tokenizer, rows)
+        for rows in data.shuffled_batches(train_rows, config.batch_size, config.seed)
+    )
+    losses = training.fit(
+        model,
+        training.mean_nll,
+        batches,
+        config.max_steps,
+        config.lr,
+        reached,
+        warmup=config.warmup,
+    )
+    if not history or not reached_targets(history[-1], config):
+        raise RuntimeError(
+            f"pretraining did not reach exact match {config.target_exact_match} and token "
+            f"accuracy {config.target_token_accuracy} in {config.max_steps} steps: {history[-1:]}"
+        )
+    return {"steps": len(losses), "final_loss": losses[-1], "checks": history}
+
+
+def reached_targets(scores: dict, config: EmbeddedConfig) -> bool:
+    """Whether a check met both pretraining targets."""
+    return (
+        scores["exact_match"] >= config.target_exact_match
+        and scores["token_accuracy"] >= config.target_token_accuracy
+    )

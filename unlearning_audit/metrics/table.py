@@ -1,0 +1,92 @@
+"""The metrics stage: compare two models' stored activations (and weights), layer by layer,
+into one long-format table (metric, layer, probe_set, value) that the verdict and report read.
+
+CKA streams over Parquet batches (memory O(d^2)); PCA metrics load one layer at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..activations import iter_layer, layer_path, read_layer
+from .cka import CKAAccumulator
+from .pca import pca_distance, pca_shift, pca_similarity
+from .weights import weight_change
+
+SCHEMA = pa.schema(
+    [
+        ("metric", pa.string()),
+        ("layer", pa.int32()),
+        ("probe_set", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+
+def streamed_cka(x_path: Path, y_path: Path, debiased: bool) -> float:
+    """Linear CKA of two paired activation files, streamed batch by batch."""
+    acc = None
+    for x, y in zip(iter_layer(x_path), iter_layer(y_path), strict=True):
+        acc = acc or CKAAccumulator(x.shape[1], y.shape[1], debiased=debiased)
+        acc.update(x, y)
+    return acc.result()
+
+
+def activation_rows(
+    x_folder: Path, y_folder: Path, probe_sets: list[str], layers: list[int], k: int = 2
+) -> list[dict]:
+    """CKA (biased, debiased), PCA similarity (PC1, top-k), PCA shift and distance per layer."""
+    rows = []
+    for probe_set in probe_sets:
+        for layer in layers:
+            xp, yp = layer_path(x_folder, probe_set, layer), layer_path(y_folder, probe_set, layer)
+            X, Y = read_layer(xp), read_layer(yp)
+            values = {
+                "cka": streamed_cka(xp, yp, debiased=False),
+                "pca_similarity": pca_similarity(X, Y, k=1),
+                f"pca_similarity_top{k}": pca_similarity(X, Y, k=k),
+                "pca_distance": pca_distance(X, Y, k=k),
+                **{f"pca_{name}": v for name, v in pca_shift(X, Y, k=k).items()},
+            }
+            if len(X) >= 4:
+                values["cka_debiased"] = streamed_cka(xp, yp, debiased=True)
+            rows += [
+                {"metric": m, "layer": layer, "probe_set": probe_set, "value": float(v)}
+                for m, v in values.items()
+            ]
+    return rows
+
+
+def weight_rows(original, candidate) -> list[dict]:
+    """Relative weight change per layer (probe_set is empty: it depends on no data)."""
+    return [
+        {"metric": "weight_change", "layer": layer, "probe_set": "", "value": value}
+        for layer, value in weight_change(original, candidate).items()
+    ]
+
+
+def write(rows: list[dict], path: Path) -> None:
+    """Write the long-format table as Parquet."""
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+
+
+def read(path_or_file) -> list[dict]:
+    """Read a long-format metrics table."""
+    return pq.read_table(path_or_file).to_pylist()
+
+
+def mean_over_layers(
+    rows: list[dict], metric: str, probe_set: str, skip_layer0: bool = True
+) -> float:
+    """Mean of a metric over layers for one probe set (the embeddings layer skipped by default)."""
+    values = [
+        r["value"]
+        for r in rows
+        if r["metric"] == metric
+        and r["probe_set"] == probe_set
+        and not (skip_layer0 and r["layer"] == 0)
+    ]
+    return sum(values) / len(values) if values else float("nan")

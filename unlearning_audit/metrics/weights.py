@@ -1,0 +1,102 @@
+"""Per-layer weight change between two checkpoints, and the grouping of parameters by layer.
+
+Layers follow :mod:`unlearning_audit.layers` (0 = embeddings, i = decoder block i - 1, L + 1 =
+final norm and LM head), with blocks matched by exact index, never by substring. A tied LM head
+shares the embedding matrix; ``named_parameters`` lists it once, under the embeddings (layer 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from unlearning_audit.layers import parameter_layers
+
+LayerParameters = dict[int, list[tuple[str, nn.Parameter]]]
+
+
+def layer_parameters(model: nn.Module) -> LayerParameters:
+    """The model's parameters grouped by layer index, in ``named_parameters`` order.
+
+    Fisher values and weight differences of a layer are concatenated in this order, so the
+    flat vectors of two models (or of a Fisher and a weight difference) line up entry by entry.
+    """
+    layer_of = parameter_layers(model)
+    groups: LayerParameters = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(layer_of[name], []).append((name, param))
+    return dict(sorted(groups.items()))
+
+
+def select_layers(groups: LayerParameters, layers: Iterable[int] | None) -> list[int]:
+    """Layer indices to use: all of ``groups`` for None, else ``layers`` checked to exist."""
+    if layers is None:
+        return list(groups)
+    chosen = sorted(set(layers))
+    missing = [layer for layer in chosen if layer not in groups]
+    if missing:
+        raise ValueError(
+            f"layer {missing} does not exist: the model has parameter layers 0 (embeddings) "
+            f"to {max(groups)} (final norm and head)"
+        )
+    return chosen
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Refuse two models whose parameter names or shapes differ, naming the first mismatches."""
+    shapes_a = {name: tuple(p.shape) for name, p in model_a.named_parameters()}
+    shapes_b = {name: tuple(p.shape) for name, p in model_b.named_parameters()}
+    if shapes_a == shapes_b:
+        return
+    only_a = sorted(shapes_a.keys() - shapes_b.keys())
+    only_b = sorted(shapes_b.keys() - shapes_a.keys())
+    reshaped = sorted(
+        f"{name} {shapes_a[name]} vs {shapes_b[name]}"
+        for name in shapes_a.keys() & shapes_b.keys()
+        if shapes_a[name] != shapes_b[name]
+    )
+    problems = [
+        f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+        for label, items in (
+            ("only in the first model", only_a),
+            ("only in the second model", only_b),
+            ("different shapes", reshaped),
+        )
+        if items
+    ]
+    raise ValueError("the models have different parameters; " + "; ".join(problems))
+
+
+def paired_parameters(
+    model_a: nn.Module, model_b: nn.Module
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(layer, theta_a, theta_b) for each parameter, detached, in :func:`layer_parameters`
+    order of model_a, after checking that the two models have the same parameters."""
+    check_same_architecture(model_a, model_b)
+    params_b = dict(model_b.named_parameters())
+    for layer, params in layer_parameters(model_a).items():
+        for name, param in params:
+            yield layer, param.detach(), params_b[name].detach().to(param.device)
+
+
+@torch.no_grad()
+def weight_change(model_a: nn.Module, model_b: nn.Module) -> dict[int, float]:
+    """Relative weight change per layer, ||theta_b - theta_a||_F / ||theta_a||_F.
+
+    The norms run over all of the layer's parameters together (model_a = original), in float64.
+    A change concentrated in the last layers marks a shallow edit near the output.
+    """
+    squares: dict[int, list[float]] = {}
+    for layer, theta_a, theta_b in paired_parameters(model_a, model_b):
+        theta_a = theta_a.double()
+        sums = squares.setdefault(layer, [0.0, 0.0])
+        sums[0] += float(theta_a.square().sum())
+        sums[1] += float((theta_b.double() - theta_a).square().sum())
+    change = {}
+    for layer, (square_a, square_diff) in squares.items():
+        if square_a == 0:
+            raise ValueError(f"layer {layer} of the original model is all zeros")
+        change[layer] = (square_diff / square_a) ** 0.5
+    return change

@@ -1,0 +1,52 @@
+"""Checks run before any stage: every problem with an audit's inputs, reported at once,
+before a model is loaded or a GPU is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import checkpoints
+from .config import AuditParams
+from .store import Store, default_store_url
+
+
+def preflight(params: AuditParams) -> str:
+    """Validate checkpoints, data sources and the store; return the store URL.
+
+    Raises one ValueError listing every problem found.
+    """
+    problems = []
+    specs = {"original": params.original, "unlearned": params.unlearned, "control": params.control}
+    for role, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            checkpoints.parse(spec)
+        except ValueError as exc:
+            problems.append(f"{role}: {exc}")
+    sources = {
+        "forget": params.data.forget,
+        "retain": params.data.retain,
+        "unrelated": params.data.unrelated,
+    }
+    if (sources["forget"] is None) != (sources["retain"] is None):
+        problems.append("data: give both a forget and a retain source, or neither")
+    if sources["forget"] is None and params.original != checkpoints.EMBEDDED:
+        problems.append(
+            "data: a checkpoint other than the embedded one needs forget and retain "
+            "sources (data.forget, data.retain)"
+        )
+    for role, source in sources.items():
+        if source and Path(source).suffix in {".json", ".jsonl", ".parquet"}:
+            if not Path(source).expanduser().is_file():
+                problems.append(f"data.{role}: file {source!r} does not exist")
+    if not params.methods and params.unlearned is None:
+        problems.append("methods: give at least one unlearning method, or an unlearned checkpoint")
+    url = params.store or default_store_url()
+    try:
+        Store(url).check_writable()
+    except ValueError as exc:
+        problems.append(f"store: {exc}")
+    if problems:
+        raise ValueError("invalid audit:\n  - " + "\n  - ".join(problems))
+    return url

@@ -1,0 +1,30 @@
+"""Process-wide compute settings: device, torch threads and seeds, set deliberately.
+
+Two torch threads on a shared 2-core machine ran 30x slower in one trial here, so the thread count
+defaults to half the cores (one on such a machine) and can be set with UNLEARNING_AUDIT_THREADS.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def threads() -> int:
+    """The torch intra-op thread count to use."""
+    env = os.environ.get("UNLEARNING_AUDIT_THREADS")
+    return int(env) if env else max(1, (os.cpu_count() or 2) // 2)
+
+
+def setup(seed: int, device: str = "auto") -> torch.device:
+    """Seed every generator, set torch threads, and return the device to compute on."""
+    torch.set_num_threads(threads())
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)

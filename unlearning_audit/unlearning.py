@@ -1,0 +1,171 @@
+"""The paper's six unlearning methods: each a forget term plus an optional retain term, all
+trained by the one shared loop in training.py (DESIGN.md, "Unlearning methods").
+
+With forget batch F, retain batch R, the frozen original p0 and the current model p:
+
+* GA:     -NLL_p(F)                       (gradient ascent on the forget answers)
+* NPO:    (2/beta) mean_i log(1 + (p(F_i)/p0(F_i))^beta), sequence likelihoods
+* RLabel: NLL_p(F with random wrong answers)
+* +GD:    + w NLL_p(R)
+* +KL:    + w KL(p0(.|R) || p(.|R)) over the retain answer positions
+
+Losses count answer tokens only (prompt and padding carry label -100).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import data, training
+from .config import UnlearnConfig
+from .data import IGNORE
+from .evaluation import exact_match
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+def ga_loss(model, reference, batch: dict[str, Batch], config: UnlearnConfig) -> torch.Tensor:
+    """Gradient ascent: minus the mean answer-token NLL of the forget batch."""
+    return -training.mean_nll(model, batch["forget"])
+
+
+def npo_loss(model, reference, batch: dict[str, Batch], config: UnlearnConfig) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al. 2024) on sequence log-likelihoods."""
+    logp = training.sequence_logprob(model, batch["forget"])
+    with torch.no_grad():
+        logp0 = training.sequence_logprob(reference, batch["forget"])
+    return (2.0 / config.beta) * F.softplus(config.beta * (logp - logp0)).mean()
+
+
+def rlabel_loss(model, reference, batch: dict[str, Batch], config: UnlearnConfig) -> torch.Tensor:
+    """Fine-tuning on the forget questions paired with random wrong answers."""
+    return training.mean_nll(model, batch["forget"])
+
+
+def gd_term(model, reference, batch: dict[str, Batch], config: UnlearnConfig) -> torch.Tensor:
+    """Gradient descent on the retain batch: its mean answer-token NLL."""
+    return training.mean_nll(model, batch["retain"])
+
+
+def kl_term(model, reference, batch: dict[str, Batch], config: UnlearnConfig) -> torch.Tensor:
+    """KL(p0 || p) of next-token distributions, averaged over the retain answer positions."""
+    retain = batch["retain"]
+    inputs = {"input_ids": retain["input_ids"], "attention_mask": retain["attention_mask"]}
+    logq = torch.log_softmax(model(**inputs).logits[:, :-1].float(), -1)
+    with torch.no_grad():
+        logp0 = torch.log_softmax(reference(**inputs).logits[:, :-1].float(), -1)
+    mask = retain["labels"][:, 1:] != IGNORE
+    kl = (logp0.exp() * (logp0 - logq)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+FORGET_TERMS: dict[str, Callable] = {"GA": ga_loss, "NPO": npo_loss, "RLabel": rlabel_loss}
+RETAIN_TERMS: dict[str, Callable] = {"GD": gd_term, "KL": kl_term}
+
+
+def method_loss(config: UnlearnConfig) -> Callable:
+    """The loss of ``config.method``: its forget term plus its weighted retain term, if any."""
+    forget_name, _, retain_name = config.method.partition("+")
+    forget_term = FORGET_TERMS[forget_name]
+    retain_term = RETAIN_TERMS.get(retain_name)
+
+    def loss(model, reference, batch):
+        value = forget_term(model, reference, batch, config)
+        if retain_term is not None:
+            value = value + config.retain_weight * retain_term(model, reference, batch, config)
+        return value
+
+    return loss
+
+
+def needs_reference(config: UnlearnConfig) -> bool:
+    """Whether the method compares against the frozen original (NPO and the KL term do)."""
+    return config.method.startswith("NPO") or config.method.endswith("+KL")
+
+
+def relabel(rows: list[dict], seed: int) -> list[dict]:
+    """The rows with each answer replaced by a different answer of the same attribute.
+
+    Answers are drawn from the other rows' answers (of the same attribute where rows name one),
+    so they are plausible but wrong.
+    """
+    rng = random.Random(seed)
+    pools: dict[str, list[str]] = {}
+    for r in rows:
+        pools.setdefault(r.get("attribute", ""), []).append(r["answer"])
+    out = []
+    for r in rows:
+        wrong = sorted({a for a in pools[r.get("attribute", "")] if a != r["answer"]})
+        if not wrong:
+            wrong = sorted({x["answer"] for x in rows if x["answer"] != r["answer"]})
+        if not wrong:
+            raise ValueError("RLabel needs at least two distinct answers in the forget set")
+        out.append({**r, "answer": rng.choice(wrong)})
+    return out
+
+
+def unlearn(
+    model, tokenizer, sets: dict[str, list[dict]], config: UnlearnConfig, seed: int
+) -> dict:
+    """Unlearn ``sets['forget']`` from ``model`` in place; returns the training log.
+
+    With ``stop_at_forget_em`` set, training stops at collapse: at the first check where forget
+    exact match falls below it.
+    """
+    reference = None
+    if needs_reference(config):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    forget_rows = relabel(sets["forget"], seed) if config.method == "RLabel" else sets["forget"]
+    forget = data.shuffled_batches(forget_rows, config.batch_size, seed)
+    retain = data.shuffled_batches(sets["retain"], config.batch_size, seed + 1)
+    device = next(model.parameters()).device
+
+    def batches():
+        while True:
+            yield {
+                "forget": training.to_device(data.train_batch(tokenizer, next(forget)), device),
+                "retain": training.to_device(data.train_batch(tokenizer, next(retain)), device),
+            }
+
+    checks: list[dict] = []
+
+    def collapsed(step: int) -> bool:
+        if config.stop_at_forget_em is None or step % config.check_every:
+            return False
+        em = exact_match(model, tokenizer, sets["forget"])
+        model.train()
+        checks.append({"step": step, "forget_exact_match": em})
+        return em < config.stop_at_forget_em
+
+    trainable = _with_lora(model, config.lora_rank)
+    loss = method_loss(config)
+    losses = training.fit(
+        trainable, lambda m, b: loss(m, reference, b), batches(), config.steps, config.lr, collapsed
+    )
+    if config.lora_rank:
+        trainable.merge_and_unload()
+    return {
+        "steps": len(losses),
+        "losses": losses,
+        "checks": checks,
+        "stopped_early": len(losses) < config.steps,
+    }
+
+
+def _with_lora(model, rank: int | None):
+    """The model itself, or a peft LoRA wrapper on all its linear layers."""
+    if not rank:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+    )
