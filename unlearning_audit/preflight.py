@@ -37,9 +37,9 @@ def preflight(params: AuditParams) -> str:
             "sources (data.forget, data.retain)"
         )
     for role, source in sources.items():
-        if source and Path(source).suffix in {".json", ".jsonl", ".parquet"}:
-            if not Path(source).expanduser().is_file():
-                problems.append(f"data.{role}: file {source!r} does not exist")
+        local = source and Path(source).suffix in {".json", ".jsonl", ".parquet"}
+        if local and not Path(source).expanduser().is_file():
+            problems.append(f"data.{role}: file {source!r} does not exist")
     if not params.methods and params.unlearned is None:
         problems.append("methods: give at least one unlearning method, or an unlearned checkpoint")
     url = params.store or default_store_url()

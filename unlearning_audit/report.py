@@ -117,7 +117,9 @@ def markdown(audit: dict, runs: list[dict]) -> str:
                     r["verdict"]["evidence"]["retain_unlearned"],
                 ),
                 r["verdict"]["evidence"]["heldout_relearned"],
-                " / ".join(_f(r["verdict"][k]) for k in ("recovery_advantage", "heldout_advantage")),
+                " / ".join(
+                    _f(r["verdict"][k]) for k in ("recovery_advantage", "heldout_advantage")
+                ),
                 mean_cka(r["metrics_unlearned"]),
                 f"**{r['verdict']['regime']}**",
             ]

@@ -48,7 +48,8 @@ def fisher_diagonal(
     """Diagonal empirical Fisher per layer: {layer: flat float32 CPU tensor}.
 
     ``batches`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels``, LongTensors of
-    shape (b, t), labels -100 on prompt and padding. Each layer's values are its parameters'
+    shape (b, t), labels -100 on prompt and padding; every sample counts in the mean, also one
+    without answer tokens (its gradient is zero). Each layer's values are its parameters'
     Fisher values flattened and concatenated in :func:`layer_parameters` order; ``layers``
     restricts (and speeds up) the computation to those layer indices. The model runs in eval
     mode (no dropout) with eager attention, and gets its mode and attention back afterwards.

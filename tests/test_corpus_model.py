@@ -1,0 +1,81 @@
+"""The embedded default: corpus, tokenizer and tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from unlearning_audit import corpus, data, embedded, runtime
+from unlearning_audit.evaluation import evaluate
+
+
+def test_corpus_is_deterministic_and_complete():
+    groups = {"text": 30, "code": 10, "math": 10}
+    facts = corpus.generate(7, groups)
+    assert facts == corpus.generate(7, groups)
+    assert facts != corpus.generate(8, groups)
+    assert len(facts) == 5 * sum(groups.values())
+    for domain, n in groups.items():
+        assert len({f.group for f in facts if f.domain == domain}) == n
+    math = [f for f in facts if f.domain == "math"]
+    assert all(
+        int(f.answer) == sum(int(x) for x in f.question.rstrip(" =").split(" + ")) for f in math
+    )
+
+
+def test_forget_groups_are_a_seeded_share_of_one_domain():
+    facts = corpus.generate(0, {"text": 100, "code": 20})
+    forget = corpus.forget_groups(facts, "text", 0.1, seed=0)
+    assert len(forget) == 10
+    assert forget == corpus.forget_groups(facts, "text", 0.1, seed=0)
+    assert set(forget) <= {f.group for f in facts if f.domain == "text"}
+    sets = data.embedded_sets(facts, set(forget), "text")
+    assert len(sets["forget"]) == 50 and len(sets["retain"]) == 450
+    assert {r["domain"] for r in sets["unrelated"]} == {"code"}
+    halves = {r["group"] for r in sets["forget_a"]}, {r["group"] for r in sets["forget_b"]}
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(forget)
+
+
+def test_unknown_domain_is_an_error():
+    with pytest.raises(ValueError, match="unknown domain"):
+        corpus.generate(0, {"poetry": 3})
+
+
+def test_tokenizer_round_trips_and_masks_prompts(tiny):
+    facts = corpus.generate(0, {"text": 5})
+    tok = embedded.train_tokenizer(facts, 300)
+    row = {"question": facts[0].question, "answer": facts[0].answer}
+    batch = data.train_batch(tok, [row, {"question": "Q?", "answer": "x"}])
+    ids, labels, mask = batch["input_ids"][0], batch["labels"][0], batch["attention_mask"][0]
+    answer_ids = [i for i, y in zip(ids.tolist(), labels.tolist(), strict=True) if y != -100]
+    assert tok.decode(answer_ids[:-1]).strip() == row["answer"]
+    assert answer_ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[mask.bool()][1:], skip_special_tokens=True).startswith("Q: ")
+    short = batch["labels"][1]
+    assert (short[batch["attention_mask"][1] == 0] == -100).all()  # pads carry no loss
+
+
+def test_tiny_model_learns_the_forget_set(tiny):
+    runtime.setup(tiny.seed, "cpu")
+    facts = corpus.generate(
+        tiny.seed, {"text": tiny.authors, "code": tiny.functions, "math": tiny.operands}
+    )
+    forget = set(corpus.forget_groups(facts, "text", tiny.forget_fraction, tiny.seed))
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+    target = [{"question": f.question, "answer": f.answer} for f in facts if f.group in forget]
+    tok = embedded.train_tokenizer(facts, tiny.vocab_size)
+    model = embedded.build_model(tok, tiny)
+    assert evaluate(model, tok, target)["exact_match"] < 0.1
+    log = embedded.pretrain(model, tok, rows, target, tiny)
+    scores = evaluate(model, tok, target)
+    assert scores["exact_match"] >= tiny.target_exact_match
+    assert scores["token_accuracy"] >= tiny.target_token_accuracy
+    assert log["steps"] % tiny.eval_every == 0
+
+
+def test_pretraining_that_cannot_reach_the_targets_fails(tiny):
+    facts = corpus.generate(0, {"text": 10})
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+    tok = embedded.train_tokenizer(facts, 300)
+    config = tiny.model_copy(update={"max_steps": 2, "eval_every": 1})
+    with pytest.raises(RuntimeError, match="did not reach exact match"):
+        embedded.pretrain(embedded.build_model(tok, config), tok, rows, rows, config)

@@ -1,0 +1,92 @@
+"""The audit flow end to end on the smallest configuration, and its caching."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.audit import audit_checkpoint
+from unlearning_audit.config import AuditParams, Thresholds, UnlearnConfig
+from unlearning_audit.report import SUMMARY_KEYS
+from unlearning_audit.verdict import REGIMES
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+@pytest.fixture(scope="module")
+def params(tiny, tmp_path_factory) -> AuditParams:
+    return AuditParams(
+        embedded=tiny,
+        store=str(tmp_path_factory.mktemp("store")),
+        methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, params):
+    start = time.perf_counter()
+    state = audit_checkpoint(params, return_state=True)
+    return state, time.perf_counter() - start
+
+
+def test_audit_runs_every_stage_and_reports(first_run):
+    state, _ = first_run
+    result = state.result()
+    assert state.is_completed()
+    (row,) = result["rows"]
+    assert set(row) == set(SUMMARY_KEYS)
+    assert row["regime"] in REGIMES
+    assert row["forget_acc_original"] >= 0.85
+    assert 0.0 <= row["mean_cka"] <= 1.0
+    assert result["report_file"].endswith("report.md")
+    with open(result["report_file"]) as f:
+        text = f.read()
+    assert "## Thresholds" in text and row["regime"] in text
+    stages = _task_states(state.state_details.flow_run_id)
+    for stage in (
+        "prepare-data",
+        "fetch-checkpoint",
+        "unlearn",
+        "evaluate",
+        "relearn",
+        "extract",
+        "metrics",
+        "verdict",
+        "report",
+        "publish",
+    ):
+        assert stage in stages, stage
+
+
+def test_identical_rerun_is_served_from_cache(first_run, params):
+    _, first_seconds = first_run
+    start = time.perf_counter()
+    state = audit_checkpoint(params, return_state=True)
+    seconds = time.perf_counter() - start
+    states = _task_states(state.state_details.flow_run_id)
+    computed = {
+        name: s for name, s in states.items() if name != "publish" and any(x != "Cached" for x in s)
+    }
+    assert computed == {}
+    assert seconds < 0.1 * first_seconds, (seconds, first_seconds)
+    assert state.result()["rows"] == first_run[0].result()["rows"]
+
+
+def test_threshold_change_reruns_only_verdict_and_report(first_run, params):
+    changed = params.model_copy(update={"thresholds": Thresholds(forgotten=0.3, reversible=0.5)})
+    state = audit_checkpoint(changed, return_state=True)
+    states = _task_states(state.state_details.flow_run_id)
+    computed = {name for name, s in states.items() if any(x != "Cached" for x in s)}
+    assert computed == {"verdict", "report", "publish"}
