@@ -13,6 +13,7 @@ from tasks.checkpoint import fetch_checkpoint
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
 from tasks.extract import extract
+from tasks.fisher import fisher
 from tasks.metrics import metrics
 from tasks.relearn import relearn
 from tasks.report import publish, report
@@ -22,21 +23,24 @@ from unlearning_audit.config import AuditParams
 from unlearning_audit.preflight import preflight
 from unlearning_audit.store import ArtifactRef
 
+# The default as an instance, not None: the deployment's UI run form then shows every field
+# with its description and default value.
+DEFAULT_PARAMS = AuditParams()
 
-def _control(store: str, params: AuditParams, data_ref: ArtifactRef) -> ArtifactRef | None:
+
+def _control(store: str, params: AuditParams) -> ArtifactRef | None:
     if params.no_control:
         return None
     if params.control is not None:
         return fetch_checkpoint(
             store,
             params.control,
-            data_ref,
             params.embedded,
             allow_pickle=params.allow_pickle,
             trust_remote_code=params.trust_remote_code,
         )
     if params.original == "embedded":
-        return fetch_checkpoint(store, "embedded", data_ref, params.embedded, control=True)
+        return fetch_checkpoint(store, "embedded", params.embedded, control=True)
     return None
 
 
@@ -73,7 +77,13 @@ def audit_run(
         "unlearned_eval": unlearned_eval,
         "relearned_eval": relearned_eval,
         "metrics_unlearned": metrics(
-            store, original["checkpoint"], unlearned, original["acts"], acts["unlearned"]
+            store,
+            original["checkpoint"],
+            unlearned,
+            original["acts"],
+            acts["unlearned"],
+            original["fisher"],
+            fisher(store, unlearned, data_ref, device=dev) if params.fisher else None,
         ),
         "metrics_relearned": metrics(
             store, original["checkpoint"], relearned["forget"], original["acts"], acts["relearned"]
@@ -85,15 +95,13 @@ def audit_run(
 
 
 @flow(name="audit-checkpoint")
-def audit_checkpoint(params: AuditParams | None = None) -> dict:
+def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?"""
-    params = params or AuditParams()
     store = preflight(params)
     data_ref = prepare_data(store, params.data, params.embedded)
     checkpoint = fetch_checkpoint(
         store,
         params.original,
-        data_ref,
         params.embedded,
         allow_pickle=params.allow_pickle,
         trust_remote_code=params.trust_remote_code,
@@ -103,14 +111,14 @@ def audit_checkpoint(params: AuditParams | None = None) -> dict:
         "checkpoint": checkpoint,
         "eval": evaluate(store, checkpoint, data_ref, rows, dev),
         "acts": extract(store, checkpoint, data_ref, params.layers, rows, dev),
+        "fisher": fisher(store, checkpoint, data_ref, device=dev) if params.fisher else None,
     }
-    control = _control(store, params, data_ref)
+    control = _control(store, params)
     control_runs = _relearn_all(store, params, control, data_ref) if control else {}
     if params.unlearned is not None:
         given = fetch_checkpoint(
             store,
             params.unlearned,
-            data_ref,
             params.embedded,
             allow_pickle=params.allow_pickle,
             trust_remote_code=params.trust_remote_code,

@@ -1,30 +1,81 @@
-"""What every stage task shares: running a build through the store's cache, and loading inputs."""
+"""What every stage task shares: running a build through the store's cache, and loading inputs.
+
+Beyond the cache, a stage build here is made robust for GPUs: task retries with exponential
+backoff, a rebuild at half the batch size after an out-of-memory error, and (test-only) faults
+injected from a file. When deployed (UNLEARNING_AUDIT_DISPATCH=deployed), a stage that is not in
+the store and belongs to another work pool than the calling flow run (GPU stages: the `gpu` pool)
+runs there as a flow run of the `stage` deployment (flows/dispatch.py), so a cache hit never
+leaves the calling process and a retried flow resumes at the first stage not yet stored.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import get_run_logger
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Completed
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from unlearning_audit import checkpoints, data
 from unlearning_audit.store import ArtifactRef, Store
 
+DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
+FAULTS_ENV = "UNLEARNING_AUDIT_FAULTS"
+OOM_HALVINGS_ENV = "UNLEARNING_AUDIT_OOM_HALVINGS"
+POLL_ENV = "UNLEARNING_AUDIT_DISPATCH_POLL"
+
+
+class StageRunFailed(RuntimeError):
+    """A stage's flow run on its work pool did not complete.
+
+    It already retried there, so the calling task retries only a run that crashed (its process
+    died), never one that failed.
+    """
+
+    def __init__(self, message: str, crashed: bool):
+        super().__init__(message)
+        self.crashed = crashed
+
+
+def _retry_condition(task, task_run, state) -> bool:
+    """Retry any failure except a dispatched stage run that failed after its own retries."""
+    exc = state.data
+    return not isinstance(exc, StageRunFailed) or exc.crashed
+
 
 def gpu_options() -> dict:
-    """Task options of the GPU stages: tag, retries and backoff (env-configurable)."""
+    """Task options of the GPU stages: tag, retries and exponential backoff (env-configurable).
+
+    UNLEARNING_AUDIT_GPU_RETRIES (default 2) retries, the first after
+    UNLEARNING_AUDIT_GPU_RETRY_DELAY seconds (default 5), each next one twice as long.
+    """
+    retries = int(os.environ.get("UNLEARNING_AUDIT_GPU_RETRIES", "2"))
+    delay = float(os.environ.get("UNLEARNING_AUDIT_GPU_RETRY_DELAY", "5"))
     return {
         "tags": ["gpu"],
-        "retries": int(os.environ.get("UNLEARNING_AUDIT_GPU_RETRIES", "2")),
-        "retry_delay_seconds": float(os.environ.get("UNLEARNING_AUDIT_GPU_RETRY_DELAY", "5")),
+        "retries": retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=delay)(retries),
+        "retry_condition_fn": _retry_condition,
     }
 
 
-CPU_OPTIONS: dict = {"tags": ["cpu"], "retries": 1, "retry_delay_seconds": 2}
+CPU_OPTIONS: dict = {
+    "tags": ["cpu"],
+    "retries": 1,
+    "retry_delay_seconds": 2,
+    "retry_condition_fn": _retry_condition,
+}
 
 
 def cached_stage(
@@ -33,21 +84,161 @@ def cached_stage(
     inputs: Mapping[str, Any],
     config: Any,
     version: str,
-    build: Callable[[Store, Path], Mapping[str, Any] | None],
+    build: Callable[..., Mapping[str, Any] | None],
+    batch: BaseModel | None = None,
 ):
     """Serve the stage's artifact from the store, or build and store it.
 
-    A stage served from the store ends in a Completed state named "Cached", as Prefect's own
-    cache would show it.
+    ``build(store, folder)`` writes the artifact's files; with ``batch`` (a config that has a
+    ``batch_size``) it is ``build(store, folder, batch)`` and is rerun with the batch size halved
+    after an out-of-memory error. A stage served from the store ends in a Completed state named
+    "Cached", as Prefect's own cache would show it. When deployed, a stage that is not stored
+    and belongs to another work pool runs there instead (see the module docstring).
     """
     store = Store(store_url)
-    ref, cached = store.cached(stage, inputs, config, version, lambda out: build(store, out))
     logger = get_run_logger()
+    pool = _remote_pool()
+    if pool is not None and store.get(store.key_for(stage, inputs, config, version)) is None:
+        return _run_on_pool(pool)
+    name = _stage_name(stage)
+    ref, cached = store.cached(
+        stage, inputs, config, version, lambda out: _guarded_build(name, build, batch, store, out)
+    )
     if cached:
         logger.info("%s: served from the store (%s)", stage, ref.key)
         return Completed(name="Cached", message=f"served from the store: {ref.key}", data=ref)
     logger.info("%s: computed and stored (%s)", stage, ref.key)
     return ref
+
+
+def _stage_name(stage: str) -> str:
+    """The running task's name (what the UI and the fault file call a stage), else ``stage``."""
+    ctx = TaskRunContext.get()
+    return ctx.task.name if ctx else stage
+
+
+# -- out of memory and injected faults ------------------------------------------------------
+
+
+def _guarded_build(
+    name: str,
+    build: Callable[..., Mapping[str, Any] | None],
+    batch: BaseModel | None,
+    store: Store,
+    out: Path,
+) -> Mapping[str, Any] | None:
+    """Run ``build``, injecting a planned fault first; on out-of-memory, halve the batch size.
+
+    At most $UNLEARNING_AUDIT_OOM_HALVINGS (default 3) halvings; the batch size used is recorded
+    in the artifact's manifest. Anything else, or an OOM that halving cannot help, is raised
+    for the task's retries.
+    """
+    limit = int(os.environ.get(OOM_HALVINGS_ENV, "3"))
+    current, halvings = batch, 0
+    while True:
+        try:
+            inject_fault(name)
+            if current is None:
+                return build(store, out)
+            meta = dict(build(store, out, current) or {})
+            return meta if current is batch else {**meta, "oom_batch_size": current.batch_size}
+        except torch.cuda.OutOfMemoryError:
+            if current is None or current.batch_size <= 1 or halvings >= limit:
+                raise
+        smaller = current.model_copy(update={"batch_size": max(1, current.batch_size // 2)})
+        get_run_logger().warning(
+            "%s: out of memory at batch size %d; rebuilding with batch size %d",
+            name,
+            current.batch_size,
+            smaller.batch_size,
+        )
+        current, halvings = smaller, halvings + 1
+        _release_memory(out)
+
+
+def _release_memory(out: Path) -> None:
+    """Free what a failed attempt held, and empty its output folder for the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for path in out.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def inject_fault(name: str) -> None:
+    """Test-only: fail this stage if the fault file plans it.
+
+    $UNLEARNING_AUDIT_FAULTS names a JSON file such as ``{"unlearn": {"times": 1, "kind": "oom"}}``:
+    the next ``times`` builds of that stage raise (a RuntimeError, or with kind "oom" a
+    torch.cuda.OutOfMemoryError), each one counted down in the file under a lock, so a fault
+    fires once across processes and retries.
+    """
+    path = os.environ.get(FAULTS_ENV)
+    if not path:
+        return
+    with open(path, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        plan = json.loads(f.read() or "{}")
+        fault = plan.get(name)
+        if not fault or fault.get("times", 0) <= 0:
+            return
+        fault["times"] -= 1
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(plan))
+    if fault.get("kind") == "oom":
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected into {name})")
+    raise RuntimeError(f"injected failure of {name}")
+
+
+# -- deployed: stages on their work pools ---------------------------------------------------
+
+
+def _remote_pool() -> str | None:
+    """The work pool this task must run on, when deployed and not already running there."""
+    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    if os.environ.get(DISPATCH_ENV) != "deployed" or task_ctx is None:
+        return None
+    if not task_ctx.task.fn.__module__.startswith("tasks."):
+        return None  # only the stage tasks of this package can be resolved by the stage flow
+    pool = "gpu" if "gpu" in task_ctx.task.tags else "cpu"
+    here = flow_ctx.flow_run.work_pool_name if flow_ctx and flow_ctx.flow_run else None
+    return None if pool == here else pool
+
+
+def _run_on_pool(pool: str):
+    """Run the current task call as a `stage` flow run on ``pool``; its state, with the ref."""
+    from prefect.deployments import run_deployment
+
+    ctx = TaskRunContext.get()
+    fn = ctx.task.fn
+    logger = get_run_logger()
+    logger.info("%s: not in the store; running it on the %s pool", ctx.task.name, pool)
+    run = run_deployment(
+        f"stage/{pool}-stage",
+        parameters={
+            "task": f"{fn.__module__}:{fn.__name__}",
+            "parameters": to_jsonable_python(ctx.parameters),
+        },
+        flow_run_name=ctx.task.name,
+        poll_interval=float(os.environ.get(POLL_ENV, "2")),
+    )
+    state = run.state
+    if state is None or not state.is_completed():
+        raise StageRunFailed(
+            f"{ctx.task.name}: stage flow run {run.name!r} on the {pool} pool ended "
+            f"{state.name if state else 'without a state'}: {state.message if state else ''}",
+            crashed=bool(state and state.is_crashed()),
+        )
+    ref = state.result()
+    logger.info("%s: %s on the %s pool (flow run %s)", ctx.task.name, state.name, pool, run.name)
+    return Completed(name=state.name, message=f"{state.name} by flow run {run.name}", data=ref)
+
+
+# -- loading inputs -------------------------------------------------------------------------
 
 
 def load_model(store: Store, ref: ArtifactRef, device, trust_remote_code: bool = False):

@@ -1,59 +1,36 @@
 """Fetch stage: a checkpoint into the store, checked, with a record of exactly what was seen.
 
-The embedded default (and its never-learned control) is built here from the corpus.
+The embedded default (and its never-learned control) is built here from the corpus. Any other
+checkpoint is keyed by its content identity (file hashes, ETags or the hub commit); its manifest
+records the spec asked for and, for the hub, the commit; its content hash is the manifest hash.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import fsspec
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import cached_stage, gpu_options, write_json
+from tasks.data import embedded_corpus
 from unlearning_audit import checkpoints, corpus, data, embedded, evaluation, runtime, training
 from unlearning_audit.config import EmbeddedConfig
-from unlearning_audit.store import ArtifactRef, Store, code_version, file_sha256
+from unlearning_audit.store import code_version
 
 GPU = gpu_options()
 
 
-def _identity(spec: checkpoints.CheckpointSpec, allow_pickle: bool) -> dict:
-    """What the checkpoint's content is known by, before it is copied."""
-    if spec.kind == "local":
-        folder = Path(spec.location)
-        return {
-            name: file_sha256(folder / name)
-            for name in sorted(
-                p.name
-                for p in folder.iterdir()
-                if p.is_file() and checkpoints.wanted(p.name, allow_pickle)
-            )
-        }
-    if spec.kind == "remote":
-        fs, root = fsspec.core.url_to_fs(spec.location)
-        return {i["name"]: str(i.get("ETag") or i.get("size")) for i in fs.ls(root, detail=True)}
-    from huggingface_hub import snapshot_download
-
-    folder = snapshot_download(
-        spec.location, revision=spec.revision, allow_patterns=["config.json"]
-    )
-    return {"repo": spec.location, "commit": Path(folder).name}
-
-
-def _build_embedded(
-    store: Store, out: Path, data_ref: ArtifactRef, config: EmbeddedConfig, control: bool
-) -> dict:
+def _build_embedded(out: Path, config: EmbeddedConfig, control: bool) -> dict:
+    """Pretrain the embedded model; the control never sees the forget groups of any domain."""
     runtime.setup(config.seed, "cpu")
-    facts = pq.read_table(store.local_dir(data_ref) / "corpus.parquet").to_pylist()
-    train = [r for r in facts if not (control and r["forget"])]
-    target = [r for r in facts if r["forget"] != control]
-    tokenizer = embedded.train_tokenizer(
-        [corpus.Fact(**{k: r[k] for k in corpus.Fact.__dataclass_fields__}) for r in facts],
-        config.vocab_size,
-    )
+    facts, forget = embedded_corpus(config)
+    rows = [
+        {"question": f.question, "answer": f.answer, "forget": f.group in forget} for f in facts
+    ]
+    train = [r for r in rows if not (control and r["forget"])]
+    target = [r for r in rows if r["forget"] != control]
+    tokenizer = embedded.train_tokenizer(facts, config.vocab_size)
     model = embedded.build_model(tokenizer, config)
     log = embedded.pretrain(model, tokenizer, train, data.sample(target, 400), config)
     checkpoints.save(model, tokenizer, out)
@@ -65,7 +42,6 @@ def _build_embedded(
 def fetch_checkpoint(
     store: str,
     spec: str,
-    data_ref: ArtifactRef,
     config: EmbeddedConfig,
     control: bool = False,
     allow_pickle: bool = False,
@@ -77,14 +53,16 @@ def fetch_checkpoint(
         return cached_stage(
             store,
             "checkpoint",
-            {"data": data_ref, "control": control},
+            {"control": control},
             config,
             code_version(embedded, corpus, training, data, evaluation),
-            lambda s, out: _build_embedded(s, out, data_ref, config, control),
+            lambda s, out: _build_embedded(out, config, control),
         )
 
+    pinned = checkpoints.pin(parsed)
+
     def build(_, out: Path) -> dict:
-        provenance = checkpoints.materialize(parsed, out, allow_pickle)
+        provenance = checkpoints.materialize(pinned, out, allow_pickle)
         checkpoints.check_folder(out, allow_pickle, trust_remote_code)
         if allow_pickle and not any(out.glob("*.safetensors")):
             model, tokenizer = checkpoints.load(
@@ -93,12 +71,12 @@ def fetch_checkpoint(
             for p in out.glob("pytorch_model*"):
                 p.unlink()
             checkpoints.save(model, tokenizer, out)
-        return provenance
+        return {"source": spec, **provenance}
 
     return cached_stage(
         store,
         "checkpoint",
-        {"content": _identity(parsed, allow_pickle)},
+        {"content": checkpoints.identity(pinned, allow_pickle)},
         {"trust_remote_code": trust_remote_code},
         code_version(checkpoints),
         build,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -13,8 +11,6 @@ from tasks._stage import CPU_OPTIONS, cached_stage
 from unlearning_audit import corpus, data
 from unlearning_audit.config import DataConfig, EmbeddedConfig
 from unlearning_audit.store import code_version, file_sha256
-
-CORPUS = "corpus.parquet"
 
 
 def embedded_corpus(config: EmbeddedConfig) -> tuple[list[corpus.Fact], set[str]]:
@@ -47,8 +43,6 @@ def prepare_data(store: str, config: DataConfig, embedded: EmbeddedConfig):
         else:
             facts, forget = embedded_corpus(embedded)
             sets = data.embedded_sets(facts, forget, config.domain)
-            rows = [{**f.__dict__, "forget": f.group in forget} for f in facts]
-            pq.write_table(pa.Table.from_pylist(rows), out / CORPUS)
         data.check_sets(sets)
         data.write_sets(sets, out)
         return {"rows": {name: len(rows) for name, rows in sets.items()}}

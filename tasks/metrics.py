@@ -8,8 +8,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import CPU_OPTIONS, cached_stage, load_model
 from tasks.extract import PROBE_SETS, SUMMARY
+from tasks.fisher import read_fisher
 from unlearning_audit import activations, runtime
-from unlearning_audit.metrics import cka, pca, table, weights
+from unlearning_audit.metrics import cka, fisher, pca, table, weights
 from unlearning_audit.store import ArtifactRef, code_version
 
 TABLE = "metrics.parquet"
@@ -22,9 +23,12 @@ def metrics(
     candidate: ArtifactRef,
     original_acts: ArtifactRef,
     candidate_acts: ArtifactRef,
+    original_fisher: ArtifactRef | None = None,
+    candidate_fisher: ArtifactRef | None = None,
     k: int = 2,
 ):
-    """CKA, PCA similarity, shift and distance per layer and probe set; weight change per layer."""
+    """CKA, PCA similarity, shift and distance per layer and probe set; weight change per layer;
+    Fisher summaries and the Fisher-weighted distance when both Fishers are given."""
 
     def build(s, out):
         runtime.setup(0, "cpu")
@@ -32,9 +36,11 @@ def metrics(
         rows = table.activation_rows(
             s.local_dir(original_acts), s.local_dir(candidate_acts), list(PROBE_SETS), layers, k
         )
-        rows += table.weight_rows(
-            load_model(s, original, "cpu")[0], load_model(s, candidate, "cpu")[0]
-        )
+        model0, model = load_model(s, original, "cpu")[0], load_model(s, candidate, "cpu")[0]
+        rows += table.weight_rows(model0, model)
+        if original_fisher is not None and candidate_fisher is not None:
+            f0, f = read_fisher(s, original_fisher), read_fisher(s, candidate_fisher)
+            rows += table.fisher_rows(f0, f, model0, model)
         table.write(rows, out / TABLE)
         return {"rows": len(rows)}
 
@@ -46,8 +52,10 @@ def metrics(
             "candidate": candidate,
             "original_acts": original_acts,
             "candidate_acts": candidate_acts,
+            "original_fisher": original_fisher,
+            "candidate_fisher": candidate_fisher,
         },
         {"k": k},
-        code_version(table, cka, pca, weights, activations),
+        code_version(table, cka, pca, weights, fisher, activations),
         build,
     )

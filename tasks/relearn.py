@@ -26,9 +26,9 @@ def relearn(
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source``."""
 
-    def build(s, out):
+    def build(s, out, cfg: RelearnConfig):  # cfg: config, its batch halved after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
-        log = relearning.relearn(model, tokenizer, load_sets(s, data_ref), source, config, seed)
+        log = relearning.relearn(model, tokenizer, load_sets(s, data_ref), source, cfg, seed)
         checkpoints.save(model, tokenizer, out)
         write_json(out / CURVE, log)
         return {"source": source, "steps": log["steps"]}
@@ -40,4 +40,5 @@ def relearn(
         {"relearn": config.model_dump(exclude={"sources"})},
         code_version(relearning, training, data, evaluation),
         build,
+        batch=config,
     )

@@ -50,20 +50,23 @@ def report(store: str, audit: dict, runs: list[dict], control: dict[str, Artifac
 
 
 @task(name="publish", cache_policy=NO_CACHE, **CPU_OPTIONS)
-def publish(store: str, report_ref: ArtifactRef) -> dict:
-    """Show the verdict in Prefect: a table artifact and the Markdown report; returns locations."""
+def publish(
+    store: str,
+    report_ref: ArtifactRef,
+    table_file: str = SUMMARY,
+    report_file: str = REPORT,
+    key: str = "audit",
+) -> dict:
+    """Show a stored report in Prefect (a table artifact and the Markdown); return its rows and
+    where the report is."""
     s = Store(store)
-    rows = s.read_json(report_ref, SUMMARY)
-    location = f"{s.url.rstrip('/')}/{report_ref.key}"
-    create_table_artifact(rows, key="audit-verdict", description=f"Verdicts; report at {location}")
+    rows = s.read_json(report_ref, table_file)
+    manifest = s.manifest(report_ref.key)
+    location = f"{s.url.rstrip('/')}/{report_ref.key}/{manifest['data']}/{report_file}"
+    create_table_artifact(rows, key=f"{key}-verdict", description=f"Report at {location}")
     create_markdown_artifact(
-        s.read_bytes(report_ref, REPORT).decode(),
-        key="audit-report",
+        s.read_bytes(report_ref, report_file).decode(),
+        key=f"{key}-report",
         description=f"Full report, stored at {location}",
     )
-    return {"rows": rows, "report": location, "report_file": _report_file(s, report_ref)}
-
-
-def _report_file(store: Store, ref: ArtifactRef) -> str:
-    manifest = store.manifest(ref.key)
-    return f"{store.url.rstrip('/')}/{ref.key}/{manifest['data']}/{REPORT}"
+    return {"rows": rows, "report_file": location}

@@ -22,9 +22,9 @@ def unlearn(
 ):
     """Run one unlearning method; stores the unlearned checkpoint and its training log."""
 
-    def build(s, out):
+    def build(s, out, cfg: UnlearnConfig):  # cfg: config, its batch halved after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
-        log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), config, seed)
+        log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), cfg, seed)
         checkpoints.save(model, tokenizer, out)
         write_json(out / "unlearn.json", log)
         return {"steps": log["steps"], "stopped_early": log["stopped_early"]}
@@ -36,4 +36,5 @@ def unlearn(
         config,
         code_version(unlearning, training, data, evaluation),
         build,
+        batch=config,
     )

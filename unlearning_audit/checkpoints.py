@@ -8,6 +8,9 @@ A checkpoint spec is one of:
 * a hub id pinned to a revision, ``org/name@revision`` (resolved to its commit; works offline
   from the local Hugging Face cache with HF_HUB_OFFLINE=1).
 
+A fetched checkpoint is known by its content: ``identity`` names what it is before it is copied
+(file hashes, S3 ETags, or the hub commit) and ``materialize`` copies exactly that.
+
 Untrusted by default: weights load from safetensors only, and a config that needs
 ``trust_remote_code`` is refused; both can be allowed explicitly.
 """
@@ -18,11 +21,11 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import fsspec
+from .store import file_sha256, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -77,35 +80,73 @@ def parse(spec: str) -> CheckpointSpec:
 
 
 def wanted(name: str, allow_pickle: bool) -> bool:
-    patterns = WEIGHTS + METADATA + (PICKLE_WEIGHTS if allow_pickle else ())
-    return any(Path(name).match(p) for p in patterns)
+    """Whether a checkpoint file is copied: weights (pickle only if allowed) and metadata."""
+    return any(Path(name).match(p) for p in _patterns(allow_pickle))
+
+
+def _patterns(allow_pickle: bool) -> tuple[str, ...]:
+    return WEIGHTS + METADATA + (PICKLE_WEIGHTS if allow_pickle else ())
+
+
+def pin(spec: CheckpointSpec) -> CheckpointSpec:
+    """A hub spec with its revision resolved to the commit it names now; others unchanged.
+
+    Fetching the pinned spec copies exactly that commit, even if the branch moves meanwhile.
+    """
+    if spec.kind != "hub":
+        return spec
+    return replace(spec, revision=_snapshot(spec, ("config.json",)).name)
+
+
+def _snapshot(spec: CheckpointSpec, patterns: tuple[str, ...]) -> Path:
+    """The hub snapshot folder of a revision (named by its commit), downloaded where needed."""
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(spec.location, revision=spec.revision, allow_patterns=list(patterns))
+    )
+
+
+def identity(spec: CheckpointSpec, allow_pickle: bool = False) -> dict:
+    """What a checkpoint's content is known by before it is copied: the sha256 of every wanted
+    local file, the ETag (else size and mtime) of every wanted remote object, or the hub commit
+    of a pinned spec."""
+    if spec.kind == "local":
+        return {
+            p.name: file_sha256(p)
+            for p in sorted(Path(spec.location).iterdir())
+            if p.is_file() and wanted(p.name, allow_pickle)
+        }
+    if spec.kind == "remote":
+        fs, root = filesystem(spec.location)
+        return {
+            i["name"].rsplit("/", 1)[-1]: str(i.get("ETag") or (i["size"], i.get("mtime")))
+            for i in fs.ls(root, detail=True)
+            if i["type"] == "file" and wanted(i["name"].rsplit("/", 1)[-1], allow_pickle)
+        }
+    return {"repo": spec.location, "commit": spec.revision}
 
 
 def materialize(spec: CheckpointSpec, dest: Path, allow_pickle: bool = False) -> dict:
     """Copy the checkpoint's weights, config and tokenizer files into ``dest``.
 
-    Returns provenance: the spec and, for the hub, the commit the revision resolved to.
+    Returns provenance: for the hub, the commit the files came from (give a pinned spec).
     """
     if spec.kind == "hub":
-        from huggingface_hub import snapshot_download
-
-        patterns = list(WEIGHTS + METADATA + (PICKLE_WEIGHTS if allow_pickle else ()))
-        folder = Path(
-            snapshot_download(spec.location, revision=spec.revision, allow_patterns=patterns)
-        )
+        folder = _snapshot(spec, _patterns(allow_pickle))
         _copy_local(folder, dest, allow_pickle)
-        return {"source": f"{spec.location}@{spec.revision}", "commit": folder.name}
+        return {"commit": folder.name}
     if spec.kind == "local":
         _copy_local(Path(spec.location), dest, allow_pickle)
-    else:
-        fs, root = fsspec.core.url_to_fs(spec.location)
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        if not names:
-            raise ValueError(f"checkpoint {spec.location!r} is empty or does not exist")
-        for name in names:
-            if wanted(name, allow_pickle):
-                fs.get_file(f"{root}/{name}", str(dest / name))
-    return {"source": spec.location}
+        return {}
+    fs, root = filesystem(spec.location)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    if not names:
+        raise ValueError(f"checkpoint {spec.location!r} is empty or does not exist")
+    for name in names:
+        if wanted(name, allow_pickle):
+            fs.get_file(f"{root}/{name}", str(dest / name))
+    return {}
 
 
 def _copy_local(folder: Path, dest: Path, allow_pickle: bool) -> None:
@@ -145,7 +186,9 @@ def check_folder(folder: Path, allow_pickle: bool = False, trust_remote_code: bo
 def load(folder: Path, device=None, allow_pickle: bool = False, trust_remote_code: bool = False):
     """The model (eval mode, on ``device``) and tokenizer saved in ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     check_folder(folder, allow_pickle, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         folder, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code

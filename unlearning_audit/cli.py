@@ -14,13 +14,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import AuditParams, UnlearnConfig
-from .report import SUMMARY_KEYS
+from .config import AuditParams, StudyParams, UnlearnConfig
+from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS
+from .store import ArtifactRef, CorruptArtifact, Store, endpoint_url
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "unlearning_audit",
 }
 
 
@@ -30,27 +32,24 @@ def _prefect_env() -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The demo's table: one line per unlearning run."""
-    header = [
-        "method",
-        "lr",
-        "forget acc (orig/unl/rel)",
-        "retain acc (orig/unl)",
-        "mean CKA",
-        "regime",
-    ]
-    lines = [
-        [
+    """The summary table: one line per unlearning run (with domain and advantage in a study)."""
+    study = bool(rows) and "domain" in rows[0]
+    header = ["method", "lr", "forget acc (orig/unl/rel)", "retain acc (orig/unl)", "mean CKA"]
+    header = (["domain"] if study else []) + header + (["advantage"] if study else []) + ["regime"]
+    lines = []
+    for r in rows:
+        line = [
             r["method"],
             "-" if r["lr"] is None else f"{r['lr']:g}",
             f"{r['forget_acc_original']:.2f} / {r['forget_acc_unlearned']:.2f} / "
             f"{r['forget_acc_relearned']:.2f}",
             f"{r['retain_acc_original']:.2f} / {r['retain_acc_unlearned']:.2f}",
             f"{r['mean_cka']:.3f}",
-            r["regime"],
         ]
-        for r in rows
-    ]
+        if study:
+            advantage = r["recovery_advantage"]
+            line = [r["domain"], *line, "-" if advantage is None else f"{advantage:+.2f}"]
+        lines.append([*line, r["regime"]])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(
@@ -114,6 +113,118 @@ def cmd_audit(args: argparse.Namespace) -> None:
     _run_audit(AuditParams.model_validate(params), args.json)
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    """The paper's grid on the embedded model: methods x domains x settings."""
+    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.store:
+        base["store"] = args.store
+    if args.domain:
+        base["domains"] = args.domain
+    if args.method:
+        base["methods"] = args.method
+    params = StudyParams.model_validate(base)
+    from .preflight import preflight
+
+    preflight(params.audit(params.domains[0]))
+    _prefect_env()
+    from flows.study import study
+
+    _finish(study(params), args.json, SUMMARY_KEYS + STUDY_KEYS_EXTRA)
+
+
+RESULT_BLOCK = "unlearning-audit-results"
+
+
+def cmd_setup(args: argparse.Namespace) -> None:
+    """Check a store and save Prefect result storage on it as a block (docs/storage.md)."""
+    store = Store(args.store)
+    store.check_writable()
+    _prefect_env()
+    basepath = f"{store.url.rstrip('/')}/prefect-results"
+    if store.local:
+        from prefect.filesystems import LocalFileSystem
+
+        block = LocalFileSystem(basepath=basepath)
+    else:  # the endpoint only: credentials stay in the workers' environment, never in a block
+        from prefect.filesystems import RemoteFileSystem
+
+        endpoint = endpoint_url()
+        block = RemoteFileSystem(
+            basepath=basepath, settings={"endpoint_url": endpoint} if endpoint else {}
+        )
+    block.save(args.block, overwrite=True)
+    slug = f"{block.get_block_type_slug()}/{args.block}"
+    print(f"store {store.url} is writable; Prefect result storage saved as block {slug}")
+    print("persist every flow's results there with:")
+    print(
+        f"  prefect config set PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={slug} "
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT=true"
+    )
+
+
+def _columns(header: list[str], lines: list[list[str]]) -> str:
+    """A plain text table, columns padded to their widest cell."""
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    rows = [header, ["-" * w for w in widths], *lines]
+    return "\n".join(fmt.format(*row).rstrip() for row in rows)
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    """List the audits (their reports) and the artifacts in a store."""
+    store = Store(args.store)
+    manifests = sorted(store.manifests(args.stage), key=lambda m: m["created"])
+    audits = [
+        [str(m["meta"].get(f) or "") for f in ("name", "original")] + [m["created"][:19], m["key"]]
+        for m in manifests
+        if m["stage"] == "report"
+    ]
+    artifacts = [
+        [
+            m["key"],
+            m["created"][:19],
+            str(len(m["files"])),
+            f"{sum(f['size'] for f in m['files'].values()) / 2**20:.2f}",
+            m["hash"][:12],
+        ]
+        for m in manifests
+        if m["stage"] != "report"
+    ]
+    tables = [
+        _columns(header, lines)
+        for header, lines in (
+            (["audit", "original", "created", "key"], audits),
+            (["artifact", "created", "files", "MiB", "hash"], artifacts),
+        )
+        if lines
+    ]
+    where = f" for stage {args.stage}" if args.stage else ""
+    print("\n\n".join(tables) or f"no artifacts in {store.url}{where}")
+
+
+def cmd_show(args: argparse.Namespace) -> None:
+    """Print an artifact's manifest and its Markdown files (a report's report.md)."""
+    store = Store(args.store)
+    manifest = store.manifest(args.key)
+    if manifest is None:
+        raise ValueError(f"no artifact {args.key!r} in {store.url}")
+    print(json.dumps(manifest, indent=1))
+    ref = ArtifactRef(key=args.key, hash=manifest["hash"])
+    for name in sorted(n for n in manifest["files"] if n.endswith(".md")):
+        try:
+            text = store.read_bytes(ref, name).decode()
+        except CorruptArtifact as exc:
+            raise ValueError(str(exc)) from exc
+        print(f"\n--- {name}\n{text}")
+
+
+def cmd_server(args: argparse.Namespace) -> None:
+    """Start a local Prefect server, work pools, workers and the deployments; Ctrl-C stops all."""
+    from .server import LocalStack, serve
+
+    serve(LocalStack(port=args.port, gpus=args.gpus, home=args.home))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="unlearning-audit", description=__doc__.splitlines()[0])
@@ -153,6 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
     audit.set_defaults(func=cmd_audit)
+
+    study = sub.add_parser("study", help=cmd_study.__doc__)
+    study.add_argument("--domain", action="append", choices=["text", "code", "math"])
+    study.add_argument("--method", action="append", help="unlearning method (repeatable)")
+    study.add_argument("--config", metavar="FILE", help="JSON file of study parameters")
+    study.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    study.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
+    study.set_defaults(func=cmd_study)
+
+    setup = sub.add_parser("setup", help=cmd_setup.__doc__)
+    setup.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    setup.add_argument("--block", default=RESULT_BLOCK, help=f"block name (default {RESULT_BLOCK})")
+    setup.set_defaults(func=cmd_setup)
+
+    ls = sub.add_parser("ls", help=cmd_ls.__doc__)
+    ls.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    ls.add_argument("--stage", help="only this stage's artifacts (report: the audits)")
+    ls.set_defaults(func=cmd_ls)
+
+    show = sub.add_parser("show", help=cmd_show.__doc__)
+    show.add_argument("key", metavar="KEY", help="an artifact key, e.g. report/3f2a...")
+    show.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    show.set_defaults(func=cmd_show)
+
+    server = sub.add_parser("server", help=cmd_server.__doc__)
+    server.add_argument("--port", type=int, default=4200, help="API and UI port (default 4200)")
+    server.add_argument("--gpus", type=int, help="GPU workers and GPU-stage limit (default: all)")
+    server.add_argument("--home", type=Path, help="PREFECT_HOME (default: Prefect's own)")
+    server.set_defaults(func=cmd_server)
     return parser
 
 

@@ -23,16 +23,16 @@ class EmbeddedConfig(_Config):
     """The built-in default: a synthetic corpus and a tiny Llama pretrained on it on CPU."""
 
     seed: int = Field(0, description="Seed of the corpus, the tokenizer and the model.")
-    authors: PositiveInt = Field(200, description="Fictitious authors (text domain), 5 facts each.")
-    functions: PositiveInt = Field(60, description="Functions (code domain), 5 facts each.")
-    operands: PositiveInt = Field(60, description="Left operands (math domain), 5 sums each.")
+    authors: PositiveInt = Field(120, description="Fictitious authors (text domain), 5 facts each.")
+    functions: PositiveInt = Field(24, description="Functions (code domain), 5 facts each.")
+    operands: PositiveInt = Field(24, description="Left operands (math domain), 5 sums each.")
     forget_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each domain to forget.")
     vocab_size: PositiveInt = Field(1024, description="BPE vocabulary size.")
     hidden_size: PositiveInt = 128
     intermediate_size: PositiveInt = 352
     layers: PositiveInt = Field(4, description="Decoder blocks.")
     heads: PositiveInt = 4
-    lr: PositiveFloat = Field(3e-3, description="Pretraining learning rate.")
+    lr: PositiveFloat = Field(2e-3, description="Pretraining learning rate.")
     warmup: int = Field(50, ge=0, description="Pretraining warm-up steps.")
     batch_size: PositiveInt = 64
     max_steps: PositiveInt = Field(2000, description="Give up (error) past this many steps.")
@@ -88,8 +88,10 @@ class UnlearnConfig(_Config):
 
     @property
     def label(self) -> str:
-        """Short name for tables: method and learning rate."""
-        return f"{self.method} lr={self.lr:g}"
+        """Short name for tables: method, learning rate, steps and early stop."""
+        stop = "" if self.stop_at_forget_em is None else f" stop<{self.stop_at_forget_em:g}"
+        weight = f" w={self.retain_weight:g}" if "+" in self.method else ""
+        return f"{self.method} lr={self.lr:g} steps={self.steps}{weight}{stop}"
 
 
 class RelearnConfig(_Config):
@@ -134,9 +136,12 @@ class Thresholds(_Config):
     )
 
 
+# The demo's settings, picked from the study grid (README, "Results") to show the regimes:
+# ascent stopped at collapse (reversible), GD-anchored ascent (irreversible), KL-anchored NPO.
 DEFAULT_METHODS = [
-    UnlearnConfig(method="GA", lr=1e-3),
-    UnlearnConfig(method="NPO", lr=1e-3),
+    UnlearnConfig(method="GA", lr=1e-3, steps=60, stop_at_forget_em=0.1, check_every=2),
+    UnlearnConfig(method="GA+GD", lr=1e-3, steps=100, retain_weight=3.0),
+    UnlearnConfig(method="NPO+KL", lr=3e-4, steps=100, retain_weight=3.0),
 ]
 
 
@@ -167,6 +172,7 @@ class AuditParams(_Config):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
     layers: list[int] | None = Field(None, description="Activation layers; default all.")
+    fisher: bool = Field(True, description="Compute the diagonal Fisher (a GPU stage).")
     seed: int = Field(0, description="Seed of every stochastic stage.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights. Unsafe.")
@@ -175,3 +181,60 @@ class AuditParams(_Config):
         None, description="Artifact store URL; default $UNLEARNING_AUDIT_STORE or ./audit-store."
     )
     name: str | None = Field(None, description="A label for this audit in reports and listings.")
+
+
+class Setting(_Config):
+    """One unlearning setting of a study: the hyperparameters shared by every method in it."""
+
+    lr: PositiveFloat = 1e-3
+    steps: PositiveInt = 100
+    retain_weight: float = Field(1.0, ge=0)
+    stop_at_forget_em: float | None = Field(None, ge=0, le=1)
+    check_every: PositiveInt = 2
+
+
+class StudyParams(_Config):
+    """The paper's grid: methods x domains x settings on one checkpoint (default: embedded)."""
+
+    methods: list[str] = Field(list(METHODS), min_length=1, description="Unlearning methods.")
+    domains: list[Domain] = Field(["text", "code", "math"], min_length=1)
+    settings: list[Setting] = Field(
+        default_factory=lambda: [
+            Setting(lr=2e-3, steps=100, stop_at_forget_em=0.1),
+            Setting(lr=1e-3, steps=100, retain_weight=3.0),
+            Setting(lr=3e-4, steps=100, retain_weight=3.0),
+        ],
+        min_length=1,
+        description="Hyperparameter settings (distinct learning rates); every method runs "
+        "under each: strong ascent stopped at collapse, and two retain-anchored runs.",
+    )
+    batch_size: PositiveInt = 16
+    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+    relearn: RelearnConfig = Field(default_factory=RelearnConfig)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    seed: int = 0
+    device: str = "auto"
+    store: str | None = None
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        return [UnlearnConfig(method=m).method for m in value]
+
+    def audit(self, domain: str) -> AuditParams:
+        """The audit of one domain: every method under every setting."""
+        return AuditParams(
+            methods=[
+                UnlearnConfig(method=m, batch_size=self.batch_size, **s.model_dump())
+                for s in self.settings
+                for m in self.methods
+            ],
+            data=DataConfig(domain=domain),
+            embedded=self.embedded,
+            relearn=self.relearn,
+            thresholds=self.thresholds,
+            seed=self.seed,
+            device=self.device,
+            store=self.store,
+            name=f"study: {domain}",
+        )

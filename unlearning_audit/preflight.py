@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoints
+from . import checkpoints, data
 from .config import AuditParams
 from .store import Store, default_store_url
 
@@ -40,6 +40,11 @@ def preflight(params: AuditParams) -> str:
         local = source and Path(source).suffix in {".json", ".jsonl", ".parquet"}
         if local and not Path(source).expanduser().is_file():
             problems.append(f"data.{role}: file {source!r} does not exist")
+    if not problems and sources["forget"] is not None:
+        try:
+            data.check_sets(data.external_sets(params.data))
+        except ValueError as exc:
+            problems.append(f"data: {exc}")
     if not params.methods and params.unlearned is None:
         problems.append("methods: give at least one unlearning method, or an unlearned checkpoint")
     url = params.store or default_store_url()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .metrics.table import mean_over_layers
 
+STUDY_KEYS_EXTRA = ("domain", "recovery_advantage")
 SUMMARY_KEYS = (
     "method",
     "lr",
@@ -19,7 +20,7 @@ SUMMARY_KEYS = (
 
 
 def summary_row(run: dict) -> dict:
-    """The demo's row for one run: exact-match accuracies, mean CKA, regime."""
+    """One run's row: the demo's keys (SUMMARY_KEYS), its label and recovery advantages."""
     e = run["verdict"]["evidence"]
     return {
         "method": run["method"],
@@ -31,6 +32,9 @@ def summary_row(run: dict) -> dict:
         "retain_acc_unlearned": e["retain_unlearned"],
         "mean_cka": mean_cka(run["metrics_unlearned"]),
         "regime": run["verdict"]["regime"],
+        "label": run["label"],
+        "recovery_advantage": run["verdict"]["recovery_advantage"],
+        "heldout_advantage": run["verdict"]["heldout_advantage"],
     }
 
 
@@ -168,6 +172,8 @@ def markdown(audit: dict, runs: list[dict]) -> str:
                 "PCA sim",
                 "PC1 shift (sd)",
                 "weight change",
+                "Fisher ratio",
+                "Fisher-weighted dist",
                 "CKA relearned",
             ],
             [
@@ -178,6 +184,8 @@ def markdown(audit: dict, runs: list[dict]) -> str:
                         for m in ("cka", "cka_debiased", "pca_similarity", "pca_shift_pc1_norm")
                     ),
                     _metric(r["metrics_unlearned"], "weight_change", layer, ""),
+                    _metric(r["metrics_unlearned"], "fisher_mean_ratio", layer),
+                    _metric(r["metrics_unlearned"], "fisher_weighted_distance", layer),
                     _metric(r["metrics_relearned"], "cka", layer),
                 ]
                 for layer in sorted({x["layer"] for x in r["metrics_unlearned"]})
@@ -196,3 +204,24 @@ def _metric(rows: list[dict], metric: str, layer: int, probe_set: str = "forget"
         if r["metric"] == metric and r["layer"] == layer and r["probe_set"] == probe_set:
             return r["value"]
     return None
+
+
+def study_markdown(rows: list[dict], thresholds: dict) -> str:
+    """The study's table: the regime of every method under every setting in every domain."""
+    out = ["# Unlearning study: methods x domains x settings", ""]
+    out += _table(
+        ["domain", "run", "forget EM orig / unl / rel", "retain EM orig / unl", "mean CKA",
+         "advantage vs control (forget / held-out)", "regime"],
+        [[r["domain"], r["label"],
+          f"{r['forget_acc_original']:.2f} / {r['forget_acc_unlearned']:.2f} / "
+          f"{r['forget_acc_relearned']:.2f}",
+          f"{r['retain_acc_original']:.2f} / {r['retain_acc_unlearned']:.2f}",
+          r["mean_cka"], f"{_f(r['recovery_advantage'])} / {_f(r['heldout_advantage'])}",
+          f"**{r['regime']}**"] for r in rows],
+    )
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["regime"]] = counts.get(r["regime"], 0) + 1
+    out += ["", "Regimes: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), "",
+            "Thresholds: " + ", ".join(f"{k} = {v}" for k, v in thresholds.items())]
+    return "\n".join(out)

@@ -12,23 +12,34 @@ Layout of one artifact::
 Writes never rename data: the files go to a fresh writer folder, then the manifest (the file
 list with each file's sha256 and size) is written in one put. A reader trusts only manifests, and
 checks every file's hash before using it, so an interrupted write leaves nothing that reads as
-complete and a corrupted object is found, not used. Two writers of one key each leave a complete
-folder; the first manifest stays, and the second writer removes its own copy.
+complete and a corrupted object is found, not used. The manifest is created exclusively (a local
+hard link, an S3 conditional PUT with If-None-Match), so of two writers of one key the first
+manifest stays and the second writer removes its own copy; a manifest whose artifact fails
+verification is replaced by the next writer.
+
+A remote store (``s3://bucket/prefix``; endpoint, region and credentials come from the usual AWS
+environment variables) is read through a local cache keyed by content hash: verifying an artifact
+downloads it once, hashing as it goes, and every later read on this machine is local. Transient
+errors (connection refused, timeouts) are retried with backoff, a bounded number of times; the
+messages never carry credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +48,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 22
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+_SECRET_WORDS = ("key", "secret", "token", "password")
+T = TypeVar("T")
 
 
 class ArtifactRef(BaseModel):
@@ -52,9 +66,63 @@ class CorruptArtifact(RuntimeError):
     """An artifact whose files are missing or do not match their manifest's hashes."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached, even after every retry."""
+
+
 def default_store_url() -> str:
     """$UNLEARNING_AUDIT_STORE, else ./audit-store."""
     return os.environ.get("UNLEARNING_AUDIT_STORE") or str(Path("audit-store").resolve())
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint of this environment: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
+    """The fsspec filesystem and path of ``url``.
+
+    An S3 URL gets the environment's endpoint explicitly: botocore reads it too, but fsspec caches
+    filesystems by their arguments, and an explicit endpoint keeps two endpoints apart. Region
+    and credentials stay botocore's business (environment, profile, instance role), so they never
+    sit in the filesystem's arguments, where they could be pickled or logged.
+    """
+    options = dict(storage_options or {})
+    endpoint = endpoint_url()
+    if url.split("://", 1)[0] in ("s3", "s3a") and endpoint:
+        options.setdefault("endpoint_url", endpoint)
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """``text`` with every credential of the environment or of ``storage_options`` as ***."""
+    for secret in [os.environ.get(name) for name in _SECRET_ENV] + _secrets(storage_options):
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _secrets(options: Mapping[str, Any] | None) -> list[str]:
+    """String values under credential-like names (key, secret, token, password), nested too."""
+    found = []
+    for name, value in (options or {}).items():
+        if isinstance(value, Mapping):
+            found += _secrets(value)
+        elif isinstance(value, str) and any(w in name.lower() for w in _SECRET_WORDS):
+            found.append(value)
+    return found
+
+
+@functools.cache
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors a retry can cure: connections refused or dropped, timeouts (builtin and botocore)."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return (ConnectionError, TimeoutError)
+    return (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError)
 
 
 def canonical_json(obj: Any) -> str:
@@ -81,33 +149,62 @@ def _plain(obj: Any) -> Any:
 
 def file_sha256(path: Path) -> str:
     """sha256 hex of a local file, read in chunks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return _stream_sha256(f)
 
 
-def _stream_sha256(f) -> str:
+def _stream_sha256(f: IO[bytes]) -> str:
     h = hashlib.sha256()
     while chunk := f.read(_CHUNK):
         h.update(chunk)
     return h.hexdigest()
 
 
-class Store:
-    """An artifact store at ``url``; see the module docstring for the layout and guarantees."""
+def _check_manifest(ref: ArtifactRef, manifest: dict | None) -> dict:
+    """The manifest, if it exists and names exactly the content ``ref`` expects."""
+    if manifest is None:
+        raise CorruptArtifact(f"{ref.key}: no manifest")
+    if manifest["hash"] != ref.hash:
+        raise CorruptArtifact(f"{ref.key}: manifest names {manifest['hash']}, not {ref.hash}")
+    if digest(manifest["files"]) != ref.hash:
+        raise CorruptArtifact(f"{ref.key}: manifest file list does not match its hash")
+    return manifest
 
-    def __init__(self, url: str | None = None, cache_dir: str | Path | None = None):
+
+def _expect_sha256(key: str, name: str, entry: dict, actual: str) -> None:
+    if actual != entry["sha256"]:
+        raise CorruptArtifact(f"{key}: {name} does not match its sha256")
+
+
+class Store:
+    """An artifact store at ``url``; see the module docstring for the layout and guarantees.
+
+    Tuning from the environment: UNLEARNING_AUDIT_CACHE (the local cache of remote artifacts),
+    UNLEARNING_AUDIT_STORE_RETRIES (attempts per operation, default 4),
+    UNLEARNING_AUDIT_STORE_BACKOFF (first retry delay in seconds, doubling, default 1) and
+    UNLEARNING_AUDIT_PART_SIZE_MB (S3 multipart part size; default s3fs's 50 MiB).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        cache_dir: str | Path | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
         self.url = url or default_store_url()
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.root = self.root.rstrip("/")
+        self._options = dict(storage_options or {})
+        self.fs, root = filesystem(self.url, self._options)
+        self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)
         self.cache_dir = Path(
             cache_dir
             or os.environ.get("UNLEARNING_AUDIT_CACHE")
             or Path.home() / ".cache" / "unlearning-audit"
         )
+        self.retries = max(1, int(os.environ.get("UNLEARNING_AUDIT_STORE_RETRIES", "4")))
+        self.backoff = float(os.environ.get("UNLEARNING_AUDIT_STORE_BACKOFF", "1"))
+        part_mb = os.environ.get("UNLEARNING_AUDIT_PART_SIZE_MB")
+        self.part_size = int(float(part_mb) * 2**20) if part_mb else None
         self._verified: set[str] = set()
 
     def __repr__(self) -> str:
@@ -115,6 +212,34 @@ class Store:
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, retried with exponential backoff while it fails with a transient error.
+
+        Raises StoreUnavailable, naming the operation, once every attempt has failed.
+        """
+        attempt = 1
+        while True:
+            try:
+                return call()
+            except _transient_errors() as exc:
+                reason = redact(f"{type(exc).__name__}: {exc}", self._options)
+                if attempt >= self.retries:
+                    raise StoreUnavailable(
+                        f"store {self.url}: {what} failed after {attempt} attempts ({reason})"
+                    ) from exc
+                delay = self.backoff * 2 ** (attempt - 1)
+                log.warning(
+                    "store %s: %s failed (%s); retry %d of %d in %.1fs",
+                    self.url,
+                    what,
+                    reason,
+                    attempt,
+                    self.retries - 1,
+                    delay,
+                )
+                time.sleep(delay)
+                attempt += 1
 
     def check_writable(self) -> None:
         """Write and remove a probe object; raise ValueError naming the URL if that fails."""
@@ -125,7 +250,8 @@ class Store:
             self.fs.pipe(probe, b"ok")
             self.fs.rm(probe)
         except Exception as exc:
-            raise ValueError(f"store URL {self.url!r} cannot be written: {exc}") from exc
+            reason = redact(str(exc), self._options)
+            raise ValueError(f"store URL {self.url!r} cannot be written: {reason}") from exc
 
     @staticmethod
     def key_for(stage: str, inputs: Mapping[str, Any], config: Any, version: str) -> str:
@@ -135,11 +261,24 @@ class Store:
     # -- reading ---------------------------------------------------------------------------
 
     def manifest(self, key: str) -> dict | None:
-        """The artifact's manifest, or None where it has none (absent or incomplete)."""
+        """The artifact's manifest, or None where it has none (absent or incomplete).
+
+        A manifest that is not a JSON object with a hash, a data folder and a file list raises
+        CorruptArtifact.
+        """
+        path = self._path(key, MANIFEST)
         try:
-            return json.loads(self.fs.cat_file(self._path(key, MANIFEST)))
+            raw = self._retry(f"read of {key}/{MANIFEST}", lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             return None
+        try:
+            manifest = json.loads(raw)
+            valid = isinstance(manifest["files"], dict) and manifest["hash"] and manifest["data"]
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise CorruptArtifact(f"{key}: {MANIFEST} is not a valid manifest")
+        return manifest
 
     def get(self, key: str) -> ArtifactRef | None:
         """A reference to the artifact at ``key`` if it exists and verifies, else None.
@@ -147,86 +286,99 @@ class Store:
         A corrupt artifact is reported with a warning and treated as absent, so the stage that
         asks recomputes it.
         """
-        manifest = self.manifest(key)
-        if manifest is None:
-            return None
-        ref = ArtifactRef(key=key, hash=manifest["hash"])
         try:
+            manifest = self.manifest(key)
+            if manifest is None:
+                return None
+            ref = ArtifactRef(key=key, hash=manifest["hash"])
             self.verify(ref, manifest)
         except CorruptArtifact as exc:
-            log.warning("ignoring corrupt artifact %s: %s", key, exc)
+            log.warning("ignoring corrupt artifact: %s", exc)
             return None
         return ref
 
     def verify(self, ref: ArtifactRef, manifest: dict | None = None) -> None:
-        """Check every file of the artifact against its manifest; raise CorruptArtifact if not."""
+        """Check every file of the artifact against its manifest; raise CorruptArtifact if not.
+
+        A remote artifact is verified by downloading it into the local cache (see local_dir).
+        """
         if ref.hash in self._verified:
             return
-        manifest = manifest or self.manifest(ref.key)
-        if manifest is None:
-            raise CorruptArtifact(f"{ref.key}: no manifest")
-        if manifest["hash"] != ref.hash:
-            raise CorruptArtifact(f"{ref.key}: manifest names {manifest['hash']}, not {ref.hash}")
-        if digest(manifest["files"]) != ref.hash:
-            raise CorruptArtifact(f"{ref.key}: manifest file list does not match its hash")
-        for name, entry in manifest["files"].items():
-            path = self._path(ref.key, manifest["data"], name)
-            try:
-                with self.fs.open(path, "rb") as f:
-                    actual = _stream_sha256(f)
-            except FileNotFoundError as exc:
-                raise CorruptArtifact(f"{ref.key}: {name} is missing") from exc
-            if actual != entry["sha256"]:
-                raise CorruptArtifact(f"{ref.key}: {name} does not match its sha256")
+        manifest = _check_manifest(ref, manifest or self.manifest(ref.key))
+        if self.local:
+            for name, entry in manifest["files"].items():
+                try:
+                    with self.fs.open(self._path(ref.key, manifest["data"], name), "rb") as f:
+                        actual = _stream_sha256(f)
+                except FileNotFoundError as exc:
+                    raise CorruptArtifact(f"{ref.key}: {name} is missing") from exc
+                _expect_sha256(ref.key, name, entry, actual)
+        else:
+            self._cached_copy(ref, manifest)
         self._verified.add(ref.hash)
 
     def local_dir(self, ref: ArtifactRef) -> Path:
         """A local folder holding the artifact's files, verified against the manifest.
 
         A local store gives its own folder; a remote one is downloaded once into the cache,
-        keyed by content hash.
+        keyed by content hash, so every later read on this machine is local.
         """
         manifest = self.manifest(ref.key)
         self.verify(ref, manifest)
+        manifest = _check_manifest(ref, manifest)
         if self.local:
             return Path(self._path(ref.key, manifest["data"]))
+        return self._cached_copy(ref, manifest)
+
+    def _cached_copy(self, ref: ArtifactRef, manifest: dict) -> Path:
+        """The cache folder of a remote artifact, downloaded and hashed file by file if absent."""
         target = self.cache_dir / ref.hash
-        if not target.exists():
-            tmp = Path(tempfile.mkdtemp(dir=_ensure(self.cache_dir), prefix=".part-"))
+        if target.exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=_ensure(self.cache_dir), prefix=".part-"))
+        try:
             for name, entry in manifest["files"].items():
                 dest = tmp / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._path(ref.key, manifest["data"], name), str(dest))
-                if file_sha256(dest) != entry["sha256"]:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise CorruptArtifact(f"{ref.key}: {name} changed while downloading")
-            try:
-                tmp.rename(target)
-            except OSError:  # another process finished the same download first
-                shutil.rmtree(tmp, ignore_errors=True)
+                src = self._path(ref.key, manifest["data"], name)
+                try:
+                    self._retry(
+                        f"download of {ref.key}/{name}",
+                        functools.partial(self.fs.get_file, src, str(dest)),
+                    )
+                except FileNotFoundError as exc:
+                    raise CorruptArtifact(f"{ref.key}: {name} is missing") from exc
+                _expect_sha256(ref.key, name, entry, file_sha256(dest))
+            _publish(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def read_bytes(self, ref: ArtifactRef, name: str) -> bytes:
         """One file of a verified artifact."""
-        manifest = self.manifest(ref.key)
-        self.verify(ref, manifest)
-        return self.fs.cat_file(self._path(ref.key, manifest["data"], name))
+        return (self.local_dir(ref) / name).read_bytes()
 
     def read_json(self, ref: ArtifactRef, name: str) -> Any:
         """One JSON file of a verified artifact."""
         return json.loads(self.read_bytes(ref, name))
 
-    def open(self, ref: ArtifactRef, name: str):
+    def open(self, ref: ArtifactRef, name: str) -> IO[bytes]:
         """A binary file object on one file of a verified artifact (for streaming reads)."""
-        manifest = self.manifest(ref.key)
-        self.verify(ref, manifest)
-        return self.fs.open(self._path(ref.key, manifest["data"], name), "rb")
+        return open(self.local_dir(ref) / name, "rb")
 
     def manifests(self, stage: str | None = None) -> Iterator[dict]:
-        """Every manifest in the store, or those of one stage."""
+        """Every readable manifest in the store, or those of one stage, freshly listed."""
+        self.fs.invalidate_cache()
         pattern = self._path(stage or "*", "*", MANIFEST)
-        for path in sorted(self.fs.glob(pattern)):
-            yield json.loads(self.fs.cat_file(path))
+        for path in sorted(self._retry("listing", lambda: self.fs.glob(pattern))):
+            key = path[len(self.root) + 1 : -len(MANIFEST) - 1]
+            try:
+                manifest = self.manifest(key)
+            except CorruptArtifact as exc:
+                log.warning("skipping %s", exc)
+                continue
+            if manifest is not None:
+                yield manifest
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -236,17 +388,9 @@ class Store:
         entries = {
             name: {"sha256": file_sha256(p), "size": p.stat().st_size} for name, p in files.items()
         }
-        writer = uuid.uuid4().hex[:12]
-        for name, p in files.items():
-            dest = self._path(key, writer, name)
-            if self.local:
-                self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.put_file(str(p), dest)
         ref = ArtifactRef(key=key, hash=digest(entries))
-        existing = self.get(key)
-        if existing is not None:  # another writer committed first: keep theirs
-            self.fs.rm(self._path(key, writer), recursive=True)
-            return existing
+        writer = uuid.uuid4().hex[:12]
+        self._upload(key, writer, files)
         manifest = {
             "key": key,
             "stage": key.split("/", 1)[0],
@@ -256,16 +400,93 @@ class Store:
             "meta": dict(meta or {}),
             "created": datetime.now(timezone.utc).isoformat(),
         }
-        self._write_atomic(self._path(key, MANIFEST), canonical_json(manifest).encode())
+        data = canonical_json(manifest).encode()
+        path = self._path(key, MANIFEST)
+        if not self._retry(f"commit of {key}", lambda: self._write_atomic(path, data)):
+            current = self._readable_manifest(key)
+            if current is not None and current["data"] == writer:
+                pass  # our own commit, whose reply was lost and retried
+            elif (existing := self.get(key)) is not None:  # another writer committed first
+                self._remove(key, writer)
+                return existing
+            else:
+                log.warning("replacing corrupt artifact %s with a fresh copy", key)
+                self._retry(f"commit of {key}", lambda: self._overwrite(path, data))
+                if current is not None:
+                    self._remove(key, current["data"])
+        self._remember(src, ref)
         return ref
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        if self.local:  # a local rename is atomic; an object-store put is atomic by itself
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            self.fs.pipe(tmp, data)
-            os.replace(tmp, path)
+    def _upload(self, key: str, writer: str, files: Mapping[str, Path]) -> None:
+        """Upload every file into the writer's folder; on failure, try to remove what was sent."""
+        options = {} if self.local or self.part_size is None else {"chunksize": self.part_size}
+        try:
+            for name, p in files.items():
+                dest = self._path(key, writer, name)
+                if self.local:
+                    self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+                self._retry(
+                    f"upload of {key}/{writer}/{name}",
+                    functools.partial(self.fs.put_file, str(p), dest, **options),
+                )
+        except BaseException:
+            self._remove(key, writer)
+            raise
+
+    def _readable_manifest(self, key: str) -> dict | None:
+        try:
+            return self.manifest(key)
+        except CorruptArtifact:
+            return None
+
+    def _remove(self, key: str, writer: str) -> None:
+        """Remove one writer's data folder, best effort: an orphan folder is never read."""
+        try:
+            self.fs.rm(self._path(key, writer), recursive=True)
+        except Exception as exc:
+            log.debug("could not remove %s/%s: %s", key, writer, redact(str(exc), self._options))
+
+    def _remember(self, src: Path, ref: ArtifactRef) -> None:
+        """Keep a copy of a remote artifact just written in the cache: this machine has it."""
+        if self.local or (self.cache_dir / ref.hash).exists():
+            return
+        tmp = Path(tempfile.mkdtemp(dir=_ensure(self.cache_dir), prefix=".part-"))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            _publish(tmp, self.cache_dir / ref.hash)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_atomic(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` in one step unless it exists; False if it did.
+
+        Local: a hard link of a complete temporary file. S3: a PUT with If-None-Match.
+        """
+        try:
+            if self.local:
+                tmp = self._local_tmp(path, data)
+                try:
+                    os.link(tmp, path)
+                finally:
+                    os.unlink(tmp)
+            else:
+                self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def _overwrite(self, path: str, data: bytes) -> None:
+        """Replace ``path`` with ``data`` in one step."""
+        if self.local:
+            os.replace(self._local_tmp(path, data), path)
         else:
-            self.fs.pipe(path, data)
+            self.fs.pipe_file(path, data)
+
+    def _local_tmp(self, path: str, data: bytes) -> str:
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe(tmp, data)
+        return tmp
 
     def cached(
         self,
@@ -298,6 +519,12 @@ def _protocols(fs) -> tuple[str, ...]:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished cache folder into place; another process may have done so first."""
+    with contextlib.suppress(OSError):
+        tmp.rename(target)
 
 
 def code_version(*modules) -> str:

@@ -15,6 +15,8 @@ from pydantic import BaseModel
 
 from .config import Thresholds
 
+# Exact-match rates are ratios k/n: compare with a tolerance so "at the threshold" is exact.
+EPS = 1e-9
 REGIMES = (
     "reversible",
     "irreversible",
@@ -45,16 +47,16 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
     """The regime and the quantities and reasons behind it."""
     e, t = evidence, thresholds
     forget_drop = e.forget_original - e.forget_unlearned
-    forgotten = e.forget_original > 0 and forget_drop >= t.forgotten * e.forget_original
+    forgotten = e.forget_original > 0 and forget_drop >= t.forgotten * e.forget_original - EPS
     retain_drop = (
         (e.retain_original - e.retain_unlearned) / e.retain_original if e.retain_original else 0.0
     )
-    catastrophic = retain_drop > t.catastrophic
-    restored = e.forget_relearned >= t.reversible * e.forget_original
+    catastrophic = retain_drop > t.catastrophic + EPS
+    restored = e.forget_relearned >= t.reversible * e.forget_original - EPS
     advantage = _difference(e.forget_relearned, e.control_relearned)
     heldout_advantage = _difference(e.heldout_relearned, e.control_heldout)
     beyond_control = any(
-        a is not None and a >= t.control_margin for a in (advantage, heldout_advantage)
+        a is not None and a >= t.control_margin - EPS for a in (advantage, heldout_advantage)
     )
     reversible = restored or beyond_control
     reasons = [

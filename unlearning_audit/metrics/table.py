@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from ..activations import iter_layer, layer_path, read_layer
 from .cka import CKAAccumulator
+from .fisher import fisher_summary, fisher_weighted_distance
 from .pca import pca_distance, pca_shift, pca_similarity
 from .weights import weight_change
 
@@ -66,6 +67,21 @@ def weight_rows(original, candidate) -> list[dict]:
         {"metric": "weight_change", "layer": layer, "probe_set": "", "value": value}
         for layer, value in weight_change(original, candidate).items()
     ]
+
+
+def fisher_rows(fisher0: dict, fisher: dict, original, candidate) -> list[dict]:
+    """Per layer on the forget set: the candidate's Fisher mean and quantiles, the ratio of its
+    mean to the original's, and the original-Fisher-weighted distance of the weights."""
+    summary = fisher_summary(fisher, reference=fisher0)
+    distance = fisher_weighted_distance(fisher0, candidate, original)
+    rows = []
+    for layer, entry in summary.items():
+        values = {f"fisher_{k}": v for k, v in entry.items() if k != "log10_hist"}
+        values["fisher_mean_original"] = float(fisher0[layer].double().mean())
+        values["fisher_weighted_distance"] = distance[layer]
+        rows += [{"metric": m, "layer": layer, "probe_set": "forget", "value": float(v)}
+                 for m, v in values.items()]
+    return rows
 
 
 def write(rows: list[dict], path: Path) -> None:

@@ -1,0 +1,45 @@
+"""Fisher stage (GPU): the diagonal empirical Fisher of a checkpoint on the forget set."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from safetensors.torch import load_file, save_file
+
+from tasks._stage import cached_stage, gpu_options, load_model, load_sets
+from unlearning_audit import data, runtime
+from unlearning_audit.metrics import fisher as fisher_mod
+from unlearning_audit.store import ArtifactRef, Store, code_version
+
+FISHER = "fisher.safetensors"
+
+
+def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, object]:
+    """The stored per-layer Fisher tensors, keyed by layer index."""
+    tensors = load_file(store.local_dir(ref) / FISHER)
+    return {int(name.removeprefix("layer.")): value for name, value in tensors.items()}
+
+
+@task(name="fisher", cache_policy=NO_CACHE, **gpu_options())
+def fisher(store: str, checkpoint: ArtifactRef, data_ref: ArtifactRef, probe_set: str = "forget",
+           max_rows: int = 200, batch_size: int = 16, device: str = "auto"):
+    """Per-sample-gradient diagonal Fisher of every layer, on one probe set.
+
+    ``batch_size`` only trades memory for speed; the values do not depend on it.
+    """
+
+    def build(s, out):
+        model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
+        rows = data.sample(load_sets(s, data_ref)[probe_set], max_rows)
+        dev = next(model.parameters()).device
+        batches = ({k: v.to(dev) for k, v in data.train_batch(tokenizer, chunk).items()}
+                   for chunk in data.chunks(rows, batch_size))
+        values = fisher_mod.fisher_diagonal(model, batches)
+        save_file({f"layer.{layer}": v.contiguous() for layer, v in values.items()}, out / FISHER)
+        return {"probe_set": probe_set, "rows": len(rows)}
+
+    return cached_stage(
+        store, "fisher", {"checkpoint": checkpoint, "data": data_ref},
+        {"probe_set": probe_set, "max_rows": max_rows},
+        code_version(fisher_mod, data), build,
+    )

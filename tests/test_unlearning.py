@@ -1,0 +1,166 @@
+"""The six unlearning losses against hand-computed values, their masks, RLabel, relearning."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from unlearning_audit import relearning, unlearning
+from unlearning_audit.config import METHODS, RelearnConfig, UnlearnConfig
+
+VOCAB = 6
+
+
+class Bigram(torch.nn.Module):
+    """A toy causal LM: the logits at position t are a row of W picked by token t."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.W = torch.nn.Parameter(
+            torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(seed))
+        )
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.W[input_ids])
+
+
+# Two sequences: prompt tokens, then answer tokens (labels), the second right-padded with 0.
+# Tokens 0 (pad) and 1 (last answer token of row 2; first prompt token of row 1) only ever
+# predict positions whose label is -100.
+IDS = torch.tensor([[1, 2, 3, 4, 3], [2, 5, 1, 0, 0]])
+LABELS = torch.tensor([[-100, -100, 3, 4, 3], [-100, 5, 1, -100, -100]])
+MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+WIDTH = IDS.shape[1]
+BATCH = {"input_ids": IDS, "attention_mask": MASK, "labels": LABELS}
+
+
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+    return row - math.log(np.exp(row).sum())
+
+
+def _answer_logps(W: np.ndarray) -> list[list[float]]:
+    """log p(answer token | previous token) for each answer token, by hand."""
+    out = []
+    for ids, labels in zip(IDS.tolist(), LABELS.tolist(), strict=True):
+        out.append(
+            [_log_softmax(W[ids[t - 1]])[labels[t]] for t in range(1, WIDTH) if labels[t] != -100]
+        )
+    return out
+
+
+def _w(model) -> np.ndarray:
+    return model.W.detach().double().numpy()
+
+
+def _loss(method: str, **kw) -> float:
+    model, ref = Bigram(0), Bigram(1)
+    config = UnlearnConfig(method=method, **kw)
+    batch = {"forget": BATCH, "retain": BATCH}
+    return unlearning.method_loss(config)(model, ref, batch).item()
+
+
+def test_ga_is_minus_mean_answer_token_nll():
+    logps = _answer_logps(_w(Bigram(0)))
+    expected = sum(sum(s) for s in logps) / sum(map(len, logps))  # -NLL
+    assert _loss("GA") == pytest.approx(expected, rel=1e-5)
+
+
+def test_ga_gd_adds_weighted_retain_nll():
+    logps = _answer_logps(_w(Bigram(0)))
+    mean = sum(sum(s) for s in logps) / sum(map(len, logps))
+    assert _loss("GA+GD", retain_weight=0.5) == pytest.approx(mean - 0.5 * mean, rel=1e-5)
+
+
+def test_npo_matches_its_formula_on_sequence_likelihoods():
+    beta = 0.7
+    lp = [sum(s) for s in _answer_logps(_w(Bigram(0)))]
+    lp0 = [sum(s) for s in _answer_logps(_w(Bigram(1)))]
+    expected = np.mean(
+        [(2 / beta) * math.log(1 + math.exp(beta * (a - b))) for a, b in zip(lp, lp0, strict=True)]
+    )
+    assert _loss("NPO", beta=beta) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_term_is_kl_of_reference_to_model_on_answer_positions():
+    W, W0 = _w(Bigram(0)), _w(Bigram(1))
+    kls = []
+    for ids, labels in zip(IDS.tolist(), LABELS.tolist(), strict=True):
+        for t in range(1, WIDTH):
+            if labels[t] != -100:
+                p0, q = _log_softmax(W0[ids[t - 1]]), _log_softmax(W[ids[t - 1]])
+                kls.append(float((np.exp(p0) * (p0 - q)).sum()))
+    logps = _answer_logps(W)
+    ga = sum(sum(s) for s in logps) / sum(map(len, logps))
+    assert _loss("GA+KL") == pytest.approx(ga + np.mean(kls), rel=1e-5)
+    lp = [sum(s) for s in logps]
+    lp0 = [sum(s) for s in _answer_logps(W0)]
+    npo = np.mean(
+        [20 * math.log(1 + math.exp(0.1 * (a - b))) for a, b in zip(lp, lp0, strict=True)]
+    )
+    assert _loss("NPO+KL", retain_weight=2.0) == pytest.approx(npo + 2 * np.mean(kls), rel=1e-5)
+
+
+def test_rlabel_is_plain_nll_of_its_batch():
+    logps = _answer_logps(_w(Bigram(0)))
+    assert _loss("RLabel") == pytest.approx(-sum(sum(s) for s in logps) / 5, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prompt_and_pad_positions_do_not_change_the_loss(method):
+    """Logits that only feed prompt or pad predictions leave every loss unchanged."""
+    base = _loss(method)
+    model, ref = Bigram(0), Bigram(1)
+    with torch.no_grad():
+        for W, shift in ((model.W, 5.0), (ref.W, -3.0)):
+            W[0] += shift
+            W[1] += torch.arange(VOCAB) * shift
+    batch = {"forget": BATCH, "retain": BATCH}
+    changed = unlearning.method_loss(UnlearnConfig(method=method))(model, ref, batch).item()
+    assert changed == pytest.approx(base, rel=1e-6)
+
+
+def test_rlabel_answers_differ_from_the_true_ones():
+    rows = [
+        {"question": f"q{i}", "answer": a, "attribute": attr}
+        for i, (a, attr) in enumerate(
+            [
+                ("Oslo", "city"),
+                ("Lima", "city"),
+                ("Riga", "city"),
+                ("poetry", "genre"),
+                ("drama", "genre"),
+            ]
+        )
+    ]
+    relabelled = unlearning.relabel(rows, seed=0)
+    for before, after in zip(rows, relabelled, strict=True):
+        assert after["answer"] != before["answer"]
+        same_attribute = {r["answer"] for r in rows if r["attribute"] == before["attribute"]}
+        assert after["answer"] in same_attribute
+    assert relabelled == unlearning.relabel(rows, seed=0)
+    with pytest.raises(ValueError, match="two distinct answers"):
+        unlearning.relabel([{"question": "q", "answer": "a"}], seed=0)
+
+
+def test_relearning_budget_is_counted_in_examples():
+    assert relearning.budget_steps(n_forget=60, budget=1.0, batch_size=8) == 8  # 64 >= 60
+    assert relearning.budget_steps(n_forget=60, budget=0.5, batch_size=10) == 3
+    assert relearning.budget_steps(n_forget=3, budget=1.0, batch_size=8) == 1
+    assert relearning.curve_steps(8) == [0, 1, 2, 4, 8]
+    assert relearning.curve_steps(6) == [0, 1, 2, 4, 6]
+
+
+def test_invalid_unlearning_configs_list_every_problem():
+    with pytest.raises(ValidationError) as info:
+        UnlearnConfig(method="gradient-magic", lr=-1.0, steps=0)
+    fields = {e["loc"][0] for e in info.value.errors()}
+    assert fields == {"method", "lr", "steps"}
+    assert "known methods" in str(info.value)
+    assert UnlearnConfig(method="npo_kl").method == "NPO+KL"
+    with pytest.raises(ValidationError, match="must include 'forget'"):
+        RelearnConfig(sources=["retain"])

@@ -1,0 +1,235 @@
+"""A local Prefect stack: server, work pools, deployments and process workers.
+
+`unlearning-audit server` runs it until Ctrl-C; the deployment tests start the same stack. The
+server, the deployer and the workers are `prefect` commands run as child processes, each in its
+own process group so that stopping the stack also stops the flow runs its workers started; the
+pools are made with Prefect's client, imported inside the function that needs it, so importing
+this module never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+POOLS = ("gpu", "cpu")
+# Defaults that the caller's environment may override: no telemetry, and workers and waiting
+# audits that notice a new stage run within a second or two (the API is local).
+DEFAULT_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_WORKER_QUERY_SECONDS": "2",
+    "UNLEARNING_AUDIT_DISPATCH_POLL": "1",
+}
+
+
+def _prefect() -> str:
+    """The `prefect` command of this interpreter's environment."""
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+@dataclass
+class LocalStack:
+    """A Prefect server on ``host:port`` with the `gpu` and `cpu` pools, deployments, workers.
+
+    ``gpus`` GPU workers (one per GPU, each pinned with CUDA_VISIBLE_DEVICES and taking one run
+    at a time) serve the `gpu` pool, whose concurrency limit is ``gpus`` too; with no GPU, one
+    worker runs the GPU stages on the CPU; ``gpus`` defaults to the GPUs torch sees. ``env`` is
+    added to every process's environment; ``home`` is PREFECT_HOME (the SQLite database, results
+    and logs), default Prefect's own.
+    """
+
+    port: int = 4200
+    host: str = "127.0.0.1"
+    gpus: int | None = None
+    home: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    logs: Path = field(init=False)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if self.gpus is None:
+            import torch
+
+            self.gpus = torch.cuda.device_count()
+        home = self.home or Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+        self.logs = home / "unlearning-audit-logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def api_url(self) -> str:
+        """The server's API URL, what PREFECT_API_URL must name."""
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        """The Prefect UI."""
+        return f"http://{self.host}:{self.port}"
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        """The environment of every process of the stack."""
+        home = {"PREFECT_HOME": str(self.home)} if self.home else {}
+        api = {"PREFECT_API_URL": self.api_url}
+        return {**DEFAULT_ENV, **os.environ, **home, **api, **self.env, **extra}
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 180) -> None:
+        """Server, pools, deployments, then workers; each step checked before the next."""
+        self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
+        self.wait_healthy(timeout)
+        self.create_pools()
+        self.deploy()
+        self.start_workers()
+
+    def _spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "wb") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [_prefect(), *args],
+                cwd=REPO,
+                env=self.environ(**env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes[name] = proc
+        return proc
+
+    def log_tail(self, name: str, chars: int = 4000) -> str:
+        """The end of a process's log, for error messages."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Block until the API answers its health check; raise if the server exits or hangs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes["server"].poll() is not None:
+                raise RuntimeError(f"prefect server exited:\n{self.log_tail('server')}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"prefect server not healthy after {timeout:.0f}s")
+
+    def create_pools(self) -> None:
+        """The `gpu` and `cpu` process pools; `gpu` limited to max(gpus, 1) runs at once."""
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+        from prefect.exceptions import ObjectAlreadyExists
+        from prefect.workers.process import ProcessWorker
+
+        template = ProcessWorker.get_default_base_job_template()
+        limits = {"gpu": max(self.gpus, 1), "cpu": None}
+        with SyncPrefectClient(self.api_url) as client:
+            for name in POOLS:
+                try:
+                    client.create_work_pool(
+                        WorkPoolCreate(
+                            name=name,
+                            type="process",
+                            base_job_template=template,
+                            concurrency_limit=limits[name],
+                        )
+                    )
+                except ObjectAlreadyExists:
+                    client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limits[name]))
+
+    def deploy(self) -> None:
+        """Register every deployment of deployments/prefect.yaml (from the repository root)."""
+        command = [
+            _prefect(),
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            str(PREFECT_YAML),
+        ]
+        done = subprocess.run(
+            command, cwd=REPO, env=self.environ(), capture_output=True, text=True, check=False
+        )
+        (self.logs / "deploy.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"prefect deploy failed:\n{(done.stdout + done.stderr)[-4000:]}")
+
+    def start_workers(self) -> None:
+        """One `cpu` worker, and a `gpu` worker per GPU (one on a machine without GPUs)."""
+        self._spawn("worker-cpu", "worker", "start", "--pool", "cpu", "--name", "cpu")
+        for index in range(max(self.gpus, 1)):
+            pin = {"CUDA_VISIBLE_DEVICES": str(index)} if self.gpus else {}
+            name = f"gpu-{index}"
+            self._spawn(
+                f"worker-{name}",
+                *("worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"),
+                **pin,
+            )
+
+    def running(self) -> bool:
+        """Whether every process of the stack is still alive."""
+        return all(proc.poll() is None for proc in self.processes.values())
+
+    def stop(self, grace: float = 15) -> None:
+        """Stop the workers, then the server: SIGINT, then SIGTERM, then SIGKILL, each with a
+        grace period; the last two go to the whole process group (flow runs included)."""
+        for name in sorted(self.processes, key=lambda n: n == "server"):
+            proc = self.processes.pop(name)
+            for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+                if proc.poll() is not None:
+                    break
+                try:
+                    if sig == signal.SIGINT:
+                        proc.send_signal(sig)
+                    else:
+                        os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(wait)
+                except subprocess.TimeoutExpired:
+                    continue
+            _end_group(proc.pid)
+
+
+def _end_group(pgid: int) -> None:
+    """Kill what is left of a stopped child's process group (e.g. a flow run it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(stack: LocalStack) -> None:
+    """Run ``stack`` in the foreground until Ctrl-C (or SIGTERM), or until a process of it dies."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    with stack:
+        print(f"Prefect UI: {stack.ui_url}  (API {stack.api_url}; logs in {stack.logs})")
+        print("work pools: gpu, cpu; deployments from deployments/prefect.yaml. Ctrl-C stops.")
+        try:
+            while stack.running():
+                time.sleep(1)
+            print("a process of the stack stopped; see its log", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("stopping ...")
