@@ -15,6 +15,7 @@ from tasks.evaluate import evaluate
 from tasks.extract import extract
 from tasks.fisher import fisher
 from tasks.metrics import metrics
+from tasks.probe import probe
 from tasks.relearn import relearn
 from tasks.report import publish, report
 from tasks.unlearn import unlearn
@@ -28,17 +29,22 @@ from unlearning_audit.store import ArtifactRef
 DEFAULT_PARAMS = AuditParams()
 
 
+def _fetch(store: str, params: AuditParams, spec: str) -> ArtifactRef:
+    """A checkpoint of the audit, fetched with its trust settings."""
+    return fetch_checkpoint(
+        store,
+        spec,
+        params.embedded,
+        allow_pickle=params.allow_pickle,
+        trust_remote_code=params.trust_remote_code,
+    )
+
+
 def _control(store: str, params: AuditParams) -> ArtifactRef | None:
     if params.no_control:
         return None
     if params.control is not None:
-        return fetch_checkpoint(
-            store,
-            params.control,
-            params.embedded,
-            allow_pickle=params.allow_pickle,
-            trust_remote_code=params.trust_remote_code,
-        )
+        return _fetch(store, params, params.control)
     if params.original == "embedded":
         return fetch_checkpoint(store, "embedded", params.embedded, control=True)
     return None
@@ -71,6 +77,15 @@ def audit_run(
         name: extract(store, ref, data_ref, params.layers, rows, dev)
         for name, ref in (("unlearned", unlearned), ("relearned", relearned["forget"]))
     }
+    quantized = {
+        str(bits): evaluate(store, unlearned, data_ref, rows, dev, bits=bits)
+        for bits in params.quantization_bits
+    }
+    probed = (
+        probe(store, data_ref, unlearned, {"original": original["acts"], **acts}, rows, params.seed)
+        if params.probes
+        else None
+    )
     return {
         **{k: candidate[k] for k in ("label", "method", "lr")},
         "relearned": relearned,
@@ -88,8 +103,17 @@ def audit_run(
         "metrics_relearned": metrics(
             store, original["checkpoint"], relearned["forget"], original["acts"], acts["relearned"]
         ),
+        "quantized": quantized,
+        "probes": probed,
         "verdict": verdict(
-            store, original["eval"], unlearned_eval, relearned, control_runs, params.thresholds
+            store,
+            original["eval"],
+            unlearned_eval,
+            relearned,
+            control_runs,
+            params.thresholds,
+            quantized,
+            probed,
         ),
     }
 
@@ -99,13 +123,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?"""
     store = preflight(params)
     data_ref = prepare_data(store, params.data, params.embedded)
-    checkpoint = fetch_checkpoint(
-        store,
-        params.original,
-        params.embedded,
-        allow_pickle=params.allow_pickle,
-        trust_remote_code=params.trust_remote_code,
-    )
+    checkpoint = _fetch(store, params, params.original)
     rows, dev = params.data.eval_max_rows, params.device
     original = {
         "checkpoint": checkpoint,
@@ -116,13 +134,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     control = _control(store, params)
     control_runs = _relearn_all(store, params, control, data_ref) if control else {}
     if params.unlearned is not None:
-        given = fetch_checkpoint(
-            store,
-            params.unlearned,
-            params.embedded,
-            allow_pickle=params.allow_pickle,
-            trust_remote_code=params.trust_remote_code,
-        )
+        given = _fetch(store, params, params.unlearned)
         candidates = [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]
     else:
         candidates = [

@@ -8,22 +8,26 @@ from prefect.cache_policies import NO_CACHE
 from flows.audit import audit_checkpoint
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.report import publish
+from unlearning_audit import plots
 from unlearning_audit import report as report_mod
 from unlearning_audit.config import StudyParams
 from unlearning_audit.store import code_version, default_store_url
 
-STUDY, TABLE = "study.md", "study.json"
+STUDY, TABLE, HTML = "study.md", "study.json", "study.html"
 
 
 @task(name="study-report", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def study_report(store: str, rows: list[dict], params: StudyParams):
-    """Store the study table as Markdown and JSON."""
+    """Store the study table as Markdown and JSON, and the HTML study report."""
 
     def build(_, out):
-        (out / STUDY).write_text(report_mod.study_markdown(rows, params.thresholds.model_dump()))
+        thresholds = params.thresholds.model_dump()
+        (out / STUDY).write_text(report_mod.study_markdown(rows, thresholds))
+        (out / HTML).write_text(report_mod.study_html(rows, thresholds))
         write_json(out / TABLE, rows)
 
-    return cached_stage(store, "study", {"rows": rows}, params, code_version(report_mod), build)
+    version = code_version(report_mod, plots)
+    return cached_stage(store, "study", {"rows": rows}, params, version, build)
 
 
 @flow(name="study")
@@ -36,4 +40,4 @@ def study(params: StudyParams | None = None) -> dict:
         result = audit_checkpoint(params.audit(domain))
         rows += [{**row, "domain": domain} for row in result["rows"]]
     ref = study_report(store, rows, params)
-    return publish(store, ref, TABLE, STUDY, key="study")
+    return publish(store, ref, TABLE, STUDY, key="study", html_file=HTML)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import fsspec
 from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -27,7 +26,7 @@ from prefect.client.schemas.filters import (
 from prefect.deployments import run_deployment
 
 from unlearning_audit.config import AuditParams
-from unlearning_audit.store import digest
+from unlearning_audit.store import digest, filesystem
 
 DEFAULT_PARAMS = AuditParams()
 CONFIG = "config.json"
@@ -66,7 +65,7 @@ def _local(folder: Path) -> list[Checkpoint]:
 
 
 def _remote(url: str) -> list[Checkpoint]:
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     protocol = url.split("://", 1)[0]
     found = []
     for entry in fs.ls(root, detail=True):
@@ -93,6 +92,17 @@ def audit_key(checkpoint: Checkpoint, role: str, params: AuditParams) -> str:
     return f"watch-{digest(what)[:32]}"
 
 
+def _audited(client, deployment_id, keys: list[str]) -> set[str]:
+    """Which of ``keys`` already name a run of the deployment."""
+    if not keys:
+        return set()
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=keys)),
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+    )
+    return {run.idempotency_key for run in runs}
+
+
 @flow(name="watch")
 def watch(
     source: str,
@@ -109,28 +119,21 @@ def watch(
     found = {audit_key(c, role, params): c for c in list_checkpoints(source)}
     with get_client(sync_client=True) as client:
         deployment_id = client.read_deployment_by_name(deployment).id
-        audited = {
-            run.idempotency_key
-            for run in client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    idempotency_key=FlowRunFilterIdempotencyKey(any_=list(found))
-                ),
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-            )
-        }
+        audited = _audited(client, deployment_id, list(found))
     started = []
     for key, checkpoint in found.items():
-        if key in audited:
+        if key in audited:  # the key alone would make it the same run; this saves the call
             continue
+        spec = checkpoint.spec
         run = run_deployment(
             deployment_id,
-            parameters={"params": params.model_copy(update={role: checkpoint.spec}).model_dump()},
+            parameters={"params": params.model_copy(update={role: spec}).model_dump(mode="json")},
             idempotency_key=key,
             timeout=0,
             as_subflow=False,
         )
-        logger.info("%s: audit %s started", checkpoint.spec, run.name)
-        started.append({"checkpoint": checkpoint.spec, "flow_run": str(run.id), "key": key})
+        logger.info("%s: audit %s started", spec, run.name)
+        started.append({"checkpoint": spec, "flow_run": str(run.id), "key": key})
     logger.info(
         "%s: %d checkpoints, %d audited before, %d audits started",
         source,

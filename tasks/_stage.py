@@ -11,6 +11,7 @@ leaves the calling process and a retried flow resumes at the first stage not yet
 from __future__ import annotations
 
 import fcntl
+import functools
 import gc
 import json
 import os
@@ -18,10 +19,11 @@ import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import torch
-from prefect import get_run_logger
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect import get_client, get_run_logger
+from prefect.context import TaskRunContext
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
@@ -169,12 +171,12 @@ def _release_memory(out: Path) -> None:
 
 
 def inject_fault(name: str) -> None:
-    """Test-only: fail this stage if the fault file plans it.
+    """Test-only: fail this build of stage ``name`` if the fault file plans it.
 
-    $UNLEARNING_AUDIT_FAULTS names a JSON file such as ``{"unlearn": {"times": 1, "kind": "oom"}}``:
-    the next ``times`` builds of that stage raise (a RuntimeError, or with kind "oom" a
-    torch.cuda.OutOfMemoryError), each one counted down in the file under a lock, so a fault
-    fires once across processes and retries.
+    $UNLEARNING_AUDIT_FAULTS names a JSON file of planned faults per stage (task name), e.g.
+    ``{"relearn": ["oom", "error"]}``: each build of that stage takes the first one left, "oom"
+    raising torch.cuda.OutOfMemoryError and "error" a RuntimeError. The file is rewritten under a
+    lock, so each planned fault fires once across processes, retries and reruns.
     """
     path = os.environ.get(FAULTS_ENV)
     if not path:
@@ -182,14 +184,13 @@ def inject_fault(name: str) -> None:
     with open(path, "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         plan = json.loads(f.read() or "{}")
-        fault = plan.get(name)
-        if not fault or fault.get("times", 0) <= 0:
+        if not plan.get(name):
             return
-        fault["times"] -= 1
+        kind = plan[name].pop(0)
         f.seek(0)
         f.truncate()
         f.write(json.dumps(plan))
-    if fault.get("kind") == "oom":
+    if kind == "oom":
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected into {name})")
     raise RuntimeError(f"injected failure of {name}")
 
@@ -199,14 +200,24 @@ def inject_fault(name: str) -> None:
 
 def _remote_pool() -> str | None:
     """The work pool this task must run on, when deployed and not already running there."""
-    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    task_ctx = TaskRunContext.get()
     if os.environ.get(DISPATCH_ENV) != "deployed" or task_ctx is None:
         return None
     if not task_ctx.task.fn.__module__.startswith("tasks."):
         return None  # only the stage tasks of this package can be resolved by the stage flow
     pool = "gpu" if "gpu" in task_ctx.task.tags else "cpu"
-    here = flow_ctx.flow_run.work_pool_name if flow_ctx and flow_ctx.flow_run else None
-    return None if pool == here else pool
+    return None if pool == _process_pool() else pool
+
+
+@functools.cache
+def _process_pool() -> str | None:
+    """The work pool of the flow run a worker started this process for (also in its subflows:
+    a study's audits run where the study runs); None outside a worker."""
+    flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if not flow_run_id:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(UUID(flow_run_id)).work_pool_name
 
 
 def _run_on_pool(pool: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks._progress import StageProgress
 from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
 from unlearning_audit import activations, data, layers, runtime
 from unlearning_audit.store import ArtifactRef, code_version
@@ -28,7 +29,10 @@ def extract(
         model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
         sets = load_sets(s, data_ref)
         chosen = {name: data.sample(sets[name], max_rows) for name in PROBE_SETS}
-        summary = activations.extract(model, tokenizer, chosen, out, layer_indices)
+        with StageProgress("extract activations") as progress:
+            summary = activations.extract(
+                model, tokenizer, chosen, out, layer_indices, progress=progress
+            )
         write_json(out / SUMMARY, summary)
         return summary
 

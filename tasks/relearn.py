@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks._progress import StageProgress
 from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
 from unlearning_audit import checkpoints, data, evaluation, relearning, runtime, training
 from unlearning_audit.config import RelearnConfig, RelearnSource
@@ -28,7 +29,9 @@ def relearn(
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, its batch halved after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
-        log = relearning.relearn(model, tokenizer, load_sets(s, data_ref), source, cfg, seed)
+        sets = load_sets(s, data_ref)
+        with StageProgress(f"relearn from {source}") as progress:
+            log = relearning.relearn(model, tokenizer, sets, source, cfg, seed, progress)
         checkpoints.save(model, tokenizer, out)
         write_json(out / CURVE, log)
         return {"source": source, "steps": log["steps"]}

@@ -1,21 +1,29 @@
-"""Report stage (CPU): the Markdown report and summary rows, from stored tables only; and the
-Prefect artifacts that show them in the UI."""
+"""Report stage (CPU): the Markdown and HTML reports and summary rows, from stored tables only;
+and the Prefect artifacts that show them in the UI."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from pydantic_core import to_jsonable_python
 
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.metrics import TABLE
 from tasks.relearn import CURVE
 from tasks.verdict import VERDICT
+from unlearning_audit import plots
 from unlearning_audit import report as report_mod
 from unlearning_audit.metrics import table
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
-REPORT, SUMMARY = "report.md", "summary.json"
+REPORT, HTML, SUMMARY = report_mod.REPORT_MD, report_mod.REPORT_HTML, "summary.json"
 
 
 def load_run(store: Store, run: dict) -> dict:
@@ -35,18 +43,39 @@ def load_run(store: Store, run: dict) -> dict:
 
 @task(name="report", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def report(store: str, audit: dict, runs: list[dict], control: dict[str, ArtifactRef]):
-    """Write report.md and summary.json for the audit."""
+    """Write report.md, report.html and summary.json for the audit, and the report inputs
+    (report-inputs.json: what the reports were made from, and the references it was read by)
+    that `unlearning-audit report` rebuilds them from."""
 
     def build(s, out):
-        loaded = [load_run(s, run) for run in runs]
         curves = {src: s.read_json(ref, CURVE)["curve"] for src, ref in control.items()}
-        (out / REPORT).write_text(report_mod.markdown({**audit, "control_curves": curves}, loaded))
-        write_json(out / SUMMARY, [report_mod.summary_row(r) for r in loaded])
+        inputs = {
+            "audit": {**audit, "control_curves": curves},
+            "runs": [load_run(s, run) for run in runs],
+            "references": to_jsonable_python({"runs": runs, "control": control}),
+        }
+        write_json(out / report_mod.INPUTS, inputs)
+        for name, text in report_mod.render(inputs).items():
+            (out / name).write_text(text)
+        write_json(out / SUMMARY, [report_mod.summary_row(r) for r in inputs["runs"]])
         return {"name": audit["name"], "original": audit["original"]}
 
     return cached_stage(
-        store, "report", {"runs": runs, "control": control}, audit, code_version(report_mod), build
+        store,
+        "report",
+        {"runs": runs, "control": control},
+        audit,
+        code_version(report_mod, plots),
+        build,
     )
+
+
+def stored_file(store: Store, ref: ArtifactRef, name: str) -> str:
+    """Where one file of a stored artifact is: a local path, or the store's URL of it."""
+    data = store.manifest(ref.key)["data"]
+    if store.local:
+        return str(Path(store.root, ref.key, data, name).resolve())
+    return f"{store.url.rstrip('/')}/{ref.key}/{data}/{name}"
 
 
 @task(name="publish", cache_policy=NO_CACHE, **CPU_OPTIONS)
@@ -56,17 +85,25 @@ def publish(
     table_file: str = SUMMARY,
     report_file: str = REPORT,
     key: str = "audit",
+    html_file: str = HTML,
 ) -> dict:
-    """Show a stored report in Prefect (a table artifact and the Markdown); return its rows and
-    where the report is."""
+    """Show a stored report in Prefect: a table artifact of its rows, the Markdown, and a link
+    to the HTML report; return its rows and where the reports are."""
     s = Store(store)
     rows = s.read_json(report_ref, table_file)
-    manifest = s.manifest(report_ref.key)
-    location = f"{s.url.rstrip('/')}/{report_ref.key}/{manifest['data']}/{report_file}"
+    location = stored_file(s, report_ref, report_file)
+    html_location = stored_file(s, report_ref, html_file)
+    link = Path(html_location).as_uri() if s.local else html_location
     create_table_artifact(rows, key=f"{key}-verdict", description=f"Report at {location}")
     create_markdown_artifact(
         s.read_bytes(report_ref, report_file).decode(),
         key=f"{key}-report",
         description=f"Full report, stored at {location}",
     )
-    return {"rows": rows, "report_file": location}
+    create_link_artifact(
+        link,
+        link_text="HTML report (figures)",
+        key=f"{key}-html",
+        description=f"Self-contained HTML report with figures, stored at {html_location}",
+    )
+    return {"rows": rows, "report_file": location, "html_file": html_location}

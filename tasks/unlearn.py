@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks._progress import StageProgress
 from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
 from unlearning_audit import checkpoints, data, evaluation, runtime, training, unlearning
 from unlearning_audit.config import UnlearnConfig
@@ -24,7 +25,8 @@ def unlearn(
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, its batch halved after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
-        log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), cfg, seed)
+        with StageProgress(f"unlearn {cfg.label}") as progress:
+            log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), cfg, seed, progress)
         checkpoints.save(model, tokenizer, out)
         write_json(out / "unlearn.json", log)
         return {"steps": log["steps"], "stopped_early": log["stopped_early"]}

@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.evaluate import SCORES
+from tasks.probe import PROBES
 from tasks.relearn import CURVE
 from unlearning_audit import verdict as verdict_mod
 from unlearning_audit.config import Thresholds
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 VERDICT = "verdict.json"
+
+
+def best_probe(rows: list[dict]) -> dict[str, float | int]:
+    """The layer where a probe decodes forget answers from the unlearned model furthest above
+    its measured chance, with the original model's probe accuracy at that layer."""
+    value = {(r["model"], r["layer"], r["metric"]): r["value"] for r in rows}
+    layers = sorted({r["layer"] for r in rows if r["model"] == "unlearned"})
+    gap = {
+        layer: value[("unlearned", layer, "probe_forget")]
+        - value[("unlearned", layer, "probe_chance")]
+        for layer in layers
+    }
+    gap = {layer: g for layer, g in gap.items() if g == g}  # drop NaN layers
+    if not gap:
+        return {}
+    layer = max(gap, key=gap.get)
+    return {
+        "probe_layer": layer,
+        "probe_forget_unlearned": value[("unlearned", layer, "probe_forget")],
+        "probe_chance": value[("unlearned", layer, "probe_chance")],
+        "probe_forget_original": value[("original", layer, "probe_forget")],
+    }
 
 
 def final(store: Store, relearn_ref: ArtifactRef | None, probe: str) -> float | None:
@@ -30,8 +54,11 @@ def verdict(
     relearned: dict[str, ArtifactRef],
     control: dict[str, ArtifactRef],
     thresholds: Thresholds,
+    quantized: dict[str, ArtifactRef] | None = None,
+    probes: ArtifactRef | None = None,
 ):
-    """Decide the regime; ``relearned`` and ``control`` map relearning source to its run."""
+    """Decide the regime; ``relearned`` and ``control`` map relearning source to its run;
+    ``quantized`` (bits -> evaluation) and ``probes`` add the other recovery attacks' evidence."""
 
     def build(s, out):
         e0, eu = s.read_json(original_eval, SCORES), s.read_json(unlearned_eval, SCORES)
@@ -44,6 +71,11 @@ def verdict(
             heldout_relearned=final(s, relearned.get("forget-half"), "forget_b"),
             control_relearned=final(s, control.get("forget"), "forget"),
             control_heldout=final(s, control.get("forget-half"), "forget_b"),
+            forget_quantized={
+                bits: s.read_json(ref, SCORES)["forget"]["exact_match"]
+                for bits, ref in (quantized or {}).items()
+            },
+            **(best_probe(pq.read_table(s.open(probes, PROBES)).to_pylist()) if probes else {}),
         )
         decision = verdict_mod.decide(evidence, thresholds)
         write_json(out / VERDICT, decision)
@@ -57,6 +89,8 @@ def verdict(
             "unlearned_eval": unlearned_eval,
             "relearned": relearned,
             "control": control,
+            "quantized": quantized,
+            "probes": probes,
         },
         thresholds,
         code_version(verdict_mod),

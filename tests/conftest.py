@@ -48,3 +48,24 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    """The tiny embedded model, pretrained once per session to the targets on its forget set.
+
+    Returns (model, tokenizer, facts, forget groups); tests copy the model before changing it.
+    """
+    from unlearning_audit import corpus, embedded, runtime
+
+    runtime.setup(tiny.seed, "cpu")
+    facts = corpus.generate(
+        tiny.seed, {"text": tiny.authors, "code": tiny.functions, "math": tiny.operands}
+    )
+    forget = set(corpus.forget_groups(facts, "text", tiny.forget_fraction, tiny.seed))
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+    target = [{"question": f.question, "answer": f.answer} for f in facts if f.group in forget]
+    tokenizer = embedded.train_tokenizer(facts, tiny.vocab_size)
+    model = embedded.build_model(tokenizer, tiny)
+    embedded.pretrain(model, tokenizer, rows, target, tiny)
+    return model, tokenizer, facts, forget

@@ -17,8 +17,18 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_unknown_method_and_bad_learning_rate_are_both_reported(capsys, tmp_path):
-    code, err = _run(capsys, "audit", "--original", "embedded", "--method", "forgetful",
-                     "--lr", "-0.1", "--store", str(tmp_path))
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        "embedded",
+        "--method",
+        "forgetful",
+        "--lr",
+        "-0.1",
+        "--store",
+        str(tmp_path),
+    )
     assert code == 2
     assert "unknown method 'forgetful'" in err and "GA+GD" in err
     assert "methods.0.lr" in err and "greater than 0" in err
@@ -27,8 +37,18 @@ def test_unknown_method_and_bad_learning_rate_are_both_reported(capsys, tmp_path
 
 def test_missing_checkpoint_path_is_named(capsys, tmp_path):
     missing = tmp_path / "no-such-model"
-    code, err = _run(capsys, "audit", "--original", str(missing), "--forget", "f.json",
-                     "--retain", "r.json", "--store", str(tmp_path / "store"))
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        str(missing),
+        "--forget",
+        "f.json",
+        "--retain",
+        "r.json",
+        "--store",
+        str(tmp_path / "store"),
+    )
     assert code == 2
     assert f"checkpoint path '{missing}' does not exist" in err
     assert "data.forget: file 'f.json' does not exist" in err  # every problem at once
@@ -43,8 +63,18 @@ def test_unwritable_store_is_named(capsys, tmp_path):
 
 
 def test_hub_id_without_revision_is_refused(capsys, tmp_path):
-    code, err = _run(capsys, "audit", "--original", "someorg/somemodel", "--forget", "a.json",
-                     "--retain", "b.json", "--store", str(tmp_path))
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        "someorg/somemodel",
+        "--forget",
+        "a.json",
+        "--retain",
+        "b.json",
+        "--store",
+        str(tmp_path),
+    )
     assert code == 2 and "pinned revision" in err
 
 
@@ -54,17 +84,32 @@ def test_study_validates_methods(capsys, argv):
     assert code == 2 and "unknown method 'nope'" in err
 
 
-def test_empty_and_overlapping_data_are_reported_together(capsys, tmp_path):
+@pytest.mark.parametrize(
+    ("forget", "message"),
+    [
+        ([], "the forget set is empty"),
+        (
+            [{"question": "Q1", "answer": "A"}, {"question": "Q2", "answer": "B"}],
+            "1 question(s) are in both forget and retain sets",
+        ),
+    ],
+)
+def test_empty_or_overlapping_data_is_refused(capsys, tmp_path, forget, message):
     import json
 
-    forget, retain = tmp_path / "forget.json", tmp_path / "retain.json"
-    forget.write_text(json.dumps([]))
-    retain.write_text(json.dumps([{"question": "Q1", "answer": "A"}]))
-    code, err = _run(capsys, "audit", "--original", "embedded", "--forget", str(forget),
-                     "--retain", str(retain), "--store", str(tmp_path / "s"))
-    assert code == 2 and "the forget set is empty" in err
-    forget.write_text(json.dumps([{"question": "Q1", "answer": "A"}, {"question": "Q2",
-                                                                      "answer": "B"}]))
-    code, err = _run(capsys, "audit", "--original", "embedded", "--forget", str(forget),
-                     "--retain", str(retain), "--store", str(tmp_path / "s"))
-    assert code == 2 and "1 question(s) are in both forget and retain sets" in err
+    paths = {"forget": tmp_path / "forget.json", "retain": tmp_path / "retain.json"}
+    paths["forget"].write_text(json.dumps(forget))
+    paths["retain"].write_text(json.dumps([{"question": "Q1", "answer": "A"}]))
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        "embedded",
+        "--forget",
+        str(paths["forget"]),
+        "--retain",
+        str(paths["retain"]),
+        "--store",
+        str(tmp_path / "s"),
+    )
+    assert code == 2 and message in err

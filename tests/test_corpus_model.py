@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unlearning_audit import corpus, data, embedded, runtime
+from unlearning_audit import corpus, data, embedded
 from unlearning_audit.evaluation import evaluate
 
 
@@ -54,22 +54,14 @@ def test_tokenizer_round_trips_and_masks_prompts(tiny):
     assert (short[batch["attention_mask"][1] == 0] == -100).all()  # pads carry no loss
 
 
-def test_tiny_model_learns_the_forget_set(tiny):
-    runtime.setup(tiny.seed, "cpu")
-    facts = corpus.generate(
-        tiny.seed, {"text": tiny.authors, "code": tiny.functions, "math": tiny.operands}
-    )
-    forget = set(corpus.forget_groups(facts, "text", tiny.forget_fraction, tiny.seed))
-    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+def test_tiny_model_learns_the_forget_set(tiny, tiny_model):
+    model, tok, facts, forget = tiny_model
     target = [{"question": f.question, "answer": f.answer} for f in facts if f.group in forget]
-    tok = embedded.train_tokenizer(facts, tiny.vocab_size)
-    model = embedded.build_model(tok, tiny)
-    assert evaluate(model, tok, target)["exact_match"] < 0.1
-    log = embedded.pretrain(model, tok, rows, target, tiny)
     scores = evaluate(model, tok, target)
     assert scores["exact_match"] >= tiny.target_exact_match
     assert scores["token_accuracy"] >= tiny.target_token_accuracy
-    assert log["steps"] % tiny.eval_every == 0
+    untrained = embedded.build_model(tok, tiny)
+    assert evaluate(untrained, tok, target)["exact_match"] < 0.1
 
 
 def test_pretraining_that_cannot_reach_the_targets_fails(tiny):

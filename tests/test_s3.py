@@ -252,7 +252,7 @@ def test_ls_lists_audits_and_show_prints_the_report(audit, capsys):
 
 @flow
 def _fetch(store: str, spec: str, config) -> ArtifactRef:
-    return fetch_checkpoint(store, spec, config)
+    return fetch_checkpoint(store, spec, config, return_state=True).result()
 
 
 def test_checkpoint_fetched_from_an_s3_prefix_records_its_source(audit, params, tmp_path):
@@ -297,7 +297,8 @@ def test_corrupted_object_is_detected_and_recomputed(audit, params, tmp_path, mo
 
 @flow
 def _extract(store: str, checkpoint: ArtifactRef, data_ref: ArtifactRef) -> ArtifactRef:
-    return extract.with_options(retries=0)(store, checkpoint, data_ref, None, 50, "cpu")
+    stage = extract.with_options(retries=0)
+    return stage(store, checkpoint, data_ref, None, 50, "cpu", return_state=True).result()
 
 
 def test_server_stopped_mid_parquet_upload(audit, s3, tmp_path, monkeypatch):

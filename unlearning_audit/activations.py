@@ -12,7 +12,8 @@ no dictionary), and ``row`` (plus ``token`` per token) to pair rows across model
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,12 @@ def extract(
     per_token: bool = False,
     batch_size: int = 32,
     dtype: str = "float32",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Write the activations of every probe set and layer under ``folder``; returns a summary."""
+    """Write the activations of every probe set and layer under ``folder``; returns a summary.
+
+    ``progress(batches done, batches in all)`` is called after each forward pass.
+    """
     chosen = check_layers(layers, len(decoder_blocks(model)[1]))
     dim = model.get_input_embeddings().embedding_dim
     schema = _schema(dim, dtype, per_token)
@@ -79,6 +84,7 @@ def extract(
     device = next(model.parameters()).device
     capture = _Capture(model, chosen)
     counts = {}
+    total, done = sum(math.ceil(len(rows) / batch_size) for rows in sets.values()), 0
     try:
         for name, rows in sets.items():
             writers = {}
@@ -102,6 +108,9 @@ def extract(
                     hidden = capture.outputs[layer].float()
                     writer.write_table(_table(hidden, mask, index, per_token, np_dtype, schema))
                 start += len(rows_chunk)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
             for writer in writers.values():
                 writer.close()
             counts[name] = len(rows)

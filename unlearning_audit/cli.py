@@ -63,6 +63,7 @@ def _finish(result: dict, json_path: str | None, keys: tuple[str, ...] = SUMMARY
     print()
     print(format_table(rows))
     print(f"\nreport: {result['report_file']}")
+    print(f"HTML report: {result['html_file']}")
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=2))
         print(f"rows written to {json_path}")
@@ -218,6 +219,19 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(f"\n--- {name}\n{text}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    """Rebuild an audit's report.md and report.html from the store alone (no model is loaded)."""
+    from .report import REPORT_HTML, rebuild
+
+    paths = rebuild(Store(args.store), args.key, args.out)
+    for path in paths.values():
+        print(f"wrote {path.resolve()}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(paths[REPORT_HTML].resolve().as_uri())
+
+
 def cmd_server(args: argparse.Namespace) -> None:
     """Start a local Prefect server, work pools, workers and the deployments; Ctrl-C stops all."""
     from .server import LocalStack, serve
@@ -287,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("key", metavar="KEY", help="an artifact key, e.g. report/3f2a...")
     show.add_argument("--store", help="artifact store URL (default ./audit-store)")
     show.set_defaults(func=cmd_show)
+
+    report = sub.add_parser("report", help=cmd_report.__doc__)
+    report.add_argument("key", metavar="AUDIT_KEY", help="report/<digest>, or a digest prefix")
+    report.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    report.add_argument("--out", type=Path, help="output folder (default ./reports/<digest>)")
+    report.add_argument("--open", action="store_true", help="open the HTML report in a browser")
+    report.set_defaults(func=cmd_report)
 
     server = sub.add_parser("server", help=cmd_server.__doc__)
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default 4200)")

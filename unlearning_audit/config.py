@@ -173,6 +173,21 @@ class AuditParams(_Config):
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
     layers: list[int] | None = Field(None, description="Activation layers; default all.")
     fisher: bool = Field(True, description="Compute the diagonal Fisher (a GPU stage).")
+    probes: bool = Field(True, description="Linear probes per layer as a recovery attack.")
+    quantization_bits: list[int] = Field(
+        [8, 4],
+        description="Evaluate the unlearned model after RTN quantization to these bit "
+        "widths, a recovery attack (empty: off).",
+    )
+
+    @field_validator("quantization_bits")
+    @classmethod
+    def _bit_widths(cls, value: list[int]) -> list[int]:
+        bad = [b for b in value if not 2 <= b <= 16]
+        if bad:
+            raise ValueError(f"bit widths must be between 2 and 16, got {bad}")
+        return value
+
     seed: int = Field(0, description="Seed of every stochastic stage.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights. Unsafe.")

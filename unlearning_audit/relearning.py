@@ -9,6 +9,7 @@ where any recovery must come from knowledge still in the weights; retain or unre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from . import data, training
 from .config import RelearnConfig, RelearnSource
@@ -43,10 +44,12 @@ def relearn(
     source: RelearnSource,
     config: RelearnConfig,
     seed: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Relearn ``model`` in place from ``source``; returns the recovery curve and the budget.
 
     The curve holds exact match on the forget set and on both halves at each curve step.
+    ``progress(step, steps)`` follows the training loop.
     """
     train_rows = sets[TRAIN_SET[source]]
     if not train_rows:
@@ -69,5 +72,5 @@ def relearn(
         training.to_device(data.train_batch(tokenizer, rows), device)
         for rows in data.shuffled_batches(train_rows, config.batch_size, seed)
     )
-    training.fit(model, training.mean_nll, batches, steps, config.lr, record)
+    training.fit(model, training.mean_nll, batches, steps, config.lr, record, progress=progress)
     return {"source": source, "steps": steps, "examples": steps * config.batch_size, "curve": curve}

@@ -1,9 +1,21 @@
-"""The audit report: a summary row per unlearning run and a Markdown document, built from
-stored tables alone (no model is loaded)."""
+"""The audit report: a summary row per unlearning run, a Markdown document and a self-contained
+HTML page with the figures of :mod:`plots`, built from stored tables alone (no model is loaded).
+
+The report stage stores its inputs (verdicts, metrics tables, recovery curves) beside the report
+(:data:`INPUTS`), so :func:`rebuild` remakes every file from that one artifact, even after the
+checkpoints and the relearning runs are gone from the store.
+"""
 
 from __future__ import annotations
 
+import base64
+import math
+from html import escape
+from pathlib import Path
+
+from . import plots
 from .metrics.table import mean_over_layers
+from .store import ArtifactRef, Store
 
 STUDY_KEYS_EXTRA = ("domain", "recovery_advantage")
 SUMMARY_KEYS = (
@@ -82,7 +94,6 @@ def prediction_note(runs: list[dict]) -> str:
 
 def markdown(audit: dict, runs: list[dict]) -> str:
     """The full report as Markdown."""
-    t = audit["thresholds"]
     out = [
         f"# Unlearning audit: {audit['name']}",
         "",
@@ -90,109 +101,113 @@ def markdown(audit: dict, runs: list[dict]) -> str:
     ]
     if audit.get("unlearned"):
         out.append(f"- unlearned checkpoint: `{audit['unlearned']}`")
-    out += [
-        f"- forget domain: {audit['domain']}; relearning budget: {audit['budget']:g} x "
-        f"|forget| examples; control: {audit['control'] or 'none'}",
-        "",
-        "## Verdict",
-        "",
-    ]
-    out += _table(
-        [
-            "run",
-            "forget EM orig / unl / relearned",
-            "retain EM orig / unl",
-            "held-out relearned",
-            "advantage vs control (forget / held-out)",
-            "mean CKA",
-            "regime",
-        ],
-        [
-            [
-                r["label"],
-                "{:.2f} / {:.2f} / {:.2f}".format(
-                    *(
-                        r["verdict"]["evidence"][k]
-                        for k in ("forget_original", "forget_unlearned", "forget_relearned")
-                    )
-                ),
-                "{:.2f} / {:.2f}".format(
-                    r["verdict"]["evidence"]["retain_original"],
-                    r["verdict"]["evidence"]["retain_unlearned"],
-                ),
-                r["verdict"]["evidence"]["heldout_relearned"],
-                " / ".join(
-                    _f(r["verdict"][k]) for k in ("recovery_advantage", "heldout_advantage")
-                ),
-                mean_cka(r["metrics_unlearned"]),
-                f"**{r['verdict']['regime']}**",
-            ]
-            for r in runs
-        ],
-    )
+    out += [f"- {_setup_line(audit)}", "", "## Verdict", ""]
+    header, rows = _verdict_table(runs)
+    out += _table(header, [[*row[:-1], f"**{row[-1]}**"] for row in rows])
     out += ["", "## Thresholds", ""]
-    out += _table(
-        ["threshold", "value", "meaning"],
-        [
-            ["forgotten", t["forgotten"], "share of E(p0, forget) that must be lost"],
-            [
-                "catastrophic",
-                t["catastrophic"],
-                "relative retain drop above which it is catastrophic",
-            ],
-            ["reversible", t["reversible"], "share of E(p0, forget) relearning must restore"],
-            ["control_margin", t["control_margin"], "recovery beyond the never-learned control"],
-        ],
-    )
+    out += _table(*_threshold_table(audit["thresholds"]))
     out += ["", "## Representation evidence", "", prediction_note(runs), ""]
     for r in runs:
         out += [f"### {r['label']}", "", *(f"- {reason}" for reason in r["verdict"]["reasons"]), ""]
         out += ["Recovery curve (exact match; held-out = half B, relearned on half A):", ""]
-        curves = r["curves"]
-        control = audit.get("control_curves") or {}
-        out += _table(
-            ["step", "forget", "held-out", "control forget", "control held-out"],
-            [
-                [
-                    p["step"],
-                    p["forget"],
-                    _point(curves.get("forget-half"), i, "forget_b"),
-                    _point(control.get("forget"), i, "forget"),
-                    _point(control.get("forget-half"), i, "forget_b"),
-                ]
-                for i, p in enumerate(curves["forget"])
-            ],
-        )
+        out += _table(*_curve_table(r["curves"], audit.get("control_curves") or {}))
         out += ["", "Per layer, original vs unlearned (forget set) and vs relearned:", ""]
-        out += _table(
-            [
-                "layer",
-                "CKA",
-                "CKA debiased",
-                "PCA sim",
-                "PC1 shift (sd)",
-                "weight change",
-                "Fisher ratio",
-                "Fisher-weighted dist",
-                "CKA relearned",
-            ],
-            [
-                [
-                    layer,
-                    *(
-                        _metric(r["metrics_unlearned"], m, layer)
-                        for m in ("cka", "cka_debiased", "pca_similarity", "pca_shift_pc1_norm")
-                    ),
-                    _metric(r["metrics_unlearned"], "weight_change", layer, ""),
-                    _metric(r["metrics_unlearned"], "fisher_mean_ratio", layer),
-                    _metric(r["metrics_unlearned"], "fisher_weighted_distance", layer),
-                    _metric(r["metrics_relearned"], "cka", layer),
-                ]
-                for layer in sorted({x["layer"] for x in r["metrics_unlearned"]})
-            ],
-        )
+        out += _table(*_layer_table(r))
         out.append("")
     return "\n".join(out)
+
+
+def _setup_line(audit: dict) -> str:
+    return (
+        f"forget domain: {audit['domain']}; relearning budget: {audit['budget']:g} x "
+        f"|forget| examples; control: {audit['control'] or 'none'}"
+    )
+
+
+def _verdict_table(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per run: the token-level evidence, mean CKA and the regime (last column)."""
+    header = [
+        "run",
+        "forget EM orig / unl / relearned",
+        "retain EM orig / unl",
+        "held-out relearned",
+        "advantage vs control (forget / held-out)",
+        "mean CKA",
+        "regime",
+    ]
+    rows = []
+    for r in runs:
+        e = r["verdict"]["evidence"]
+        rows.append(
+            [
+                r["label"],
+                "{:.2f} / {:.2f} / {:.2f}".format(
+                    *(e[k] for k in ("forget_original", "forget_unlearned", "forget_relearned"))
+                ),
+                "{:.2f} / {:.2f}".format(e["retain_original"], e["retain_unlearned"]),
+                e["heldout_relearned"],
+                " / ".join(
+                    _f(r["verdict"][k]) for k in ("recovery_advantage", "heldout_advantage")
+                ),
+                mean_cka(r["metrics_unlearned"]),
+                r["verdict"]["regime"],
+            ]
+        )
+    return header, rows
+
+
+def _threshold_table(t: dict) -> tuple[list[str], list[list]]:
+    """The verdict's thresholds, each with what it means."""
+    return ["threshold", "value", "meaning"], [
+        ["forgotten", t["forgotten"], "share of E(p0, forget) that must be lost"],
+        ["catastrophic", t["catastrophic"], "relative retain drop above which it is catastrophic"],
+        ["reversible", t["reversible"], "share of E(p0, forget) relearning must restore"],
+        ["control_margin", t["control_margin"], "recovery beyond the never-learned control"],
+    ]
+
+
+def _curve_table(curves: dict, control: dict) -> tuple[list[str], list[list]]:
+    """A run's recovery curve beside the control's, point by point."""
+    header = ["step", "forget", "held-out", "control forget", "control held-out"]
+    return header, [
+        [
+            p["step"],
+            p["forget"],
+            _point(curves.get("forget-half"), i, "forget_b"),
+            _point(control.get("forget"), i, "forget"),
+            _point(control.get("forget-half"), i, "forget_b"),
+        ]
+        for i, p in enumerate(curves["forget"])
+    ]
+
+
+def _layer_table(r: dict) -> tuple[list[str], list[list]]:
+    """A run's per-layer representation metrics on the forget set."""
+    header = [
+        "layer",
+        "CKA",
+        "CKA debiased",
+        "PCA sim",
+        "PC1 shift (sd)",
+        "weight change",
+        "Fisher ratio",
+        "Fisher-weighted dist",
+        "CKA relearned",
+    ]
+    return header, [
+        [
+            layer,
+            *(
+                _metric(r["metrics_unlearned"], m, layer)
+                for m in ("cka", "cka_debiased", "pca_similarity", "pca_shift_pc1_norm")
+            ),
+            _metric(r["metrics_unlearned"], "weight_change", layer, ""),
+            _metric(r["metrics_unlearned"], "fisher_mean_ratio", layer),
+            _metric(r["metrics_unlearned"], "fisher_weighted_distance", layer),
+            _metric(r["metrics_relearned"], "cka", layer),
+        ]
+        for layer in sorted({x["layer"] for x in r["metrics_unlearned"]})
+    ]
 
 
 def _point(curve: list[dict] | None, i: int, key: str):
@@ -209,19 +224,340 @@ def _metric(rows: list[dict], metric: str, layer: int, probe_set: str = "forget"
 def study_markdown(rows: list[dict], thresholds: dict) -> str:
     """The study's table: the regime of every method under every setting in every domain."""
     out = ["# Unlearning study: methods x domains x settings", ""]
-    out += _table(
-        ["domain", "run", "forget EM orig / unl / rel", "retain EM orig / unl", "mean CKA",
-         "advantage vs control (forget / held-out)", "regime"],
-        [[r["domain"], r["label"],
-          f"{r['forget_acc_original']:.2f} / {r['forget_acc_unlearned']:.2f} / "
-          f"{r['forget_acc_relearned']:.2f}",
-          f"{r['retain_acc_original']:.2f} / {r['retain_acc_unlearned']:.2f}",
-          r["mean_cka"], f"{_f(r['recovery_advantage'])} / {_f(r['heldout_advantage'])}",
-          f"**{r['regime']}**"] for r in rows],
-    )
+    header, table_rows = _study_table(rows)
+    out += _table(header, [[*row[:-1], f"**{row[-1]}**"] for row in table_rows])
+    out += [
+        "",
+        "Regimes: " + ", ".join(f"{k}: {v}" for k, v in sorted(_regime_counts(rows).items())),
+        "",
+        "Thresholds: " + ", ".join(f"{k} = {v}" for k, v in thresholds.items()),
+    ]
+    return "\n".join(out)
+
+
+def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per study run, the regime last."""
+    header = [
+        "domain",
+        "run",
+        "forget EM orig / unl / rel",
+        "retain EM orig / unl",
+        "mean CKA",
+        "advantage vs control (forget / held-out)",
+        "regime",
+    ]
+    return header, [
+        [
+            r["domain"],
+            r["label"],
+            f"{r['forget_acc_original']:.2f} / {r['forget_acc_unlearned']:.2f} / "
+            f"{r['forget_acc_relearned']:.2f}",
+            f"{r['retain_acc_original']:.2f} / {r['retain_acc_unlearned']:.2f}",
+            r["mean_cka"],
+            f"{_f(r['recovery_advantage'])} / {_f(r['heldout_advantage'])}",
+            r["regime"],
+        ]
+        for r in rows
+    ]
+
+
+def _regime_counts(rows: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["regime"]] = counts.get(r["regime"], 0) + 1
-    out += ["", "Regimes: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), "",
-            "Thresholds: " + ", ".join(f"{k} = {v}" for k, v in thresholds.items())]
-    return "\n".join(out)
+    return counts
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d1d1f;
+       max-width: 1180px; margin: 24px auto; padding: 0 24px; }
+h1 { font-size: 26px; margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 10px 0; font-size: 13.5px; }
+th, td { border: 1px solid #d4d4d4; padding: 4px 9px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.regime { font-weight: 600; }
+figure { margin: 18px 0 30px; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 13.5px; color: #444; max-width: 900px; }
+.note { background: #f7f7f2; border-left: 4px solid #b5b58a; padding: 8px 12px; }
+.meta li { margin: 2px 0; } code { font-size: 13px; }
+"""
+
+
+def _cell(value) -> str:
+    """A table cell, numbers right-aligned."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f'<td class="num">{_f(value)}</td>'
+    return f"<td>{escape(_f(value))}</td>"
+
+
+def _regime_style(regime: str) -> str:
+    """The background of a cell that shows ``regime``: a tint of the regime's colour."""
+    return f"background:{plots.tint(plots.REGIME_COLORS[regime], 0.45)}"
+
+
+def _html_table(header: list[str], rows: list[list], regime_last: bool = False) -> str:
+    """An HTML table; with ``regime_last``, the last column is a regime, shaded in its colour."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = [_cell(v) for v in (row[:-1] if regime_last else row)]
+        if regime_last:
+            style = _regime_style(row[-1])
+            cells.append(f'<td class="regime" style="{style}">{escape(row[-1])}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure_html(title: str, caption: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode()
+    return (
+        f'<figure><img alt="{escape(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption><b>{escape(title)}.</b> {escape(caption)}</figcaption></figure>"
+    )
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>"
+        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _by_layer(rows: list[dict], metric: str, probe_set: str = "forget") -> dict[int, float]:
+    return {
+        r["layer"]: r["value"]
+        for r in rows
+        if r["metric"] == metric and r["probe_set"] == probe_set
+    }
+
+
+def _subspace_k(rows: list[dict]) -> int | None:
+    """k of the top-k subspace similarity in a metrics table (None: not measured)."""
+    prefix = "pca_similarity_top"
+    found = {r["metric"][len(prefix) :] for r in rows if r["metric"].startswith(prefix)}
+    return int(min(found)) if found else None
+
+
+def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
+    """The audit's figures as (title, caption, PNG); Fisher only where it was measured."""
+    if not runs:
+        return []
+    unl = {r["label"]: r["metrics_unlearned"] for r in runs}
+    rel = {r["label"]: r["metrics_relearned"] for r in runs}
+
+    def per_run(tables: dict[str, list[dict]], metric: str, probe_set: str = "forget") -> dict:
+        return {label: _by_layer(rows, metric, probe_set) for label, rows in tables.items()}
+
+    def shifts(tables: dict[str, list[dict]]) -> dict:
+        return {
+            label: {
+                layer: (x, _by_layer(rows, "pca_shift_pc2_norm").get(layer, math.nan))
+                for layer, x in _by_layer(rows, "pca_shift_pc1_norm").items()
+            }
+            for label, rows in tables.items()
+        }
+
+    e0 = runs[0]["verdict"]["evidence"]["forget_original"]
+    k = _subspace_k(runs[0]["metrics_unlearned"]) or 2
+    out = [
+        (
+            "Recovery under relearning",
+            "Forget-set exact match at each relearning step, one panel per run. The held-out "
+            "line is half B while relearning on half A: recovery there can only come from "
+            "knowledge still in the weights. Dashed: the same relearning from a model that "
+            "never learned the forget set. Forgetting is reversible when relearning reaches "
+            "the threshold or recovers beyond the control by the margin.",
+            plots.recovery_curves(
+                {r["label"]: r["curves"] for r in runs},
+                audit.get("control_curves") or {},
+                e0,
+                audit["thresholds"]["reversible"],
+            ),
+        ),
+        (
+            "CKA per layer",
+            "Linear CKA between the original's and the candidate's forget-set activations "
+            "(mean-pooled residual stream). High CKA after unlearning with a collapse of exact "
+            "match points to a shallow edit; it is evidence, not a verdict.",
+            plots.cka_per_layer(per_run(unl, "cka"), per_run(rel, "cka")),
+        ),
+        (
+            "PCA similarity per layer",
+            "How well the unlearned model keeps the original's principal directions on the "
+            "forget set (absolute cosines: a direction has no sign).",
+            plots.pca_similarity_per_layer(
+                per_run(unl, "pca_similarity"), per_run(unl, f"pca_similarity_top{k}"), k
+            ),
+        ),
+        (
+            "PCA shift per layer",
+            "Shift of the forget set's centroid along the original's first two principal "
+            "components, in the original's standard deviations; one point per layer.",
+            plots.pca_shift_scatter(shifts(unl), shifts(rel)),
+        ),
+    ]
+    if any(r["metric"] == "fisher_mean_ratio" for rows in unl.values() for r in rows):
+        out.append(
+            (
+                "Fisher information per layer",
+                "Diagonal empirical Fisher of the unlearned model on the forget set, and its "
+                "mean relative to the original's. Above 1: the forget answers pull harder on "
+                "that layer's weights than they did in the original (a high loss after ascent); "
+                "below 1: they no longer shape the likelihood there.",
+                plots.fisher_per_layer(
+                    {
+                        label: {q: _by_layer(rows, f"fisher_{q}") for q in ("q50", "q90", "q99")}
+                        for label, rows in unl.items()
+                    },
+                    per_run(unl, "fisher_mean_ratio"),
+                    _by_layer(runs[0]["metrics_unlearned"], "fisher_mean_original"),
+                ),
+            )
+        )
+    out.append(
+        (
+            "Weight change per layer",
+            "Relative change of each layer's weights: shows whether the edit is shallow and "
+            "near the output.",
+            plots.weight_change_per_layer(per_run(unl, "weight_change", "")),
+        )
+    )
+    return out
+
+
+def html(audit: dict, runs: list[dict]) -> str:
+    """The full report as one self-contained HTML page (figures embedded as PNG, no links out)."""
+    meta = [f"original checkpoint: <code>{escape(audit['original'])}</code>"]
+    if audit.get("unlearned"):
+        meta.append(f"unlearned checkpoint: <code>{escape(audit['unlearned'])}</code>")
+    meta.append(escape(_setup_line(audit)))
+    body = [
+        f"<h1>Unlearning audit: {escape(audit['name'])}</h1>",
+        '<ul class="meta">' + "".join(f"<li>{m}</li>" for m in meta) + "</ul>",
+        "<h2>Verdict</h2>",
+        _html_table(*_verdict_table(runs), regime_last=True),
+        "<h2>Thresholds</h2>",
+        _html_table(*_threshold_table(audit["thresholds"])),
+        "<h2>Representation evidence</h2>",
+        f'<p class="note">{escape(prediction_note(runs))}</p>',
+    ]
+    for r in runs:
+        reasons = "".join(f"<li>{escape(x)}</li>" for x in r["verdict"]["reasons"])
+        body.append(f"<h3>{escape(r['label'])}</h3><ul>{reasons}</ul>")
+    body.append("<h2>Figures</h2>")
+    body += [_figure_html(*f) for f in figures(audit, runs)]
+    body.append("<h2>Per-run tables</h2>")
+    for r in runs:
+        body += [
+            f"<details><summary>{escape(r['label'])}</summary>",
+            "<p>Recovery curve (exact match; held-out = half B, relearned on half A):</p>",
+            _html_table(*_curve_table(r["curves"], audit.get("control_curves") or {})),
+            "<p>Per layer, original vs unlearned (forget set) and vs relearned:</p>",
+            _html_table(*_layer_table(r)),
+            "</details>",
+        ]
+    return _page(f"Unlearning audit: {audit['name']}", body)
+
+
+def _regime_grid(rows: list[dict]) -> str:
+    """The paper's table: methods down, domains x settings (learning rates) across, each cell
+    the regime in its colour with forget exact match unlearned -> relearned."""
+    columns = sorted({(r["domain"], r["lr"]) for r in rows}, key=lambda c: (c[0], -(c[1] or 0)))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    domains = list(dict.fromkeys(d for d, _ in columns))
+    top = "".join(
+        f'<th colspan="{sum(d == c[0] for c in columns)}">{escape(d)}</th>' for d in domains
+    )
+    second = "".join(f"<th>lr={_f(lr)}</th>" for _, lr in columns)
+    body = []
+    for method in methods:
+        cells = []
+        for domain, lr in columns:
+            found = [r for r in rows if (r["method"], r["domain"], r["lr"]) == (method, domain, lr)]
+            if not found:
+                cells.append("<td></td>")
+                continue
+            text = "<br>".join(
+                f"<b>{escape(x['regime'])}</b><br><small>forget {x['forget_acc_unlearned']:.2f}"
+                f" &rarr; {x['forget_acc_relearned']:.2f}</small>"
+                for x in found
+            )
+            cells.append(f'<td style="{_regime_style(found[0]["regime"])}">{text}</td>')
+        body.append(f"<tr><th>{escape(method)}</th>{''.join(cells)}</tr>")
+    return (
+        f'<table><thead><tr><th rowspan="2">method</th>{top}</tr><tr>{second}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def study_html(rows: list[dict], thresholds: dict) -> str:
+    """The study as one self-contained HTML page: the regime grid, a scatter of mean CKA against
+    recovery beyond the control by regime, and the full table."""
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(_regime_counts(rows).items()))
+    body = [
+        "<h1>Unlearning study: methods x domains x settings</h1>",
+        "<h2>Regimes</h2>",
+        _regime_grid(rows),
+        f"<p>Regimes: {escape(counts)}. Thresholds: "
+        + escape(", ".join(f"{k} = {v}" for k, v in thresholds.items()))
+        + ".</p>",
+    ]
+    if rows:
+        body.append(
+            _figure_html(
+                "Does CKA predict reversibility?",
+                "Each run's mean CKA with the original against how far relearning brought it "
+                "beyond the never-learned control; colour: regime, marker: domain. Runs "
+                "without a control are left out.",
+                plots.study_scatter(rows),
+            )
+        )
+    body += ["<h2>All runs</h2>", _html_table(*_study_table(rows), regime_last=True)]
+    return _page("Unlearning study", body)
+
+
+# -- stored inputs and the rebuild --------------------------------------------------------------
+
+REPORT_MD, REPORT_HTML, INPUTS = "report.md", "report.html", "report-inputs.json"
+
+
+def render(inputs: dict) -> dict[str, str]:
+    """The report files (name -> text) from stored report inputs: the audit and its runs."""
+    return {
+        REPORT_MD: markdown(inputs["audit"], inputs["runs"]),
+        REPORT_HTML: html(inputs["audit"], inputs["runs"]),
+    }
+
+
+def find_report(store: Store, key: str) -> ArtifactRef:
+    """An audit's report artifact by its key (report/<digest>) or a unique prefix of the digest."""
+    prefix = key.removeprefix("report/")
+    found = [m for m in store.manifests("report") if m["key"].split("/", 1)[1].startswith(prefix)]
+    if not found:
+        raise ValueError(
+            f"no report in {store.url} matches {key!r}; list them with "
+            "`unlearning-audit ls --stage report`"
+        )
+    if len(found) > 1:
+        listed = ", ".join(m["key"] for m in found[:5])
+        raise ValueError(f"{key!r} matches {len(found)} reports ({listed}): give more of it")
+    return ArtifactRef(key=found[0]["key"], hash=found[0]["hash"])
+
+
+def rebuild(store: Store, key: str, folder: Path | None = None) -> dict[str, Path]:
+    """Write an audit's report files into ``folder`` (default ./reports/<digest>) from the report
+    inputs stored with it: verdicts, metrics tables and curves, no model. Returns the paths."""
+    ref = find_report(store, key)
+    if INPUTS not in store.manifest(ref.key)["files"]:
+        raise ValueError(f"{ref.key} predates stored report inputs; rerun its audit to store them")
+    folder = folder or Path("reports") / ref.key.split("/", 1)[1]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, text in render(store.read_json(ref, INPUTS)).items():
+        paths[name] = folder / name
+        paths[name].write_text(text)
+    return paths

@@ -182,7 +182,9 @@ class Store:
     Tuning from the environment: UNLEARNING_AUDIT_CACHE (the local cache of remote artifacts),
     UNLEARNING_AUDIT_STORE_RETRIES (attempts per operation, default 4),
     UNLEARNING_AUDIT_STORE_BACKOFF (first retry delay in seconds, doubling, default 1) and
-    UNLEARNING_AUDIT_PART_SIZE_MB (S3 multipart part size; default s3fs's 50 MiB).
+    UNLEARNING_AUDIT_PART_SIZE_MB (S3 multipart part size, for uploads and ranged downloads;
+    default s3fs's 50 MiB). Parallel parts: the storage option ``max_concurrency`` (s3fs, default
+    10), or FSSPEC_S3_MAX_CONCURRENCY.
     """
 
     def __init__(
@@ -344,7 +346,7 @@ class Store:
                 try:
                     self._retry(
                         f"download of {ref.key}/{name}",
-                        functools.partial(self.fs.get_file, src, str(dest)),
+                        functools.partial(self.fs.get_file, src, str(dest), **self._parts()),
                     )
                 except FileNotFoundError as exc:
                     raise CorruptArtifact(f"{ref.key}: {name} is missing") from exc
@@ -419,7 +421,6 @@ class Store:
 
     def _upload(self, key: str, writer: str, files: Mapping[str, Path]) -> None:
         """Upload every file into the writer's folder; on failure, try to remove what was sent."""
-        options = {} if self.local or self.part_size is None else {"chunksize": self.part_size}
         try:
             for name, p in files.items():
                 dest = self._path(key, writer, name)
@@ -427,11 +428,16 @@ class Store:
                     self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
                 self._retry(
                     f"upload of {key}/{writer}/{name}",
-                    functools.partial(self.fs.put_file, str(p), dest, **options),
+                    functools.partial(self.fs.put_file, str(p), dest, **self._parts()),
                 )
         except BaseException:
             self._remove(key, writer)
             raise
+
+    def _parts(self) -> dict[str, int]:
+        """Transfer options of a remote store: parts of part_size, sent or fetched in parallel
+        (up to the filesystem's max_concurrency, a storage option)."""
+        return {} if self.local or self.part_size is None else {"chunksize": self.part_size}
 
     def _readable_manifest(self, key: str) -> dict | None:
         try:

@@ -50,11 +50,13 @@ def fit(
     stop: Callable[[int], bool] | None = None,
     grad_clip: float = 1.0,
     warmup: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """AdamW on ``loss_fn(model, batch)`` for up to ``steps`` steps; returns the loss per step.
 
     The learning rate rises linearly over ``warmup`` steps, then stays at ``lr``. ``stop(step)``
-    is called after each step (1-based) and ends training when it returns True.
+    is called after each step (1-based) and ends training when it returns True. ``progress(step,
+    steps)`` is called after each step too, for progress bars (an early stop ends below steps).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -71,6 +73,8 @@ def fit(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if progress is not None:
+            progress(step, steps)
         if stop is not None and stop(step):
             break
     model.eval()

@@ -113,12 +113,17 @@ def relabel(rows: list[dict], seed: int) -> list[dict]:
 
 
 def unlearn(
-    model, tokenizer, sets: dict[str, list[dict]], config: UnlearnConfig, seed: int
+    model,
+    tokenizer,
+    sets: dict[str, list[dict]],
+    config: UnlearnConfig,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Unlearn ``sets['forget']`` from ``model`` in place; returns the training log.
 
     With ``stop_at_forget_em`` set, training stops at collapse: at the first check where forget
-    exact match falls below it.
+    exact match falls below it. ``progress(step, steps)`` follows the training loop.
     """
     reference = None
     if needs_reference(config):
@@ -148,7 +153,13 @@ def unlearn(
     trainable = _with_lora(model, config.lora_rank)
     loss = method_loss(config)
     losses = training.fit(
-        trainable, lambda m, b: loss(m, reference, b), batches(), config.steps, config.lr, collapsed
+        trainable,
+        lambda m, b: loss(m, reference, b),
+        batches(),
+        config.steps,
+        config.lr,
+        collapsed,
+        progress=progress,
     )
     if config.lora_rank:
         trainable.merge_and_unload()

@@ -7,6 +7,10 @@ With E the exact match on a set, p0 the original, pu the unlearned and pr the re
 * reversible:   E(pr, forget) >= reversible * E(p0, forget), or the unlearned model recovers at
   least ``control_margin`` beyond the never-learned control under the same budget, on the whole
   forget set or on the held-out half it was not relearned on. Else irreversible.
+
+The other recovery attacks, quantization and linear probes, are reported as evidence beside the
+regime (how much forget exact match returns under quantization; how far above measured chance a
+probe decodes the forget answers), without changing it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ class Evidence(BaseModel):
     heldout_relearned: float | None = None
     control_relearned: float | None = None
     control_heldout: float | None = None
+    forget_quantized: dict[str, float] = {}
+    probe_layer: int | None = None
+    probe_forget_unlearned: float | None = None
+    probe_chance: float | None = None
+    probe_forget_original: float | None = None
 
 
 def _difference(a: float | None, b: float | None) -> float | None:
@@ -72,6 +81,21 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
             f"forget set, {_fmt(heldout_advantage)} on the held-out half "
             f"(margin {t.control_margin:.2f})"
         )
+    quantization_recovery = max(
+        (em - e.forget_unlearned for em in e.forget_quantized.values()), default=None
+    )
+    for bits, em in sorted(e.forget_quantized.items(), key=lambda kv: -int(kv[0])):
+        reasons.append(
+            f"{bits}-bit quantization of the unlearned model: forget exact match "
+            f"{e.forget_unlearned:.2f} -> {em:.2f}"
+        )
+    probe_advantage = _difference(e.probe_forget_unlearned, e.probe_chance)
+    if probe_advantage is not None:
+        reasons.append(
+            f"a linear probe decodes {e.probe_forget_unlearned:.2f} of forget answers from the "
+            f"unlearned model (layer {e.probe_layer}; measured chance {e.probe_chance:.2f}, "
+            f"original {e.probe_forget_original or 0:.2f})"
+        )
     if not forgotten:
         regime = "not-forgotten"
     else:
@@ -88,6 +112,8 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
         "retain_drop": retain_drop,
         "recovery_advantage": advantage,
         "heldout_advantage": heldout_advantage,
+        "quantization_recovery": quantization_recovery,
+        "probe_advantage": probe_advantage,
         "reasons": reasons,
         "evidence": evidence.model_dump(),
         "thresholds": thresholds.model_dump(),

@@ -1,0 +1,71 @@
+"""Render a stored audit report's HTML to a PNG with headless Chromium (docs/report.png).
+
+    .venv/bin/python docs/screenshot.py AUDIT_KEY [--store URL] [--out docs/report.png]
+
+AUDIT_KEY is what `unlearning-audit report` takes: report/<digest> or a unique digest prefix
+(`unlearning-audit ls --stage report` lists them). Needs Debian's `chromium` package; Chromium
+runs with a fresh profile and every background network feature off, and the report itself loads
+nothing from the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from unlearning_audit.report import REPORT_HTML, find_report
+from unlearning_audit.store import Store
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def render_png(html: Path, png: Path, width: int = 1400, height: int = 6000) -> None:
+    """Screenshot ``html`` (a local file) into ``png`` at ``width`` x ``height`` CSS pixels."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise RuntimeError("chromium is not installed (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory(prefix="ua-chromium-") as profile:
+        subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                f"--screenshot={png.resolve()}",
+                f"--window-size={width},{height}",
+                html.resolve().as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("key", metavar="AUDIT_KEY", help="report/<digest>, or a digest prefix")
+    parser.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("report.png"))
+    parser.add_argument("--width", type=int, default=1230, help="CSS pixels (default 1230)")
+    parser.add_argument("--height", type=int, default=2300, help="CSS pixels (default 2300)")
+    args = parser.parse_args()
+    store = Store(args.store)
+    html = store.local_dir(find_report(store, args.key)) / REPORT_HTML
+    render_png(html, args.out, args.width, args.height)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The deployed system against a real `prefect server start`, pools, deployments and workers.
+
+One stack serves the module (`unlearning-audit server`'s LocalStack: SQLite in a temp
+PREFECT_HOME, a free port on 127.0.0.1, process workers for the `gpu` and `cpu` pools). A local
+run of the tiny audit fills the store first, so that each deployed audit below, started through
+the API with a new relearning rate, runs only the stages that depend on it (relearn, evaluate,
+extract as flow runs on the gpu pool; metrics, verdict, report in the audit on the cpu pool):
+
+- a clean audit completes, with its verdict in the store and its artifacts in Prefect;
+- an audit whose relearn stage fails on both tries fails; retried as the UI retries it, it
+  resumes at relearn (every finished stage served from the store), where an out-of-memory error
+  rebuilds at half the batch size and an evaluate failing once is retried, and completes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from uuid import UUID
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import State
+
+from flows.audit import audit_checkpoint
+from flows.dispatch import resolve, typed
+from tasks._stage import StageRunFailed, gpu_options
+from unlearning_audit.config import AuditParams, DataConfig, RelearnConfig, UnlearnConfig
+from unlearning_audit.server import LocalStack
+from unlearning_audit.store import ArtifactRef, Store
+from unlearning_audit.verdict import REGIMES
+
+pytestmark = pytest.mark.slow
+STORE_STAGES = {
+    *("prepare-data", "fetch-checkpoint", "unlearn", "relearn", "evaluate", "extract"),
+    *("metrics", "verdict", "report"),
+}
+RELEARN_STAGES = {"relearn", "evaluate", "extract"}  # the GPU stages a new relearning rate reruns
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    """The fault file the workers read (UNLEARNING_AUDIT_FAULTS); empty: no faults."""
+    path = tmp_path_factory.mktemp("faults") / "faults.json"
+    path.write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, faults):
+    """Server, `gpu` and `cpu` pools, the deployments of deployments/prefect.yaml, workers."""
+    env = {
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "UNLEARNING_AUDIT_DISPATCH_POLL": "0.5",
+        "UNLEARNING_AUDIT_GPU_RETRIES": "1",
+        "UNLEARNING_AUDIT_GPU_RETRY_DELAY": "0",
+        "UNLEARNING_AUDIT_FAULTS": str(faults),
+    }
+    home = tmp_path_factory.mktemp("prefect-home")
+    with (
+        LocalStack(port=_free_port(), gpus=0, home=home, env=env) as running,
+        temporary_settings({PREFECT_API_URL: running.api_url}),
+    ):
+        yield running
+    assert not running.processes
+
+
+@pytest.fixture(scope="module")
+def base(tiny, tmp_path_factory) -> AuditParams:
+    """The tiny audit: one GA run of 10 steps, relearning on the forget set; no control, Fisher
+    or probes."""
+    return AuditParams(
+        embedded=tiny,
+        store=str(tmp_path_factory.mktemp("store")),
+        methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
+        relearn=RelearnConfig(sources=["forget"]),
+        data=DataConfig(eval_max_rows=40),
+        no_control=True,
+        fisher=False,
+        probes=False,
+    )
+
+
+def _task_runs(flow_run_id: UUID) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def _stage_runs(flow_run_id: UUID) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+
+
+def _wait_final(flow_run_id: UUID, timeout: float = 400) -> object:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(flow_run_id)
+            if run.state.is_final() and run.state.name != "AwaitingRetry":
+                return run
+            time.sleep(1)
+    raise TimeoutError(f"flow run {flow_run_id} not final after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def warm(stack, base) -> None:
+    """The tiny audit run locally (no dispatch), against the stack's API: fills the store."""
+    assert audit_checkpoint(base, return_state=True).is_completed()
+
+
+def _relearning_at(base: AuditParams, lr: float) -> AuditParams:
+    return base.model_copy(update={"relearn": base.relearn.model_copy(update={"lr": lr})})
+
+
+def _deployed_audit(params: AuditParams):
+    return run_deployment(
+        "audit-checkpoint/audit",
+        parameters={"params": params.model_dump(mode="json")},
+        timeout=600,
+        poll_interval=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def clean(warm, base) -> dict:
+    """A deployed audit with no fault."""
+    params = _relearning_at(base, 2e-3)
+    start = time.perf_counter()
+    run = _deployed_audit(params)
+    print(f"clean deployed audit: {time.perf_counter() - start:.0f}s")
+    return {"params": params, "run": run, "stages": _stage_runs(run.id)}
+
+
+@pytest.fixture(scope="module")
+def failed(warm, base, faults) -> dict:
+    """A deployed audit whose relearn stage fails on its try and on its retry."""
+    params = _relearning_at(base, 3e-3)
+    faults.write_text(json.dumps({"relearn": ["error", "error"]}))
+    start = time.perf_counter()
+    run = _deployed_audit(params)
+    print(f"failing deployed audit: {time.perf_counter() - start:.0f}s")
+    return {
+        "params": params,
+        "run": run,
+        "tasks": _task_runs(run.id),
+        "stages": _stage_runs(run.id),
+    }
+
+
+@pytest.fixture(scope="module")
+def retried(failed, faults) -> dict:
+    """The failed audit retried as the UI's Retry button does it: an AwaitingRetry state."""
+    faults.write_text(json.dumps({"relearn": ["oom"], "evaluate": ["error"]}))
+    start = time.perf_counter()
+    with get_client(sync_client=True) as client:
+        answer = client.set_flow_run_state(
+            failed["run"].id,
+            State(type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"),
+        )
+    run = _wait_final(failed["run"].id)
+    print(f"retried deployed audit: {time.perf_counter() - start:.0f}s")
+    before = {s.id for s in failed["stages"]}
+    return {
+        "answer": answer.status.value,
+        "run": run,
+        "tasks": [t for t in _task_runs(run.id) if t.flow_run_run_count == run.run_count],
+        "stages": [s for s in _stage_runs(run.id) if s.id not in before],
+    }
+
+
+def _stage(task_run) -> str:
+    return task_run.name.rsplit("-", 1)[0]
+
+
+def _in_order(task_runs: list) -> list:
+    """The stage task runs of one attempt, in the order the flow called them."""
+    return sorted((t for t in task_runs if _stage(t) in STORE_STAGES), key=lambda t: t.created)
+
+
+def test_pools_deployments_and_run_form(stack):
+    with get_client(sync_client=True) as client:
+        pools = {p.name: p for p in client.read_work_pools()}
+        deployments = {d.name: d for d in client.read_deployments()}
+    assert pools["gpu"].type == pools["cpu"].type == "process"
+    assert pools["gpu"].concurrency_limit == 1  # no GPU here: one GPU stage at a time
+    assert set(deployments) == {"audit", "study", "watch", "gpu-stage", "cpu-stage"}
+    assert deployments["gpu-stage"].work_pool_name == "gpu"
+    assert deployments["audit"].work_pool_name == deployments["cpu-stage"].work_pool_name == "cpu"
+    assert deployments["audit"].job_variables["env"]["UNLEARNING_AUDIT_DISPATCH"] == "deployed"
+    assert deployments["watch"].schedules[0].schedule.cron == "*/30 * * * *"
+    schema = deployments["audit"].parameter_openapi_schema
+    default = schema["properties"]["params"]["default"]
+    assert AuditParams.model_validate(default) == AuditParams()  # the form's working default
+    assert default["methods"]  # a default_factory field gets its value in the form too
+    fields = schema["definitions"]["AuditParams"]["properties"]
+    assert fields["original"]["default"] == "embedded" and fields["original"]["description"]
+
+
+def test_deployed_audit_completes_with_verdict_and_artifacts(clean):
+    run = clean["run"]
+    assert run.state.type == StateType.COMPLETED, run.state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert {"audit-verdict", "audit-report"} <= set(by_key)
+    (row,) = json.loads(by_key["audit-verdict"].data)
+    assert row["regime"] in REGIMES
+    store = Store(clean["params"].store)
+    report_key = re.search(r"(report/[0-9a-f]+)", by_key["audit-verdict"].description).group(1)
+    report = store.manifest(report_key)
+    assert report is not None  # the report this run published is in the store ...
+    verdicts = [m for m in store.manifests("verdict") if m["hash"] in json.dumps(report)]
+    assert len(verdicts) == 1  # ... with the verdict it was made from
+    verdict = store.read_json(
+        ArtifactRef(key=verdicts[0]["key"], hash=verdicts[0]["hash"]), "verdict.json"
+    )
+    assert row["regime"] == verdict["regime"]
+
+
+def test_gpu_stages_ran_as_flow_runs_on_the_gpu_pool(clean):
+    assert clean["run"].work_pool_name == "cpu"
+    stages = clean["stages"]
+    assert {s.name for s in stages} == RELEARN_STAGES
+    assert {s.work_pool_name for s in stages} == {"gpu"}
+    assert all(s.state.type == StateType.COMPLETED for s in stages)
+
+
+def test_failed_stage_fails_the_run_after_its_retries(failed):
+    assert failed["run"].state.type == StateType.FAILED
+    (stage_run,) = failed["stages"]
+    assert stage_run.name == "relearn" and stage_run.state.type == StateType.FAILED
+    (inner,) = _task_runs(stage_run.id)
+    assert inner.run_count == 2  # the try and its one retry (UNLEARNING_AUDIT_GPU_RETRIES=1)
+    (outer,) = [t for t in failed["tasks"] if _stage(t) == "relearn"]
+    assert outer.state.type == StateType.FAILED and outer.run_count == 1  # not retried again
+
+
+def test_retry_resumes_at_the_failed_stage(failed, retried):
+    assert retried["answer"] == "ACCEPT"
+    assert retried["run"].state.type == StateType.COMPLETED, retried["run"].state.message
+    assert retried["run"].run_count == 2
+    # the flow calls its stages in the same order each time: attempt 2 replays attempt 1
+    before, after = _in_order(failed["tasks"]), _in_order(retried["tasks"])
+    assert [_stage(t) for t in after[: len(before)]] == [_stage(t) for t in before]
+    assert before[-1].state.type == StateType.FAILED and _stage(before[-1]) == "relearn"
+    assert {t.state.name for t in after[: len(before) - 1]} == {"Cached"}
+    assert after[len(before) - 1].state.name == "Completed"  # relearn: computed this time
+    computed = {_stage(t) for t in after if t.state.name != "Cached"}
+    assert computed == RELEARN_STAGES | {"metrics", "verdict", "report"}
+    assert {s.name for s in retried["stages"]} == RELEARN_STAGES
+
+
+def test_out_of_memory_rebuilds_at_half_the_batch(failed, retried):
+    store = Store(failed["params"].store)
+    (manifest,) = [
+        m for m in store.manifests("relearn") if m["meta"]["config"]["relearn"]["lr"] == 3e-3
+    ]
+    assert manifest["meta"]["oom_batch_size"] == failed["params"].relearn.batch_size // 2
+
+
+def test_stage_failing_once_is_retried_and_the_run_completes(retried):
+    (evaluate,) = [s for s in retried["stages"] if s.name == "evaluate"]
+    (inner,) = _task_runs(evaluate.id)
+    assert inner.run_count == 2 and inner.state.type == StateType.COMPLETED
+    assert retried["run"].state.type == StateType.COMPLETED
+
+
+def test_gpu_retries_back_off_exponentially(monkeypatch):
+    monkeypatch.setenv("UNLEARNING_AUDIT_GPU_RETRIES", "3")
+    monkeypatch.setenv("UNLEARNING_AUDIT_GPU_RETRY_DELAY", "5")
+    options = gpu_options()
+    assert options["retries"] == 3 and options["retry_delay_seconds"] == [5, 10, 20]
+    retry = options["retry_condition_fn"]
+    assert retry(None, None, State(type=StateType.FAILED, data=RuntimeError("CUDA error")))
+    failed = StageRunFailed("stage run failed after its retries", crashed=False)
+    crashed = StageRunFailed("stage run's process died", crashed=True)
+    assert not retry(None, None, State(type=StateType.FAILED, data=failed))
+    assert retry(None, None, State(type=StateType.FAILED, data=crashed))
+
+
+def test_stage_flow_runs_only_stage_tasks():
+    assert resolve("tasks.evaluate:evaluate").name == "evaluate"
+    for name in ("os:system", "tasks._stage:write_json", "tasks.evaluate"):
+        with pytest.raises(ValueError):
+            resolve(name)
+    parameters = {"checkpoint": {"key": "k", "hash": "h"}, "max_rows": 3}
+    typed_parameters = typed(resolve("tasks.evaluate:evaluate"), parameters)
+    assert typed_parameters == {"checkpoint": ArtifactRef(key="k", hash="h"), "max_rows": 3}

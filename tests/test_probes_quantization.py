@@ -1,0 +1,96 @@
+"""Linear probes and RTN quantization: planted signal, measured chance, the analytic bound."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from unlearning_audit import probes, quantization
+from unlearning_audit.evaluation import evaluate
+
+
+def _rows(labels, attribute="city"):
+    return [{"answer": str(y), "attribute": attribute} for y in labels]
+
+
+def _planted(n, classes, d, signal, rng):
+    y = rng.integers(0, classes, n)
+    directions = rng.normal(size=(classes, d))
+    return rng.normal(size=(n, d)) + signal * directions[y], y
+
+
+def test_probe_finds_a_planted_linear_signal():
+    rng = np.random.default_rng(0)
+    X, y = _planted(400, 6, 32, signal=2.0, rng=rng)
+    result = probes.probe_layer(X[:300], _rows(y[:300]), X[300:], _rows(y[300:]))
+    assert result["probe_forget"] > 0.9
+    assert result["probe_retain_cv"] > 0.9
+    assert result["probe_chance"] < 0.35
+
+
+def test_probe_on_noise_stays_at_the_permutation_baseline():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 32))
+    y = rng.integers(0, 6, 400)
+    result = probes.probe_layer(X[:300], _rows(y[:300]), X[300:], _rows(y[300:]))
+    assert abs(result["probe_forget"] - result["probe_chance"]) < 0.1
+    assert result["probe_chance"] == pytest.approx(1 / 6, abs=0.08)
+
+
+def test_probes_decode_each_attribute_separately():
+    rng = np.random.default_rng(2)
+    Xa, ya = _planted(200, 4, 16, 3.0, rng)
+    Xb = rng.normal(size=(200, 16))  # attribute b carries no signal
+    yb = rng.integers(0, 4, 200)
+    X = np.vstack([Xa, Xb])
+    rows = _rows(ya, "a") + _rows(yb, "b")
+    train = np.r_[0:150, 200:350]
+    test = np.r_[150:200, 350:400]
+    result = probes.probe_layer(
+        X[train], [rows[i] for i in train], X[test], [rows[i] for i in test]
+    )
+    assert 0.5 < result["probe_forget"] < 0.8  # about (1 + 1/4) / 2
+
+
+def test_probe_input_checks():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        probes.transfer_accuracy(np.full((4, 2), np.nan), [0, 1, 0, 1], np.zeros((2, 2)), [0, 1])
+    with pytest.raises(ValueError, match="one row per label"):
+        probes.cv_accuracy(np.zeros((4, 2)), [0, 1])
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_rtn_error_within_the_analytic_bound(bits):
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(bits)) * 0.05
+    w[3] = 0.0  # an all-zero row stays zero
+    q = quantization.quantize_rtn(w, bits)
+    step = w.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+    assert ((w - q).abs() <= step / 2 + 1e-7).all()
+    assert torch.equal(q[3], torch.zeros(96))
+    levels = [len(torch.unique(row)) for row in q]
+    assert max(levels) <= 2**bits - 1
+
+
+def test_rtn_error_shrinks_with_bits_and_rejects_bad_input():
+    w = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    errors = [(w - quantization.quantize_rtn(w, b)).abs().mean().item() for b in (3, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+    with pytest.raises(ValueError, match="2-D"):
+        quantization.quantize_rtn(torch.zeros(3), 8)
+    with pytest.raises(ValueError, match="bits"):
+        quantization.quantize_rtn(w, 1)
+
+
+def test_8bit_quantization_keeps_the_original_models_accuracy(tiny_model):
+    model, tok, facts, forget = tiny_model
+    model = copy.deepcopy(model)
+    rows = [{"question": f.question, "answer": f.answer} for f in facts if f.group not in forget]
+    before = evaluate(model, tok, rows)["exact_match"]
+    assert quantization.quantize_model(model, 8) == 7 * len(model.model.layers)  # qkvo, mlp
+    after = evaluate(model, tok, rows)["exact_match"]
+    assert abs(after - before) <= 0.05  # the stated tolerance at 8 bits
+    quantization.quantize_model(model, 2)
+    assert evaluate(model, tok, rows)["exact_match"] < after - 0.1  # 2 bits does cost accuracy

@@ -1,0 +1,163 @@
+"""Linear probes as a recovery attack: is the forgotten answer still linearly decodable?
+
+A regularised logistic-regression probe per layer reads the answer (the attribute value, e.g. a
+birthplace, out of its vocabulary; or the first answer token for external data) from the pooled
+activations of a question. It is trained on retain questions, whose answers the model still
+gives, and tested on the forget questions. Chance is measured, not assumed: the same probe
+trained on shuffled labels gives the permutation baseline. Knowledge the unlearned model cannot
+say but a probe still decodes above that baseline is hidden, not deleted.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+
+def _probe(C: float, seed: int):
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    )
+
+
+def _quietly(fn):
+    """Run ``fn`` without scikit-learn's small-sample warnings (many classes, few rows): the
+    permutation baseline, not a warning, tells whether a probe means anything."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _check(X: np.ndarray, y: Sequence, name: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(
+            f"{name}: need a 2-D array with one row per label, got {X.shape} for {len(y)} labels"
+        )
+    if not np.isfinite(X).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return X
+
+
+def transfer_accuracy(
+    X_train: np.ndarray,
+    y_train: Sequence,
+    X_test: np.ndarray,
+    y_test: Sequence,
+    C: float = 1.0,
+    seed: int = 0,
+) -> float:
+    """Accuracy on (X_test, y_test) of a probe fitted on (X_train, y_train)."""
+    X_train, X_test = _check(X_train, y_train, "X_train"), _check(X_test, y_test, "X_test")
+    if len(set(y_train)) < 2:
+        return float("nan")
+    probe = _probe(C, seed).fit(X_train, list(y_train))
+    return float(np.mean(probe.predict(X_test) == np.asarray(list(y_test))))
+
+
+def permutation_baseline(
+    X_train: np.ndarray,
+    y_train: Sequence,
+    X_test: np.ndarray,
+    y_test: Sequence,
+    C: float = 1.0,
+    n_permutations: int = 5,
+    seed: int = 0,
+) -> float:
+    """Mean transfer accuracy of probes fitted on shuffled training labels: measured chance."""
+    rng = np.random.default_rng(seed)
+    return float(
+        np.mean(
+            [
+                transfer_accuracy(
+                    X_train, rng.permutation(np.asarray(list(y_train))), X_test, y_test, C, seed
+                )
+                for _ in range(n_permutations)
+            ]
+        )
+    )
+
+
+def cv_accuracy(X: np.ndarray, y: Sequence, folds: int = 5, C: float = 1.0, seed: int = 0) -> float:
+    """Cross-validated probe accuracy (stratified where every class has enough rows)."""
+    X, y = _check(X, y, "X"), np.asarray(list(y))
+    counts = np.unique(y, return_counts=True)[1]
+    if len(counts) < 2 or len(y) < folds:
+        return float("nan")
+    splitter = (
+        StratifiedKFold(folds, shuffle=True, random_state=seed)
+        if counts.min() >= folds
+        else KFold(folds, shuffle=True, random_state=seed)
+    )
+    return float(cross_val_score(_probe(C, seed), X, y, cv=splitter).mean())
+
+
+def grouped(values: Sequence[str], groups: Sequence[str]) -> dict[str, np.ndarray]:
+    """Row indices per group (e.g. per attribute, so each probe decodes one vocabulary)."""
+    out: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        out.setdefault(g, []).append(i)
+    return {g: np.asarray(idx) for g, idx in out.items()}
+
+
+@_quietly
+def probe_layer(
+    X_retain: np.ndarray,
+    retain_rows: Sequence[dict],
+    X_forget: np.ndarray,
+    forget_rows: Sequence[dict],
+    label: str = "answer",
+    C: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Probe accuracies of one layer, pooled over attributes (weighted by forget rows).
+
+    ``probe_forget``: retain-trained probe on forget questions; ``probe_chance``: its
+    permutation baseline; ``probe_retain_cv``: cross-validated accuracy on retain questions.
+    """
+    retain_groups = grouped(
+        [r[label] for r in retain_rows], [r.get("attribute", "") for r in retain_rows]
+    )
+    forget_groups = grouped(
+        [r[label] for r in forget_rows], [r.get("attribute", "") for r in forget_rows]
+    )
+    hits = chance = cv = 0.0
+    n_forget = n_cv = 0
+    for attribute, f_idx in forget_groups.items():
+        r_idx = retain_groups.get(attribute)
+        if r_idx is None:
+            continue
+        y_r = [retain_rows[i][label] for i in r_idx]
+        y_f = [forget_rows[i][label] for i in f_idx]
+        acc = transfer_accuracy(X_retain[r_idx], y_r, X_forget[f_idx], y_f, C, seed)
+        if np.isnan(acc):
+            continue
+        hits += acc * len(f_idx)
+        chance += permutation_baseline(
+            X_retain[r_idx], y_r, X_forget[f_idx], y_f, C, seed=seed
+        ) * len(f_idx)
+        n_forget += len(f_idx)
+        cv_value = cv_accuracy(X_retain[r_idx], y_r, C=C, seed=seed)
+        if not np.isnan(cv_value):
+            cv += cv_value * len(r_idx)
+            n_cv += len(r_idx)
+    nan = float("nan")
+    return {
+        "probe_forget": hits / n_forget if n_forget else nan,
+        "probe_chance": chance / n_forget if n_forget else nan,
+        "probe_retain_cv": cv / n_cv if n_cv else nan,
+    }
