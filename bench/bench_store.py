@@ -142,7 +142,7 @@ def main() -> None:
         s3 = f"s3://{BUCKET}/store"
         configs = [
             ("local folder", "-", "-", opener(str(root / "store"), PART, None)),
-            ("S3 (moto)", "one PUT per file", "1", opener(s3, 2**30, None)),
+            ("S3 (moto)", "one PUT per file", "-", opener(s3, 2**30, None)),
             *(("S3 (moto)", "8 MiB parts", str(n), opener(s3, PART, n)) for n in (1, 4, 10)),
         ]
         print(

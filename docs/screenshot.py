@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--store", help="artifact store URL (default ./audit-store)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("report.png"))
     parser.add_argument("--width", type=int, default=1230, help="CSS pixels (default 1230)")
-    parser.add_argument("--height", type=int, default=2300, help="CSS pixels (default 2300)")
+    parser.add_argument("--height", type=int, default=1790, help="CSS pixels (default 1790)")
     args = parser.parse_args()
     store = Store(args.store)
     html = store.local_dir(find_report(store, args.key)) / REPORT_HTML

@@ -81,11 +81,12 @@ def audit_run(
         str(bits): evaluate(store, unlearned, data_ref, rows, dev, bits=bits)
         for bits in params.quantization_bits
     }
-    probed = (
-        probe(store, data_ref, unlearned, {"original": original["acts"], **acts}, rows, params.seed)
-        if params.probes
-        else None
-    )
+    probed = None
+    if params.probes:
+        probed = {"original": original["probe"]} | {
+            name: probe(store, data_ref, ref, acts[name], rows, params.seed)
+            for name, ref in (("unlearned", unlearned), ("relearned", relearned["forget"]))
+        }
     return {
         **{k: candidate[k] for k in ("label", "method", "lr")},
         "relearned": relearned,
@@ -131,6 +132,8 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         "acts": extract(store, checkpoint, data_ref, params.layers, rows, dev),
         "fisher": fisher(store, checkpoint, data_ref, device=dev) if params.fisher else None,
     }
+    if params.probes:
+        original["probe"] = probe(store, data_ref, checkpoint, original["acts"], rows, params.seed)
     control = _control(store, params)
     control_runs = _relearn_all(store, params, control, data_ref) if control else {}
     if params.unlearned is not None:

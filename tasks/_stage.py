@@ -3,9 +3,9 @@
 Beyond the cache, a stage build here is made robust for GPUs: task retries with exponential
 backoff, a rebuild at half the batch size after an out-of-memory error, and (test-only) faults
 injected from a file. When deployed (UNLEARNING_AUDIT_DISPATCH=deployed), a stage that is not in
-the store and belongs to another work pool than the calling flow run (GPU stages: the `gpu` pool)
-runs there as a flow run of the `stage` deployment (flows/dispatch.py), so a cache hit never
-leaves the calling process and a retried flow resumes at the first stage not yet stored.
+the store and belongs to another work pool than this process's flow run (GPU stages: the `gpu`
+pool) runs there as a flow run of the `stage` deployment (flows/dispatch.py), so a cache hit
+never leaves the calling process and a retried flow resumes at the first stage not yet stored.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class StageRunFailed(RuntimeError):
     def __init__(self, message: str, crashed: bool):
         super().__init__(message)
         self.crashed = crashed
+
+    def __reduce__(self):  # Prefect pickles a failed state's exception
+        return type(self), (str(self), self.crashed)
 
 
 def _retry_condition(task, task_run, state) -> bool:

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import CPU_OPTIONS, cached_stage, load_sets
 from tasks.extract import SUMMARY
-from unlearning_audit import activations, data, probes
+from unlearning_audit import activations, data, probes, runtime
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 PROBES = "probes.parquet"
@@ -34,41 +34,34 @@ def probe(
     store: str,
     data_ref: ArtifactRef,
     checkpoint: ArtifactRef,
-    acts: dict[str, ArtifactRef],
+    acts: ArtifactRef,
     max_rows: int = 200,
     seed: int = 0,
 ):
-    """Probe accuracy per layer for each model in ``acts`` (name -> activations artifact)."""
+    """Probe accuracy per layer of one model, from its stored activations (``acts``), whose
+    rows are the same samples of the forget and retain sets."""
 
     def build(s, out):
+        runtime.setup(seed, "cpu")
         rows = labelled(s, data_ref, checkpoint, max_rows)
+        folder = s.local_dir(acts)
         table = []
-        for model, ref in acts.items():
-            folder = s.local_dir(ref)
-            for layer in s.read_json(ref, SUMMARY)["layers"]:
-                X = {
-                    name: activations.read_layer(activations.layer_path(folder, name, layer))
-                    for name in ("forget", "retain")
-                }
-                result = probes.probe_layer(
-                    X["retain"],
-                    rows["retain"],
-                    X["forget"],
-                    rows["forget"],
-                    label="label",
-                    seed=seed,
-                )
-                table += [
-                    {"model": model, "layer": layer, "metric": k, "value": v}
-                    for k, v in result.items()
-                ]
+        for layer in s.read_json(acts, SUMMARY)["layers"]:
+            X = {
+                name: activations.read_layer(activations.layer_path(folder, name, layer))
+                for name in ("forget", "retain")
+            }
+            result = probes.probe_layer(
+                X["retain"], rows["retain"], X["forget"], rows["forget"], label="label", seed=seed
+            )
+            table += [{"layer": layer, "metric": k, "value": v} for k, v in result.items()]
         pq.write_table(pa.Table.from_pylist(table), out / PROBES)
         return {"rows": len(table)}
 
     return cached_stage(
         store,
         "probe",
-        {"data": data_ref, "acts": acts},
+        {"data": data_ref, "checkpoint": checkpoint, "acts": acts},
         {"max_rows": max_rows, "seed": seed},
         code_version(probes, activations),
         build,

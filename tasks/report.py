@@ -17,7 +17,7 @@ from pydantic_core import to_jsonable_python
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.metrics import TABLE
 from tasks.relearn import CURVE
-from tasks.verdict import VERDICT
+from tasks.verdict import VERDICT, read_probes
 from unlearning_audit import plots
 from unlearning_audit import report as report_mod
 from unlearning_audit.metrics import table
@@ -38,6 +38,7 @@ def load_run(store: Store, run: dict) -> dict:
         "curves": {
             src: store.read_json(ref, CURVE)["curve"] for src, ref in run["relearned"].items()
         },
+        "probes": read_probes(store, run["probes"]) if run.get("probes") else {},
     }
 
 

@@ -17,15 +17,23 @@ from unlearning_audit.store import ArtifactRef, Store, code_version
 VERDICT = "verdict.json"
 
 
-def best_probe(rows: list[dict]) -> dict[str, float | int]:
+def read_probes(store: Store, probes: dict[str, ArtifactRef]) -> dict[str, list[dict]]:
+    """The stored probe tables, by model name."""
+    return {
+        name: pq.read_table(store.open(ref, PROBES)).to_pylist() for name, ref in probes.items()
+    }
+
+
+def best_probe(tables: dict[str, list[dict]]) -> dict[str, float | int]:
     """The layer where a probe decodes forget answers from the unlearned model furthest above
     its measured chance, with the original model's probe accuracy at that layer."""
-    value = {(r["model"], r["layer"], r["metric"]): r["value"] for r in rows}
-    layers = sorted({r["layer"] for r in rows if r["model"] == "unlearned"})
+    value = {
+        (model, r["layer"], r["metric"]): r["value"] for model, rows in tables.items() for r in rows
+    }
     gap = {
-        layer: value[("unlearned", layer, "probe_forget")]
-        - value[("unlearned", layer, "probe_chance")]
-        for layer in layers
+        r["layer"]: r["value"] - value[("unlearned", r["layer"], "probe_chance")]
+        for r in tables["unlearned"]
+        if r["metric"] == "probe_forget"
     }
     gap = {layer: g for layer, g in gap.items() if g == g}  # drop NaN layers
     if not gap:
@@ -55,7 +63,7 @@ def verdict(
     control: dict[str, ArtifactRef],
     thresholds: Thresholds,
     quantized: dict[str, ArtifactRef] | None = None,
-    probes: ArtifactRef | None = None,
+    probes: dict[str, ArtifactRef] | None = None,
 ):
     """Decide the regime; ``relearned`` and ``control`` map relearning source to its run;
     ``quantized`` (bits -> evaluation) and ``probes`` add the other recovery attacks' evidence."""
@@ -75,7 +83,7 @@ def verdict(
                 bits: s.read_json(ref, SCORES)["forget"]["exact_match"]
                 for bits, ref in (quantized or {}).items()
             },
-            **(best_probe(pq.read_table(s.open(probes, PROBES)).to_pylist()) if probes else {}),
+            **(best_probe(read_probes(s, probes)) if probes else {}),
         )
         decision = verdict_mod.decide(evidence, thresholds)
         write_json(out / VERDICT, decision)

@@ -31,6 +31,8 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 
@@ -81,7 +83,12 @@ def stack(tmp_path_factory, faults):
         temporary_settings({PREFECT_API_URL: running.api_url}),
     ):
         yield running
-    assert not running.processes
+        # send this process's pending logs and events while the server is up: left queued,
+        # they would be retried against a stopped server at the end of the session
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
+        started = list(running.processes.values())
+    assert len(started) == 3 and all(proc.poll() is not None for proc in started)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +128,7 @@ def _wait_final(flow_run_id: UUID, timeout: float = 400) -> object:
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             run = client.read_flow_run(flow_run_id)
-            if run.state.is_final() and run.state.name != "AwaitingRetry":
+            if run.state.is_final():
                 return run
             time.sleep(1)
     raise TimeoutError(f"flow run {flow_run_id} not final after {timeout}s")

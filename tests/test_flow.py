@@ -14,11 +14,21 @@ from unlearning_audit.report import SUMMARY_KEYS
 from unlearning_audit.verdict import REGIMES
 
 
-def _task_states(flow_run_id) -> dict[str, list[str]]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
+def _task_states(flow_run_id, timeout: float = 30.0) -> dict[str, list[str]]:
+    """Final state names of the flow run's task runs, by task name.
+
+    The server records task states from events, a moment after the flow returns: wait until
+    every task run has reached a final state.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        if all(run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     states: dict[str, list[str]] = {}
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
@@ -71,17 +81,23 @@ def test_audit_runs_every_stage_and_reports(first_run):
 
 
 def test_identical_rerun_is_served_from_cache(first_run, params):
+    """Every stage is served from the store; timed as the best of two reruns, since the local
+    Prefect server (SQLite) now and then stalls a call for a second or two."""
     _, first_seconds = first_run
-    start = time.perf_counter()
-    state = audit_checkpoint(params, return_state=True)
-    seconds = time.perf_counter() - start
-    states = _task_states(state.state_details.flow_run_id)
-    computed = {
-        name: s for name, s in states.items() if name != "publish" and any(x != "Cached" for x in s)
-    }
-    assert computed == {}
-    assert seconds < 0.1 * first_seconds, (seconds, first_seconds)
-    assert state.result()["rows"] == first_run[0].result()["rows"]
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        state = audit_checkpoint(params, return_state=True)
+        timings.append(time.perf_counter() - start)
+        states = _task_states(state.state_details.flow_run_id)
+        computed = {
+            name: s
+            for name, s in states.items()
+            if name != "publish" and any(x != "Cached" for x in s)
+        }
+        assert computed == {}
+        assert state.result()["rows"] == first_run[0].result()["rows"]
+    assert min(timings) < 0.1 * first_seconds, (timings, first_seconds)
 
 
 def test_threshold_change_reruns_only_verdict_and_report(first_run, params):

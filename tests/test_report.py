@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib import image
-from prefect import get_client
+from prefect import flow, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterId,
@@ -21,14 +21,16 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
+from flows import study
 from flows.audit import audit_checkpoint
 from tasks._progress import StageProgress
+from tasks.report import publish
 from unlearning_audit import cli, plots
-from unlearning_audit.config import AuditParams, UnlearnConfig
-from unlearning_audit.report import REPORT_HTML, REPORT_MD, study_html
+from unlearning_audit.config import AuditParams, StudyParams, UnlearnConfig
+from unlearning_audit.report import REPORT_HTML, REPORT_MD
 
-# recovery curves, CKA, PCA similarity, PCA shift, Fisher, weight change
-EXPECTED_FIGURES = 6
+# recovery curves, CKA, PCA similarity, PCA shift, Fisher, linear probes, weight change
+EXPECTED_FIGURES = 7
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([^"]+)"')
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_STD = 0.03  # pixel standard deviation (0..1 scale) below which an image reads as blank
@@ -136,10 +138,19 @@ def test_report_of_an_unknown_audit_is_a_clear_error(audit, tmp_path, capsys):
     assert "no report" in capsys.readouterr().err
 
 
-def test_study_page_shows_regimes_in_colour_and_the_cka_scatter(audit):
+@flow
+def _study_report(store: str, rows: list[dict]) -> dict:
+    """The study flow's last two steps alone, on given rows."""
+    ref = study.study_report(store, rows, StudyParams(store=store))
+    return publish(store, ref, study.TABLE, study.STUDY, key="study", html_file=study.HTML)
+
+
+def test_study_page_shows_regimes_in_colour_and_the_cka_scatter(audit, tmp_path):
     (row,) = audit[1].result()["rows"]
     rows = [{**row, "domain": "text"}, {**row, "domain": "code", "regime": "reversible"}]
-    page = study_html(rows, audit[0].thresholds.model_dump())
+    result = _study_report(str(tmp_path), rows)
+    assert result["html_file"].endswith(study.HTML)
+    page = Path(result["html_file"]).read_text()
     (figure,) = IMG.findall(page)
     assert _pixels(base64.b64decode(figure)).std() > MIN_STD
     for regime in (row["regime"], "reversible"):
@@ -151,14 +162,21 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_stage_progress_draws_a_bar_and_completes_the_artifact(prefect_server):
-    stream = _Terminal()
+@flow
+def _two_of_five_steps(stream: io.StringIO):
+    """A loop that stops early, as unlearning does at collapse; its progress artifact's id."""
     with StageProgress("unit", stream=stream) as progress:
         for step in (1, 2):
-            progress(step, 5)  # stops early, as unlearning does at collapse
+            progress(step, 5)
+    return progress.artifact
+
+
+def test_stage_progress_draws_a_bar_and_completes_the_artifact(prefect_server):
+    stream = _Terminal()
+    artifact_id = _two_of_five_steps(stream)
     assert "\runit |" in stream.getvalue() and stream.getvalue().endswith("\n")
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[progress.artifact]))
+            artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id]))
         )
     assert artifact.data == 100 and "2/5" in artifact.description

@@ -44,6 +44,7 @@ STAGES = {
     "checkpoint",
     "unlearn",
     "evaluate",
+    "fisher",
     "relearn",
     "activations",
     "metrics",
@@ -106,9 +107,9 @@ def s3(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def logs(s3):
-    """Log lines at INFO and above from every logger while the module runs."""
+    """Log lines at INFO and above from every logger, from the module's first test to its last."""
     handler, root = Lines(), logging.getLogger()
     level = root.level
     root.setLevel(logging.INFO)
@@ -122,11 +123,14 @@ def logs(s3):
 
 @pytest.fixture(scope="module")
 def params(tiny) -> AuditParams:
+    """The tiny audit of test_flow.py; without linear probes, which read the store as metrics
+    does (activations through local_dir) but take most of the run's time."""
     return AuditParams(
         embedded=tiny,
         store=URL,
         name="s3 audit",
         methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
+        probes=False,
     )
 
 

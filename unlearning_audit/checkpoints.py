@@ -119,6 +119,7 @@ def identity(spec: CheckpointSpec, allow_pickle: bool = False) -> dict:
         }
     if spec.kind == "remote":
         fs, root = filesystem(spec.location)
+        fs.invalidate_cache(root)  # a long-lived worker must see the prefix as it is now
         return {
             i["name"].rsplit("/", 1)[-1]: str(i.get("ETag") or (i["size"], i.get("mtime")))
             for i in fs.ls(root, detail=True)

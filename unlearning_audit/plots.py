@@ -64,7 +64,8 @@ STYLE = {
     "figure.constrained_layout.use": True,
 }
 DPI = 110
-PANEL_WIDTH, PANEL_HEIGHT = 4.6, 3.4  # inches: one panel of a figure
+PANEL_WIDTH, PANEL_HEIGHT = 4.6, 3.4  # inches: one panel of a figure, two to a row
+SMALL_PANEL_WIDTH = 3.4  # inches: three to a row, as wide as two panels and a bit
 LAYER_AXIS = "layer (0 = embeddings)"
 PARAMETER_LAYER_AXIS = "layer (0 = embeddings, last = final norm and LM head)"
 
@@ -80,13 +81,15 @@ def run_colors(labels: Sequence[str]) -> dict[str, str]:
 
 
 @contextmanager
-def _figure(panels: int = 1, columns: int = 2) -> Iterator[tuple[Figure, list[Axes]]]:
+def _figure(
+    panels: int = 1, columns: int = 2, panel_width: float = PANEL_WIDTH
+) -> Iterator[tuple[Figure, list[Axes]]]:
     """A figure of ``panels`` panels in rows of at most ``columns``, drawn under STYLE; at least
     two panels wide, so that a legend below has room."""
     columns = min(panels, columns)
     rows = math.ceil(panels / columns)
     with mpl.rc_context(STYLE):
-        fig = Figure(figsize=(PANEL_WIDTH * max(columns, 2), PANEL_HEIGHT * rows))
+        fig = Figure(figsize=(panel_width * max(columns, 2), PANEL_HEIGHT * rows))
         FigureCanvasAgg(fig)
         axes = list(fig.subplots(rows, columns, squeeze=False).flat)
         for extra in axes[panels:]:
@@ -144,7 +147,7 @@ def recovery_curves(
         ("forget", "forget"): ("forget set (relearned on it)", PALETTE[0]),
         ("forget-half", "forget_b"): ("held-out half B (relearned on A)", PALETTE[1]),
     }
-    with _figure(len(curves), columns=3) as (fig, axes):
+    with _figure(len(curves), columns=3, panel_width=SMALL_PANEL_WIDTH) as (fig, axes):
         for ax, (label, by_source) in zip(axes, curves.items(), strict=True):
             for (source, key), (_, color) in lines.items():
                 for curve, dash in ((by_source.get(source), "-"), (control.get(source), "--")):
@@ -153,7 +156,8 @@ def recovery_curves(
                         ax.plot(steps, [p[key] for p in curve], dash, color=color, marker="o")
             ax.axhline(forget_original, color="0.2", linestyle=":", linewidth=1.2)
             ax.axhline(reversible * forget_original, color="0.6", linestyle=":", linewidth=1.2)
-            ax.set(title=label, xlabel="relearning step", ylabel="exact match", ylim=(-0.03, 1.03))
+            ax.set(xlabel="relearning step", ylabel="exact match", ylim=(-0.03, 1.03))
+            ax.set_title(label, fontsize="medium")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles = [Line2D([], [], color=c, marker="o", label=name) for name, c in lines.values()]
         handles += [
@@ -161,7 +165,9 @@ def recovery_curves(
             if control
             else Line2D([], [], color="none", label="(no never-learned control)"),
             Line2D([], [], color="0.2", linestyle=":", label="original (before unlearning)"),
-            Line2D([], [], color="0.6", linestyle=":", label=f"reversible: {reversible:.0%} of it"),
+            Line2D(
+                [], [], color="0.6", linestyle=":", label=f"reversible at {reversible:.0%} of it"
+            ),
         ]
         _legend_below(fig, handles, columns=3)
         return _png(fig)
@@ -204,43 +210,40 @@ def pca_shift_scatter(
     unlearned: Mapping[str, Mapping[int, tuple[float, float]]],
     relearned: Mapping[str, Mapping[int, tuple[float, float]]],
 ) -> bytes:
-    """The paper's PCA-shift view: each layer's centroid shift (Delta-PC1, Delta-PC2) in units of
-    the original's standard deviation along that component; filled: unlearned, hollow: relearned.
-    Points are labelled by layer and joined in layer order."""
+    """The paper's PCA-shift view: each layer's centroid shift (Delta-PC1, Delta-PC2) against the
+    original, in units of the original's standard deviation along that component, for the
+    unlearned models (left) and after relearning (right), on shared axes. Points are labelled
+    by layer and joined in layer order."""
     colors = run_colors(list(unlearned))
-    with _figure(1) as (fig, axes):
-        (ax,) = axes
-        fig.set_size_inches(PANEL_WIDTH * 2, PANEL_HEIGHT * 1.6)
-        ax.axhline(0, color="0.5", linewidth=0.8)
-        ax.axvline(0, color="0.5", linewidth=0.8)
-        for label, color in colors.items():
-            for points, fill in ((unlearned[label], color), (relearned.get(label, {}), "white")):
+    with _figure(2) as (fig, axes):
+        fig.set_size_inches(PANEL_WIDTH * 2, PANEL_HEIGHT * 1.4)
+        axes[1].sharex(axes[0])
+        axes[1].sharey(axes[0])
+        for ax, (what, data) in zip(
+            axes, {"unlearned": unlearned, "relearned": relearned}.items(), strict=True
+        ):
+            ax.axhline(0, color="0.5", linewidth=0.8)
+            ax.axvline(0, color="0.5", linewidth=0.8)
+            for label, points in data.items():
                 layers = sorted(points)
                 xs, ys = [points[i][0] for i in layers], [points[i][1] for i in layers]
-                ax.plot(xs, ys, color=color, linewidth=0.8, alpha=0.6)
-                ax.scatter(
-                    xs, ys, s=42, facecolors=fill, edgecolors=color, linewidths=1.5, zorder=3
-                )
-                if fill != "white":
-                    for layer, x, y in zip(layers, xs, ys, strict=True):
-                        ax.annotate(
-                            f"L{layer}",
-                            (x, y),
-                            xytext=(4, 4),
-                            textcoords="offset points",
-                            fontsize=8,
-                            color=color,
-                        )
-        ax.set(
-            title="PCA shift of the forget set per layer (L = layer)",
-            xlabel="ΔPC1 (in sd of the original along PC1)",
-            ylabel="ΔPC2 (in sd of the original along PC2)",
-        )
-        styles = {
-            "unlearned": {"marker": "o", "linestyle": "none"},
-            "relearned": {"marker": "o", "linestyle": "none", "markerfacecolor": "white"},
-        }
-        _legend_below(fig, _run_handles(colors) + _style_handles(styles))
+                ax.plot(xs, ys, color=colors[label], linewidth=0.8, alpha=0.6)
+                ax.scatter(xs, ys, s=36, color=colors[label], zorder=3)
+                for layer, x, y in zip(layers, xs, ys, strict=True):
+                    ax.annotate(
+                        f"L{layer}",
+                        (x, y),
+                        xytext=(4, 4),
+                        textcoords="offset points",
+                        fontsize=8,
+                        color=colors[label],
+                    )
+            ax.set(
+                title=f"Original vs {what} (L = layer)",
+                xlabel="ΔPC1 (in sd of the original along PC1)",
+                ylabel="ΔPC2 (in sd of the original along PC2)",
+            )
+        _legend_below(fig, _run_handles(colors))
         return _png(fig)
 
 
@@ -273,6 +276,30 @@ def fisher_per_layer(
             ax.set_yscale("log", nonpositive="mask")
             _layer_axis(ax, _layers(ratio, {"original": original_mean}), PARAMETER_LAYER_AXIS)
         styles = {"original's mean": {"linestyle": ":", "marker": "s", "color": "0.1"}}
+        _legend_below(fig, _run_handles(colors) + _style_handles(styles))
+        return _png(fig)
+
+
+def probe_per_layer(unlearned: ByRun, relearned: ByRun, original: Series, chance: ByRun) -> bytes:
+    """Linear-probe accuracy on the forget questions per layer: of the unlearned models (left)
+    and after relearning (right), with the original's (dashed) and each run's measured chance
+    (dotted, the permutation baseline)."""
+    colors = run_colors(list(unlearned))
+    styles = {"original": {"linestyle": "--", "color": "black"}, "chance": {"linestyle": ":"}}
+    with _figure(2) as (fig, axes):
+        for ax, (what, data) in zip(
+            axes, {"unlearned": unlearned, "relearned": relearned}.items(), strict=True
+        ):
+            for label, series in data.items():
+                _line(ax, series, color=colors[label])
+                _line(ax, chance.get(label, {}), color=colors[label], marker="", **styles["chance"])
+            _line(ax, original, marker="", **styles["original"])
+            ax.set(
+                title=f"Probe on the {what} models",
+                ylabel="probe accuracy (forget set)",
+                ylim=(-0.03, 1.03),
+            )
+            _layer_axis(ax, _layers(unlearned, relearned))
         _legend_below(fig, _run_handles(colors) + _style_handles(styles))
         return _png(fig)
 

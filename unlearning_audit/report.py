@@ -47,6 +47,8 @@ def summary_row(run: dict) -> dict:
         "label": run["label"],
         "recovery_advantage": run["verdict"]["recovery_advantage"],
         "heldout_advantage": run["verdict"]["heldout_advantage"],
+        **{f"forget_acc_q{bits}": em for bits, em in e.get("forget_quantized", {}).items()},
+        "probe_advantage": run["verdict"].get("probe_advantage"),
     }
 
 
@@ -193,6 +195,7 @@ def _layer_table(r: dict) -> tuple[list[str], list[list]]:
         "Fisher ratio",
         "Fisher-weighted dist",
         "CKA relearned",
+        "probe orig / unl / rel (chance)",
     ]
     return header, [
         [
@@ -205,9 +208,20 @@ def _layer_table(r: dict) -> tuple[list[str], list[list]]:
             _metric(r["metrics_unlearned"], "fisher_mean_ratio", layer),
             _metric(r["metrics_unlearned"], "fisher_weighted_distance", layer),
             _metric(r["metrics_relearned"], "cka", layer),
+            _probe_cell(r.get("probes") or {}, layer),
         ]
         for layer in sorted({x["layer"] for x in r["metrics_unlearned"]})
     ]
+
+
+def _probe_cell(probes: dict[str, list[dict]], layer: int) -> str:
+    """Probe accuracy on the forget questions of each model at a layer, and measured chance."""
+    if not probes:
+        return "n/a"
+    acc = {m: _by_layer(rows, "probe_forget", None).get(layer) for m, rows in probes.items()}
+    chance = _by_layer(probes["unlearned"], "probe_chance", None).get(layer)
+    models = ("original", "unlearned", "relearned")
+    return " / ".join(_f(acc.get(m)) for m in models) + f" ({_f(chance)})"
 
 
 def _point(curve: list[dict] | None, i: int, key: str):
@@ -244,6 +258,8 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
         "retain EM orig / unl",
         "mean CKA",
         "advantage vs control (forget / held-out)",
+        "forget EM 8-bit / 4-bit",
+        "probe above chance",
         "regime",
     ]
     return header, [
@@ -255,6 +271,8 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
             f"{r['retain_acc_original']:.2f} / {r['retain_acc_unlearned']:.2f}",
             r["mean_cka"],
             f"{_f(r['recovery_advantage'])} / {_f(r['heldout_advantage'])}",
+            f"{_f(r.get('forget_acc_q8'))} / {_f(r.get('forget_acc_q4'))}",
+            r.get("probe_advantage"),
             r["regime"],
         ]
         for r in rows
@@ -327,19 +345,20 @@ def _page(title: str, body: list[str]) -> str:
     )
 
 
-def _by_layer(rows: list[dict], metric: str, probe_set: str = "forget") -> dict[int, float]:
+def _by_layer(rows: list[dict], metric: str, probe_set: str | None = "forget") -> dict[int, float]:
+    """One metric's value per layer; ``probe_set`` None for tables without that column."""
     return {
         r["layer"]: r["value"]
         for r in rows
-        if r["metric"] == metric and r["probe_set"] == probe_set
+        if r["metric"] == metric and (probe_set is None or r["probe_set"] == probe_set)
     }
 
 
 def _subspace_k(rows: list[dict]) -> int | None:
     """k of the top-k subspace similarity in a metrics table (None: not measured)."""
     prefix = "pca_similarity_top"
-    found = {r["metric"][len(prefix) :] for r in rows if r["metric"].startswith(prefix)}
-    return int(min(found)) if found else None
+    found = {int(r["metric"][len(prefix) :]) for r in rows if r["metric"].startswith(prefix)}
+    return min(found) if found else None
 
 
 def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
@@ -353,13 +372,11 @@ def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
         return {label: _by_layer(rows, metric, probe_set) for label, rows in tables.items()}
 
     def shifts(tables: dict[str, list[dict]]) -> dict:
-        return {
-            label: {
-                layer: (x, _by_layer(rows, "pca_shift_pc2_norm").get(layer, math.nan))
-                for layer, x in _by_layer(rows, "pca_shift_pc1_norm").items()
-            }
-            for label, rows in tables.items()
-        }
+        out = {}
+        for label, rows in tables.items():
+            pc1, pc2 = _by_layer(rows, "pca_shift_pc1_norm"), _by_layer(rows, "pca_shift_pc2_norm")
+            out[label] = {layer: (x, pc2.get(layer, math.nan)) for layer, x in pc1.items()}
+        return out
 
     e0 = runs[0]["verdict"]["evidence"]["forget_original"]
     k = _subspace_k(runs[0]["metrics_unlearned"]) or 2
@@ -396,7 +413,8 @@ def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
         (
             "PCA shift per layer",
             "Shift of the forget set's centroid along the original's first two principal "
-            "components, in the original's standard deviations; one point per layer.",
+            "components, in the original's standard deviations along each, one point per layer: "
+            "of the unlearned models (left) and of the same models after relearning (right).",
             plots.pca_shift_scatter(shifts(unl), shifts(rel)),
         ),
     ]
@@ -415,6 +433,24 @@ def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
                     },
                     per_run(unl, "fisher_mean_ratio"),
                     _by_layer(runs[0]["metrics_unlearned"], "fisher_mean_original"),
+                ),
+            )
+        )
+    probed = {r["label"]: r["probes"] for r in runs if r.get("probes")}
+    if probed:
+        first = next(iter(probed.values()))
+        out.append(
+            (
+                "Linear probe accuracy per layer",
+                "A logistic-regression probe trained on the retain questions' activations "
+                "decodes the forget questions' answers: knowledge the unlearned model cannot say "
+                "but a probe still reads is hidden, not deleted. Dotted: each run's measured "
+                "chance (probes on shuffled labels); dashed: the original model.",
+                plots.probe_per_layer(
+                    {k: _by_layer(v["unlearned"], "probe_forget", None) for k, v in probed.items()},
+                    {k: _by_layer(v["relearned"], "probe_forget", None) for k, v in probed.items()},
+                    _by_layer(first["original"], "probe_forget", None),
+                    {k: _by_layer(v["unlearned"], "probe_chance", None) for k, v in probed.items()},
                 ),
             )
         )
@@ -444,16 +480,15 @@ def html(audit: dict, runs: list[dict]) -> str:
         _html_table(*_threshold_table(audit["thresholds"])),
         "<h2>Representation evidence</h2>",
         f'<p class="note">{escape(prediction_note(runs))}</p>',
+        "<h2>Figures</h2>",
+        *(_figure_html(*f) for f in figures(audit, runs)),
+        "<h2>Per run</h2>",
     ]
     for r in runs:
         reasons = "".join(f"<li>{escape(x)}</li>" for x in r["verdict"]["reasons"])
-        body.append(f"<h3>{escape(r['label'])}</h3><ul>{reasons}</ul>")
-    body.append("<h2>Figures</h2>")
-    body += [_figure_html(*f) for f in figures(audit, runs)]
-    body.append("<h2>Per-run tables</h2>")
-    for r in runs:
         body += [
-            f"<details><summary>{escape(r['label'])}</summary>",
+            f"<h3>{escape(r['label'])}</h3><ul>{reasons}</ul>",
+            "<details><summary>Recovery curve and per-layer metrics</summary>",
             "<p>Recovery curve (exact match; held-out = half B, relearned on half A):</p>",
             _html_table(*_curve_table(r["curves"], audit.get("control_curves") or {})),
             "<p>Per layer, original vs unlearned (forget set) and vs relearned:</p>",
@@ -466,9 +501,11 @@ def html(audit: dict, runs: list[dict]) -> str:
 def _regime_grid(rows: list[dict]) -> str:
     """The paper's table: methods down, domains x settings (learning rates) across, each cell
     the regime in its colour with forget exact match unlearned -> relearned."""
-    columns = sorted({(r["domain"], r["lr"]) for r in rows}, key=lambda c: (c[0], -(c[1] or 0)))
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    columns = sorted(
+        {(r["domain"], r["lr"]) for r in rows}, key=lambda c: (domains.index(c[0]), -(c[1] or 0))
+    )
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    domains = list(dict.fromkeys(d for d, _ in columns))
     top = "".join(
         f'<th colspan="{sum(d == c[0] for c in columns)}">{escape(d)}</th>' for d in domains
     )

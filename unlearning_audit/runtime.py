@@ -1,7 +1,8 @@
 """Process-wide compute settings: device, torch threads and seeds, set deliberately.
 
 Two torch threads on a shared 2-core machine ran 30x slower in one trial here, so the thread count
-defaults to half the cores (one on such a machine) and can be set with UNLEARNING_AUDIT_THREADS.
+(torch's, and the BLAS and OpenMP pools numpy and scikit-learn use) defaults to half the cores
+(one on such a machine) and can be set with UNLEARNING_AUDIT_THREADS.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 
 def threads() -> int:
@@ -20,8 +22,9 @@ def threads() -> int:
 
 
 def setup(seed: int, device: str = "auto") -> torch.device:
-    """Seed every generator, set torch threads, and return the device to compute on."""
+    """Seed every generator, set torch and BLAS threads, and return the device to compute on."""
     torch.set_num_threads(threads())
+    threadpool_limits(threads())
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

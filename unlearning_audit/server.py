@@ -93,14 +93,14 @@ class LocalStack:
         self.stop()
 
     def start(self, timeout: float = 180) -> None:
-        """Server, pools, deployments, then workers; each step checked before the next."""
+        """Server, pools, workers, then deployments; a failed step raises."""
         self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
         self.wait_healthy(timeout)
         self.create_pools()
+        self.start_workers()  # they start while the deployments register
         self.deploy()
-        self.start_workers()
 
-    def _spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *args: str, **env: str) -> None:
         with open(self.logs / f"{name}.log", "wb") as log:  # the child keeps its own copy
             proc = subprocess.Popen(
                 [_prefect(), *args],
@@ -111,7 +111,6 @@ class LocalStack:
                 start_new_session=True,
             )
         self.processes[name] = proc
-        return proc
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
         """The end of a process's log, for error messages."""
@@ -190,31 +189,35 @@ class LocalStack:
         return all(proc.poll() is None for proc in self.processes.values())
 
     def stop(self, grace: float = 15) -> None:
-        """Stop the workers, then the server: SIGINT, then SIGTERM, then SIGKILL, each with a
-        grace period; the last two go to the whole process group (flow runs included)."""
-        for name in sorted(self.processes, key=lambda n: n == "server"):
-            proc = self.processes.pop(name)
-            for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                if proc.poll() is not None:
-                    break
-                try:
-                    if sig == signal.SIGINT:
-                        proc.send_signal(sig)
-                    else:
-                        os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(wait)
-                except subprocess.TimeoutExpired:
-                    continue
-            _end_group(proc.pid)
+        """Stop the workers together, then the server (see ``terminate``)."""
+        workers = [proc for name, proc in self.processes.items() if name != "server"]
+        terminate(workers, grace)
+        terminate([proc for name, proc in self.processes.items() if name == "server"], grace)
+        self.processes.clear()
 
 
-def _end_group(pgid: int) -> None:
-    """Kill what is left of a stopped child's process group (e.g. a flow run it started)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+def terminate(procs: list[subprocess.Popen], grace: float) -> None:
+    """Stop child processes, each the leader of its own process group: SIGINT (Prefect's
+    graceful stop), then, for those still running after ``grace`` seconds, SIGTERM to the group
+    (a second signal makes a Prefect worker kill itself), then SIGKILL; and the group's leftovers
+    (a flow run the worker started) are killed."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        alive = [proc for proc in procs if proc.poll() is None]
+        if not alive:
+            break
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                if sig == signal.SIGINT:
+                    proc.send_signal(sig)
+                else:
+                    os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        for proc in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _interrupt(signum, frame) -> None:
@@ -223,13 +226,15 @@ def _interrupt(signum, frame) -> None:
 
 def serve(stack: LocalStack) -> None:
     """Run ``stack`` in the foreground until Ctrl-C (or SIGTERM), or until a process of it dies."""
-    signal.signal(signal.SIGTERM, _interrupt)
-    with stack:
-        print(f"Prefect UI: {stack.ui_url}  (API {stack.api_url}; logs in {stack.logs})")
-        print("work pools: gpu, cpu; deployments from deployments/prefect.yaml. Ctrl-C stops.")
-        try:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may have been ignored
+        signal.signal(sig, _interrupt)
+    try:
+        with stack:
+            print(f"Prefect UI: {stack.ui_url}  (API {stack.api_url}; logs in {stack.logs})")
+            print("work pools: gpu, cpu; deployments from deployments/prefect.yaml. Ctrl-C stops.")
             while stack.running():
                 time.sleep(1)
-            print("a process of the stack stopped; see its log", file=sys.stderr)
-        except KeyboardInterrupt:
-            print("stopping ...")
+    except KeyboardInterrupt:
+        print("stopped")
+        return
+    raise SystemExit(f"a process of the stack exited; see its log in {stack.logs}")

@@ -15,7 +15,9 @@ checks every file's hash before using it, so an interrupted write leaves nothing
 complete and a corrupted object is found, not used. The manifest is created exclusively (a local
 hard link, an S3 conditional PUT with If-None-Match), so of two writers of one key the first
 manifest stays and the second writer removes its own copy; a manifest whose artifact fails
-verification is replaced by the next writer.
+verification is replaced by the next writer. ``check_integrity`` hashes every artifact and lists
+those that fail, and the writer folders killed writers left; ``repair`` removes them (the CLI's
+``verify [--repair]``). Keys never leave the root: ``..`` parts and absolute paths are refused.
 
 A remote store (``s3://bucket/prefix``; endpoint, region and credentials come from the usual AWS
 environment variables) is read through a local cache keyed by content hash: verifying an artifact
@@ -32,14 +34,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -50,6 +54,9 @@ MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 22
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 _SECRET_WORDS = ("key", "secret", "token", "password")
+_MAX_DELAY = 60.0  # seconds between two attempts, at most
+_WRITER = re.compile(r"^[0-9a-f]{12}$")  # a writer folder's name: put's uuid4().hex[:12]
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 T = TypeVar("T")
 
 
@@ -68,6 +75,36 @@ class CorruptArtifact(RuntimeError):
 
 class StoreUnavailable(RuntimeError):
     """The store could not be reached, even after every retry."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem check_integrity found, and what repair removes for it (paths under the root).
+
+    ``corrupt``: an artifact that does not verify (its manifest, then its data folder, go);
+    ``orphan``: a writer folder (or a manifest's temporary file) that no manifest names.
+    """
+
+    kind: Literal["corrupt", "orphan"]
+    key: str
+    problem: str
+    remove: tuple[str, ...]
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a relative path that stays inside the store, else a ValueError saying why.
+
+    Keys and audit names come from users too (``show``, ``report``, ``--name``): ``../x`` or an
+    absolute path would read or write outside the store's root.
+    """
+    parts = key.replace("\\", "/").split("/")
+    if not key or key.startswith(("/", "\\", "~")) or _DRIVE.match(key):
+        raise ValueError(f"{key!r} is empty or an absolute path; give a path inside the store")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{key!r} has an empty, '.' or '..' part, which could leave the store")
+    if any(ord(c) < 32 for c in key):
+        raise ValueError(f"{key!r} holds a control character")
+    return key
 
 
 def default_store_url() -> str:
@@ -181,10 +218,10 @@ class Store:
 
     Tuning from the environment: UNLEARNING_AUDIT_CACHE (the local cache of remote artifacts),
     UNLEARNING_AUDIT_STORE_RETRIES (attempts per operation, default 4),
-    UNLEARNING_AUDIT_STORE_BACKOFF (first retry delay in seconds, doubling, default 1) and
-    UNLEARNING_AUDIT_PART_SIZE_MB (S3 multipart part size, for uploads and ranged downloads;
-    default s3fs's 50 MiB). Parallel parts: the storage option ``max_concurrency`` (s3fs, default
-    10), or FSSPEC_S3_MAX_CONCURRENCY.
+    UNLEARNING_AUDIT_STORE_BACKOFF (first retry delay in seconds, doubling up to a minute,
+    default 1) and UNLEARNING_AUDIT_PART_SIZE_MB (S3 multipart part size, for uploads and
+    ranged downloads; default s3fs's 50 MiB). Parallel parts: the storage option
+    ``max_concurrency`` (s3fs, default 10), or FSSPEC_S3_MAX_CONCURRENCY.
     """
 
     def __init__(
@@ -230,7 +267,7 @@ class Store:
                     raise StoreUnavailable(
                         f"store {self.url}: {what} failed after {attempt} attempts ({reason})"
                     ) from exc
-                delay = self.backoff * 2 ** (attempt - 1)
+                delay = min(self.backoff * 2 ** (attempt - 1), _MAX_DELAY)
                 log.warning(
                     "store %s: %s failed (%s); retry %d of %d in %.1fs",
                     self.url,
@@ -266,9 +303,9 @@ class Store:
         """The artifact's manifest, or None where it has none (absent or incomplete).
 
         A manifest that is not a JSON object with a hash, a data folder and a file list raises
-        CorruptArtifact.
+        CorruptArtifact. A key that would leave the store raises ValueError (see check_key).
         """
-        path = self._path(key, MANIFEST)
+        path = self._path(check_key(key), MANIFEST)
         try:
             raw = self._retry(f"read of {key}/{MANIFEST}", lambda: self.fs.cat_file(path))
         except FileNotFoundError:
@@ -308,16 +345,25 @@ class Store:
             return
         manifest = _check_manifest(ref, manifest or self.manifest(ref.key))
         if self.local:
-            for name, entry in manifest["files"].items():
-                try:
-                    with self.fs.open(self._path(ref.key, manifest["data"], name), "rb") as f:
-                        actual = _stream_sha256(f)
-                except FileNotFoundError as exc:
-                    raise CorruptArtifact(f"{ref.key}: {name} is missing") from exc
-                _expect_sha256(ref.key, name, entry, actual)
+            self._check_files(ref.key, manifest)
         else:
             self._cached_copy(ref, manifest)
         self._verified.add(ref.hash)
+
+    def _check_files(self, key: str, manifest: dict) -> None:
+        """Hash every file of an artifact where it lies (a remote one streamed, never cached);
+        raise CorruptArtifact at the first that is missing or differs from its manifest."""
+        for name, entry in manifest["files"].items():
+            path = self._path(key, manifest["data"], name)
+            try:
+                actual = self._retry(f"read of {key}/{name}", lambda p=path: self._sha256(p))
+            except FileNotFoundError as exc:
+                raise CorruptArtifact(f"{key}: {name} is missing") from exc
+            _expect_sha256(key, name, entry, actual)
+
+    def _sha256(self, path: str) -> str:
+        with self.fs.open(path, "rb") as f:
+            return _stream_sha256(f)
 
     def local_dir(self, ref: ArtifactRef) -> Path:
         """A local folder holding the artifact's files, verified against the manifest.
@@ -382,10 +428,92 @@ class Store:
             if manifest is not None:
                 yield manifest
 
+    # -- integrity ---------------------------------------------------------------------------
+
+    def check_integrity(self, orphan_age: float = 3600.0) -> list[Finding]:
+        """Every artifact whose manifest or files do not verify, and every writer folder that no
+        manifest names and that nothing has written to for ``orphan_age`` seconds.
+
+        Each artifact's files are hashed where they lie, so a copy this machine verified before
+        (in the cache, or earlier in this process) hides nothing. Orphans are what killed or
+        failed writers leave; younger ones may belong to a writer still at work, so they are
+        left alone.
+        """
+        findings: list[Finding] = []
+        for key, (files, writers) in sorted(self._layout().items()):
+            named = None
+            if MANIFEST in files:
+                try:
+                    named = self._checked(key)["data"]
+                except CorruptArtifact as exc:
+                    manifest = self._readable_manifest(key)
+                    named = manifest and manifest["data"]
+                    remove = (f"{key}/{MANIFEST}",) + ((f"{key}/{named}",) if named else ())
+                    findings.append(Finding("corrupt", key, str(exc), remove))
+            leftovers = {**{n: t for n, t in files.items() if _is_tmp(n)}, **writers}
+            for name, written in sorted(leftovers.items()):
+                minutes = (time.time() - written) / 60
+                if name != named and minutes * 60 >= orphan_age:
+                    problem = f"{key}/{name}: no manifest names it; untouched for {minutes:.0f} min"
+                    findings.append(Finding("orphan", key, problem, (f"{key}/{name}",)))
+        return findings
+
+    def repair(self, findings: Iterable[Finding]) -> list[str]:
+        """Remove what each finding names, a bad artifact's manifest before its data (so it stops
+        existing at once, and the next run that needs it recomputes it); return the paths.
+
+        An artifact that verifies again by now (another writer replaced it) is left alone.
+        """
+        removed = []
+        for finding in findings:
+            if finding.kind == "corrupt" and self._intact(finding.key):
+                continue
+            for rel in finding.remove:
+                path = self._path(rel)
+                with contextlib.suppress(FileNotFoundError):
+                    self._retry(f"removal of {rel}", lambda p=path: self.fs.rm(p, recursive=True))
+                    removed.append(rel)
+        return removed
+
+    def _layout(self) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+        """Per key folder (``<stage>/<digest>``): its own files and its writer folders, each with
+        the time it was last written, from one recursive listing."""
+        self.fs.invalidate_cache()
+        listing = self._retry("listing", lambda: self.fs.find(self.root, detail=True))
+        layout: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+        for path, info in listing.items():
+            parts = path[len(self.root) + 1 :].split("/")
+            if len(parts) < 3 or parts[0].startswith("."):
+                continue  # not inside a key folder: the write probe, Prefect results
+            files, writers = layout.setdefault("/".join(parts[:2]), ({}, {}))
+            if len(parts) == 3:
+                files[parts[2]] = _mtime(info)
+            elif _WRITER.match(parts[2]):
+                writers[parts[2]] = max(writers.get(parts[2], 0.0), _mtime(info))
+        return layout
+
+    def _checked(self, key: str) -> dict:
+        """The artifact's manifest once it and every file it names verify, else CorruptArtifact."""
+        manifest = self.manifest(key)
+        if manifest is None:
+            raise CorruptArtifact(f"{key}: no manifest")
+        _check_manifest(ArtifactRef(key=key, hash=manifest["hash"]), manifest)
+        self._check_files(key, manifest)
+        return manifest
+
+    def _intact(self, key: str) -> bool:
+        """Whether the artifact at ``key`` exists and verifies now."""
+        try:
+            self._checked(key)
+        except CorruptArtifact:
+            return False
+        return True
+
     # -- writing ---------------------------------------------------------------------------
 
     def put(self, key: str, src: Path, meta: Mapping[str, Any] | None = None) -> ArtifactRef:
         """Store the files under local folder ``src`` as the artifact ``key``; see module doc."""
+        check_key(key)
         files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file()}
         entries = {
             name: {"sha256": file_sha256(p), "size": p.stat().st_size} for name, p in files.items()
@@ -515,6 +643,17 @@ class Store:
             meta = build(Path(tmp)) or {}
             meta = {"inputs": _plain(inputs), "config": _plain(config), "version": version, **meta}
             return self.put(key, Path(tmp), meta), False
+
+
+def _is_tmp(name: str) -> bool:
+    """A local manifest's temporary file (see _local_tmp), left behind by a killed writer."""
+    return name.startswith(f"{MANIFEST}.") and name.endswith(".tmp")
+
+
+def _mtime(info: Mapping[str, Any]) -> float:
+    """When a listed file was last written, in seconds since the epoch (local or S3 listing)."""
+    stamp = info.get("mtime") or info.get("LastModified") or 0.0
+    return stamp.timestamp() if isinstance(stamp, datetime) else float(stamp)
 
 
 def _protocols(fs) -> tuple[str, ...]:

@@ -91,6 +91,13 @@ def needs_reference(config: UnlearnConfig) -> bool:
     return config.method.startswith("NPO") or config.method.endswith("+KL")
 
 
+def make_reference(model, config: UnlearnConfig):
+    """A frozen copy of the original model where the method needs one, else None."""
+    if not needs_reference(config):
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def relabel(rows: list[dict], seed: int) -> list[dict]:
     """The rows with each answer replaced by a different answer of the same attribute.
 
@@ -125,9 +132,7 @@ def unlearn(
     With ``stop_at_forget_em`` set, training stops at collapse: at the first check where forget
     exact match falls below it. ``progress(step, steps)`` follows the training loop.
     """
-    reference = None
-    if needs_reference(config):
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    reference = make_reference(model, config)
     forget_rows = relabel(sets["forget"], seed) if config.method == "RLabel" else sets["forget"]
     forget = data.shuffled_batches(forget_rows, config.batch_size, seed)
     retain = data.shuffled_batches(sets["retain"], config.batch_size, seed + 1)

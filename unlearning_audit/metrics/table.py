@@ -79,8 +79,10 @@ def fisher_rows(fisher0: dict, fisher: dict, original, candidate) -> list[dict]:
         values = {f"fisher_{k}": v for k, v in entry.items() if k != "log10_hist"}
         values["fisher_mean_original"] = float(fisher0[layer].double().mean())
         values["fisher_weighted_distance"] = distance[layer]
-        rows += [{"metric": m, "layer": layer, "probe_set": "forget", "value": float(v)}
-                 for m, v in values.items()]
+        rows += [
+            {"metric": m, "layer": layer, "probe_set": "forget", "value": float(v)}
+            for m, v in values.items()
+        ]
     return rows
 
 
