@@ -21,8 +21,15 @@ def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, object]:
 
 
 @task(name="fisher", cache_policy=NO_CACHE, **gpu_options())
-def fisher(store: str, checkpoint: ArtifactRef, data_ref: ArtifactRef, probe_set: str = "forget",
-           max_rows: int = 200, batch_size: int = 16, device: str = "auto"):
+def fisher(
+    store: str,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    probe_set: str = "forget",
+    max_rows: int = 200,
+    batch_size: int = 16,
+    device: str = "auto",
+):
     """Per-sample-gradient diagonal Fisher of every layer, on one probe set.
 
     ``batch_size`` only trades memory for speed; the values do not depend on it.
@@ -32,14 +39,19 @@ def fisher(store: str, checkpoint: ArtifactRef, data_ref: ArtifactRef, probe_set
         model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
         rows = data.sample(load_sets(s, data_ref)[probe_set], max_rows)
         dev = next(model.parameters()).device
-        batches = ({k: v.to(dev) for k, v in data.train_batch(tokenizer, chunk).items()}
-                   for chunk in data.chunks(rows, batch_size))
+        batches = (
+            {k: v.to(dev) for k, v in data.train_batch(tokenizer, chunk).items()}
+            for chunk in data.chunks(rows, batch_size)
+        )
         values = fisher_mod.fisher_diagonal(model, batches)
         save_file({f"layer.{layer}": v.contiguous() for layer, v in values.items()}, out / FISHER)
         return {"probe_set": probe_set, "rows": len(rows)}
 
     return cached_stage(
-        store, "fisher", {"checkpoint": checkpoint, "data": data_ref},
+        store,
+        "fisher",
+        {"checkpoint": checkpoint, "data": data_ref},
         {"probe_set": probe_set, "max_rows": max_rows},
-        code_version(fisher_mod, data), build,
+        code_version(fisher_mod, data),
+        build,
     )
