@@ -30,10 +30,13 @@ def study_report(store: str, rows: list[dict], params: StudyParams):
     return cached_stage(store, "study", {"rows": rows}, params, version, build)
 
 
+# The default as an instance, not None, so the deployment's run form shows every field.
+DEFAULT_PARAMS = StudyParams()
+
+
 @flow(name="study")
-def study(params: StudyParams | None = None) -> dict:
+def study(params: StudyParams = DEFAULT_PARAMS) -> dict:
     """Every method under every setting in every domain of the embedded corpus."""
-    params = params or StudyParams()
     store = params.store or default_store_url()
     rows = []
     for domain in params.domains:

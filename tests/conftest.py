@@ -69,3 +69,48 @@ def tiny_model(tiny):
     model = embedded.build_model(tokenizer, tiny)
     embedded.pretrain(model, tokenizer, rows, target, tiny)
     return model, tokenizer, facts, forget
+
+
+class S3Server:
+    """A moto S3 server on 127.0.0.1 that can stop and restart on its port; its buckets live in
+    this process, so they outlast a restart, as a real server's disks would."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.running = False
+        self.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        self.running = True
+
+    def stop(self) -> None:
+        self._server.stop()
+        self.running = False
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """A fresh S3Server, with the AWS environment pointing at it: fake credentials, no botocore
+    retries (the store's own are what tests exercise), a private cache; stopped afterwards."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = S3Server()
+    for name, value in {
+        "AWS_ENDPOINT_URL": server.endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "UNLEARNING_AUDIT_CACHE": str(tmp_path / "s3-cache"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    yield server
+    if server.running:
+        server.stop()

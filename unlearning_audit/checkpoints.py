@@ -45,6 +45,7 @@ METADATA = (
     "chat_template.jinja",
 )
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+@[\w./-]+$")
+Tensors = dict[str, tuple[str, list[int]]]  # a tensor's name: the file holding it, its shape
 
 
 @dataclass(frozen=True)
@@ -157,31 +158,138 @@ def _copy_local(folder: Path, dest: Path, allow_pickle: bool) -> None:
 
 
 def check_folder(folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
-    """Refuse a checkpoint folder that is incomplete or unsafe, naming the file at fault."""
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ValueError(f"checkpoint {folder}: config.json is missing")
-    try:
-        settings = json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"checkpoint {folder}: config.json is not valid JSON ({exc})") from exc
-    if "auto_map" in settings and not trust_remote_code:
-        raise ValueError(
-            f"checkpoint {folder}: config.json needs trust_remote_code (auto_map "
-            f"{sorted(settings['auto_map'])}); refused unless explicitly allowed"
+    """Refuse a checkpoint folder that is incomplete, damaged or unsafe, before any model loads:
+    one ValueError that names every file at fault.
+
+    config.json must parse and need no model code (``auto_map``) unless trust_remote_code;
+    weights must be safetensors (pickle only with allow_pickle, and a warning), each header must
+    parse and each shard of an index exist; the tensors' names and shapes must fit the model
+    config.json describes (built on the meta device: no memory, no weights read), so that no
+    weight is silently left random; a tokenizer must be there.
+    """
+    settings, problems = _config(folder)
+    remote = "auto_map" in settings
+    if remote and not trust_remote_code:
+        problems.append(
+            f"config.json needs trust_remote_code (auto_map {sorted(settings['auto_map'])}); "
+            "refused unless explicitly allowed (--trust-remote-code)"
         )
-    if not any(folder.glob("*.safetensors")):
-        pickles = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
-        if not pickles:
-            raise ValueError(f"checkpoint {folder}: no *.safetensors weights")
-        if not allow_pickle:
-            raise ValueError(
-                f"checkpoint {folder}: only pickle weights ({', '.join(pickles)}), which can run "
-                "code when loaded; refused unless explicitly allowed"
-            )
-        log.warning("loading pickle weights from %s: allowed explicitly", folder)
+    elif remote:
+        log.warning("checkpoint %s: runs its own model code: allowed explicitly", folder)
+    tensors, weight_problems = _weights(folder, allow_pickle)
+    problems += weight_problems
+    buildable = settings and not remote and "quantization_config" not in settings  # plain shapes
+    if tensors and buildable and not weight_problems:
+        problems += _shape_problems(folder, tensors)
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ValueError(f"checkpoint {folder}: no tokenizer (tokenizer.json or tokenizer.model)")
+        problems.append("no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if problems:
+        raise ValueError(f"checkpoint {folder}: " + "; ".join(problems))
+
+
+def _config(folder: Path) -> tuple[dict, list[str]]:
+    """config.json as a dict ({} if unusable), and what is wrong with it."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}, ["config.json is missing"]
+    try:
+        settings = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {}, [f"config.json is not valid JSON ({exc})"]
+    if not isinstance(settings, dict):
+        return {}, ["config.json is not a JSON object"]
+    return settings, []
+
+
+def _weights(folder: Path, allow_pickle: bool) -> tuple[Tensors, list[str]]:
+    """Every safetensors tensor's file and shape, read from the headers only, and the problems:
+    no weights, pickle weights not allowed, a header that does not parse (a corrupt or truncated
+    file), an index naming a shard that is not there."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = ", ".join(sorted(p.name for p in folder.glob("pytorch_model*.bin")))
+        if not pickles:
+            return {}, ["no *.safetensors weights"]
+        if not allow_pickle:
+            return {}, [
+                f"only pickle weights ({pickles}), which can run code when loaded; refused "
+                "unless explicitly allowed (--allow-pickle)"
+            ]
+        log.warning(
+            "checkpoint %s: pickle weights (%s), unsafe, allowed explicitly", folder, pickles
+        )
+        return {}, []
+    tensors, problems = {}, []
+    for path in files:
+        try:
+            with safe_open(path, "pt") as f:
+                names = f.keys()
+                tensors |= {name: (path.name, f.get_slice(name).get_shape()) for name in names}
+        except (SafetensorError, OSError) as exc:
+            problems.append(f"{path.name} is not a readable safetensors file ({exc})")
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append(f"{index.name} is not a valid index ({exc!r})")
+            continue
+        if missing := sorted(s for s in shards if not (folder / s).is_file()):
+            problems.append(f"{index.name} names shards that are missing: {', '.join(missing)}")
+    return tensors, problems
+
+
+def _shape_problems(folder: Path, tensors: Tensors) -> list[str]:
+    """Where the weights and the model config.json describes disagree: tensors whose shapes
+    differ, and parameters that no file holds.
+
+    Names match as transformers matches them (also without the base model's prefix). Missing
+    parameters are certain only when every tensor found its parameter: transformers renames some
+    checkpoints' tensors on load (older layouts, fused experts), and those are not guessed at.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    except Exception as exc:  # whatever fails here fails on config.json's content
+        return [f"config.json does not describe a causal LM transformers can build ({exc})"]
+    shapes = {name: list(t.shape) for name, t in model.state_dict().items()}
+    prefix = model.base_model_prefix
+    found, strays = {}, []
+    for name, (file, shape) in tensors.items():
+        target = name if name in shapes else f"{prefix}.{name}"
+        if target in shapes:
+            found[target] = (file, list(shape))
+        else:
+            strays.append(name)
+    problems = []
+    if differ := [
+        f"{file}: {name} has shape {shape}, config.json gives {shapes[name]}"
+        for name, (file, shape) in sorted(found.items())
+        if shape != shapes[name]
+    ]:
+        problems.append(_some(differ))
+    if not found:
+        files = ", ".join(sorted({file for file, _ in tensors.values()}))
+        problems.append(f"no tensor in {files} is a parameter of the model config.json describes")
+    elif not strays:
+        tied: dict[int, list[str]] = {}  # tied parameters: one tensor in the file serves them all
+        for name, param in model.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(param), []).append(name)
+        if missing := [n[0] for n in tied.values() if not any(name in found for name in n)]:
+            problems.append(
+                f"config.json describes parameters no *.safetensors file holds: {_some(missing)}"
+            )
+    return problems
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    """The first few items, and how many more there are."""
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
 
 
 def load(folder: Path, device=None, allow_pickle: bool = False, trust_remote_code: bool = False):

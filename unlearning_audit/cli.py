@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from .config import AuditParams, StudyParams, UnlearnConfig
 from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS
-from .store import ArtifactRef, CorruptArtifact, Store, endpoint_url
+from .store import ArtifactRef, CorruptArtifact, Store, check_key, endpoint_url
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -223,13 +223,34 @@ def cmd_report(args: argparse.Namespace) -> None:
     """Rebuild an audit's report.md and report.html from the store alone (no model is loaded)."""
     from .report import REPORT_HTML, rebuild
 
-    paths = rebuild(Store(args.store), args.key, args.out)
+    paths = rebuild(Store(args.store), check_key(args.key), args.out)
     for path in paths.values():
         print(f"wrote {path.resolve()}")
     if args.open:
         import webbrowser
 
         webbrowser.open(paths[REPORT_HTML].resolve().as_uri())
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every artifact's files against its manifest's hashes; --repair removes what fails.
+
+    Exit code 1 when something does not verify and was not repaired, so a scheduled check fails.
+    """
+    store = Store(args.store)
+    findings = store.check_integrity(orphan_age=args.orphan_minutes * 60)
+    for finding in findings:
+        print(f"{finding.kind}: {finding.problem}")
+    if not findings:
+        print(f"every artifact in {store.url} verifies")
+        return 0
+    if not args.repair:
+        print(f"{len(findings)} problem(s); `unlearning-audit verify --repair` removes them")
+        return 1
+    for path in store.repair(findings):
+        print(f"removed {path}")
+    print("repaired: a run that needs a removed artifact computes it again")
+    return 0
 
 
 def cmd_server(args: argparse.Namespace) -> None:
@@ -309,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--open", action="store_true", help="open the HTML report in a browser")
     report.set_defaults(func=cmd_report)
 
+    verify = sub.add_parser("verify", help=cmd_verify.__doc__.splitlines()[0])
+    verify.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    verify.add_argument("--repair", action="store_true", help="remove what does not verify")
+    verify.add_argument(
+        "--orphan-minutes",
+        type=float,
+        default=60.0,
+        metavar="M",
+        help="report (and remove) writer folders no manifest names, untouched this long "
+        "(default 60; younger ones may belong to a write in progress)",
+    )
+    verify.set_defaults(func=cmd_verify)
+
     server = sub.add_parser("server", help=cmd_server.__doc__)
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default 4200)")
     server.add_argument("--gpus", type=int, help="GPU workers and GPU-stage limit (default: all)")
@@ -321,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and turn bad input into a clear message and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except ValidationError as exc:
         problems = [
             f"  - {'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors()
@@ -331,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0  # a command may return its own exit code (verify: 1 on a failed check)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
+from .store import check_key
+
 METHODS = ("GA", "GA+GD", "GA+KL", "NPO", "NPO+KL", "RLabel")
 Domain = Literal["text", "code", "math"]
 RelearnSource = Literal["forget", "forget-half", "retain", "unrelated"]
@@ -196,6 +198,12 @@ class AuditParams(_Config):
         None, description="Artifact store URL; default $UNLEARNING_AUDIT_STORE or ./audit-store."
     )
     name: str | None = Field(None, description="A label for this audit in reports and listings.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_inside_store(cls, value: str | None) -> str | None:
+        """A name may become a path in the store or a report folder: none that would leave it."""
+        return value if value is None else check_key(value)
 
 
 class Setting(_Config):

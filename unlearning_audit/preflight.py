@@ -11,7 +11,8 @@ from .store import Store, default_store_url
 
 
 def preflight(params: AuditParams) -> str:
-    """Validate checkpoints, data sources and the store; return the store URL.
+    """Validate checkpoints (a local folder's files too: see checkpoints.check_folder), data
+    sources and the store; return the store URL.
 
     Raises one ValueError listing every problem found.
     """
@@ -21,7 +22,11 @@ def preflight(params: AuditParams) -> str:
         if spec is None:
             continue
         try:
-            checkpoints.parse(spec)
+            parsed = checkpoints.parse(spec)
+            if parsed.kind == "local":  # others are checked the same way once fetched
+                checkpoints.check_folder(
+                    Path(parsed.location), params.allow_pickle, params.trust_remote_code
+                )
         except ValueError as exc:
             problems.append(f"{role}: {exc}")
     sources = {
