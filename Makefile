@@ -4,13 +4,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# Where pip finds torch: this machine's pip configuration already points at a local CPU build;
+# elsewhere, e.g. `make demo TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 
 .PHONY: install demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(TORCH_INDEX) $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test,lora]"
 	touch $@
 

@@ -14,8 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.data import embedded_corpus
-from unlearning_audit import activations, data, embedded, probes, runtime
+from unlearning_audit import activations, corpus, data, embedded, probes, runtime
 from unlearning_audit.config import EmbeddedConfig
 
 
@@ -25,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     runtime.setup(0, "cpu")
     config = EmbeddedConfig()
-    facts, forget = embedded_corpus(config)
+    facts, forget = corpus.embedded(config)
     sets = data.embedded_sets(facts, forget, "text")
     rows = {name: data.sample(sets[name], args.rows) for name in ("forget", "retain")}
     labelled = {name: [{**r, "label": r["answer"]} for r in rs] for name, rs in rows.items()}

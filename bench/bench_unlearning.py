@@ -21,13 +21,12 @@ def one_method(method: str, steps: int, device: str) -> dict:
     """Median seconds per step and peak memory of ``method`` (runs in this process)."""
     import torch
 
-    from tasks.data import embedded_corpus
-    from unlearning_audit import data, embedded, runtime, training, unlearning
+    from unlearning_audit import corpus, data, embedded, runtime, training, unlearning
     from unlearning_audit.config import EmbeddedConfig, UnlearnConfig
 
     dev = runtime.setup(0, device)
     config = EmbeddedConfig()
-    facts, forget = embedded_corpus(config)
+    facts, forget = corpus.embedded(config)
     sets = data.embedded_sets(facts, forget, "text")
     tokenizer = embedded.train_tokenizer(facts, config.vocab_size)
     model = embedded.build_model(tokenizer, config).to(dev)

@@ -54,7 +54,16 @@ def _relearn_all(
     store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef
 ) -> dict[str, ArtifactRef]:
     return {
-        src: relearn(store, checkpoint, data_ref, src, params.relearn, params.seed, params.device)
+        src: relearn(
+            store,
+            checkpoint,
+            data_ref,
+            src,
+            params.relearn,
+            params.seed,
+            params.device,
+            params.data.eval_max_rows,
+        )
         for src in params.relearn.sources
     }
 

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from flows.audit import audit_checkpoint
-from tasks._stage import CPU_OPTIONS, cached_stage, write_json
-from tasks.report import publish
-from unlearning_audit import plots
-from unlearning_audit import report as report_mod
+from tasks.report import STUDY_HTML, STUDY_MD, STUDY_TABLE, publish, study_report
 from unlearning_audit.config import StudyParams
-from unlearning_audit.store import code_version, default_store_url
-
-STUDY, TABLE, HTML = "study.md", "study.json", "study.html"
-
-
-@task(name="study-report", cache_policy=NO_CACHE, **CPU_OPTIONS)
-def study_report(store: str, rows: list[dict], params: StudyParams):
-    """Store the study table as Markdown and JSON, and the HTML study report."""
-
-    def build(_, out):
-        thresholds = params.thresholds.model_dump()
-        (out / STUDY).write_text(report_mod.study_markdown(rows, thresholds))
-        (out / HTML).write_text(report_mod.study_html(rows, thresholds))
-        write_json(out / TABLE, rows)
-
-    version = code_version(report_mod, plots)
-    return cached_stage(store, "study", {"rows": rows}, params, version, build)
-
+from unlearning_audit.store import default_store_url
 
 # The default as an instance, not None, so the deployment's run form shows every field.
 DEFAULT_PARAMS = StudyParams()
@@ -43,4 +22,4 @@ def study(params: StudyParams = DEFAULT_PARAMS) -> dict:
         result = audit_checkpoint(params.audit(domain))
         rows += [{**row, "domain": domain} for row in result["rows"]]
     ref = study_report(store, rows, params)
-    return publish(store, ref, TABLE, STUDY, key="study", html_file=HTML)
+    return publish(store, ref, STUDY_TABLE, STUDY_MD, key="study", html_file=STUDY_HTML)

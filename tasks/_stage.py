@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from unlearning_audit import checkpoints, data
-from unlearning_audit.store import ArtifactRef, Store
+from unlearning_audit.store import ArtifactRef, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
 FAULTS_ENV = "UNLEARNING_AUDIT_FAULTS"
@@ -102,6 +103,7 @@ def cached_stage(
     """
     store = Store(store_url)
     logger = get_run_logger()
+    version = f"{version}-{code_version(sys.modules[build.__module__])}"  # the task's own code
     pool = _remote_pool()
     if pool is not None and store.get(store.key_for(stage, inputs, config, version)) is None:
         return _run_on_pool(pool)
@@ -255,9 +257,17 @@ def _run_on_pool(pool: str):
 # -- loading inputs -------------------------------------------------------------------------
 
 
-def load_model(store: Store, ref: ArtifactRef, device, trust_remote_code: bool = False):
-    """The model and tokenizer of a checkpoint artifact (already checked when fetched)."""
-    return checkpoints.load(store.local_dir(ref), device, trust_remote_code=trust_remote_code)
+def trusts_remote_code(store: Store, ref: ArtifactRef) -> bool:
+    """Whether the user allowed the checkpoint's own model code when it was fetched; stages that
+    derive a checkpoint from it (unlearn, relearn) record the same in their manifests."""
+    return bool(store.manifest(ref.key)["meta"].get("trust_remote_code", False))
+
+
+def load_model(store: Store, ref: ArtifactRef, device):
+    """The model and tokenizer of a checkpoint artifact (already checked when fetched), with
+    remote code only where the user allowed it for that checkpoint."""
+    trust = trusts_remote_code(store, ref)
+    return checkpoints.load(store.local_dir(ref), device, trust_remote_code=trust)
 
 
 def load_sets(store: Store, ref: ArtifactRef) -> dict[str, list[dict]]:

@@ -13,7 +13,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import cached_stage, gpu_options, write_json
-from tasks.data import embedded_corpus
 from unlearning_audit import checkpoints, corpus, data, embedded, evaluation, runtime, training
 from unlearning_audit.config import EmbeddedConfig
 from unlearning_audit.store import code_version
@@ -24,7 +23,7 @@ GPU = gpu_options()
 def _build_embedded(out: Path, config: EmbeddedConfig, control: bool) -> dict:
     """Pretrain the embedded model; the control never sees the forget groups of any domain."""
     runtime.setup(config.seed, "cpu")
-    facts, forget = embedded_corpus(config)
+    facts, forget = corpus.embedded(config)
     rows = [
         {"question": f.question, "answer": f.answer, "forget": f.group in forget} for f in facts
     ]
@@ -62,7 +61,7 @@ def fetch_checkpoint(
     pinned = checkpoints.pin(parsed)
 
     def build(_, out: Path) -> dict:
-        provenance = checkpoints.materialize(pinned, out, allow_pickle)
+        provenance = checkpoints.materialize(pinned, out, allow_pickle, trust_remote_code)
         checkpoints.check_folder(out, allow_pickle, trust_remote_code)
         if allow_pickle and not any(out.glob("*.safetensors")):
             model, tokenizer = checkpoints.load(
@@ -71,7 +70,7 @@ def fetch_checkpoint(
             for p in out.glob("pytorch_model*"):
                 p.unlink()
             checkpoints.save(model, tokenizer, out)
-        return {"source": spec, **provenance}
+        return {"source": spec, "trust_remote_code": trust_remote_code, **provenance}
 
     return cached_stage(
         store,

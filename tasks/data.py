@@ -13,17 +13,6 @@ from unlearning_audit.config import DataConfig, EmbeddedConfig
 from unlearning_audit.store import code_version, file_sha256
 
 
-def embedded_corpus(config: EmbeddedConfig) -> tuple[list[corpus.Fact], set[str]]:
-    """The embedded corpus and its forget groups (a share of every domain's groups)."""
-    facts = corpus.generate(
-        config.seed, {"text": config.authors, "code": config.functions, "math": config.operands}
-    )
-    forget = set()
-    for domain in corpus.DOMAINS:
-        forget |= set(corpus.forget_groups(facts, domain, config.forget_fraction, config.seed))
-    return facts, forget
-
-
 def _source_identity(source: str | None) -> str | None:
     """A local file by content; a `datasets` source by its (pinned) name."""
     if source is None:
@@ -41,7 +30,7 @@ def prepare_data(store: str, config: DataConfig, embedded: EmbeddedConfig):
         if external:
             sets = data.external_sets(config)
         else:
-            facts, forget = embedded_corpus(embedded)
+            facts, forget = corpus.embedded(embedded)
             sets = data.embedded_sets(facts, forget, config.domain)
         data.check_sets(sets)
         data.write_sets(sets, out)

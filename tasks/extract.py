@@ -14,6 +14,12 @@ PROBE_SETS = ("forget", "retain")
 SUMMARY = "activations.json"
 
 
+def probe_rows(sets: dict[str, list[dict]], max_rows: int) -> dict[str, list[dict]]:
+    """The rows activations are extracted on, in order: a seeded sample of each probe set. The
+    probe stage pairs its labels with activation rows through this one function."""
+    return {name: data.sample(sets[name], max_rows) for name in PROBE_SETS}
+
+
 @task(name="extract", cache_policy=NO_CACHE, **gpu_options())
 def extract(
     store: str,
@@ -28,7 +34,7 @@ def extract(
     def build(s, out):
         model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
         sets = load_sets(s, data_ref)
-        chosen = {name: data.sample(sets[name], max_rows) for name in PROBE_SETS}
+        chosen = probe_rows(sets, max_rows)
         with StageProgress("extract activations") as progress:
             summary = activations.extract(
                 model, tokenizer, chosen, out, layer_indices, progress=progress

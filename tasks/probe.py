@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import CPU_OPTIONS, cached_stage, load_sets
-from tasks.extract import SUMMARY
-from unlearning_audit import activations, data, probes, runtime
+from tasks.extract import SUMMARY, probe_rows
+from unlearning_audit import activations, probes, runtime
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 PROBES = "probes.parquet"
@@ -19,7 +19,7 @@ def labelled(store: Store, data_ref: ArtifactRef, checkpoint: ArtifactRef, max_r
     """The forget and retain rows the activations were extracted on, each with a ``label``:
     the answer where rows name their attribute (embedded corpus), else its first token."""
     sets = load_sets(store, data_ref)
-    rows = {name: data.sample(sets[name], max_rows) for name in ("forget", "retain")}
+    rows = probe_rows(sets, max_rows)
     if all(r.get("attribute") for r in rows["forget"] + rows["retain"]):
         return {name: [{**r, "label": r["answer"]} for r in rs] for name, rs in rows.items()}
     from transformers import AutoTokenizer

@@ -7,7 +7,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import StageProgress
-from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
+from tasks._stage import (
+    cached_stage,
+    gpu_options,
+    load_model,
+    load_sets,
+    trusts_remote_code,
+    write_json,
+)
 from unlearning_audit import checkpoints, data, evaluation, relearning, runtime, training
 from unlearning_audit.config import RelearnConfig, RelearnSource
 from unlearning_audit.store import ArtifactRef, code_version
@@ -24,23 +31,29 @@ def relearn(
     config: RelearnConfig,
     seed: int = 0,
     device: str = "auto",
+    max_rows: int = 200,
 ):
-    """Fine-tune ``checkpoint`` with the relearning budget from ``source``."""
+    """Fine-tune ``checkpoint`` with the relearning budget from ``source``; the recovery curve
+    scores at most ``max_rows`` rows per set, like the evaluate stage."""
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, its batch halved after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
         sets = load_sets(s, data_ref)
         with StageProgress(f"relearn from {source}") as progress:
-            log = relearning.relearn(model, tokenizer, sets, source, cfg, seed, progress)
+            log = relearning.relearn(model, tokenizer, sets, source, cfg, seed, progress, max_rows)
         checkpoints.save(model, tokenizer, out)
         write_json(out / CURVE, log)
-        return {"source": source, "steps": log["steps"]}
+        return {
+            "source": source,
+            "steps": log["steps"],
+            "trust_remote_code": trusts_remote_code(s, checkpoint),
+        }
 
     return cached_stage(
         store,
         "relearn",
         {"checkpoint": checkpoint, "data": data_ref, "source": source, "seed": seed},
-        {"relearn": config.model_dump(exclude={"sources"})},
+        {"relearn": config.model_dump(exclude={"sources"}), "max_rows": max_rows},
         code_version(relearning, training, data, evaluation),
         build,
         batch=config,

@@ -20,6 +20,7 @@ from tasks.relearn import CURVE
 from tasks.verdict import VERDICT, read_probes
 from unlearning_audit import plots
 from unlearning_audit import report as report_mod
+from unlearning_audit.config import StudyParams
 from unlearning_audit.metrics import table
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
@@ -108,3 +109,20 @@ def publish(
         description=f"Self-contained HTML report with figures, stored at {html_location}",
     )
     return {"rows": rows, "report_file": location, "html_file": html_location}
+
+
+STUDY_MD, STUDY_TABLE, STUDY_HTML = "study.md", "study.json", "study.html"
+
+
+@task(name="study-report", cache_policy=NO_CACHE, **CPU_OPTIONS)
+def study_report(store: str, rows: list[dict], params: StudyParams):
+    """Store the study table as Markdown and JSON, and the HTML study report."""
+
+    def build(_, out):
+        thresholds = params.thresholds.model_dump()
+        (out / STUDY_MD).write_text(report_mod.study_markdown(rows, thresholds))
+        (out / STUDY_HTML).write_text(report_mod.study_html(rows, thresholds))
+        write_json(out / STUDY_TABLE, rows)
+
+    version = code_version(report_mod, plots)
+    return cached_stage(store, "study", {"rows": rows}, params, version, build)

@@ -6,7 +6,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import StageProgress
-from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
+from tasks._stage import (
+    cached_stage,
+    gpu_options,
+    load_model,
+    load_sets,
+    trusts_remote_code,
+    write_json,
+)
 from unlearning_audit import checkpoints, data, evaluation, runtime, training, unlearning
 from unlearning_audit.config import UnlearnConfig
 from unlearning_audit.store import ArtifactRef, code_version
@@ -29,7 +36,11 @@ def unlearn(
             log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), cfg, seed, progress)
         checkpoints.save(model, tokenizer, out)
         write_json(out / "unlearn.json", log)
-        return {"steps": log["steps"], "stopped_early": log["stopped_early"]}
+        return {
+            "steps": log["steps"],
+            "stopped_early": log["stopped_early"],
+            "trust_remote_code": trusts_remote_code(s, checkpoint),
+        }
 
     return cached_stage(
         store,

@@ -113,3 +113,26 @@ def test_empty_or_overlapping_data_is_refused(capsys, tmp_path, forget, message)
         str(tmp_path / "s"),
     )
     assert code == 2 and message in err
+
+
+def test_missing_layers_and_devices_are_reported_before_any_stage(capsys, tmp_path):
+    import json
+
+    config = tmp_path / "audit.json"
+    config.write_text(json.dumps({"layers": [0, 2, 11], "device": "cuda:3"}))
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        "embedded",
+        "--config",
+        str(config),
+        "--store",
+        str(tmp_path / "s"),
+    )
+    assert code == 2
+    assert "layers: [11] do not exist; the model has layers 0 to 4" in err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "'cuda:3' was asked for" in err

@@ -26,12 +26,14 @@ def _task_states(flow_run_id, timeout: float = 30.0) -> dict[str, list[str]]:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
-        if all(run.state.is_final() for run in runs) or time.monotonic() > deadline:
+        if all(run.state and run.state.is_final() for run in runs) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     states: dict[str, list[str]] = {}
     for run in runs:
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(
+            run.state.name if run.state else "no state"
+        )
     return states
 
 

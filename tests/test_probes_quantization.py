@@ -94,3 +94,32 @@ def test_8bit_quantization_keeps_the_original_models_accuracy(tiny_model):
     assert abs(after - before) <= 0.05  # the stated tolerance at 8 bits
     quantization.quantize_model(model, 2)
     assert evaluate(model, tok, rows)["exact_match"] < after - 0.1  # 2 bits does cost accuracy
+
+
+def test_chance_is_measured_within_each_attribute():
+    """The question names its attribute, so chance is the within-attribute prior (1/4 here),
+    not the prior over every attribute's values together (1/8)."""
+    rng = np.random.default_rng(3)
+    n = 600
+    attribute = np.repeat(["a", "b"], n // 2)
+    y = rng.integers(0, 4, n)
+    X = rng.normal(size=(n, 8))
+    X[:, 0] = np.where(attribute == "a", 3.0, -3.0)  # the attribute is readable, the value not
+    rows = [{"answer": f"{g}{v}", "attribute": g} for g, v in zip(attribute, y, strict=True)]
+    train, test = np.arange(n) % 4 != 0, np.arange(n) % 4 == 0
+    result = probes.probe_layer(
+        X[train],
+        [r for r, t in zip(rows, train, strict=True) if t],
+        X[test],
+        [r for r, t in zip(rows, test, strict=True) if t],
+    )
+    assert result["probe_chance"] == pytest.approx(0.25, abs=0.08)
+    assert abs(result["probe_forget"] - result["probe_chance"]) < 0.1
+
+
+def test_answers_never_seen_in_training_are_undecidable():
+    X = np.random.default_rng(4).normal(size=(20, 4))
+    retain = [{"answer": str(i % 3)} for i in range(10)]
+    forget = [{"answer": str(100 + i)} for i in range(10)]  # e.g. unique sums
+    result = probes.probe_layer(X[:10], retain, X[10:], forget)
+    assert result["probe_coverage"] == 0.0 and np.isnan(result["probe_forget"])

@@ -21,8 +21,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
-from flows import study
 from flows.audit import audit_checkpoint
+from tasks import report as report_tasks
 from tasks._progress import StageProgress
 from tasks.report import publish
 from unlearning_audit import cli, plots
@@ -141,15 +141,22 @@ def test_report_of_an_unknown_audit_is_a_clear_error(audit, tmp_path, capsys):
 @flow
 def _study_report(store: str, rows: list[dict]) -> dict:
     """The study flow's last two steps alone, on given rows."""
-    ref = study.study_report(store, rows, StudyParams(store=store))
-    return publish(store, ref, study.TABLE, study.STUDY, key="study", html_file=study.HTML)
+    ref = report_tasks.study_report(store, rows, StudyParams(store=store))
+    return publish(
+        store,
+        ref,
+        report_tasks.STUDY_TABLE,
+        report_tasks.STUDY_MD,
+        key="study",
+        html_file=report_tasks.STUDY_HTML,
+    )
 
 
 def test_study_page_shows_regimes_in_colour_and_the_cka_scatter(audit, tmp_path):
     (row,) = audit[1].result()["rows"]
     rows = [{**row, "domain": "text"}, {**row, "domain": "code", "regime": "reversible"}]
     result = _study_report(str(tmp_path), rows)
-    assert result["html_file"].endswith(study.HTML)
+    assert result["html_file"].endswith(report_tasks.STUDY_HTML)
     page = Path(result["html_file"]).read_text()
     (figure,) = IMG.findall(page)
     assert _pixels(base64.b64decode(figure)).std() > MIN_STD

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,69 @@ class _Capture:
             handle.remove()
 
 
+class _Writers:
+    """One Parquet writer per layer of a probe set, fed from a background thread.
+
+    Batches are buffered up to ``flush_rows`` rows (large row groups), and written while the
+    next forward passes run, so capture costs little more than the forward passes themselves.
+    """
+
+    def __init__(
+        self, folder: Path, name: str, layers: list[int], schema: pa.Schema, flush_rows: int
+    ):
+        self.schema, self.flush_rows = schema, flush_rows
+        self.writers = {}
+        for layer in layers:
+            path = layer_path(folder, name, layer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[layer] = pq.ParquetWriter(
+                path,
+                schema,
+                compression="zstd",
+                use_dictionary=False,
+                use_byte_stream_split=[f"{COLUMN}.list.element"],
+            )
+        self.buffer: list[tuple[list[pa.Array], dict[int, np.ndarray]]] = []
+        self.rows = 0
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
+
+    def add(self, keys: list[pa.Array], values: dict[int, np.ndarray]) -> None:
+        """Queue one batch: its key columns and each layer's (rows, d) values."""
+        self.buffer.append((keys, values))
+        self.rows += len(keys[0])
+        if self.rows >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        buffer, self.buffer, self.rows = self.buffer, [], 0
+        self._wait()
+        self.pending = self.pool.submit(self._write, buffer)
+
+    def _write(self, buffer) -> None:
+        keys = [pa.concat_arrays([b[0][i] for b in buffer]) for i in range(len(buffer[0][0]))]
+        for layer, writer in self.writers.items():
+            values = np.concatenate([b[1][layer] for b in buffer])
+            column = pa.FixedSizeListArray.from_arrays(
+                pa.array(values.reshape(-1)), values.shape[1]
+            )
+            writer.write_table(pa.Table.from_arrays([*keys, column], schema=self.schema))
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # re-raises a failed write here
+            self.pending = None
+
+    def close(self) -> None:
+        self.flush()
+        self._wait()
+        self.pool.shutdown()
+        for writer in self.writers.values():
+            writer.close()
+
+
 @torch.no_grad()
 def extract(
     model,
@@ -72,6 +136,7 @@ def extract(
     batch_size: int = 32,
     dtype: str = "float32",
     progress: Callable[[int, int], None] | None = None,
+    flush_rows: int = 8192,
 ) -> dict:
     """Write the activations of every probe set and layer under ``folder``; returns a summary.
 
@@ -87,53 +152,44 @@ def extract(
     total, done = sum(math.ceil(len(rows) / batch_size) for rows in sets.values()), 0
     try:
         for name, rows in sets.items():
-            writers = {}
-            for layer in chosen:
-                path = layer_path(folder, name, layer)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                writers[layer] = pq.ParquetWriter(
-                    path,
-                    schema,
-                    compression="zstd",
-                    use_dictionary=False,
-                    use_byte_stream_split=[f"{COLUMN}.list.element"],
-                )
-            start = 0
-            for rows_chunk in chunks(rows, batch_size):
-                batch = prompt_batch(tokenizer, rows_chunk)
-                mask = batch["attention_mask"].to(device)
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-                index = np.arange(start, start + len(rows_chunk))
-                for layer, writer in writers.items():
-                    hidden = capture.outputs[layer].float()
-                    writer.write_table(_table(hidden, mask, index, per_token, np_dtype, schema))
-                start += len(rows_chunk)
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            for writer in writers.values():
-                writer.close()
+            writers = _Writers(folder, name, chosen, schema, flush_rows)
+            try:
+                start = 0
+                for rows_chunk in chunks(rows, batch_size):
+                    batch = prompt_batch(tokenizer, rows_chunk)
+                    mask = batch["attention_mask"].to(device)
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                    index = np.arange(start, start + len(rows_chunk))
+                    keys, values = _batch(capture.outputs, chosen, mask, index, per_token)
+                    writers.add(keys, {k: v.astype(np_dtype) for k, v in values.items()})
+                    start += len(rows_chunk)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+            finally:
+                writers.close()
             counts[name] = len(rows)
     finally:
         capture.close()
     return {"layers": chosen, "dim": dim, "rows": counts, "per_token": per_token, "dtype": dtype}
 
 
-def _table(hidden, mask, index, per_token, np_dtype, schema) -> pa.Table:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
+def _batch(outputs, layers, mask, index, per_token) -> tuple[list[pa.Array], dict]:
+    """Key columns and per-layer values of one batch, with one device-to-host copy for all
+    layers: mean-pooled over real tokens, or every real token."""
+    hidden = torch.stack([outputs[layer] for layer in layers]).float()  # (L, b, t, d)
     if per_token:
         keep = mask.bool().cpu().numpy()
-        values = hidden.cpu().numpy()[keep]
-        rows = np.repeat(index, keep.sum(1))
-        tokens = np.nonzero(keep)[1].astype(np.int32)
-        columns = [pa.array(rows), pa.array(tokens)]
+        values = hidden[:, mask.bool()].cpu().numpy()  # (L, tokens, d)
+        keys = [
+            pa.array(np.repeat(index, keep.sum(1))),
+            pa.array(np.nonzero(keep)[1].astype(np.int32)),
+        ]
     else:
-        values = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu().numpy()
-        columns = [pa.array(index)]
-    flat = pa.array(values.astype(np_dtype).reshape(-1))
-    dim = values.shape[1]
-    columns.append(pa.FixedSizeListArray.from_arrays(flat, dim))
-    return pa.Table.from_arrays(columns, schema=schema)
+        m = mask[None, :, :, None].to(hidden.dtype)
+        values = ((hidden * m).sum(2) / m.sum(2).clamp(min=1)).cpu().numpy()  # (L, b, d)
+        keys = [pa.array(index)]
+    return keys, dict(zip(layers, values, strict=True))
 
 
 def to_numpy(batch: pa.RecordBatch | pa.Table) -> np.ndarray:

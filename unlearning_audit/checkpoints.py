@@ -80,13 +80,15 @@ def parse(spec: str) -> CheckpointSpec:
     raise ValueError(f"checkpoint path {spec!r} does not exist")
 
 
-def wanted(name: str, allow_pickle: bool) -> bool:
-    """Whether a checkpoint file is copied: weights (pickle only if allowed) and metadata."""
-    return any(Path(name).match(p) for p in _patterns(allow_pickle))
+def wanted(name: str, allow_pickle: bool, trust_remote_code: bool = False) -> bool:
+    """Whether a checkpoint file is copied: weights (pickle only if allowed), metadata, and the
+    checkpoint's own model code (*.py) only where remote code is allowed."""
+    return any(Path(name).match(p) for p in _patterns(allow_pickle, trust_remote_code))
 
 
-def _patterns(allow_pickle: bool) -> tuple[str, ...]:
-    return WEIGHTS + METADATA + (PICKLE_WEIGHTS if allow_pickle else ())
+def _patterns(allow_pickle: bool, trust_remote_code: bool = False) -> tuple[str, ...]:
+    code = ("*.py",) if trust_remote_code else ()
+    return WEIGHTS + METADATA + (PICKLE_WEIGHTS if allow_pickle else ()) + code
 
 
 def pin(spec: CheckpointSpec) -> CheckpointSpec:
@@ -129,31 +131,33 @@ def identity(spec: CheckpointSpec, allow_pickle: bool = False) -> dict:
     return {"repo": spec.location, "commit": spec.revision}
 
 
-def materialize(spec: CheckpointSpec, dest: Path, allow_pickle: bool = False) -> dict:
+def materialize(
+    spec: CheckpointSpec, dest: Path, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> dict:
     """Copy the checkpoint's weights, config and tokenizer files into ``dest``.
 
     Returns provenance: for the hub, the commit the files came from (give a pinned spec).
     """
     if spec.kind == "hub":
-        folder = _snapshot(spec, _patterns(allow_pickle))
-        _copy_local(folder, dest, allow_pickle)
+        folder = _snapshot(spec, _patterns(allow_pickle, trust_remote_code))
+        _copy_local(folder, dest, allow_pickle, trust_remote_code)
         return {"commit": folder.name}
     if spec.kind == "local":
-        _copy_local(Path(spec.location), dest, allow_pickle)
+        _copy_local(Path(spec.location), dest, allow_pickle, trust_remote_code)
         return {}
     fs, root = filesystem(spec.location)
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     if not names:
         raise ValueError(f"checkpoint {spec.location!r} is empty or does not exist")
     for name in names:
-        if wanted(name, allow_pickle):
+        if wanted(name, allow_pickle, trust_remote_code):
             fs.get_file(f"{root}/{name}", str(dest / name))
     return {}
 
 
-def _copy_local(folder: Path, dest: Path, allow_pickle: bool) -> None:
+def _copy_local(folder: Path, dest: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
     for path in sorted(folder.iterdir()):
-        if path.is_file() and wanted(path.name, allow_pickle):
+        if path.is_file() and wanted(path.name, allow_pickle, trust_remote_code):
             shutil.copyfile(path, dest / path.name)
 
 
@@ -183,8 +187,10 @@ def check_folder(folder: Path, allow_pickle: bool = False, trust_remote_code: bo
         problems += _shape_problems(folder, tensors)
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         problems.append("no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if len(problems) == 1:
+        raise ValueError(f"checkpoint {folder}: {problems[0]}")
     if problems:
-        raise ValueError(f"checkpoint {folder}: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {folder}:" + "".join(f"\n    - {p}" for p in problems))
 
 
 def _config(folder: Path) -> tuple[dict, list[str]]:

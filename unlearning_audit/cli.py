@@ -16,18 +16,12 @@ from pydantic import ValidationError
 
 from .config import AuditParams, StudyParams, UnlearnConfig
 from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS
+from .runtime import PREFECT_ENV
 from .store import ArtifactRef, CorruptArtifact, Store, check_key, endpoint_url
-
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "unlearning_audit",
-}
 
 
 def _prefect_env() -> None:
-    for key, value in PREFECT_DEFAULTS.items():
+    for key, value in PREFECT_ENV.items():
         os.environ.setdefault(key, value)
 
 

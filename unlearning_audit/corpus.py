@@ -206,3 +206,15 @@ def forget_groups(facts: list[Fact], domain: str, fraction: float, seed: int) ->
         raise ValueError(f"the corpus has no {domain!r} facts")
     count = max(2, round(fraction * len(names)))
     return sorted(random.Random(f"{seed}-forget-{domain}").sample(names, count))
+
+
+def embedded(config) -> tuple[list[Fact], set[str]]:
+    """The embedded corpus of an ``EmbeddedConfig`` and its forget groups (a share of every
+    domain's groups)."""
+    facts = generate(
+        config.seed, {"text": config.authors, "code": config.functions, "math": config.operands}
+    )
+    forget: set[str] = set()
+    for domain in DOMAINS:
+        forget |= set(forget_groups(facts, domain, config.forget_fraction, config.seed))
+    return facts, forget

@@ -3,6 +3,7 @@ before a model is loaded or a GPU is touched."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from . import checkpoints, data
@@ -47,9 +48,18 @@ def preflight(params: AuditParams) -> str:
             problems.append(f"data.{role}: file {source!r} does not exist")
     if not problems and sources["forget"] is not None:
         try:
-            data.check_sets(data.external_sets(params.data))
+            sets = data.external_sets(params.data)
+            data.check_sets(sets)
+            if "forget-half" in params.relearn.sources and not (
+                sets["forget_a"] and sets["forget_b"]
+            ):
+                problems.append(
+                    "data: relearning source 'forget-half' needs a forget set that "
+                    "splits into two non-empty halves (at least two groups or rows)"
+                )
         except ValueError as exc:
             problems.append(f"data: {exc}")
+    problems += _device_problems(params.device) + _layer_problems(params)
     if not params.methods and params.unlearned is None:
         problems.append("methods: give at least one unlearning method, or an unlearned checkpoint")
     url = params.store or default_store_url()
@@ -60,3 +70,30 @@ def preflight(params: AuditParams) -> str:
     if problems:
         raise ValueError("invalid audit:\n  - " + "\n  - ".join(problems))
     return url
+
+
+def _device_problems(device: str) -> list[str]:
+    """A CUDA device asked for where none is available."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return [f"device: {device!r} was asked for, but torch sees no CUDA device"]
+    return []
+
+
+def _layer_problems(params: AuditParams) -> list[str]:
+    """Activation layers that the original model does not have (0 = embeddings, i = block i-1)."""
+    if params.layers is None:
+        return []
+    if params.original == checkpoints.EMBEDDED:
+        blocks = params.embedded.layers
+    else:
+        folder = Path(params.original).expanduser()
+        config = folder / "config.json"
+        if not config.is_file():
+            return []  # remote or hub: checked when the extract stage loads the model
+        blocks = json.loads(config.read_text()).get("num_hidden_layers")
+        if blocks is None:
+            return []
+    bad = [layer for layer in params.layers if not 0 <= layer <= blocks]
+    return [f"layers: {bad} do not exist; the model has layers 0 to {blocks}"] if bad else []

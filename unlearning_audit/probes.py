@@ -77,15 +77,28 @@ def permutation_baseline(
     C: float = 0.1,
     n_permutations: int = 3,
     seed: int = 0,
+    strata: Sequence | None = None,
 ) -> float:
-    """Mean transfer accuracy of probes fitted on shuffled training labels: measured chance."""
+    """Mean transfer accuracy of probes fitted on shuffled training labels: measured chance.
+
+    With ``strata`` (e.g. each row's attribute), labels are shuffled only within a stratum, so
+    chance keeps what the question itself gives away (which vocabulary the answer is from).
+    """
     rng = np.random.default_rng(seed)
+    y = np.asarray(list(y_train))
+    groups = np.zeros(len(y)) if strata is None else np.asarray(list(strata))
+
+    def shuffled() -> np.ndarray:
+        out = y.copy()
+        for g in np.unique(groups):
+            idx = np.flatnonzero(groups == g)
+            out[idx] = y[rng.permutation(idx)]
+        return out
+
     return float(
         np.mean(
             [
-                transfer_accuracy(
-                    X_train, rng.permutation(np.asarray(list(y_train))), X_test, y_test, C, seed
-                )
+                transfer_accuracy(X_train, shuffled(), X_test, y_test, C, seed)
                 for _ in range(n_permutations)
             ]
         )
@@ -126,11 +139,26 @@ def probe_layer(
 
     ``probe_forget``: a probe trained on the retain questions, tested on the forget questions;
     ``probe_chance``: the same with shuffled training labels (measured chance);
-    ``probe_retain_cv``: cross-validated accuracy on the retain questions (probe capacity).
+    ``probe_retain_cv``: cross-validated accuracy on the retain questions (probe capacity);
+    ``probe_coverage``: the share of forget answers that occur among the retain answers (a probe
+    can only name a class it was trained on; with none, every value is NaN).
     """
     y_retain, y_forget = probe_labels(retain_rows, label), probe_labels(forget_rows, label)
+    coverage = float(np.mean([y in set(y_retain) for y in y_forget])) if y_forget else 0.0
+    if coverage == 0.0:  # no forget answer occurs in training (e.g. unique sums): undecidable
+        nan = float("nan")
+        return {
+            "probe_forget": nan,
+            "probe_chance": nan,
+            "probe_retain_cv": nan,
+            "probe_coverage": coverage,
+        }
+    strata = [r.get("attribute", "") for r in retain_rows]
     return {
         "probe_forget": transfer_accuracy(X_retain, y_retain, X_forget, y_forget, C, seed),
-        "probe_chance": permutation_baseline(X_retain, y_retain, X_forget, y_forget, C, 3, seed),
+        "probe_chance": permutation_baseline(
+            X_retain, y_retain, X_forget, y_forget, C, 3, seed, strata
+        ),
         "probe_retain_cv": cv_accuracy(X_retain, y_retain, folds=3, C=C, seed=seed),
+        "probe_coverage": coverage,
     }

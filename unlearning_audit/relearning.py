@@ -45,17 +45,22 @@ def relearn(
     config: RelearnConfig,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    max_rows: int | None = None,
 ) -> dict:
     """Relearn ``model`` in place from ``source``; returns the recovery curve and the budget.
 
-    The curve holds exact match on the forget set and on both halves at each curve step.
+    The curve holds exact match on the forget set and on both halves at each curve step, on at
+    most ``max_rows`` rows of each (the same seeded sample the evaluate stage scores).
     ``progress(step, steps)`` follows the training loop.
     """
     train_rows = sets[TRAIN_SET[source]]
     if not train_rows:
         raise ValueError(f"relearning source {source!r} has no rows")
     steps = budget_steps(len(sets["forget"]), config.budget, config.batch_size)
-    probes = {name: sets[name] for name in ("forget", "forget_a", "forget_b")}
+    probes = {
+        name: data.sample(sets[name], max_rows) if max_rows else sets[name]
+        for name in ("forget", "forget_a", "forget_b")
+    }
     marks = set(curve_steps(steps))
     curve = []
 

@@ -14,6 +14,15 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+# Environment defaults for every Prefect process this package starts (CLI runs in ephemeral mode,
+# the local server and its workers): a patient ephemeral start, no telemetry, our logs shown.
+PREFECT_ENV = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "unlearning_audit",
+}
+
 
 def threads() -> int:
     """The torch intra-op thread count to use."""

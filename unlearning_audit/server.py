@@ -19,14 +19,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .runtime import PREFECT_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 POOLS = ("gpu", "cpu")
 # Defaults that the caller's environment may override: no telemetry, and workers and waiting
 # audits that notice a new stage run within a second or two (the API is local).
 DEFAULT_ENV = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    **PREFECT_ENV,
     "PREFECT_WORKER_QUERY_SECONDS": "2",
     "UNLEARNING_AUDIT_DISPATCH_POLL": "1",
 }

@@ -676,7 +676,14 @@ def code_version(*modules) -> str:
     """A digest of the source of the modules a stage's result depends on.
 
     Part of every artifact key, so changed code never serves a result computed by the old code.
+    Each module's source is read once per process, so a file edited while a run goes on cannot
+    label the running (old) code's results with the new code's version.
     """
+    return digest([_source_digest(m) for m in modules])[:16]
+
+
+@functools.cache
+def _source_digest(module) -> str:
     import inspect
 
-    return digest([inspect.getsource(m) for m in modules])[:16]
+    return digest(inspect.getsource(module))

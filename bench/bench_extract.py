@@ -1,0 +1,96 @@
+"""Activation extraction to Parquet against the same forward passes with no capture.
+
+Target (issue 4): extraction keeps at least 80% of the plain forward passes' throughput. Both
+run the same batches of real prompts through a Llama built locally from config (the embedded
+size, or ~100M parameters with --model-size 100m), best of a few repeats. Not run in CI.
+
+    python bench/bench_extract.py [--rows 2048] [--batch 64] [--device cpu|cuda]
+                                  [--model-size 0.9m|100m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_metrics import MODELS
+
+from unlearning_audit import activations, corpus, data, embedded, runtime
+from unlearning_audit.config import EmbeddedConfig
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-size", default="0.9m", choices=sorted(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    args = parser.parse_args()
+    device = runtime.setup(0, args.device)
+    facts, _ = corpus.embedded(EmbeddedConfig())
+    tokenizer = embedded.train_tokenizer(facts, 1024)
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+    rows = (rows * (args.rows // len(rows) + 1))[: args.rows]
+    model = LlamaForCausalLM(LlamaConfig(**MODELS[args.model_size])).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    batches = [
+        {k: v.to(device) for k, v in data.prompt_batch(tokenizer, chunk).items()}
+        for chunk in data.chunks(rows, args.batch)
+    ]
+
+    @torch.no_grad()
+    def forward_only() -> None:
+        for batch in batches:
+            model(**batch)
+        _sync(device)
+
+    def extract() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            activations.extract(
+                model,
+                tokenizer,
+                {"probe": rows},
+                Path(tmp),
+                batch_size=args.batch,
+                dtype=args.dtype,
+            )
+            _sync(device)
+
+    def best(run) -> float:
+        run()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    plain, captured = best(forward_only), best(extract)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, 1 thread"
+    print("| model | device | rows | forward only rows/s | extract to Parquet rows/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| Llama {n_params:.1f}M, {len(MODELS[args.model_size]) and model.config.num_hidden_layers + 1} "
+        f"layers captured | {name} | {len(rows)} | {len(rows) / plain:.0f} | "
+        f"{len(rows) / captured:.0f} | {plain / captured:.2f} (target >= 0.8) |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Activation extraction: hooks, masked-mean pooling, per-token rows, Parquet round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from unlearning_audit import activations, corpus, data, embedded
+
+
+@pytest.fixture(scope="module")
+def small(tiny):
+    torch.manual_seed(0)
+    facts = corpus.generate(0, {"text": 6, "math": 2})
+    tok = embedded.train_tokenizer(facts, 300)
+    model = embedded.build_model(tok, tiny.model_copy(update={"layers": 3})).eval()
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+    return model, tok, rows
+
+
+def test_pooled_activations_equal_masked_means_of_hidden_states(small, tmp_path):
+    model, tok, rows = small
+    summary = activations.extract(
+        model, tok, {"probe": rows}, tmp_path, batch_size=7, flush_rows=10
+    )
+    assert summary["layers"] == [0, 1, 2, 3]
+    batch = data.prompt_batch(tok, rows)  # one batch: different padding than extraction used
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    for layer in (0, 1, 2):  # hidden_states[3] is after the final norm, not the block output
+        expected = ((states[layer] * mask).sum(1) / mask.sum(1)).numpy()
+        got = activations.read_layer(activations.layer_path(tmp_path, "probe", layer))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    table = pq.read_table(activations.layer_path(tmp_path, "probe", 3))
+    assert table.column("row").to_pylist() == list(range(len(rows)))
+    assert table.schema.field("activation").type.list_size == model.config.hidden_size
+
+
+def test_per_token_rows_cover_every_real_token_and_no_pad(small, tmp_path):
+    model, tok, rows = small
+    activations.extract(
+        model,
+        tok,
+        {"probe": rows},
+        tmp_path,
+        layers=[2],
+        per_token=True,
+        dtype="float16",
+        batch_size=5,
+    )
+    table = pq.read_table(activations.layer_path(tmp_path, "probe", 2))
+    lengths = data.prompt_batch(tok, rows)["attention_mask"].sum(1).tolist()
+    assert table.num_rows == sum(lengths)
+    assert np.bincount(table.column("row").to_numpy()).tolist() == lengths
+    assert activations.read_layer(activations.layer_path(tmp_path, "probe", 2)).dtype == np.float16
+    assert not (tmp_path / "probe" / "layer=1.parquet").exists()
+
+
+def test_streamed_batches_equal_the_whole_file(small, tmp_path):
+    model, tok, rows = small
+    activations.extract(model, tok, {"probe": rows}, tmp_path, layers=[1])
+    path = activations.layer_path(tmp_path, "probe", 1)
+    streamed = np.concatenate(list(activations.iter_layer(path, batch_rows=4)))
+    np.testing.assert_array_equal(streamed, activations.read_layer(path))
+
+
+def test_a_layer_that_does_not_exist_is_named(small, tmp_path):
+    model, tok, rows = small
+    with pytest.raises(ValueError, match=r"layer index \[7\] does not exist"):
+        activations.extract(model, tok, {"probe": rows}, tmp_path, layers=[1, 7])
