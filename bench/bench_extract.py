@@ -85,10 +85,11 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, 1 thread"
     print("| model | device | rows | forward only rows/s | extract to Parquet rows/s | ratio |")
     print("|---|---|---|---|---|---|")
+    layers = model.config.num_hidden_layers + 1
     print(
-        f"| Llama {n_params:.1f}M, {len(MODELS[args.model_size]) and model.config.num_hidden_layers + 1} "
-        f"layers captured | {name} | {len(rows)} | {len(rows) / plain:.0f} | "
-        f"{len(rows) / captured:.0f} | {plain / captured:.2f} (target >= 0.8) |"
+        f"| Llama {n_params:.1f}M, {layers} layers captured | {name} | {len(rows)} | "
+        f"{len(rows) / plain:.0f} | {len(rows) / captured:.0f} | "
+        f"{plain / captured:.2f} (target >= 0.8) |"
     )
 
 
