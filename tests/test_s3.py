@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
+from conftest import S3Server
 from prefect import flow, get_client
 from prefect.settings import (
     PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK,
@@ -51,27 +51,6 @@ STAGES = {
     "verdict",
     "report",
 }
-
-
-class S3Server:
-    """A moto S3 server on 127.0.0.1 that can stop and restart on its port; its buckets live in
-    this process, so they outlast a restart, as a real server's disks would."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.running = False
-        self.start()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-        self.port = self._server.get_host_and_port()[1]
-        self.running = True
-
-    def stop(self) -> None:
-        self._server.stop()
-        self.running = False
 
 
 class Lines(logging.Handler):
