@@ -120,3 +120,18 @@ def test_unwritable_store_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="cannot be written"):
         Store(str(blocker / "store")).check_writable()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("data", "../../elsewhere"), ("files", {"../../etc/passwd": {}})]
+)
+def test_a_manifest_pointing_outside_the_store_is_corrupt(tmp_path, field, value):
+    store = Store(str(tmp_path))
+    ref, _ = store.cached("stage", {}, {}, "v", _writer({"a.txt": b"data"}))
+    manifest_path = next(tmp_path.glob(f"stage/*/{MANIFEST}"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest[field] = value
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifact, match="not a valid manifest"):
+        Store(str(tmp_path)).manifest(ref.key)
+    assert Store(str(tmp_path)).get(ref.key) is None

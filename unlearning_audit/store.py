@@ -313,6 +313,11 @@ class Store:
         try:
             manifest = json.loads(raw)
             valid = isinstance(manifest["files"], dict) and manifest["hash"] and manifest["data"]
+            # the data folder and file names must stay inside the artifact: a tampered manifest
+            # in a shared bucket must not read or write outside the store or the local cache
+            valid = valid and _WRITER.match(manifest["data"])
+            for name in manifest["files"] if valid else ():
+                check_key(name)
         except (ValueError, KeyError, TypeError):
             valid = False
         if not valid:
