@@ -164,3 +164,24 @@ def test_invalid_unlearning_configs_list_every_problem():
     assert UnlearnConfig(method="npo_kl").method == "NPO+KL"
     with pytest.raises(ValidationError, match="must include 'forget'"):
         RelearnConfig(sources=["retain"])
+
+
+def test_lora_unlearning_trains_an_adapter_and_merges_it_back(tiny_model):
+    import copy
+
+    model, tok, facts, forget = tiny_model
+    model = copy.deepcopy(model)
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+    sets = {
+        "forget": [r for r, f in zip(rows, facts, strict=True) if f.group in forget],
+        "retain": [r for r, f in zip(rows, facts, strict=True) if f.group not in forget],
+    }
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    log = unlearning.unlearn(
+        model, tok, sets, UnlearnConfig(method="GA+GD", steps=3, lr=1e-2, lora_rank=4), seed=0
+    )
+    assert log["steps"] == 3
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)  # merged: no adapter parameters left behind
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert changed and all("proj" in n for n in changed)  # only the adapted linear layers moved
