@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_metrics import MODELS
+from bench_metrics import MODELS, best_time
 
 from unlearning_audit import activations, corpus, data, embedded, runtime
 from unlearning_audit.config import EmbeddedConfig
@@ -71,16 +70,9 @@ def main() -> None:
             )
             _sync(device)
 
-    def best(run) -> float:
-        run()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    plain, captured = best(forward_only), best(extract)
+    forward_only(), extract()  # warm-up
+    plain = best_time(forward_only, args.repeats)
+    captured = best_time(extract, args.repeats)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, 1 thread"
     print("| model | device | rows | forward only rows/s | extract to Parquet rows/s | ratio |")

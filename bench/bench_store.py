@@ -29,6 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_metrics import best_time
+
 from unlearning_audit.activations import COLUMN
 from unlearning_audit.store import Store, filesystem
 
@@ -76,16 +79,6 @@ def moto_server() -> Iterator[str]:
         proc.wait()
 
 
-def best(repeats: int, run: Callable[[], None]) -> float:
-    """The shortest wall time of ``repeats`` runs, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(open_store: Callable[[Path], Store], src: Path, repeats: int, scratch: Path):
     """Seconds to put ``src`` as a new artifact, and to read it back through an empty cache."""
     writer = open_store(scratch / "writer")
@@ -95,7 +88,7 @@ def measure(open_store: Callable[[Path], Store], src: Path, repeats: int, scratc
         keys.append(f"bench/{uuid.uuid4().hex}")
         writer.put(keys[-1], src)
 
-    write_s = best(repeats, write)
+    write_s = best_time(write, repeats)
     ref = writer.get(keys[-1])
 
     def read() -> None:
@@ -103,7 +96,7 @@ def measure(open_store: Callable[[Path], Store], src: Path, repeats: int, scratc
         for path in sorted(reader.local_dir(ref).iterdir()):
             pq.read_table(path)
 
-    return write_s, best(repeats, read)
+    return write_s, best_time(read, repeats)
 
 
 def opener(url: str, part_size: int, concurrency: int | None) -> Callable[[Path], Store]:
