@@ -14,7 +14,7 @@ Blocks are matched by their exact index in the module path, never by substring, 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -33,11 +33,6 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if not lists:
         raise ValueError(f"{type(model).__name__} has no list of decoder blocks")
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-
-
-def num_blocks(model: nn.Module) -> int:
-    """How many decoder blocks the model has."""
-    return len(decoder_blocks(model)[1])
 
 
 def check_layers(layers: Iterable[int] | None, n_blocks: int) -> list[int]:
@@ -70,9 +65,3 @@ def parameter_layers(model: nn.Module) -> dict[str, int]:
         else:
             mapping[name] = head
     return mapping
-
-
-def layer_names(n_blocks: int, layers: Sequence[int]) -> list[str]:
-    """Readable labels for layer indices, for tables and plots."""
-    names = {0: "embed", n_blocks + 1: "head"}
-    return [names.get(layer, f"block {layer - 1}") for layer in layers]
