@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unlearning_audit.metrics import CKAAccumulator, linear_cka
+from unlearning_audit.metrics import CKAAccumulator, cka, linear_cka
 
 
 def related_pair(seed: int, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -105,11 +105,38 @@ def test_debiased_is_near_zero_for_independent_data_where_biased_is_not() -> Non
     assert np.mean(biased) > 0.15
 
 
-def test_float32_input_is_accumulated_in_float64() -> None:
-    X, Y = related_pair(6, n=80)
-    assert linear_cka(X.astype(np.float32), Y.astype(np.float32)) == pytest.approx(
-        linear_cka(X.astype(np.float32).astype(np.float64), Y.astype(np.float32)), rel=1e-12
-    )
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_low_precision_input_stays_within_1e7_of_float64(debiased: bool, dtype: type) -> None:
+    """float32 blocks summed in float64: the same value as float64 arithmetic on the same
+    numbers, to 1e-7 relative, also with offsets far larger than the spread."""
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(3000, 48)) * rng.uniform(0.1, 3.0, size=48) + rng.uniform(-50, 50, 48)
+    Y = X @ rng.normal(size=(48, 40)) / 7 + rng.normal(size=(3000, 40))
+    X, Y = X.astype(dtype), Y.astype(dtype)
+    exact = linear_cka(X.astype(np.float64), Y.astype(np.float64), debiased=debiased)
+    assert linear_cka(X, Y, debiased=debiased) == pytest.approx(exact, rel=1e-7)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_batches_larger_than_a_block_are_split_exactly(
+    debiased: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    X, Y = related_pair(8, n=101)
+    monkeypatch.setattr(cka, "BLOCK_ROWS", 16)
+    assert linear_cka(X, Y, debiased=debiased) == pytest.approx(gram_cka(X, Y, debiased), rel=1e-9)
+
+
+def test_one_debiased_pass_gives_both_values() -> None:
+    X, Y = related_pair(9, n=50)
+    accumulator = CKAAccumulator(X.shape[1], Y.shape[1], debiased=True)
+    accumulator.update(X, Y)
+    assert accumulator.result(debiased=False) == pytest.approx(linear_cka(X, Y), rel=1e-12)
+    assert accumulator.result() == pytest.approx(linear_cka(X, Y, debiased=True), rel=1e-12)
+    biased = CKAAccumulator(X.shape[1], Y.shape[1])
+    biased.update(X, Y)
+    with pytest.raises(ValueError, match="built with debiased=False"):
+        biased.result(debiased=True)
 
 
 @pytest.mark.parametrize(

@@ -27,13 +27,17 @@ SCHEMA = pa.schema(
 )
 
 
-def streamed_cka(x_path: Path, y_path: Path, debiased: bool) -> float:
-    """Linear CKA of two paired activation files, streamed batch by batch."""
+def streamed_cka(x_path: Path, y_path: Path) -> dict[str, float]:
+    """Biased and (from 4 rows) debiased linear CKA of two paired activation files, in one
+    streamed pass."""
     acc = None
     for x, y in zip(iter_layer(x_path), iter_layer(y_path), strict=True):
-        acc = acc or CKAAccumulator(x.shape[1], y.shape[1], debiased=debiased)
+        acc = acc or CKAAccumulator(x.shape[1], y.shape[1], debiased=True)
         acc.update(x, y)
-    return acc.result()
+    values = {"cka": acc.result(debiased=False)}
+    if acc.n >= 4:
+        values["cka_debiased"] = acc.result()
+    return values
 
 
 def activation_rows(
@@ -46,14 +50,12 @@ def activation_rows(
             xp, yp = layer_path(x_folder, probe_set, layer), layer_path(y_folder, probe_set, layer)
             X, Y = read_layer(xp), read_layer(yp)
             values = {
-                "cka": streamed_cka(xp, yp, debiased=False),
+                **streamed_cka(xp, yp),
                 "pca_similarity": pca_similarity(X, Y, k=1),
                 f"pca_similarity_top{k}": pca_similarity(X, Y, k=k),
                 "pca_distance": pca_distance(X, Y, k=k),
                 **{f"pca_{name}": v for name, v in pca_shift(X, Y, k=k).items()},
             }
-            if len(X) >= 4:
-                values["cka_debiased"] = streamed_cka(xp, yp, debiased=True)
             rows += [
                 {"metric": m, "layer": layer, "probe_set": probe_set, "value": float(v)}
                 for m, v in values.items()
