@@ -4,6 +4,11 @@ Target (issue 4): extraction keeps at least 80% of the plain forward passes' thr
 run the same batches of real prompts through a Llama built locally from config (the embedded
 size, or ~100M parameters with --model-size 100m), best of a few repeats. Not run in CI.
 
+A second table times the Parquet writer alone on rows of the model's shape (every layer's
+mean-pooled vector, standard normal values: the least compressible case), with one thread and
+with one per layer up to the machine's cores: on a GPU the writer, not the forward pass, is what
+can fall behind.
+
     python bench/bench_extract.py [--rows 2048] [--batch 64] [--device cpu|cuda]
                                   [--model-size 0.9m|100m]
 """
@@ -11,10 +16,13 @@ size, or ~100M parameters with --model-size 100m), best of a few repeats. Not ru
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,6 +91,31 @@ def main() -> None:
         f"{len(rows) / plain:.0f} | {len(rows) / captured:.0f} | "
         f"{plain / captured:.2f} (target >= 0.8) |"
     )
+    dim, cores = model.config.hidden_size, os.cpu_count() or 1
+    print(f"\n| Parquet writer alone, {layers} layers x {dim} float32 | threads | rows/s |")
+    print("|---|---|---|")
+    for threads in sorted({1, min(layers, cores)}):
+        speed = writer_throughput(layers, dim, 32_768, threads, args.repeats)
+        print(f"| this host, {cores} cores | {threads} | {speed:.0f} |")
+
+
+def writer_throughput(layers: int, dim: int, rows: int, threads: int, repeats: int) -> float:
+    """Rows per second that LayerWriters sustains for ``layers`` float32 columns of ``dim``."""
+    rng = np.random.default_rng(0)
+    batch = 64
+    values = {layer: rng.standard_normal((batch, dim), dtype=np.float32) for layer in range(layers)}
+    schema = activations.activation_schema(dim, "float32", per_token=False)
+
+    def write() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            writers = activations.LayerWriters(
+                Path(tmp), "probe", list(range(layers)), schema, 8192, threads
+            )
+            for start in range(0, rows, batch):
+                writers.add([pa.array(np.arange(start, start + batch))], values)
+            writers.close()
+
+    return rows / best_time(write, repeats)
 
 
 if __name__ == "__main__":

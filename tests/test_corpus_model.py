@@ -54,6 +54,31 @@ def test_tokenizer_round_trips_and_masks_prompts(tiny):
     assert (short[batch["attention_mask"][1] == 0] == -100).all()  # pads carry no loss
 
 
+def test_batches_hold_each_row_encoded_alone():
+    """One tokenizer call per batch gives every row the ids it gets when encoded by itself,
+    placed right- or left-aligned with the mask over exactly those ids."""
+    facts = corpus.generate(1, {"text": 4, "math": 2})
+    tok = embedded.train_tokenizer(facts, 300)
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+
+    def alone(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    prompts = [[tok.bos_token_id, *alone(data.prompt_text(r["question"]))] for r in rows]
+    answers = [[*alone(" " + r["answer"]), tok.eos_token_id] for r in rows]
+    train = data.train_batch(tok, rows)
+    for left in (False, True):
+        batch = data.prompt_batch(tok, rows, left=left)
+        for i, ids in enumerate(prompts):
+            mask = batch["attention_mask"][i].bool()
+            assert batch["input_ids"][i][mask].tolist() == ids
+            assert mask.sum() == len(ids) and (mask[-1] if left else mask[0])
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        mask = train["attention_mask"][i].bool()
+        assert train["input_ids"][i][mask].tolist() == p + a
+        assert train["labels"][i][mask].tolist() == [-100] * len(p) + a
+
+
 def test_tiny_model_learns_the_forget_set(tiny, tiny_model):
     model, tok, facts, forget = tiny_model
     target = [{"question": f.question, "answer": f.answer} for f in facts if f.group in forget]

@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -155,13 +156,17 @@ def read_sets(folder: Path) -> dict[str, list[dict]]:
 # -- tokenising and batching ------------------------------------------------------------------
 
 
-def _prompt_ids(tokenizer, question: str) -> list[int]:
-    ids = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+def _prompt_ids(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
+    """BOS (if any) + prompt ids of each row, the batch encoded in one tokenizer call."""
+    encoded = tokenizer([prompt_text(r["question"]) for r in rows], add_special_tokens=False)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + ids for ids in encoded["input_ids"]]
 
 
-def _answer_ids(tokenizer, answer: str) -> list[int]:
-    return tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def _answer_ids(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
+    """Answer ids + EOS of each row, the batch encoded in one tokenizer call."""
+    encoded = tokenizer([f" {r['answer']}" for r in rows], add_special_tokens=False)
+    return [[*ids, tokenizer.eos_token_id] for ids in encoded["input_ids"]]
 
 
 def pad_id(tokenizer) -> int:
@@ -171,40 +176,36 @@ def pad_id(tokenizer) -> int:
 
 def train_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Right-padded prompt+answer ids, attention mask, and labels on answer tokens only."""
-    seqs, labels = [], []
-    for r in rows:
-        p, a = _prompt_ids(tokenizer, r["question"]), _answer_ids(tokenizer, r["answer"])
-        seqs.append(p + a)
-        labels.append([IGNORE] * len(p) + a)
+    prompts, answers = _prompt_ids(tokenizer, rows), _answer_ids(tokenizer, rows)
+    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
+    labels = [[IGNORE] * len(p) + a for p, a in zip(prompts, answers, strict=True)]
     return _right_pad(seqs, labels, pad_id(tokenizer))
 
 
 def prompt_batch(tokenizer, rows: Sequence[dict], left: bool = False) -> dict[str, torch.Tensor]:
     """Prompt ids only; left-padded for generation, right-padded for activations."""
-    seqs = [_prompt_ids(tokenizer, r["question"]) for r in rows]
-    if not left:
-        batch = _right_pad(seqs, seqs, pad_id(tokenizer))
-        del batch["labels"]
-        return batch
+    seqs = _prompt_ids(tokenizer, rows)
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = np.full((len(seqs), width), pad_id(tokenizer), dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+        where = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, where], mask[i, where] = s, 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
 def _right_pad(seqs: list[list[int]], labels: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = np.full((len(seqs), width), pad, dtype=np.int64)
+    lab = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+        ids[i, : len(s)], lab[i, : len(y)], mask[i, : len(s)] = s, y, 1
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(lab),
+    }
 
 
 def chunks(rows: Sequence[dict], size: int) -> Iterator[Sequence[dict]]:
