@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -71,3 +72,23 @@ def test_a_layer_that_does_not_exist_is_named(small, tmp_path):
     model, tok, rows = small
     with pytest.raises(ValueError, match=r"layer index \[7\] does not exist"):
         activations.extract(model, tok, {"probe": rows}, tmp_path, layers=[1, 7])
+
+
+def test_a_failed_write_is_raised_and_every_file_is_closed(tmp_path):
+    """Rows of the wrong width fail in a writer thread; close() raises that failure and still
+    closes every layer's file, and many flushes keep each file's rows in order."""
+    schema = activations.activation_schema(4, "float32", per_token=False)
+    writers = activations.LayerWriters(tmp_path, "probe", [0, 1, 2], schema, 6, threads=3)
+    for start in range(0, 60, 3):
+        values = {layer: np.full((3, 4), start + layer, np.float32) for layer in (0, 1, 2)}
+        writers.add([pa.array(np.arange(start, start + 3))], values)
+    writers.close()
+    for layer in (0, 1, 2):
+        table = pq.read_table(activations.layer_path(tmp_path, "probe", layer))
+        assert table.column("row").to_pylist() == list(range(60))
+    failing = activations.LayerWriters(tmp_path, "bad", [0, 1], schema, 2)
+    too_wide = np.zeros((2, 5), np.float32)
+    failing.add([pa.array([0, 1])], {0: np.zeros((2, 4), np.float32), 1: too_wide})
+    with pytest.raises(pa.ArrowException):
+        failing.close()
+    assert not any(writer.is_open for writer in failing.writers.values())

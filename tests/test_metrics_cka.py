@@ -119,6 +119,23 @@ def test_low_precision_input_stays_within_1e7_of_float64(debiased: bool, dtype: 
 
 
 @pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("offset", [10.0, 100.0])
+def test_a_first_batch_unlike_the_rest_costs_no_precision(debiased: bool, offset: float) -> None:
+    """The shift comes from the first batch; when it lies far from the rest, float32 products
+    would cancel digits in centring, so those blocks are formed in float64."""
+    rng = np.random.default_rng(12)
+    X = rng.normal(size=(6000, 32))
+    Y = X @ rng.normal(size=(32, 24)) / 5 + rng.normal(size=(6000, 24))
+    X[:8] += offset
+    X, Y = X.astype(np.float32), Y.astype(np.float32)
+    accumulator = CKAAccumulator(32, 24, debiased=debiased)
+    accumulator.update(X[:8], Y[:8])
+    accumulator.update(X[8:], Y[8:])
+    exact = linear_cka(X.astype(np.float64), Y.astype(np.float64), debiased=debiased)
+    assert accumulator.result() == pytest.approx(exact, rel=1e-7)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
 def test_batches_larger_than_a_block_are_split_exactly(
     debiased: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ COLUMN = "activation"
 
 
 def activation_schema(dim: int, dtype: str, per_token: bool) -> pa.Schema:
-    """Every field required (not nullable): Parquet then writes no definition levels, which
-    made the list column 1.6x faster to encode in a measurement here."""
+    """Every field required (not nullable): Parquet then writes no definition levels for them,
+    which makes the list column faster to encode."""
     value = pa.float16() if dtype == "float16" else pa.float32()
     fields = [pa.field("row", pa.int64(), nullable=False)]
     if per_token:
@@ -71,11 +72,10 @@ class LayerWriters:
 
     Batches are buffered up to ``flush_rows`` rows (large row groups); a flush writes every
     layer's file on its own thread (Parquet encoding releases the GIL; up to one thread per
-    core) while the next forward passes run. One flush is in flight at a time, which bounds
-    memory to two buffers. On a GPU the writer, not the forward pass, is what can fall behind:
-    bench/bench_extract.py times it alone (13 layers x 768 floats: ~11,000 rows/s on one thread
-    of this project's CPU, ~16,500 on two; an H200 ran the 134M model at ~6,200 rows/s).
-    ``threads`` overrides the number of writer threads.
+    usable core, or ``threads``) while the next forward passes run. One flush is in flight at
+    a time, so memory holds at most the buffer being filled, the one being written, and the
+    latter's per-layer concatenation. On a GPU the writer, not the forward pass, is what can
+    fall behind; bench/bench_extract.py times it alone.
     """
 
     def __init__(
@@ -101,7 +101,7 @@ class LayerWriters:
             )
         self.buffer: list[tuple[list[pa.Array], dict[int, np.ndarray]]] = []
         self.rows = 0
-        self.pool = ThreadPoolExecutor(max_workers=threads or min(len(layers), os.cpu_count() or 1))
+        self.pool = ThreadPoolExecutor(max_workers=threads or max(1, min(len(layers), _cores())))
         self.pending: list[Future] = []
 
     def add(self, keys: list[pa.Array], values: dict[int, np.ndarray]) -> None:
@@ -135,13 +135,21 @@ class LayerWriters:
             future.result()  # re-raises a failed write here
 
     def close(self) -> None:
-        try:
+        """Write what is buffered and close every file, also when a write failed; the failure
+        is raised (a later error while closing keeps it as its context)."""
+        with ExitStack() as closing:
+            for writer in self.writers.values():
+                closing.callback(writer.close)
+            closing.callback(self.pool.shutdown)
             self.flush()
             self._wait()
-        finally:
-            self.pool.shutdown()
-            for writer in self.writers.values():
-                writer.close()
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @torch.no_grad()

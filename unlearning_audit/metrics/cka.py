@@ -23,12 +23,14 @@ Then tr(K~ L~) = ||Xc^T Yc||_F^2 - a.b, 1^T K~ 1 = -sum(a), 1^T K~ L~ 1 = a.b, a
 
 which needs, besides the cross-products, only the row squared norms of the centred data.
 
-Precision: products are formed block by block (at most ``BLOCK_ROWS`` rows) in the inputs' own
-floating precision (float16 is raised to float32, integers to float64) and summed into float64
-state. Stored activations are float32, and float32 products take half the time of float64 ones;
-a block's rounding errors are random in sign, so CKA from float32 blocks agrees with the exact
-float64 value to 1e-7 relative or better (tests/test_metrics_cka.py; bench/bench_metrics.py prints
-the difference at n = 50,000). Pass float64 arrays for float64 arithmetic throughout.
+Precision: products are formed block by block (at most ``BLOCK_ROWS`` rows) and summed into
+float64 state. When X and Y are both float32 or float16 (stored activations are float32), a block
+is formed in float32, which takes half the time of float64; anything else is formed in float64.
+Rounding errors of float32 blocks are random in sign and the rows are near-centred by the shift,
+so CKA agrees with float64 arithmetic to 1e-7 relative or better (tests/test_metrics_cka.py;
+bench/bench_metrics.py prints the difference at n = 50,000). A block whose mean lies farther from
+the shift than its spread (a first batch unlike the rest) would lose digits when the moments are
+centred, so such a block is formed in float64 instead.
 """
 
 from __future__ import annotations
@@ -130,13 +132,21 @@ class CKAAccumulator:
         if self.n == 0:
             self._shift_x = x[:BLOCK_ROWS].mean(axis=0, dtype=np.float64)
             self._shift_y = y[:BLOCK_ROWS].mean(axis=0, dtype=np.float64)
-        dtype = np.result_type(x.dtype, y.dtype, np.float32)
+        low = {np.dtype(np.float16), np.dtype(np.float32)}
+        dtype = np.float32 if {x.dtype, y.dtype} <= low else np.float64
         for start in range(0, x.shape[0], BLOCK_ROWS):
-            stop = start + BLOCK_ROWS
-            self._add_block(
-                np.subtract(x[start:stop], self._shift_x.astype(dtype), dtype=dtype),
-                np.subtract(y[start:stop], self._shift_y.astype(dtype), dtype=dtype),
-            )
+            rows = slice(start, start + BLOCK_ROWS)
+            xb, yb = self._shifted(x[rows], y[rows], dtype)
+            if dtype != np.float64 and (_off_centre(xb) or _off_centre(yb)):
+                xb, yb = self._shifted(x[rows], y[rows], np.float64)
+            self._add_block(xb, yb)
+
+    def _shifted(self, x: np.ndarray, y: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        """The rows minus the shift, in ``dtype``."""
+        return (
+            np.subtract(x, self._shift_x.astype(dtype), dtype=dtype),
+            np.subtract(y, self._shift_y.astype(dtype), dtype=dtype),
+        )
 
     def _add_block(self, x: np.ndarray, y: np.ndarray) -> None:
         """Accumulate one block of shifted rows, products in the block's dtype, sums in float64."""
@@ -189,6 +199,14 @@ class CKAAccumulator:
                     else f"CKA is undefined: {name} has no variance (all rows are equal)"
                 )
         return float(hxy / np.sqrt(hxx * hyy))
+
+
+def _off_centre(block: np.ndarray) -> bool:
+    """Whether the block's mean row is longer than its spread (|mean|^2 > mean |x - mean|^2):
+    centring its float32 products would then cancel more digits than float32 carries to spare."""
+    mean = block.mean(axis=0, dtype=np.float64)
+    squared = float(np.vdot(block, block)) / block.shape[0]
+    return 2 * float(mean @ mean) > squared
 
 
 def _centred_norm_product(
