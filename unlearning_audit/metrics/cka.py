@@ -204,9 +204,8 @@ class CKAAccumulator:
 def _off_centre(block: np.ndarray) -> bool:
     """Whether the block's mean row is longer than its spread (|mean|^2 > mean |x - mean|^2):
     centring its float32 products would then cancel more digits than float32 carries to spare."""
-    mean = block.mean(axis=0, dtype=np.float64)
-    squared = float(np.vdot(block, block)) / block.shape[0]
-    return 2 * float(mean @ mean) > squared
+    mean = block.sum(axis=0) / block.shape[0]  # the block's own precision: a threshold test
+    return 2 * float(mean @ mean) > float(np.vdot(block, block)) / block.shape[0]
 
 
 def _centred_norm_product(
