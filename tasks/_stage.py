@@ -1,11 +1,12 @@
 """What every stage task shares: running a build through the store's cache, and loading inputs.
 
 Beyond the cache, a stage build here is made robust for GPUs: task retries with exponential
-backoff, a rebuild at half the batch size after an out-of-memory error, and (test-only) faults
-injected from a file. When deployed (UNLEARNING_AUDIT_DISPATCH=deployed), a stage that is not in
-the store and belongs to another work pool than this process's flow run (GPU stages: the `gpu`
-pool) runs there as a flow run of the `stage` deployment (flows/dispatch.py), so a cache hit
-never leaves the calling process and a retried flow resumes at the first stage not yet stored.
+backoff, a rebuild with twice the micro-batches after an out-of-memory error, and (test-only)
+faults injected from a file. When deployed (UNLEARNING_AUDIT_DISPATCH=deployed), a stage that is
+not in the store and belongs to another work pool than this process's flow run (GPU stages: the
+`gpu` pool) runs there as a flow run of the `stage` deployment (flows/dispatch.py), so a cache
+hit never leaves the calling process and a retried flow resumes at the first stage not yet
+stored.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from unlearning_audit.store import ArtifactRef, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
 FAULTS_ENV = "UNLEARNING_AUDIT_FAULTS"
-OOM_HALVINGS_ENV = "UNLEARNING_AUDIT_OOM_HALVINGS"
+OOM_SPLITS_ENV = "UNLEARNING_AUDIT_OOM_SPLITS"
 POLL_ENV = "UNLEARNING_AUDIT_DISPATCH_POLL"
 
 
@@ -95,11 +96,12 @@ def cached_stage(
 ):
     """Serve the stage's artifact from the store, or build and store it.
 
-    ``build(store, folder)`` writes the artifact's files; with ``batch`` (a config that has a
-    ``batch_size``) it is ``build(store, folder, batch)`` and is rerun with the batch size halved
-    after an out-of-memory error. A stage served from the store ends in a Completed state named
-    "Cached", as Prefect's own cache would show it. When deployed, a stage that is not stored
-    and belongs to another work pool runs there instead (see the module docstring).
+    ``build(store, folder)`` writes the artifact's files; with ``batch`` (a training config
+    with ``batch_size`` and ``micro_batches``) it is ``build(store, folder, batch)`` and is
+    rerun with twice the micro-batches after an out-of-memory error. A stage served from the
+    store ends in a Completed state named "Cached", as Prefect's own cache would show it. When
+    deployed, a stage that is not stored and belongs to another work pool runs there instead
+    (see the module docstring).
     """
     store = Store(store_url)
     logger = get_run_logger()
@@ -134,32 +136,40 @@ def _guarded_build(
     store: Store,
     out: Path,
 ) -> Mapping[str, Any] | None:
-    """Run ``build``, injecting a planned fault first; on out-of-memory, halve the batch size.
+    """Run ``build``, injecting a planned fault first; on out-of-memory, split each step's
+    batch into twice as many micro-batches and rebuild.
 
-    At most $UNLEARNING_AUDIT_OOM_HALVINGS (default 3) halvings; the batch size used is recorded
-    in the artifact's manifest. Anything else, or an OOM that halving cannot help, is raised
-    for the task's retries.
+    Gradient accumulation keeps every step's rows and loss (training.split), so the result is
+    the requested config's, up to float rounding, and is stored under its key; the manifest
+    records ``oom_micro_batches``. At most $UNLEARNING_AUDIT_OOM_SPLITS (default 3) doublings,
+    and never more micro-batches than rows. Anything else, or an OOM that splitting cannot
+    help, is raised for the task's retries.
     """
-    limit = int(os.environ.get(OOM_HALVINGS_ENV, "3"))
-    current, halvings = batch, 0
+    limit = int(os.environ.get(OOM_SPLITS_ENV, "3"))
+    current, doublings = batch, 0
     while True:
         try:
             inject_fault(name)
             if current is None:
                 return build(store, out)
             meta = dict(build(store, out, current) or {})
-            return meta if current is batch else {**meta, "oom_batch_size": current.batch_size}
+            if current is batch:
+                return meta
+            return {**meta, "oom_micro_batches": current.micro_batches}
         except torch.cuda.OutOfMemoryError:
-            if current is None or current.batch_size <= 1 or halvings >= limit:
+            if current is None or current.micro_batches >= current.batch_size:
                 raise
-        smaller = current.model_copy(update={"batch_size": max(1, current.batch_size // 2)})
+            if doublings >= limit:
+                raise
+        parts = min(2 * current.micro_batches, current.batch_size)
         get_run_logger().warning(
-            "%s: out of memory at batch size %d; rebuilding with batch size %d",
+            "%s: out of memory with %d micro-batch(es) of a %d-row batch; rebuilding with %d",
             name,
+            current.micro_batches,
             current.batch_size,
-            smaller.batch_size,
+            parts,
         )
-        current, halvings = smaller, halvings + 1
+        current, doublings = current.model_copy(update={"micro_batches": parts}), doublings + 1
         _release_memory(out)
 
 

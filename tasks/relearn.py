@@ -36,7 +36,7 @@ def relearn(
     """Fine-tune ``checkpoint`` with the relearning budget from ``source``; the recovery curve
     scores at most ``max_rows`` rows per set, like the evaluate stage."""
 
-    def build(s, out, cfg: RelearnConfig):  # cfg: config, its batch halved after an OOM
+    def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
         sets = load_sets(s, data_ref)
         with StageProgress(f"relearn from {source}") as progress:

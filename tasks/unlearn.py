@@ -30,7 +30,7 @@ def unlearn(
 ):
     """Run one unlearning method; stores the unlearned checkpoint and its training log."""
 
-    def build(s, out, cfg: UnlearnConfig):  # cfg: config, its batch halved after an OOM
+    def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
         with StageProgress(f"unlearn {cfg.label}") as progress:
             log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), cfg, seed, progress)

@@ -9,7 +9,8 @@ extract as flow runs on the gpu pool; metrics, verdict, report in the audit on t
 - a clean audit completes, with its verdict in the store and its artifacts in Prefect;
 - an audit whose relearn stage fails on both tries fails; retried as the UI retries it, it
   resumes at relearn (every finished stage served from the store), where an out-of-memory error
-  rebuilds at half the batch size and an evaluate failing once is retried, and completes.
+  rebuilds with its batch in two micro-batches and an evaluate failing once is retried, and
+  completes.
 """
 
 from __future__ import annotations
@@ -284,12 +285,13 @@ def test_retry_resumes_at_the_failed_stage(failed, retried):
     assert {s.name for s in retried["stages"]} == RELEARN_STAGES
 
 
-def test_out_of_memory_rebuilds_at_half_the_batch(failed, retried):
+def test_out_of_memory_rebuilds_with_twice_the_micro_batches(failed, retried):
     store = Store(failed["params"].store)
     (manifest,) = [
         m for m in store.manifests("relearn") if m["meta"]["config"]["relearn"]["lr"] == 3e-3
     ]
-    assert manifest["meta"]["oom_batch_size"] == failed["params"].relearn.batch_size // 2
+    assert manifest["meta"]["oom_micro_batches"] == 2
+    assert manifest["meta"]["config"]["relearn"]["micro_batches"] == 1  # the requested key
 
 
 def test_stage_failing_once_is_retried_and_the_run_completes(retried):

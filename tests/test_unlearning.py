@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from unlearning_audit import relearning, unlearning
+from unlearning_audit import relearning, training, unlearning
 from unlearning_audit.config import METHODS, RelearnConfig, UnlearnConfig
 
 VOCAB = 6
@@ -185,3 +185,55 @@ def test_lora_unlearning_trains_an_adapter_and_merges_it_back(tiny_model):
     assert set(after) == set(before)  # merged: no adapter parameters left behind
     changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
     assert changed and all("proj" in n for n in changed)  # only the adapted linear layers moved
+
+
+def _random_batch(seed: int, rows: int = 5) -> dict[str, torch.Tensor]:
+    """Right-padded rows with 1-3 prompt tokens and answers of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, WIDTH), generator=gen)
+    lengths = torch.randint(3, WIDTH + 1, (rows,), generator=gen)
+    prompts = torch.randint(1, 3, (rows,), generator=gen)
+    positions = torch.arange(WIDTH)[None, :]
+    mask = (positions < lengths[:, None]).long()
+    labels = ids.masked_fill((mask == 0) | (positions < prompts[:, None]), -100)
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+
+def _gradient(config: UnlearnConfig, batches: list[dict]) -> torch.Tensor:
+    model, reference = Bigram(0), Bigram(1)
+    loss = unlearning.method_loss(config)
+    for batch in batches:
+        loss(model, reference, batch).backward()
+    return model.W.grad
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("parts", [2, 5])
+def test_micro_batches_add_up_to_the_whole_batch(method: str, parts: int):
+    """Gradient accumulation over the parts of a split batch gives the whole batch's gradient:
+    every mean divides by the whole batch's answer tokens or rows."""
+    config = UnlearnConfig(method=method, retain_weight=0.5)
+    whole = {"forget": _random_batch(0), "retain": _random_batch(1)}
+    pieces = training.split(whole, parts)
+    assert len(pieces) == parts
+    torch.testing.assert_close(
+        _gradient(config, pieces), _gradient(config, [whole]), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_training_with_micro_batches_follows_the_same_path():
+    """Three steps of fit on 5-row batches: one part or five give the same weights."""
+    batches = [_random_batch(seed) for seed in range(3)]
+    weights = []
+    for parts in (1, 5):
+        model = Bigram(0)
+        training.fit(model, training.mean_nll, iter(batches), 3, 0.1, micro_batches=parts)
+        weights.append(model.W.detach())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_split_needs_a_row_per_part():
+    with pytest.raises(ValueError, match="cannot split a batch of 5 rows into 6"):
+        training.split(_random_batch(0), 6)
+    with pytest.raises(ValidationError, match="micro_batches \\(4\\) cannot exceed batch_size"):
+        RelearnConfig(batch_size=2, micro_batches=4)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from .store import check_key
 
@@ -61,13 +69,29 @@ class DataConfig(_Config):
     )
 
 
-class UnlearnConfig(_Config):
+class _Batched(_Config):
+    """A training config: rows per step, optionally accumulated over micro-batches."""
+
+    @model_validator(mode="after")
+    def _parts_fit_the_batch(self) -> _Batched:
+        if self.micro_batches > self.batch_size:
+            raise ValueError(
+                f"micro_batches ({self.micro_batches}) cannot exceed batch_size "
+                f"({self.batch_size}): each micro-batch needs at least one row"
+            )
+        return self
+
+
+class UnlearnConfig(_Batched):
     """One unlearning run: a method and its hyperparameters."""
 
     method: str = Field("GA", description=f"One of {', '.join(METHODS)}.")
     lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
     steps: PositiveInt = Field(60, description="Optimiser steps (upper bound with early stop).")
     batch_size: PositiveInt = Field(16, description="Forget (and retain) rows per step.")
+    micro_batches: PositiveInt = Field(
+        1, description="Split each step's batch into this many parts (gradient accumulation)."
+    )
     beta: PositiveFloat = Field(0.1, description="NPO inverse temperature.")
     retain_weight: float = Field(1.0, ge=0, description="Weight of the retain term (GD, KL).")
     stop_at_forget_em: float | None = Field(
@@ -96,7 +120,7 @@ class UnlearnConfig(_Config):
         return f"{self.method} lr={self.lr:g} steps={self.steps}{weight}{stop}"
 
 
-class RelearnConfig(_Config):
+class RelearnConfig(_Batched):
     """The relearning attack: a small fine-tuning budget on one data source."""
 
     sources: list[RelearnSource] = Field(
@@ -116,6 +140,9 @@ class RelearnConfig(_Config):
 
     lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
     batch_size: PositiveInt = 8
+    micro_batches: PositiveInt = Field(
+        1, description="Split each step's batch into this many parts (gradient accumulation)."
+    )
 
 
 class Thresholds(_Config):

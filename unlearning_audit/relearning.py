@@ -77,5 +77,14 @@ def relearn(
         training.to_device(data.train_batch(tokenizer, rows), device)
         for rows in data.shuffled_batches(train_rows, config.batch_size, seed)
     )
-    training.fit(model, training.mean_nll, batches, steps, config.lr, record, progress=progress)
+    training.fit(
+        model,
+        training.mean_nll,
+        batches,
+        steps,
+        config.lr,
+        record,
+        progress=progress,
+        micro_batches=config.micro_batches,
+    )
     return {"source": source, "steps": steps, "examples": steps * config.batch_size, "curve": curve}

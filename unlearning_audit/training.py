@@ -36,9 +36,45 @@ def sequence_logprob(model, batch: Batch) -> torch.Tensor:
 
 
 def mean_nll(model, batch: Batch) -> torch.Tensor:
-    """Mean negative log-likelihood per answer token over the batch."""
+    """Mean negative log-likelihood per answer token over the (whole) batch."""
     logp, mask = token_logprobs(model, batch)
-    return -logp.sum() / mask.sum().clamp(min=1)
+    return -logp.sum() / answer_tokens(batch, mask)
+
+
+def answer_tokens(batch: Batch, mask: torch.Tensor) -> torch.Tensor:
+    """What a per-answer-token mean divides by: the answer tokens of the whole batch that
+    ``batch`` is a part of (see :func:`split`), else its own (at least 1)."""
+    return batch.get("answer_tokens", mask.sum()).clamp(min=1)
+
+
+def batch_rows(batch: Batch) -> int | torch.Tensor:
+    """What a per-row mean divides by: the rows of the whole batch ``batch`` is a part of."""
+    return batch.get("rows", batch["input_ids"].shape[0])
+
+
+def split(batch: Batch | dict[str, Batch], parts: int) -> list:
+    """``batch`` (or a dict of paired batches, such as forget and retain) cut into ``parts``
+    micro-batches of consecutive rows, for gradient accumulation.
+
+    Each part carries the whole batch's normalisers (its answer tokens and rows), so the means
+    in :func:`mean_nll` and the unlearning losses divide by the whole batch's counts and the
+    parts' losses and gradients add up to the whole batch's, up to float rounding.
+    """
+    if parts == 1:
+        return [batch]
+    if "input_ids" not in batch:
+        pieces = {name: split(sub, parts) for name, sub in batch.items()}
+        groups = zip(*pieces.values(), strict=True)
+        return [dict(zip(pieces, group, strict=True)) for group in groups]
+    rows = batch["input_ids"].shape[0]
+    if not 1 <= parts <= rows:
+        raise ValueError(f"cannot split a batch of {rows} rows into {parts} micro-batches")
+    whole = {
+        "answer_tokens": (batch["labels"][:, 1:] != IGNORE).sum(),
+        "rows": torch.tensor(rows, device=batch["input_ids"].device),
+    }
+    chunks = {key: value.tensor_split(parts) for key, value in batch.items()}
+    return [{key: chunks[key][i] for key in batch} | whole for i in range(parts)]
 
 
 def fit(
@@ -51,12 +87,15 @@ def fit(
     grad_clip: float = 1.0,
     warmup: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    micro_batches: int = 1,
 ) -> list[float]:
     """AdamW on ``loss_fn(model, batch)`` for up to ``steps`` steps; returns the loss per step.
 
     The learning rate rises linearly over ``warmup`` steps, then stays at ``lr``. ``stop(step)``
     is called after each step (1-based) and ends training when it returns True. ``progress(step,
     steps)`` is called after each step too, for progress bars (an early stop ends below steps).
+    ``micro_batches`` > 1 accumulates each step's gradient over that many parts of its batch
+    (:func:`split`): the same step in less memory.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -66,13 +105,16 @@ def fit(
     model.train()
     losses = []
     for step in range(1, steps + 1):
-        loss = loss_fn(model, next(batches))
-        loss.backward()
+        loss = 0.0
+        for part in split(next(batches), micro_batches):
+            part_loss = loss_fn(model, part)
+            part_loss.backward()
+            loss += part_loss.item()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
         if progress is not None:
             progress(step, steps)
         if stop is not None and stop(step):

@@ -42,7 +42,8 @@ def npo_loss(model, reference, batch: dict[str, Batch], config: UnlearnConfig) -
     logp = training.sequence_logprob(model, batch["forget"])
     with torch.no_grad():
         logp0 = training.sequence_logprob(reference, batch["forget"])
-    return (2.0 / config.beta) * F.softplus(config.beta * (logp - logp0)).mean()
+    losses = F.softplus(config.beta * (logp - logp0))
+    return (2.0 / config.beta) * losses.sum() / training.batch_rows(batch["forget"])
 
 
 def rlabel_loss(model, reference, batch: dict[str, Batch], config: UnlearnConfig) -> torch.Tensor:
@@ -64,7 +65,7 @@ def kl_term(model, reference, batch: dict[str, Batch], config: UnlearnConfig) ->
         logp0 = torch.log_softmax(reference(**inputs).logits[:, :-1].float(), -1)
     mask = retain["labels"][:, 1:] != IGNORE
     kl = (logp0.exp() * (logp0 - logq)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return (kl * mask).sum() / training.answer_tokens(retain, mask)
 
 
 FORGET_TERMS: dict[str, Callable] = {"GA": ga_loss, "NPO": npo_loss, "RLabel": rlabel_loss}
@@ -165,6 +166,7 @@ def unlearn(
         config.lr,
         collapsed,
         progress=progress,
+        micro_batches=config.micro_batches,
     )
     if config.lora_rank:
         trainable.merge_and_unload()
