@@ -157,9 +157,9 @@ def _guarded_build(
                 return meta
             return {**meta, "oom_micro_batches": current.micro_batches}
         except torch.cuda.OutOfMemoryError:
-            if current is None or current.micro_batches >= current.batch_size:
+            if current is None or doublings >= limit:
                 raise
-            if doublings >= limit:
+            if current.micro_batches >= current.batch_size:
                 raise
         parts = min(2 * current.micro_batches, current.batch_size)
         get_run_logger().warning(

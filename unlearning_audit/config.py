@@ -6,7 +6,7 @@ Every model here is JSON-serialisable, so it can be a Prefect parameter and part
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -69,6 +69,12 @@ class DataConfig(_Config):
     )
 
 
+MicroBatches = Annotated[
+    PositiveInt,
+    Field(description="Split each step's batch into this many parts (gradient accumulation)."),
+]
+
+
 class _Batched(_Config):
     """A training config: rows per step, optionally accumulated over micro-batches."""
 
@@ -89,9 +95,7 @@ class UnlearnConfig(_Batched):
     lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
     steps: PositiveInt = Field(60, description="Optimiser steps (upper bound with early stop).")
     batch_size: PositiveInt = Field(16, description="Forget (and retain) rows per step.")
-    micro_batches: PositiveInt = Field(
-        1, description="Split each step's batch into this many parts (gradient accumulation)."
-    )
+    micro_batches: MicroBatches = 1
     beta: PositiveFloat = Field(0.1, description="NPO inverse temperature.")
     retain_weight: float = Field(1.0, ge=0, description="Weight of the retain term (GD, KL).")
     stop_at_forget_em: float | None = Field(
@@ -140,9 +144,7 @@ class RelearnConfig(_Batched):
 
     lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
     batch_size: PositiveInt = 8
-    micro_batches: PositiveInt = Field(
-        1, description="Split each step's batch into this many parts (gradient accumulation)."
-    )
+    micro_batches: MicroBatches = 1
 
 
 class Thresholds(_Config):
