@@ -1,17 +1,19 @@
 """The metrics stage: compare two models' stored activations (and weights), layer by layer,
 into one long-format table (metric, layer, probe_set, value) that the verdict and report read.
 
-CKA streams over Parquet batches (memory O(d^2)); PCA metrics load one layer at a time.
+Each layer's two activation files are read once, into memory (PCA needs whole layers); CKA
+runs its streaming accumulator over them block by block, so it adds O(d^2) memory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..activations import iter_layer, layer_path, read_layer
+from ..activations import layer_path, read_layer
 from .cka import CKAAccumulator
 from .fisher import fisher_summary, fisher_weighted_distance
 from .pca import pca_distance, pca_shift, pca_similarity
@@ -27,13 +29,10 @@ SCHEMA = pa.schema(
 )
 
 
-def streamed_cka(x_path: Path, y_path: Path) -> dict[str, float]:
-    """Biased and (from 4 rows) debiased linear CKA of two paired activation files, in one
-    streamed pass."""
-    acc = None
-    for x, y in zip(iter_layer(x_path), iter_layer(y_path), strict=True):
-        acc = acc or CKAAccumulator(x.shape[1], y.shape[1], debiased=True)
-        acc.update(x, y)
+def cka_values(X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
+    """Biased and (from 4 rows) debiased linear CKA of paired activations, in one pass."""
+    acc = CKAAccumulator(X.shape[1], Y.shape[1], debiased=True)
+    acc.update(X, Y)
     values = {"cka": acc.result(debiased=False)}
     if acc.n >= 4:
         values["cka_debiased"] = acc.result()
@@ -47,10 +46,10 @@ def activation_rows(
     rows = []
     for probe_set in probe_sets:
         for layer in layers:
-            xp, yp = layer_path(x_folder, probe_set, layer), layer_path(y_folder, probe_set, layer)
-            X, Y = read_layer(xp), read_layer(yp)
+            X = read_layer(layer_path(x_folder, probe_set, layer))
+            Y = read_layer(layer_path(y_folder, probe_set, layer))
             values = {
-                **streamed_cka(xp, yp),
+                **cka_values(X, Y),
                 "pca_similarity": pca_similarity(X, Y, k=1),
                 f"pca_similarity_top{k}": pca_similarity(X, Y, k=k),
                 "pca_distance": pca_distance(X, Y, k=k),
