@@ -40,6 +40,8 @@ from prefect.states import State
 from flows.audit import audit_checkpoint
 from flows.dispatch import resolve, typed
 from tasks._stage import StageRunFailed, gpu_options
+from tasks.verdict import VERDICT
+from unlearning_audit import report as report_mod
 from unlearning_audit.config import AuditParams, DataConfig, RelearnConfig, UnlearnConfig
 from unlearning_audit.server import LocalStack
 from unlearning_audit.store import ArtifactRef, Store
@@ -94,13 +96,13 @@ def stack(tmp_path_factory, faults):
 
 @pytest.fixture(scope="module")
 def base(tiny, tmp_path_factory) -> AuditParams:
-    """The tiny audit: one GA run of 10 steps, relearning on the forget set; no control, Fisher
-    or probes."""
+    """The tiny audit: one GA run of 10 steps, relearning on the forget set under one seed; no
+    control, Fisher or probes."""
     return AuditParams(
         embedded=tiny,
         store=str(tmp_path_factory.mktemp("store")),
         methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
-        relearn=RelearnConfig(sources=["forget"]),
+        relearn=RelearnConfig(sources=["forget"], seeds=1),
         data=DataConfig(eval_max_rows=40),
         no_control=True,
         fisher=False,
@@ -244,11 +246,20 @@ def test_deployed_audit_completes_with_verdict_and_artifacts(clean):
     report_key = re.search(r"(report/[0-9a-f]+)", by_key["audit-verdict"].description).group(1)
     report = store.manifest(report_key)
     assert report is not None  # the report this run published is in the store ...
-    verdicts = [m for m in store.manifests("verdict") if m["hash"] in json.dumps(report)]
-    assert len(verdicts) == 1  # ... with the verdict it was made from
-    verdict = store.read_json(
-        ArtifactRef(key=verdicts[0]["key"], hash=verdicts[0]["hash"]), "verdict.json"
-    )
+    # ... with the references of what it was made from: follow the verdict's key (two audits
+    # can store identical verdicts under different keys, so a content hash names no one run)
+    inputs = store.read_json(ArtifactRef(key=report_key, hash=report["hash"]), report_mod.INPUTS)
+    (run_refs,) = inputs["references"]["runs"]  # the one GA run
+    verdict_ref = ArtifactRef.model_validate(run_refs["verdict"])
+    verdict_manifest = store.manifest(verdict_ref.key)
+    assert verdict_manifest is not None and verdict_manifest["hash"] == verdict_ref.hash
+    # the verdict of this audit's relearning run (lr 2e-3), not of the store-filling local run
+    (relearn_ref,) = [ArtifactRef.model_validate(r) for r in run_refs["relearned"]["forget"]]
+    assert verdict_manifest["meta"]["inputs"]["relearned"] == {"forget": [relearn_ref.hash]}
+    relearn = store.manifest(relearn_ref.key)
+    assert relearn["meta"]["config"]["relearn"]["lr"] == clean["params"].relearn.lr
+    verdict = store.read_json(verdict_ref, VERDICT)
+    assert inputs["runs"][0]["verdict"] == verdict  # the verdict the report was rendered from
     assert row["regime"] == verdict["regime"]
 
 

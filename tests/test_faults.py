@@ -151,11 +151,10 @@ def test_worker_killed_mid_extraction_leaves_nothing_complete_and_rerun_matches(
     assert store.manifest(key) is None and store.get(key) is None  # nothing reads as complete
 
     ref = _extract(str(root), checkpoint, data, int(rows))
-    (expected,) = [
-        ArtifactRef(key=m["key"], hash=m["hash"])
-        for m in clean.manifests("activations")
-        if m["meta"]["inputs"]["checkpoint"] == checkpoint.hash
-    ]
+    # the clean run's activations of this checkpoint: same inputs, so the same key there
+    expected = clean.get(key)
+    assert expected is not None
+    assert clean.manifest(key)["meta"]["inputs"]["checkpoint"] == checkpoint.hash
     assert ref.key == key and ref.hash == expected.hash  # the clean run's content
     for name in store.manifest(key)["files"]:
         assert store.read_bytes(ref, name) == clean.read_bytes(expected, name), name
