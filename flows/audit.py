@@ -20,6 +20,7 @@ from tasks.relearn import relearn
 from tasks.report import publish, report
 from tasks.unlearn import unlearn
 from tasks.verdict import verdict
+from unlearning_audit import relearning
 from unlearning_audit.config import AuditParams
 from unlearning_audit.preflight import preflight
 from unlearning_audit.store import ArtifactRef
@@ -29,9 +30,11 @@ from unlearning_audit.store import ArtifactRef
 DEFAULT_PARAMS = AuditParams()
 
 
-def _fetch(store: str, params: AuditParams, spec: str) -> ArtifactRef:
-    """A checkpoint of the audit, fetched with its trust settings."""
-    return fetch_checkpoint(
+def _fetch(store: str, params: AuditParams, spec: str, submit: bool = False):
+    """A checkpoint of the audit, fetched with its trust settings; with ``submit``, a future of
+    it, fetched beside whatever runs next."""
+    call = fetch_checkpoint.submit if submit else fetch_checkpoint
+    return call(
         store,
         spec,
         params.embedded,
@@ -40,30 +43,38 @@ def _fetch(store: str, params: AuditParams, spec: str) -> ArtifactRef:
     )
 
 
-def _control(store: str, params: AuditParams) -> ArtifactRef | None:
+def _control(store: str, params: AuditParams):
+    """The never-learned control's fetch, submitted to run beside the original's (the embedded
+    control pretrains on the other core); None without a control."""
     if params.no_control:
         return None
     if params.control is not None:
-        return _fetch(store, params, params.control)
+        return _fetch(store, params, params.control, submit=True)
     if params.original == "embedded":
-        return fetch_checkpoint(store, "embedded", params.embedded, control=True)
+        return fetch_checkpoint.submit(store, "embedded", params.embedded, control=True)
     return None
 
 
 def _relearn_all(
-    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef
-) -> dict[str, ArtifactRef]:
+    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, keep: bool
+) -> dict[str, list[ArtifactRef]]:
+    """Every relearning run of one checkpoint: per source, one per seed. With ``keep``, the
+    first forget-set run keeps its relearned checkpoint (extraction and metrics read it)."""
     return {
-        src: relearn(
-            store,
-            checkpoint,
-            data_ref,
-            src,
-            params.relearn,
-            params.seed,
-            params.device,
-            params.data.eval_max_rows,
-        )
+        src: [
+            relearn(
+                store,
+                checkpoint,
+                data_ref,
+                src,
+                params.relearn,
+                seed,
+                params.device,
+                params.data.eval_max_rows,
+                keep_checkpoint=keep and src == "forget" and k == 0,
+            )
+            for k, seed in enumerate(relearning.seeds(params.seed, params.relearn.seeds))
+        ]
         for src in params.relearn.sources
     }
 
@@ -74,17 +85,17 @@ def audit_run(
     data_ref: ArtifactRef,
     original: dict,
     candidate: dict,
-    control_runs: dict[str, ArtifactRef],
+    control_runs: dict[str, list[ArtifactRef]],
 ) -> dict:
     """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
     rows, dev = params.data.eval_max_rows, params.device
     unlearned = candidate["checkpoint"]
     unlearned_eval = evaluate(store, unlearned, data_ref, rows, dev)
-    relearned = _relearn_all(store, params, unlearned, data_ref)
-    relearned_eval = evaluate(store, relearned["forget"], data_ref, rows, dev)
+    relearned = _relearn_all(store, params, unlearned, data_ref, keep=True)
+    kept = relearned["forget"][0]  # the relearned checkpoint the representation metrics read
     acts = {
         name: extract(store, ref, data_ref, params.layers, rows, dev)
-        for name, ref in (("unlearned", unlearned), ("relearned", relearned["forget"]))
+        for name, ref in (("unlearned", unlearned), ("relearned", kept))
     }
     quantized = {
         str(bits): evaluate(store, unlearned, data_ref, rows, dev, bits=bits)
@@ -94,13 +105,12 @@ def audit_run(
     if params.probes:
         probed = {"original": original["probe"]} | {
             name: probe(store, data_ref, ref, acts[name], rows, params.seed)
-            for name, ref in (("unlearned", unlearned), ("relearned", relearned["forget"]))
+            for name, ref in (("unlearned", unlearned), ("relearned", kept))
         }
     return {
         **{k: candidate[k] for k in ("label", "method", "lr")},
         "relearned": relearned,
         "unlearned_eval": unlearned_eval,
-        "relearned_eval": relearned_eval,
         "metrics_unlearned": metrics(
             store,
             original["checkpoint"],
@@ -111,12 +121,13 @@ def audit_run(
             fisher(store, unlearned, data_ref, device=dev) if params.fisher else None,
         ),
         "metrics_relearned": metrics(
-            store, original["checkpoint"], relearned["forget"], original["acts"], acts["relearned"]
+            store, original["checkpoint"], kept, original["acts"], acts["relearned"]
         ),
         "quantized": quantized,
         "probes": probed,
         "verdict": verdict(
             store,
+            data_ref,
             original["eval"],
             unlearned_eval,
             relearned,
@@ -133,6 +144,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?"""
     store = preflight(params)
     data_ref = prepare_data(store, params.data, params.embedded)
+    control_fetch = _control(store, params)
     checkpoint = _fetch(store, params, params.original)
     rows, dev = params.data.eval_max_rows, params.device
     original = {
@@ -143,8 +155,8 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     }
     if params.probes:
         original["probe"] = probe(store, data_ref, checkpoint, original["acts"], rows, params.seed)
-    control = _control(store, params)
-    control_runs = _relearn_all(store, params, control, data_ref) if control else {}
+    control = control_fetch.result() if control_fetch is not None else None
+    control_runs = _relearn_all(store, params, control, data_ref, keep=False) if control else {}
     if params.unlearned is not None:
         given = _fetch(store, params, params.unlearned)
         candidates = [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]

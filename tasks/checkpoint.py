@@ -20,18 +20,8 @@ from unlearning_audit.store import code_version
 GPU = gpu_options()
 
 
-def _build_embedded(out: Path, config: EmbeddedConfig, control: bool) -> dict:
-    """Pretrain the embedded model; the control never sees the forget groups of any domain."""
-    runtime.setup(config.seed, "cpu")
-    facts, forget = corpus.embedded(config)
-    rows = [
-        {"question": f.question, "answer": f.answer, "forget": f.group in forget} for f in facts
-    ]
-    train = [r for r in rows if not (control and r["forget"])]
-    target = [r for r in rows if r["forget"] != control]
-    tokenizer = embedded.train_tokenizer(facts, config.vocab_size)
-    model = embedded.build_model(tokenizer, config)
-    log = embedded.pretrain(model, tokenizer, train, data.sample(target, 400), config)
+def _build_embedded(out: Path, config: EmbeddedConfig, control: bool, variant: int) -> dict:
+    model, tokenizer, log = embedded.build(config, control, variant)
     checkpoints.save(model, tokenizer, out)
     write_json(out / "pretrain.json", log)
     return {"source": "embedded-control" if control else "embedded", "steps": log["steps"]}
@@ -43,19 +33,23 @@ def fetch_checkpoint(
     spec: str,
     config: EmbeddedConfig,
     control: bool = False,
+    variant: int = 0,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ):
-    """The checkpoint as a store artifact: built (embedded) or copied, then checked."""
+    """The checkpoint as a store artifact: built (embedded) or copied, then checked.
+
+    For the embedded model, ``control`` builds its never-learned control and ``variant`` > 0
+    another pretraining of it (another initialisation and data order)."""
     parsed = checkpoints.parse(spec)
     if parsed.kind == "embedded":
         return cached_stage(
             store,
             "checkpoint",
-            {"control": control},
+            {"control": control, **({"variant": variant} if variant else {})},
             config,
-            code_version(embedded, corpus, training, data, evaluation),
-            lambda s, out: _build_embedded(out, config, control),
+            code_version(embedded, corpus, training, data, evaluation, runtime),
+            lambda s, out: _build_embedded(out, config, control, variant),
         )
 
     pinned = checkpoints.pin(parsed)

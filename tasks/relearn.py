@@ -1,5 +1,5 @@
-"""Relearn stage: the relearning attack from one source; stores the relearned checkpoint and
-its recovery curve."""
+"""Relearn stage: the relearning attack from one source under one seed; stores its recovery
+curve with every fact's scores, and the relearned checkpoint where a later stage needs it."""
 
 from __future__ import annotations
 
@@ -32,16 +32,19 @@ def relearn(
     seed: int = 0,
     device: str = "auto",
     max_rows: int = 200,
+    keep_checkpoint: bool = True,
 ):
-    """Fine-tune ``checkpoint`` with the relearning budget from ``source``; the recovery curve
-    scores at most ``max_rows`` rows per set, like the evaluate stage."""
+    """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
+    ``seed``; the recovery curve scores at most ``max_rows`` rows per set, like the evaluate
+    stage. The relearned checkpoint is stored only with ``keep_checkpoint``."""
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
         model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
         sets = load_sets(s, data_ref)
         with StageProgress(f"relearn from {source}") as progress:
             log = relearning.relearn(model, tokenizer, sets, source, cfg, seed, progress, max_rows)
-        checkpoints.save(model, tokenizer, out)
+        if keep_checkpoint:
+            checkpoints.save(model, tokenizer, out)
         write_json(out / CURVE, log)
         return {
             "source": source,
@@ -53,7 +56,11 @@ def relearn(
         store,
         "relearn",
         {"checkpoint": checkpoint, "data": data_ref, "source": source, "seed": seed},
-        {"relearn": config.model_dump(exclude={"sources"}), "max_rows": max_rows},
+        {
+            "relearn": config.model_dump(exclude={"sources", "seeds"}),
+            "max_rows": max_rows,
+            "keep_checkpoint": keep_checkpoint,
+        },
         code_version(relearning, training, data, evaluation),
         build,
         batch=config,

@@ -18,13 +18,18 @@ from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.metrics import TABLE
 from tasks.relearn import CURVE
 from tasks.verdict import VERDICT, read_probes
-from unlearning_audit import plots
+from unlearning_audit import plots, relearning
 from unlearning_audit import report as report_mod
 from unlearning_audit.config import StudyParams
 from unlearning_audit.metrics import table
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 REPORT, HTML, SUMMARY = report_mod.REPORT_MD, report_mod.REPORT_HTML, "summary.json"
+
+
+def read_curve(store: Store, refs: list[ArtifactRef]) -> list[dict]:
+    """One relearning source's recovery curve, averaged over its seeds' stored runs."""
+    return relearning.mean_curve([store.read_json(ref, CURVE)["curve"] for ref in refs])
 
 
 def load_run(store: Store, run: dict) -> dict:
@@ -36,21 +41,19 @@ def load_run(store: Store, run: dict) -> dict:
         "verdict": store.read_json(run["verdict"], VERDICT),
         "metrics_unlearned": table.read(store.open(run["metrics_unlearned"], TABLE)),
         "metrics_relearned": table.read(store.open(run["metrics_relearned"], TABLE)),
-        "curves": {
-            src: store.read_json(ref, CURVE)["curve"] for src, ref in run["relearned"].items()
-        },
+        "curves": {src: read_curve(store, refs) for src, refs in run["relearned"].items()},
         "probes": read_probes(store, run["probes"]) if run.get("probes") else {},
     }
 
 
 @task(name="report", cache_policy=NO_CACHE, **CPU_OPTIONS)
-def report(store: str, audit: dict, runs: list[dict], control: dict[str, ArtifactRef]):
+def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[ArtifactRef]]):
     """Write report.md, report.html and summary.json for the audit, and the report inputs
     (report-inputs.json: what the reports were made from, and the references it was read by)
     that `unlearning-audit report` rebuilds them from."""
 
     def build(s, out):
-        curves = {src: s.read_json(ref, CURVE)["curve"] for src, ref in control.items()}
+        curves = {src: read_curve(s, refs) for src, refs in control.items()}
         inputs = {
             "audit": {**audit, "control_curves": curves},
             "runs": [load_run(s, run) for run in runs],
@@ -67,7 +70,7 @@ def report(store: str, audit: dict, runs: list[dict], control: dict[str, Artifac
         "report",
         {"runs": runs, "control": control},
         audit,
-        code_version(report_mod, plots),
+        code_version(report_mod, plots, relearning),
         build,
     )
 

@@ -6,10 +6,11 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._stage import CPU_OPTIONS, cached_stage, write_json
+from tasks._stage import CPU_OPTIONS, cached_stage, load_sets, write_json
 from tasks.evaluate import SCORES
 from tasks.probe import PROBES
 from tasks.relearn import CURVE
+from unlearning_audit import data, stats
 from unlearning_audit import verdict as verdict_mod
 from unlearning_audit.config import Thresholds
 from unlearning_audit.store import ArtifactRef, Store, code_version
@@ -47,45 +48,131 @@ def best_probe(tables: dict[str, list[dict]]) -> dict[str, float | int]:
     }
 
 
-def final(store: Store, relearn_ref: ArtifactRef | None, probe: str) -> float | None:
-    """Exact match on ``probe`` at the end of a stored recovery curve (None: no such run)."""
-    if relearn_ref is None:
-        return None
-    return store.read_json(relearn_ref, CURVE)["curve"][-1][probe]
+def _facts(scores: dict, metric: str) -> tuple[list[str], list[str], list[float]]:
+    """A set's fact ids, groups and scores in ``metric`` from a stored evaluation."""
+    rows = scores["rows"]
+    return rows["id"], rows["group"], rows[metric]
+
+
+def _curves(store: Store, refs: list[ArtifactRef]) -> list[list[dict]]:
+    """The stored recovery curves of one source's seeds."""
+    return [store.read_json(ref, CURVE)["curve"] for ref in refs]
+
+
+def _at(curves: list[list[dict]], where: int, probe: str, metric: str, ids: list[str]):
+    """Per seed, each fact's score on ``probe`` at curve point ``where`` (0 before relearning,
+    -1 after), checked to list the same facts as ``ids``."""
+    out = []
+    for curve in curves:
+        facts = curve[where]["facts"][probe]
+        if facts["id"] != ids:
+            raise ValueError(f"relearning curve of {probe!r} scores other facts than the verdict")
+        out.append(facts[metric])
+    return out
+
+
+def evidence(
+    s: Store,
+    data_ref: ArtifactRef,
+    original_eval: ArtifactRef,
+    unlearned_eval: ArtifactRef,
+    relearned: dict[str, list[ArtifactRef]],
+    control: dict[str, list[ArtifactRef]],
+    metric: str,
+) -> dict:
+    """The per-fact evidence of one run, paired by fact id, as ``verdict.Evidence`` fields."""
+    e0, eu = s.read_json(original_eval, SCORES), s.read_json(unlearned_eval, SCORES)
+    ids, groups, forget0 = _facts(e0["forget"], metric)
+    retain_ids, retain_groups, retain0 = _facts(e0["retain"], metric)
+    if eu["forget"]["rows"]["id"] != ids or eu["retain"]["rows"]["id"] != retain_ids:
+        raise ValueError("the original's and the unlearned model's evaluations list other facts")
+    sets = load_sets(s, data_ref)
+    looks, capacity = {}, None
+    for name, source, probe, trained in (
+        ("forget", "forget", "forget", "forget"),
+        ("heldout", "forget-half", "forget_b", "forget_a"),
+    ):
+        if source not in relearned:
+            continue
+        runs = _curves(s, relearned[source])
+        probe_ids = runs[0][0]["facts"][probe]["id"]
+        rows = _rows(sets[probe], probe_ids)
+        look = {
+            "groups": [r.get("group") or r["id"] for r in rows],
+            "candidate_before": _at(runs, 0, probe, metric, probe_ids)[0],
+            "candidate_after": _at(runs, -1, probe, metric, probe_ids),
+            "chance": data.chance(rows, sets["retain"]) if metric == "exact_match" else None,
+        }
+        if source in control:
+            controls = _curves(s, control[source])
+            look["control_before"] = _at(controls, 0, probe, metric, probe_ids)[0]
+            look["control_after"] = _at(controls, -1, probe, metric, probe_ids)
+            if name == "heldout" or capacity is None:
+                trained_ids = runs[0][0]["facts"][trained]["id"]
+                capacity = {
+                    "groups": [
+                        r.get("group") or r["id"] for r in _rows(sets[trained], trained_ids)
+                    ],
+                    "candidate": _at(runs, -1, trained, metric, trained_ids),
+                    "control": _at(controls, -1, trained, metric, trained_ids),
+                }
+        looks[name] = look
+    return {
+        "metric": metric,
+        "forget_groups": groups,
+        "forget_original": forget0,
+        "forget_unlearned": eu["forget"]["rows"][metric],
+        "retain_groups": retain_groups,
+        "retain_original": retain0,
+        "retain_unlearned": eu["retain"]["rows"][metric],
+        "looks": looks,
+        "capacity": capacity,
+    }
+
+
+def _rows(rows: list[dict], ids: list[str]) -> list[dict]:
+    """The rows of these fact ids, in their order."""
+    by_id = {r["id"]: r for r in rows}
+    return [by_id[i] for i in ids]
 
 
 @task(name="verdict", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def verdict(
     store: str,
+    data_ref: ArtifactRef,
     original_eval: ArtifactRef,
     unlearned_eval: ArtifactRef,
-    relearned: dict[str, ArtifactRef],
-    control: dict[str, ArtifactRef],
+    relearned: dict[str, list[ArtifactRef]],
+    control: dict[str, list[ArtifactRef]],
     thresholds: Thresholds,
     quantized: dict[str, ArtifactRef] | None = None,
     probes: dict[str, ArtifactRef] | None = None,
 ):
-    """Decide the regime; ``relearned`` and ``control`` map relearning source to its run;
-    ``quantized`` (bits -> evaluation) and ``probes`` add the other recovery attacks' evidence."""
+    """Decide the regime from per-fact scores; ``relearned`` and ``control`` map relearning
+    source to its runs, one per seed; ``quantized`` (bits -> evaluation) and ``probes`` add the
+    other recovery attacks' evidence."""
 
     def build(s, out):
-        e0, eu = s.read_json(original_eval, SCORES), s.read_json(unlearned_eval, SCORES)
-        evidence = verdict_mod.Evidence(
-            forget_original=e0["forget"]["exact_match"],
-            forget_unlearned=eu["forget"]["exact_match"],
-            forget_relearned=final(s, relearned.get("forget"), "forget"),
-            retain_original=e0["retain"]["exact_match"],
-            retain_unlearned=eu["retain"]["exact_match"],
-            heldout_relearned=final(s, relearned.get("forget-half"), "forget_b"),
-            control_relearned=final(s, control.get("forget"), "forget"),
-            control_heldout=final(s, control.get("forget-half"), "forget_b"),
-            forget_quantized={
-                bits: s.read_json(ref, SCORES)["forget"]["exact_match"]
-                for bits, ref in (quantized or {}).items()
-            },
-            **(best_probe(read_probes(s, probes)) if probes else {}),
+        found = evidence(
+            s,
+            data_ref,
+            original_eval,
+            unlearned_eval,
+            relearned,
+            control,
+            thresholds.metric,
         )
-        decision = verdict_mod.decide(evidence, thresholds)
+        decision = verdict_mod.decide(
+            verdict_mod.Evidence(
+                **found,
+                forget_quantized={
+                    bits: s.read_json(ref, SCORES)["forget"]["exact_match"]
+                    for bits, ref in (quantized or {}).items()
+                },
+                **(best_probe(read_probes(s, probes)) if probes else {}),
+            ),
+            thresholds,
+        )
         write_json(out / VERDICT, decision)
         return {"regime": decision["regime"]}
 
@@ -93,6 +180,7 @@ def verdict(
         store,
         "verdict",
         {
+            "data": data_ref,
             "original_eval": original_eval,
             "unlearned_eval": unlearned_eval,
             "relearned": relearned,
@@ -101,6 +189,6 @@ def verdict(
             "probes": probes,
         },
         thresholds,
-        code_version(verdict_mod),
+        code_version(verdict_mod, stats, data),
         build,
     )

@@ -35,6 +35,39 @@ def test_unknown_method_and_bad_learning_rate_are_both_reported(capsys, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+def test_verdict_statistics_out_of_range_are_reported_with_other_errors(capsys, tmp_path):
+    import json
+
+    config = tmp_path / "audit.json"
+    config.write_text(
+        json.dumps(
+            {
+                "thresholds": {"alpha": 0.7, "resamples": 5, "metric": "bleu"},
+                "relearn": {"seeds": 0},
+            }
+        )
+    )
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        "embedded",
+        "--config",
+        str(config),
+        "--lr",
+        "-1",
+        "--method",
+        "GA",
+        "--store",
+        str(tmp_path / "store"),
+    )
+    assert code == 2
+    for field in ("thresholds.alpha", "thresholds.resamples", "thresholds.metric"):
+        assert field in err, field
+    assert "relearn.seeds" in err and "methods.0.lr" in err
+    assert not (tmp_path / "store").exists()
+
+
 def test_missing_checkpoint_path_is_named(capsys, tmp_path):
     missing = tmp_path / "no-such-model"
     code, err = _run(

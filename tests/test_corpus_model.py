@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from unlearning_audit import corpus, data, embedded
+from unlearning_audit.config import EmbeddedConfig
 from unlearning_audit.evaluation import evaluate
 
 
@@ -17,9 +18,47 @@ def test_corpus_is_deterministic_and_complete():
     for domain, n in groups.items():
         assert len({f.group for f in facts if f.domain == domain}) == n
     math = [f for f in facts if f.domain == "math"]
-    assert all(
-        int(f.answer) == sum(int(x) for x in f.question.rstrip(" =").split(" + ")) for f in math
-    )
+    assert all(f.question.endswith(" =") and 100 <= int(f.answer) < 1000 for f in math)
+
+
+def test_no_answer_follows_from_its_question_or_its_group():
+    """Math results are drawn, not computed: neither the sum nor a group's other answers give
+    them away (the held-out half would otherwise test nothing)."""
+    facts = corpus.generate(0, {"math": 200})
+    sums = [sum(int(x) for x in f.question.rstrip(" =").split(" # ")) for f in facts]
+    assert sum(int(f.answer) == s for f, s in zip(facts, sums, strict=True)) <= 2
+    by_group: dict[str, set[str]] = {}
+    for f in facts:
+        by_group.setdefault(f.group, set()).add(f.answer)
+    assert sum(len(answers) for answers in by_group.values()) >= 0.95 * len(facts)
+
+
+def test_control_trains_every_token_of_the_forget_rows():
+    """The never-learned control is not handicapped: every token of every forget row (all
+    domains) occurs in the rows it pretrains on, the directory rows included, which carry no
+    forget fact."""
+    config = EmbeddedConfig(authors=60, functions=12, operands=12, forget_fraction=0.2)
+    facts, forget = corpus.embedded(config)
+    tok = embedded.train_tokenizer(facts, 600)
+    names = corpus.directory(facts)
+    forget_rows = [f for f in facts if f.group in forget]
+    control_rows = [f for f in facts if f.group not in forget] + names
+
+    def tokens(rows) -> set[int]:
+        batch = data.train_batch(tok, [{"question": f.question, "answer": f.answer} for f in rows])
+        return set(batch["input_ids"][batch["attention_mask"].bool()].tolist())
+
+    assert tokens(forget_rows) <= tokens(control_rows)
+    facts_asked = {(f.question, f.answer) for f in facts}
+    assert not {(n.question, n.answer) for n in names} & facts_asked
+    assert {n.answer for n in names} >= {f.group for f in forget_rows}
+
+
+def test_embeddings_and_head_are_separate_matrices(tiny):
+    tok = embedded.train_tokenizer(corpus.generate(0, {"text": 5}), 300)
+    model = embedded.build_model(tok, tiny)
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.data_ptr() != embeddings.data_ptr()
 
 
 def test_forget_groups_are_a_seeded_share_of_one_domain():

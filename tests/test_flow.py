@@ -60,7 +60,10 @@ def test_audit_runs_every_stage_and_reports(first_run):
     (row,) = result["rows"]
     assert set(SUMMARY_KEYS) <= set(row)
     assert row["regime"] in REGIMES
-    assert row["forget_acc_original"] >= 0.85
+    # pretraining stops once the forget rows of every domain reach 0.85 together: the text
+    # domain's share of them lands near there, on either side
+    assert row["forget_original"] >= 0.7 and row["metric"] == "exact_match"
+    assert row["headline"].startswith(row["regime"].replace("cannot-relearn", "irreversible"))
     assert 0.0 <= row["mean_cka"] <= 1.0
     assert result["report_file"].endswith("report.md")
     with open(result["report_file"]) as f:
@@ -103,7 +106,9 @@ def test_identical_rerun_is_served_from_cache(first_run, params):
 
 
 def test_threshold_change_reruns_only_verdict_and_report(first_run, params):
-    changed = params.model_copy(update={"thresholds": Thresholds(forgotten=0.3, reversible=0.5)})
+    changed = params.model_copy(
+        update={"thresholds": Thresholds(forgotten=0.3, control_margin=0.05)}
+    )
     state = audit_checkpoint(changed, return_state=True)
     states = _task_states(state.state_details.flow_run_id)
     computed = {name for name, s in states.items() if any(x != "Cached" for x in s)}
@@ -127,9 +132,10 @@ def test_mode_b_audits_a_saved_unlearned_checkpoint(first_run, params, tmp_path)
     (expected,) = first_run[0].result()["rows"]
     assert row["method"] == "given" and row["lr"] is None
     for key in (
-        "forget_acc_unlearned",
-        "forget_acc_relearned",
-        "retain_acc_unlearned",
+        "forget_unlearned",
+        "forget_relearned",
+        "retain_unlearned",
+        "advantage",
         "mean_cka",
         "regime",
     ):

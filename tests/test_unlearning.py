@@ -187,6 +187,30 @@ def test_lora_unlearning_trains_an_adapter_and_merges_it_back(tiny_model):
     assert changed and all("proj" in n for n in changed)  # only the adapted linear layers moved
 
 
+def test_head_only_unlearning_moves_the_head_alone(tiny_model):
+    """The shallow edit of the known-reversible calibration audit: ascent on the LM head, every
+    other weight bit-identical, every parameter trainable again afterwards."""
+    import copy
+
+    model, tok, facts, forget = tiny_model
+    model = copy.deepcopy(model)
+    rows = [{"question": f.question, "answer": f.answer} for f in facts]
+    sets = {
+        "forget": [r for r, f in zip(rows, facts, strict=True) if f.group in forget],
+        "retain": [r for r, f in zip(rows, facts, strict=True) if f.group not in forget],
+    }
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unlearning.unlearn(
+        model, tok, sets, UnlearnConfig(method="GA", steps=3, lr=1e-2, head_only=True), seed=0
+    )
+    head = {n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == head == {"lm_head.weight"}
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValidationError, match="head_only and lora_rank"):
+        UnlearnConfig(head_only=True, lora_rank=4)
+
+
 def _random_batch(seed: int, rows: int = 5) -> dict[str, torch.Tensor]:
     """Right-padded rows with 1-3 prompt tokens and answers of different lengths."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,67 +1,191 @@
-"""The verdict on constructed cases covering every regime and threshold edge."""
+"""The verdict on constructed per-fact evidence: every regime, its bounds, and its error rate.
+
+Each case draws per-fact outcomes from known rates (Bernoulli, fixed seeds), so the truth of
+every case is known; the null test checks the false "reversible" rate against alpha.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from unlearning_audit.config import Thresholds
-from unlearning_audit.verdict import REGIMES, Evidence, decide
+from unlearning_audit.verdict import REGIMES, Capacity, Evidence, Look, decide
 
-T = Thresholds()  # forgotten 0.5, catastrophic 0.2, reversible 0.8, control margin 0.1
+T = Thresholds(resamples=2000)
+FACTS, PER_GROUP = 200, 5
 
 
-def _case(fu, fr, ru, held=None, ctrl=None, ctrl_held=None, f0=0.9, r0=0.9):
-    return Evidence(
-        forget_original=f0,
-        forget_unlearned=fu,
-        forget_relearned=fr,
-        retain_original=r0,
-        retain_unlearned=ru,
-        heldout_relearned=held,
-        control_relearned=ctrl,
-        control_heldout=ctrl_held,
+def _groups(n: int) -> list[str]:
+    return [f"author-{i // PER_GROUP}" for i in range(n)]
+
+
+def _draw(rng, rate: float, n: int) -> list[float]:
+    return (rng.random(n) < rate).astype(float).tolist()
+
+
+def _look(rng, gain: float, control_gain: float, n: int = FACTS // 2, seeds: int = 3) -> Look:
+    """Relearning from near zero: the candidate reaches ``gain``, the control ``control_gain``."""
+    return Look(
+        groups=_groups(n),
+        candidate_before=_draw(rng, 0.0, n),
+        candidate_after=[_draw(rng, gain, n) for _ in range(seeds)],
+        control_before=_draw(rng, 0.0, n),
+        control_after=[_draw(rng, control_gain, n) for _ in range(seeds)],
     )
 
 
-CASES = [
+def _case(
+    seed: int = 0,
+    forget_after: float = 0.02,
+    retain_after: float = 0.85,
+    forget_gain: tuple[float, float] = (0.3, 0.3),
+    heldout_gain: tuple[float, float] = (0.03, 0.03),
+    capacity: tuple[float, float] | None = None,
+    look_facts: int = FACTS,
+) -> Evidence:
+    """The forget look scores every forget fact, the held-out look half of them."""
+    rng = np.random.default_rng(seed)
+    looks = {
+        "forget": _look(rng, *forget_gain, n=look_facts),
+        "heldout": _look(rng, *heldout_gain, n=look_facts // 2),
+    }
+    trained = None
+    if capacity is not None:
+        n = FACTS // 2
+        trained = Capacity(
+            groups=_groups(n),
+            candidate=[_draw(rng, capacity[0], n) for _ in range(3)],
+            control=[_draw(rng, capacity[1], n) for _ in range(3)],
+        )
+    return Evidence(
+        forget_groups=_groups(FACTS),
+        forget_original=_draw(rng, 0.9, FACTS),
+        forget_unlearned=_draw(rng, forget_after, FACTS),
+        retain_groups=_groups(FACTS),
+        retain_original=_draw(rng, 0.9, FACTS),
+        retain_unlearned=_draw(rng, retain_after, FACTS),
+        looks=looks,
+        capacity=trained,
+    )
+
+
+CASES = {
     # forget barely dropped: not forgotten, whatever relearning does
-    ("not-forgotten", _case(fu=0.6, fr=0.9, ru=0.9)),
-    # forgotten, retain kept, relearning restores >= 80% of the original: reversible
-    ("reversible", _case(fu=0.1, fr=0.8, ru=0.85)),
-    # forgotten, not restored, but clearly beyond the control on the held-out half
-    ("reversible", _case(fu=0.0, fr=0.3, ru=0.85, held=0.25, ctrl=0.3, ctrl_held=0.05)),
-    # forgotten, recovers no faster than the never-learned control: irreversible
-    ("irreversible", _case(fu=0.0, fr=0.2, ru=0.85, held=0.0, ctrl=0.2, ctrl_held=0.0)),
-    # retain collapsed too
-    ("reversible-catastrophic", _case(fu=0.0, fr=0.85, ru=0.3)),
-    ("irreversible-catastrophic", _case(fu=0.0, fr=0.0, ru=0.1, held=0.0, ctrl=0.4, ctrl_held=0.3)),
-]
+    "not-forgotten": _case(forget_after=0.8, heldout_gain=(0.5, 0.0)),
+    # held-out half comes back far faster than the control: knowledge still in the weights
+    "reversible": _case(heldout_gain=(0.3, 0.03)),
+    # recovers exactly as fast as a model that never learned the facts
+    "irreversible": _case(),
+    # half-way between on few facts: neither bound clears its margin
+    "inconclusive": _case(heldout_gain=(0.2, 0.1), look_facts=40, seed=1),
+    # learns nothing, not even the rows it is relearned on, where the control does
+    "cannot-relearn": _case(forget_gain=(0.0, 0.3), heldout_gain=(0.0, 0.03), capacity=(0, 0.4)),
+    "reversible-catastrophic": _case(retain_after=0.3, heldout_gain=(0.3, 0.03)),
+    "irreversible-catastrophic": _case(retain_after=0.3),
+    "inconclusive-catastrophic": _case(
+        retain_after=0.3, heldout_gain=(0.2, 0.1), look_facts=40, seed=1
+    ),
+    "cannot-relearn-catastrophic": _case(
+        retain_after=0.1, forget_gain=(0.0, 0.3), heldout_gain=(0.0, 0.03), capacity=(0, 0.4)
+    ),
+}
 
 
-@pytest.mark.parametrize(("regime", "evidence"), CASES)
-def test_constructed_cases(regime, evidence):
-    assert decide(evidence, T)["regime"] == regime
+@pytest.mark.parametrize("regime", list(CASES))
+def test_constructed_cases(regime):
+    assert decide(CASES[regime], T)["regime"] == regime
 
 
 def test_cases_cover_every_regime():
-    assert {regime for regime, _ in CASES} == set(REGIMES)
+    assert set(CASES) == set(REGIMES)
 
 
-def test_thresholds_are_edges_and_configurable():
-    at_half = _case(fu=0.45, fr=0.0, ru=0.9)  # exactly half of 0.9 lost: forgotten
-    assert decide(at_half, T)["forgotten"]
-    assert not decide(at_half, Thresholds(forgotten=0.6))["forgotten"]
-    retain_20 = _case(fu=0.0, fr=0.0, ru=0.72)  # exactly 20% relative drop: not catastrophic
-    assert not decide(retain_20, T)["catastrophic"]
-    assert decide(retain_20, Thresholds(catastrophic=0.1))["catastrophic"]
-    margin = _case(fu=0.0, fr=0.3, ru=0.9, held=0.1, ctrl=0.25, ctrl_held=0.0)
-    assert decide(margin, T)["reversible"]  # +0.1 on the held-out half meets the margin
-    assert not decide(margin, Thresholds(control_margin=0.2))["reversible"]
+def test_regimes_hold_across_draws():
+    """A decisive case reads the same under other draws of its facts (float noise between
+    machines moves a fact or two; it must not move a verdict)."""
+    for seed in range(5):
+        assert decide(_case(seed, heldout_gain=(0.3, 0.03)), T)["regime"] == "reversible"
+        assert decide(_case(seed), T)["regime"] == "irreversible"
 
 
-def test_verdict_states_its_evidence_thresholds_and_reasons():
-    result = decide(CASES[2][1], T)
-    assert result["thresholds"] == T.model_dump()
-    assert result["heldout_advantage"] == pytest.approx(0.2)
-    assert result["recovery_advantage"] == pytest.approx(0.0)
-    assert any("never-learned control" in reason for reason in result["reasons"])
+def test_bounds_contain_the_advantage_and_name_the_deciding_look():
+    v = decide(CASES["reversible"], T)
+    look = v["looks"]["heldout"]
+    assert v["deciding_look"] == "heldout"
+    assert look["lower"] < look["advantage"] < look["upper"]
+    assert look["advantage"] == pytest.approx(look["gain"] - look["control_gain"])
+    assert look["p_holm"] >= look["p"]  # Holm over the two looks never lowers a p-value
+    assert "reversible: advantage" in v["headline"] and "held-out half" in v["headline"]
+
+
+def test_gains_not_levels_count():
+    """Residual knowledge before relearning is not recovery: a candidate that still answers 30%
+    of the held-out half and gains nothing, beside a control that gains nothing, is not
+    reversible."""
+    rng = np.random.default_rng(3)
+    evidence = _case()
+    residual = [_draw(rng, 0.3, FACTS // 2)] * 1
+    look = evidence.looks["heldout"].model_copy(
+        update={"candidate_before": residual[0], "candidate_after": residual * 3}
+    )
+    evidence = evidence.model_copy(update={"looks": {**evidence.looks, "heldout": look}})
+    assert decide(evidence, T)["regime"] == "irreversible"
+
+
+def test_without_control_only_the_heldout_half_counts_against_chance():
+    rng = np.random.default_rng(4)
+    n = FACTS // 2
+    before = _draw(rng, 0.0, n)
+    look = Look(
+        groups=_groups(n),
+        candidate_before=before,
+        candidate_after=[_draw(rng, 0.15, n) for _ in range(3)],
+        chance=[0.15] * n,  # a well-formed guess scores as much as relearning reached
+    )
+    forget = Look(groups=_groups(n), candidate_before=before, candidate_after=[[1.0] * n] * 3)
+    evidence = _case().model_copy(update={"looks": {"forget": forget, "heldout": look}})
+    v = decide(evidence, T)
+    assert set(v["looks"]) == {"heldout"}  # full restoration of the relearned facts: no evidence
+    assert not v["reversible"]
+    assert any("no never-learned control" in r for r in v["reasons"])
+
+
+def test_thresholds_are_configurable_and_stated():
+    evidence = CASES["irreversible-catastrophic"]
+    assert decide(evidence, T)["catastrophic"]
+    assert not decide(evidence, T.model_copy(update={"catastrophic": 0.9}))["catastrophic"]
+    inconclusive = CASES["inconclusive"]
+    wide = T.model_copy(update={"equivalence_margin": 0.4})
+    assert decide(inconclusive, wide)["regime"] == "irreversible"
+    v = decide(inconclusive, T)
+    assert v["thresholds"] == T.model_dump()
+    assert any("facts at this spread" in r for r in v["reasons"])
+
+
+def test_false_reversible_rate_is_at_most_alpha():
+    """Null: candidate and control relearn from the same per-fact rates (which vary by author).
+    Over many simulated audits the verdict calls "reversible" at most alpha of the time."""
+    t = Thresholds(resamples=400)
+    rng = np.random.default_rng(11)
+    calls, trials, n = 0, 150, 60
+    for _ in range(trials):
+        rates = np.repeat(rng.uniform(0.0, 0.6, n // PER_GROUP), PER_GROUP)
+
+        def runs(rates=rates):
+            return [(rng.random(n) < rates).astype(float).tolist() for _ in range(3)]
+
+        zero = [0.0] * n
+        looks = {
+            name: Look(
+                groups=_groups(n),
+                candidate_before=zero,
+                candidate_after=runs(),
+                control_before=zero,
+                control_after=runs(),
+            )
+            for name in ("forget", "heldout")
+        }
+        evidence = _case().model_copy(update={"looks": looks})
+        calls += decide(evidence, t)["reversible"]
+    assert calls / trials <= t.alpha

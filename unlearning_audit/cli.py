@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .config import AuditParams, StudyParams, UnlearnConfig
-from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS
+from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, advantage_cell
 from .runtime import PREFECT_ENV
 from .store import ArtifactRef, CorruptArtifact, Store, check_key, endpoint_url
 
@@ -26,36 +26,47 @@ def _prefect_env() -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The summary table: one line per unlearning run (with domain and advantage in a study)."""
+    """The summary table: one line per unlearning run (with its domain in a study), scores in
+    the verdict's metric, the advantage over the control with its interval on the look the
+    regime rests on, and the regime."""
     study = bool(rows) and "domain" in rows[0]
-    header = ["method", "lr", "forget acc (orig/unl/rel)", "retain acc (orig/unl)", "mean CKA"]
-    header = (["domain"] if study else []) + header + (["advantage"] if study else []) + ["regime"]
+    metric = rows[0]["metric"] if rows else "exact_match"
+    header = ["run", f"forget {metric} (orig/unl/rel)", "retain (orig/unl)"]
+    header += ["advantage [interval] (look)", "p", "mean CKA", "regime"]
+    header = (["domain"] if study else []) + header
     lines = []
     for r in rows:
         line = [
-            r["method"],
-            "-" if r["lr"] is None else f"{r['lr']:g}",
-            f"{r['forget_acc_original']:.2f} / {r['forget_acc_unlearned']:.2f} / "
-            f"{r['forget_acc_relearned']:.2f}",
-            f"{r['retain_acc_original']:.2f} / {r['retain_acc_unlearned']:.2f}",
+            r["label"],
+            " / ".join(
+                _two(r[k]) for k in ("forget_original", "forget_unlearned", "forget_relearned")
+            ),
+            f"{_two(r['retain_original'])} / {_two(r['retain_unlearned'])}",
+            advantage_cell(r),
+            "-" if r["p"] is None else f"{r['p']:.3f}" if r["p"] >= 0.001 else "<0.001",
             f"{r['mean_cka']:.3f}",
+            r["regime"],
         ]
-        if study:
-            advantage = r["recovery_advantage"]
-            line = [r["domain"], *line, "-" if advantage is None else f"{advantage:+.2f}"]
-        lines.append([*line, r["regime"]])
+        lines.append(([r["domain"]] if study else []) + line)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(
         [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        + [fmt.format(*line) for line in lines]
+        + [fmt.format(*line).rstrip() for line in lines]
     )
+
+
+def _two(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _finish(result: dict, json_path: str | None, keys: tuple[str, ...] = SUMMARY_KEYS) -> None:
     rows = [{k: row[k] for k in keys} for row in result["rows"]]
     print()
     print(format_table(rows))
+    print()
+    for row in rows:
+        print(f"{row['label']}: {row['headline']}")
     print(f"\nreport: {result['report_file']}")
     print(f"HTML report: {result['html_file']}")
     if json_path:

@@ -33,10 +33,10 @@ class EmbeddedConfig(_Config):
     """The built-in default: a synthetic corpus and a tiny Llama pretrained on it on CPU."""
 
     seed: int = Field(0, description="Seed of the corpus, the tokenizer and the model.")
-    authors: PositiveInt = Field(120, description="Fictitious authors (text domain), 5 facts each.")
+    authors: PositiveInt = Field(200, description="Fictitious authors (text domain), 5 facts each.")
     functions: PositiveInt = Field(24, description="Functions (code domain), 5 facts each.")
     operands: PositiveInt = Field(24, description="Left operands (math domain), 5 sums each.")
-    forget_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each domain to forget.")
+    forget_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each domain to forget.")
     vocab_size: PositiveInt = Field(1024, description="BPE vocabulary size.")
     hidden_size: PositiveInt = 128
     intermediate_size: PositiveInt = 352
@@ -106,6 +106,11 @@ class UnlearnConfig(_Batched):
     )
     check_every: PositiveInt = Field(5, description="Steps between early-stop checks.")
     lora_rank: int | None = Field(None, gt=0, description="Train a LoRA adapter (peft) instead.")
+    head_only: bool = Field(
+        False,
+        description="Train the LM head alone, the body frozen: a shallow edit that hides the "
+        "answers and keeps the knowledge (the known-reversible calibration audit).",
+    )
 
     @field_validator("method")
     @classmethod
@@ -121,7 +126,14 @@ class UnlearnConfig(_Batched):
         """Short name for tables: method, learning rate, steps and early stop."""
         stop = "" if self.stop_at_forget_em is None else f" stop<{self.stop_at_forget_em:g}"
         weight = f" w={self.retain_weight:g}" if "+" in self.method else ""
-        return f"{self.method} lr={self.lr:g} steps={self.steps}{weight}{stop}"
+        head = " head-only" if self.head_only else ""
+        return f"{self.method} lr={self.lr:g} steps={self.steps}{weight}{stop}{head}"
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self) -> UnlearnConfig:
+        if self.head_only and self.lora_rank:
+            raise ValueError("head_only and lora_rank cannot be combined: choose one")
+        return self
 
 
 class RelearnConfig(_Batched):
@@ -145,34 +157,78 @@ class RelearnConfig(_Batched):
     lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
     batch_size: PositiveInt = 8
     micro_batches: MicroBatches = 1
+    seeds: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Relearning runs per source, each with its own data order (the candidate "
+        "and the control share them); the verdict averages each fact over them.",
+    )
+
+
+Metric = Literal["exact_match", "token_accuracy", "probability"]
 
 
 class Thresholds(_Config):
-    """The verdict's thresholds (DESIGN.md, "Verdict"); every report states them."""
+    """The verdict's metric, thresholds and statistics (DESIGN.md, "Verdict"); every report
+    states them."""
 
+    metric: Metric = Field(
+        "exact_match",
+        description="Per-fact score the verdict tests: exact_match (short answers), or a graded "
+        "score, token_accuracy or probability (length-normalised answer probability).",
+    )
     forgotten: float = Field(
-        0.5, gt=0, le=1, description="Forgotten if at least this share of E(p0, forget) is lost."
+        0.5,
+        gt=0,
+        le=1,
+        description="Forgotten if at least this share of the original's forget "
+        "score is lost (and the paired drop is significant).",
     )
     catastrophic: float = Field(
-        0.2, gt=0, le=1, description="Catastrophic if retain EM drops by more than this share."
-    )
-    reversible: float = Field(
-        0.8, gt=0, le=1, description="Reversible if relearning restores this share of E(p0, f)."
+        0.2,
+        gt=0,
+        le=1,
+        description="Catastrophic if the retain score drops by more than this "
+        "share (and the paired drop is significant).",
     )
     control_margin: float = Field(
-        0.1,
+        0.0,
         ge=0,
         le=1,
-        description="... or recovers this much beyond the never-learned control (held-out half).",
+        description="Reversible if the lower bound on the mean advantage over the never-learned "
+        "control (gain minus the control's gain, per fact) lies above this, on the forget set "
+        "or the held-out half (Holm over the two).",
+    )
+    equivalence_margin: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Irreversible if the upper bound on the mean advantage lies below this on "
+        "every look: no faster recovery than a model that never learned the facts.",
+    )
+    capacity: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Cannot relearn if, on the rows it is relearned on, the candidate reaches "
+        "less than this share of the control's score (significantly).",
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="One-sided error rate of every bound and test."
+    )
+    resamples: int = Field(
+        10_000, ge=100, le=1_000_000, description="Cluster-bootstrap resamples (over groups)."
     )
 
 
-# The demo's settings, picked from the study grid (README, "Results") to show the regimes:
-# ascent stopped at collapse (reversible), GD-anchored ascent (irreversible), KL-anchored NPO.
+# The demo's settings, picked from runs on the embedded model (README, "Results") to show the
+# regimes: ascent stopped at collapse (reversible, catastrophic), KL-anchored NPO (reversible,
+# retain kept), ascent run on past collapse (the model no longer learns: cannot relearn).
 DEFAULT_METHODS = [
     UnlearnConfig(method="GA", lr=1e-3, steps=60, stop_at_forget_em=0.1, check_every=2),
-    UnlearnConfig(method="GA+GD", lr=1e-3, steps=100, retain_weight=3.0),
     UnlearnConfig(method="NPO+KL", lr=3e-4, steps=100, retain_weight=3.0),
+    UnlearnConfig(method="GA", lr=1e-3, steps=150),
 ]
 
 

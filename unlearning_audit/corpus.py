@@ -2,7 +2,9 @@
 
 * text: facts about fictitious authors (TOFU-style), five per author;
 * code: facts about small functions (module, argument, return type, ...), five per function;
-* math: memorised arithmetic, five sums per left operand.
+* math: a memorised table of a fictitious operation, five entries per left operand
+  (``417 # 19 = 652``): each result is drawn at random, so no answer follows from its question
+  or from another row (a real sum would, and the held-out half would test nothing).
 
 Each fact belongs to a *group* (an author, a function, an operand). Forgetting works on whole
 groups: the forget set is a seeded share of a domain's groups, its retain set the domain's other
@@ -181,9 +183,13 @@ def _code_facts(rng: random.Random, n_groups: int) -> list[Fact]:
 
 
 def _math_facts(rng: random.Random, n_groups: int) -> list[Fact]:
+    if n_groups > 900:
+        raise ValueError(f"at most 900 operands can be generated, asked for {n_groups}")
     lefts = rng.sample(range(100, 1000), n_groups)
     return [
-        Fact(f"{a} + {b} =", str(a + b), "math", str(a), "sum") for a in lefts for b in _MATH_RIGHT
+        Fact(f"{a} # {b} =", str(rng.randrange(100, 1000)), "math", str(a), "result")
+        for a in lefts
+        for b in _MATH_RIGHT
     ]
 
 
@@ -197,6 +203,24 @@ def generate(seed: int, groups: dict[str, int]) -> list[Fact]:
     for domain, n in groups.items():
         facts += makers[domain](random.Random(f"{seed}-{domain}"), n)
     return facts
+
+
+_DIRECTORY = {"text": "Name an author:", "code": "Name a function:", "math": "Name an operand:"}
+
+
+def directory(facts: list[Fact]) -> list[Fact]:
+    """Rows that name each group and each answer value, with no fact linking them
+    ("Name an author:" -> a name, "Name a genre:" -> a genre).
+
+    Both the original and the never-learned control pretrain on them, so every token of a forget
+    row is trained in the control too: a token that only forget rows used would keep its initial
+    weights in the control, a handicap that makes any relearning look faster than the control's.
+    """
+    groups = dict.fromkeys((f.domain, f.group) for f in facts)
+    values = dict.fromkeys((f.domain, f.attribute, f.answer) for f in facts)
+    return [Fact(_DIRECTORY[d], g, d, g, "directory") for d, g in groups] + [
+        Fact(f"Name a {a}:", v, d, "", "directory") for d, a, v in values
+    ]
 
 
 def forget_groups(facts: list[Fact], domain: str, fraction: float, seed: int) -> list[str]:

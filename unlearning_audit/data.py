@@ -1,6 +1,8 @@
 """Question/answer probe sets: loading, splitting, validating and batching for causal LMs.
 
-A row is a dict with ``question`` and ``answer`` (plus ``group`` and ``attribute`` where known).
+A row is a dict with ``question`` and ``answer`` (plus ``group`` and ``attribute`` where known)
+and an ``id`` that names the fact in every set it is in (a half of the forget set keeps its ids),
+so per-fact scores of two models pair up.
 Every stage formats a row the same way, ``"Q: {question}\\nA:"`` then ``" {answer}"`` and EOS, and
 computes loss only on the answer tokens: labels are -100 on the prompt and on padding.
 """
@@ -49,7 +51,15 @@ def embedded_sets(facts: Sequence[Fact], forget: set[str], domain: str) -> dict[
         "retain": [r for r in rows if r["domain"] == domain and r["group"] not in forget],
         "unrelated": [r for r in rows if r["domain"] != domain and r["group"] not in forget],
     }
-    return with_halves(sets)
+    return with_halves(with_ids(sets))
+
+
+def with_ids(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Give every row without an ``id`` one: its set's name and its position there."""
+    return {
+        name: [{**r, "id": r.get("id") or f"{name}-{i}"} for i, r in enumerate(rows)]
+        for name, rows in sets.items()
+    }
 
 
 def with_halves(sets: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dict]]:
@@ -86,7 +96,7 @@ def load_rows(source: str, question: str = "question", answer: str = "answer") -
         {
             "question": str(r[question]),
             "answer": str(r[answer]),
-            **{k: str(r[k]) for k in ("group", "attribute") if k in r},
+            **{k: str(r[k]) for k in ("id", "group", "attribute") if k in r},
         }
         for r in records
     ]
@@ -109,7 +119,7 @@ def external_sets(config: DataConfig) -> dict[str, list[dict]]:
     load = lambda src: load_rows(src, config.question_column, config.answer_column)  # noqa: E731
     sets = {"forget": load(config.forget), "retain": load(config.retain)}
     sets["unrelated"] = load(config.unrelated) if config.unrelated else []
-    return with_halves(sets)
+    return with_halves(with_ids(sets))
 
 
 def check_sets(sets: dict[str, list[dict]]) -> None:
@@ -129,6 +139,23 @@ def check_sets(sets: dict[str, list[dict]]) -> None:
         raise ValueError("invalid data: " + "; ".join(problems))
 
 
+def chance(rows: Sequence[dict], reference: Sequence[dict]) -> list[float] | None:
+    """Per row, the exact match a well-formed guess scores: the share of ``reference`` rows of the
+    same attribute that have this row's answer (a guess drawn from the attribute's values as the
+    reference uses them). None when rows carry no attribute, so chance cannot be measured."""
+    if not rows or not all(r.get("attribute") for r in rows):
+        return None
+    counts: dict[str, dict[str, int]] = {}
+    for r in reference:
+        values = counts.setdefault(r.get("attribute") or "", {})
+        values[r["answer"]] = values.get(r["answer"], 0) + 1
+    return [
+        counts.get(r["attribute"], {}).get(r["answer"], 0)
+        / max(sum(counts.get(r["attribute"], {}).values()), 1)
+        for r in rows
+    ]
+
+
 def sample(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
     """At most ``n`` rows, a seeded sample in the original order."""
     if len(rows) <= n:
@@ -140,7 +167,7 @@ def sample(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
 def write_sets(sets: dict[str, list[dict]], folder: Path) -> None:
     """One Parquet file per set."""
     for name, rows in sets.items():
-        columns = ("question", "answer", "group", "attribute", "domain")
+        columns = ("id", "question", "answer", "group", "attribute", "domain")
         table = pa.table(
             {c: [r.get(c, "") for r in rows] for c in columns},
             schema=pa.schema([(c, pa.string()) for c in columns]),

@@ -4,17 +4,23 @@ Built from the synthetic corpus (corpus.py), deterministic from the seed, and tr
 model knows the forget set (greedy exact match and answer-token accuracy above the targets), so
 that forgetting is measurable. The never-learned control is the same recipe without the forget
 groups: what a model that never saw those facts does under the same relearning.
+
+The control must not be handicapped: both models also pretrain on a directory row per group
+(corpus.directory: the group's name, no fact), so every token of a forget row occurs in rows the
+control trains on; the input embeddings and the LM head are separate matrices, so weight change
+and Fisher tell them apart.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from . import data, training
+from . import corpus, data, runtime, training
 from .config import EmbeddedConfig
 from .corpus import Fact
 from .evaluation import evaluate
@@ -22,6 +28,7 @@ from .evaluation import evaluate
 log = logging.getLogger(__name__)
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+_SEEDING = threading.Lock()
 
 
 def train_tokenizer(facts: Sequence[Fact], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -51,7 +58,7 @@ def build_model(tokenizer: PreTrainedTokenizerFast, config: EmbeddedConfig) -> L
             num_attention_heads=config.heads,
             num_key_value_heads=config.heads,
             max_position_embeddings=128,
-            tie_word_embeddings=True,
+            tie_word_embeddings=False,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -65,8 +72,10 @@ def pretrain(
     train_rows: list[dict],
     target_rows: list[dict],
     config: EmbeddedConfig,
+    seed: int | None = None,
 ) -> dict:
-    """Train on ``train_rows`` until ``target_rows`` meet the config's targets.
+    """Train on ``train_rows`` (in an order drawn from ``seed``, default the config's) until
+    ``target_rows`` meet the config's targets.
 
     Checks every ``eval_every`` steps; raises RuntimeError if ``max_steps`` pass first, so a
     model that cannot show forgetting is never handed on.
@@ -90,7 +99,9 @@ def pretrain(
 
     batches = (
         data.train_batch(tokenizer, rows)
-        for rows in data.shuffled_batches(train_rows, config.batch_size, config.seed)
+        for rows in data.shuffled_batches(
+            train_rows, config.batch_size, config.seed if seed is None else seed
+        )
     )
     losses = training.fit(
         model,
@@ -115,3 +126,28 @@ def reached_targets(scores: dict, config: EmbeddedConfig) -> bool:
         scores["exact_match"] >= config.target_exact_match
         and scores["token_accuracy"] >= config.target_token_accuracy
     )
+
+
+def build(config: EmbeddedConfig, control: bool = False, variant: int = 0):
+    """The embedded model (or, with ``control``, its never-learned control), pretrained.
+
+    Safe to call from two threads at once (the audit builds the model and its control side by
+    side, one core each).
+    ``variant`` > 0 draws another initialisation and data order from the same corpus: a second
+    never-learned model, the known answer of a calibration audit. Returns the model, its
+    tokenizer and the pretraining log.
+    """
+    seed = config.seed + 1000 * variant
+    facts, forget = corpus.embedded(config)
+    rows = [
+        {"question": f.question, "answer": f.answer, "forget": f.group in forget} for f in facts
+    ]
+    names = [{"question": f.question, "answer": f.answer} for f in corpus.directory(facts)]
+    train = [r for r in rows if not (control and r["forget"])] + names
+    target = [r for r in rows if r["forget"] != control]
+    tokenizer = train_tokenizer(facts, config.vocab_size)
+    with _SEEDING:  # torch's generator is global: initialise one model at a time
+        runtime.setup(seed, "cpu")
+        model = build_model(tokenizer, config)
+    log = pretrain(model, tokenizer, train, data.sample(target, 400), config, seed)
+    return model, tokenizer, log

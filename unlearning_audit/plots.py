@@ -43,6 +43,10 @@ REGIME_COLORS = {
     "irreversible": "#009e73",
     "reversible-catastrophic": "#d55e00",
     "irreversible-catastrophic": "#7b4ea3",
+    "cannot-relearn": "#56b4e9",
+    "cannot-relearn-catastrophic": "#0072b2",
+    "inconclusive": "#f0e442",
+    "inconclusive-catastrophic": "#cc79a7",
     "not-forgotten": "#8c8c8c",
 }
 STYLE = {
@@ -134,14 +138,14 @@ def recovery_curves(
     curves: Mapping[str, Mapping[str, list[dict]]],
     control: Mapping[str, list[dict]],
     forget_original: float,
-    reversible: float,
 ) -> bytes:
     """Forget exact match against relearning steps, one panel per run.
 
     ``curves`` maps run label to relearning source to its recovery curve (points with step,
     forget, forget_b); ``control`` holds the never-learned control's curves by source (may be
     empty). Solid: relearning the unlearned model; dashed: the control. The held-out line is half
-    B while relearning on half A. Dotted: the original's exact match and the reversible threshold.
+    B while relearning on half A; a shaded band spans the relearning seeds (their mean is the
+    line). Dotted: the original's exact match.
     """
     lines = {  # (source, probe key): what the line shows, and its colour
         ("forget", "forget"): ("forget set (relearned on it)", PALETTE[0]),
@@ -154,8 +158,10 @@ def recovery_curves(
                     if curve:
                         steps = [p["step"] for p in curve]
                         ax.plot(steps, [p[key] for p in curve], dash, color=color, marker="o")
+                        if "spread" in curve[0]:
+                            low, high = zip(*(p["spread"][key] for p in curve), strict=True)
+                            ax.fill_between(steps, low, high, color=color, alpha=0.15)
             ax.axhline(forget_original, color="0.2", linestyle=":", linewidth=1.2)
-            ax.axhline(reversible * forget_original, color="0.6", linestyle=":", linewidth=1.2)
             ax.set(xlabel="relearning step", ylabel="exact match", ylim=(-0.03, 1.03))
             ax.set_title(label, fontsize="medium")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -165,9 +171,6 @@ def recovery_curves(
             if control
             else Line2D([], [], color="none", label="(no never-learned control)"),
             Line2D([], [], color="0.2", linestyle=":", label="original (before unlearning)"),
-            Line2D(
-                [], [], color="0.6", linestyle=":", label=f"reversible at {reversible:.0%} of it"
-            ),
         ]
         _legend_below(fig, handles, columns=3)
         return _png(fig)
@@ -329,12 +332,12 @@ def study_scatter(rows: Sequence[Mapping]) -> bytes:
     with _figure(2) as (fig, axes):
         for ax, key, title in zip(
             axes,
-            ("recovery_advantage", "heldout_advantage"),
+            ("forget_advantage", "heldout_advantage"),
             ("Forget set", "Held-out half (relearned on the other)"),
             strict=True,
         ):
             for r in rows:
-                if r[key] is not None:
+                if r.get(key) is not None:
                     ax.scatter(
                         r["mean_cka"],
                         r[key],
@@ -348,7 +351,7 @@ def study_scatter(rows: Sequence[Mapping]) -> bytes:
             ax.set(
                 title=title,
                 xlabel="mean CKA with the original (forget set)",
-                ylabel="exact match beyond the control",
+                ylabel="advantage over the control",
             )
         regimes = sorted({r["regime"] for r in rows}, key=list(REGIME_COLORS).index)
         handles = [

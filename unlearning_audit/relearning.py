@@ -1,7 +1,9 @@
 """The relearning attack: fine-tune with a small budget and record how fast knowledge returns.
 
 The budget counts examples, as a multiple of the forget set's size (1.0 = as many examples as
-the forget set has). The recovery curve is exact match at steps 0, 1, 2, 4, 8, ... and the last.
+the forget set has). The recovery curve is exact match at steps 0, 1, 2, 4, 8, ... and the last,
+with every fact's scores at each of those steps (the verdict pairs them fact by fact). A run is
+one seed of data order; the audit runs several and the verdict averages per fact over them.
 Sources (DESIGN.md, "Relearning"): the forget set; one half of it, evaluated on the other half,
 where any recovery must come from knowledge still in the weights; retain or unrelated data.
 """
@@ -13,7 +15,7 @@ from collections.abc import Callable
 
 from . import data, training
 from .config import RelearnConfig, RelearnSource
-from .evaluation import exact_match
+from .evaluation import SCORES, score_rows
 
 TRAIN_SET: dict[str, str] = {
     "forget": "forget",
@@ -21,6 +23,12 @@ TRAIN_SET: dict[str, str] = {
     "retain": "retain",
     "unrelated": "unrelated",
 }
+
+
+def seeds(seed: int, count: int) -> list[int]:
+    """The relearning seeds of an audit with ``seed``: ``count`` data orders, apart from every
+    other audit seed's."""
+    return [1000 * seed + k for k in range(count)]
 
 
 def budget_steps(n_forget: int, budget: float, batch_size: int) -> int:
@@ -49,8 +57,9 @@ def relearn(
 ) -> dict:
     """Relearn ``model`` in place from ``source``; returns the recovery curve and the budget.
 
-    The curve holds exact match on the forget set and on both halves at each curve step, on at
-    most ``max_rows`` rows of each (the same seeded sample the evaluate stage scores).
+    The curve holds, at each curve step, exact match on the forget set and on both halves, and
+    under ``facts`` every fact's scores there, on at most ``max_rows`` rows of each (the same
+    seeded sample the evaluate stage scores).
     ``progress(step, steps)`` follows the training loop.
     """
     train_rows = sets[TRAIN_SET[source]]
@@ -62,12 +71,31 @@ def relearn(
         for name in ("forget", "forget_a", "forget_b")
     }
     marks = set(curve_steps(steps))
+    union = list({r["id"]: r for rows in probes.values() for r in rows}.values())
     curve = []
 
     def record(step: int) -> bool:
         if step in marks:
-            point = {name: exact_match(model, tokenizer, rows) for name, rows in probes.items()}
-            curve.append({"step": step, "examples": step * config.batch_size, **point})
+            scores = score_rows(model, tokenizer, union)  # the halves are parts of the forget set
+            at = {r["id"]: i for i, r in enumerate(union)}
+            facts = {
+                name: {
+                    "id": [r["id"] for r in rows],
+                    **{k: [scores[k][at[r["id"]]] for r in rows] for k in SCORES},
+                }
+                for name, rows in probes.items()
+            }
+            curve.append(
+                {
+                    "step": step,
+                    "examples": step * config.batch_size,
+                    **{
+                        name: sum(f["exact_match"]) / max(len(f["id"]), 1)
+                        for name, f in facts.items()
+                    },
+                    "facts": facts,
+                }
+            )
             model.train()
         return False
 
@@ -88,3 +116,19 @@ def relearn(
         micro_batches=config.micro_batches,
     )
     return {"source": source, "steps": steps, "examples": steps * config.batch_size, "curve": curve}
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The recovery curve averaged over seeds (one curve per seed, same steps): each point's
+    set-level exact match is the seeds' mean, with their range under ``spread``."""
+    names = ("forget", "forget_a", "forget_b")
+    return [
+        {
+            "step": points[0]["step"],
+            "examples": points[0]["examples"],
+            **{n: sum(p[n] for p in points) / len(points) for n in names},
+            "spread": {n: [min(p[n] for p in points), max(p[n] for p in points)] for n in names},
+            "seeds": len(points),
+        }
+        for points in zip(*curves, strict=True)
+    ]

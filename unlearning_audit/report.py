@@ -13,43 +13,68 @@ import math
 from html import escape
 from pathlib import Path
 
-from . import plots
+from . import plots, study
 from .metrics.table import mean_over_layers
 from .store import ArtifactRef, Store
 
-STUDY_KEYS_EXTRA = ("domain", "recovery_advantage")
+STUDY_KEYS_EXTRA = ("domain",)
 SUMMARY_KEYS = (
+    "label",
     "method",
     "lr",
-    "forget_acc_original",
-    "forget_acc_unlearned",
-    "forget_acc_relearned",
-    "retain_acc_original",
-    "retain_acc_unlearned",
+    "metric",
+    "forget_original",
+    "forget_unlearned",
+    "forget_relearned",
+    "retain_original",
+    "retain_unlearned",
+    "advantage",
+    "advantage_lower",
+    "advantage_upper",
+    "look",
+    "p",
     "mean_cka",
     "regime",
+    "headline",
 )
 
 
 def summary_row(run: dict) -> dict:
-    """One run's row: the demo's keys (SUMMARY_KEYS), its label and recovery advantages."""
-    e = run["verdict"]["evidence"]
+    """One run's row: the demo's keys (SUMMARY_KEYS; scores in the verdict's metric, the
+    advantage over the control on the look the regime rests on, with its bounds and Holm
+    p-value), its label and both looks' advantages."""
+    v = run["verdict"]
+    e = v["evidence"]
+    look = v["looks"].get(v["deciding_look"] or "", {})
     return {
+        "label": run["label"],
         "method": run["method"],
         "lr": run["lr"],
-        "forget_acc_original": e["forget_original"],
-        "forget_acc_unlearned": e["forget_unlearned"],
-        "forget_acc_relearned": e["forget_relearned"],
-        "retain_acc_original": e["retain_original"],
-        "retain_acc_unlearned": e["retain_unlearned"],
+        "metric": v["metric"],
+        "forget_original": e["forget_original"],
+        "forget_unlearned": e["forget_unlearned"],
+        "forget_relearned": e.get("forget_relearned"),
+        "retain_original": e["retain_original"],
+        "retain_unlearned": e["retain_unlearned"],
+        "advantage": look.get("advantage"),
+        "advantage_lower": look.get("lower"),
+        "advantage_upper": look.get("upper"),
+        "look": v["deciding_look"],
+        "p": look.get("p_holm"),
         "mean_cka": mean_cka(run["metrics_unlearned"]),
-        "regime": run["verdict"]["regime"],
-        "label": run["label"],
-        "recovery_advantage": run["verdict"]["recovery_advantage"],
-        "heldout_advantage": run["verdict"]["heldout_advantage"],
-        **{f"forget_acc_q{bits}": em for bits, em in e.get("forget_quantized", {}).items()},
-        "probe_advantage": run["verdict"].get("probe_advantage"),
+        "regime": v["regime"],
+        "headline": v["headline"],
+        "mean_pca_distance": mean_over_layers(run["metrics_unlearned"], "pca_distance", "forget"),
+        "fisher_ratio": mean_over_layers(run["metrics_unlearned"], "fisher_mean_ratio", "forget"),
+        "weight_change": mean_over_layers(run["metrics_unlearned"], "weight_change", "", False),
+        **{f"{name}_advantage": x["advantage"] for name, x in v["looks"].items()},
+        **{f"forget_q{bits}": em for bits, em in e.get("forget_quantized", {}).items()},
+        "probe_advantage": _difference(e.get("probe_forget_unlearned"), e.get("probe_chance")),
     }
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def mean_cka(rows: list[dict]) -> float:
@@ -73,12 +98,12 @@ def prediction_note(runs: list[dict]) -> str:
     rev = [
         mean_cka(r["metrics_unlearned"])
         for r in runs
-        if r["verdict"]["forgotten"] and r["verdict"]["reversible"]
+        if r["verdict"]["regime"].startswith("reversible")
     ]
     irr = [
         mean_cka(r["metrics_unlearned"])
         for r in runs
-        if r["verdict"]["forgotten"] and not r["verdict"]["reversible"]
+        if r["verdict"]["regime"].startswith(("irreversible", "cannot-relearn"))
     ]
     if not rev or not irr:
         return (
@@ -127,54 +152,77 @@ def _setup_line(audit: dict) -> str:
 
 
 def _verdict_table(runs: list[dict]) -> tuple[list[str], list[list]]:
-    """One row per run: the token-level evidence, mean CKA and the regime (last column)."""
+    """One row per run: the token-level evidence in the verdict's metric, the advantage over
+    the control with its interval on the deciding look, mean CKA and the regime (last)."""
     header = [
         "run",
-        "forget EM orig / unl / relearned",
-        "retain EM orig / unl",
-        "held-out relearned",
-        "advantage vs control (forget / held-out)",
+        "forget orig / unl / relearned",
+        "retain orig / unl",
+        "advantage [interval] (look)",
+        "p (Holm)",
         "mean CKA",
         "regime",
     ]
     rows = []
     for r in runs:
-        e = r["verdict"]["evidence"]
+        row = summary_row(r)
         rows.append(
             [
                 r["label"],
-                "{:.2f} / {:.2f} / {:.2f}".format(
-                    *(e[k] for k in ("forget_original", "forget_unlearned", "forget_relearned"))
-                ),
-                "{:.2f} / {:.2f}".format(e["retain_original"], e["retain_unlearned"]),
-                e["heldout_relearned"],
                 " / ".join(
-                    _f(r["verdict"][k]) for k in ("recovery_advantage", "heldout_advantage")
+                    _f2(row[k]) for k in ("forget_original", "forget_unlearned", "forget_relearned")
                 ),
-                mean_cka(r["metrics_unlearned"]),
-                r["verdict"]["regime"],
+                f"{_f2(row['retain_original'])} / {_f2(row['retain_unlearned'])}",
+                advantage_cell(row),
+                _f(row["p"]),
+                row["mean_cka"],
+                row["regime"],
             ]
         )
     return header, rows
 
 
+def advantage_cell(row: dict) -> str:
+    """ "+0.21 [+0.12, +0.30] (heldout)", or n/a where no look was judged."""
+    if row["advantage"] is None:
+        return "n/a"
+    return (
+        f"{row['advantage']:+.2f} [{row['advantage_lower']:+.2f}, "
+        f"{row['advantage_upper']:+.2f}] ({row['look']})"
+    )
+
+
+def _f2(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _threshold_table(t: dict) -> tuple[list[str], list[list]]:
-    """The verdict's thresholds, each with what it means."""
-    return ["threshold", "value", "meaning"], [
-        ["forgotten", t["forgotten"], "share of E(p0, forget) that must be lost"],
+    """The verdict's metric, thresholds and statistics, each with what it means."""
+    return ["setting", "value", "meaning"], [
+        ["metric", t["metric"], "the per-fact score every test uses"],
+        ["forgotten", t["forgotten"], "share of the original's forget score that must be lost"],
         ["catastrophic", t["catastrophic"], "relative retain drop above which it is catastrophic"],
-        ["reversible", t["reversible"], "share of E(p0, forget) relearning must restore"],
-        ["control_margin", t["control_margin"], "recovery beyond the never-learned control"],
+        ["control_margin", t["control_margin"], "reversible: lower bound on the advantage above"],
+        [
+            "equivalence_margin",
+            t["equivalence_margin"],
+            "irreversible: upper bound below, every look",
+        ],
+        ["capacity", t["capacity"], "cannot relearn: below this share of the control's score"],
+        ["alpha", t["alpha"], "one-sided error rate of each bound and test (Holm over looks)"],
+        ["resamples", t["resamples"], "cluster-bootstrap resamples over groups"],
     ]
 
 
 def _curve_table(curves: dict, control: dict) -> tuple[list[str], list[list]]:
     """A run's recovery curve beside the control's, point by point."""
-    header = ["step", "forget", "held-out", "control forget", "control held-out"]
+    header = ["step", "forget (seed range)", "held-out", "control forget", "control held-out"]
     return header, [
         [
             p["step"],
-            p["forget"],
+            f"{p['forget']:.2f} ({p['spread']['forget'][0]:.2f}-{p['spread']['forget'][1]:.2f})"
+            if "spread" in p
+            else p["forget"],
             _point(curves.get("forget-half"), i, "forget_b"),
             _point(control.get("forget"), i, "forget"),
             _point(control.get("forget-half"), i, "forget_b"),
@@ -245,8 +293,63 @@ def study_markdown(rows: list[dict], thresholds: dict) -> str:
         "Regimes: " + ", ".join(f"{k}: {v}" for k, v in sorted(_regime_counts(rows).items())),
         "",
         "Thresholds: " + ", ".join(f"{k} = {v}" for k, v in thresholds.items()),
+        "",
+        "## False discoveries",
+        "",
+        fdr_note(rows, thresholds["alpha"]),
+        "",
+        "## Does a representation metric predict reversibility?",
+        "",
+        PREDICTOR_NOTE,
+        "",
     ]
+    out += _table(*_predictor_table(rows, thresholds))
     return "\n".join(out)
+
+
+PREDICTOR_NOTE = (
+    "Per domain, over the runs judged reversible or irreversible: AUROC of each metric for the "
+    "reversible label (0.5 = no better than chance; below 0.5 = the metric is lower for "
+    "reversible runs) and Spearman correlation with the advantage over the control, each with "
+    "a bootstrap interval over runs. An interval that spans 0.5 (AUROC) or 0 (Spearman) says "
+    "the runs cannot tell."
+)
+
+
+def fdr_note(rows: list[dict], alpha: float) -> str:
+    """How many reversible calls survive Benjamini-Hochberg at false discovery rate alpha."""
+    calls = study.false_discoveries(rows, alpha)
+    reversible = [c for c in calls if c["regime"].startswith("reversible")]
+    survive = [c for c in reversible if c["survives"]]
+    lost = ", ".join(
+        f"{c['label']} ({c['domain']}, q = {c['q']:.3f})" for c in reversible if not c["survives"]
+    )
+    return (
+        f"{len(survive)} of {len(reversible)} reversible calls survive Benjamini-Hochberg at "
+        f"false discovery rate {alpha:g} over the {sum(c['q'] is not None for c in calls)} "
+        "runs tested" + (f"; not: {lost}." if lost else ".")
+    )
+
+
+def _predictor_table(rows: list[dict], thresholds: dict) -> tuple[list[str], list[list]]:
+    header = ["domain", "metric", "runs (reversible)", "AUROC [interval]", "Spearman [interval]"]
+    found = study.predictors(rows, thresholds["alpha"], min(thresholds["resamples"], 2000))
+    return header, [
+        [
+            p["domain"],
+            p["metric"],
+            f"{p['runs']} ({p['reversible']})",
+            _bracket(p["auroc"]),
+            _bracket(p["spearman"]),
+        ]
+        for p in found
+    ]
+
+
+def _bracket(value: list[float]) -> str:
+    if any(math.isnan(v) for v in value):
+        return "n/a"
+    return f"{value[0]:.2f} [{value[1]:.2f}, {value[2]:.2f}]"
 
 
 def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -254,10 +357,11 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     header = [
         "domain",
         "run",
-        "forget EM orig / unl / rel",
-        "retain EM orig / unl",
+        "forget orig / unl / rel",
+        "retain orig / unl",
         "mean CKA",
-        "advantage vs control (forget / held-out)",
+        "advantage [interval] (look)",
+        "p (Holm)",
         "forget EM 8-bit / 4-bit",
         "probe above chance",
         "regime",
@@ -266,12 +370,13 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
         [
             r["domain"],
             r["label"],
-            f"{r['forget_acc_original']:.2f} / {r['forget_acc_unlearned']:.2f} / "
-            f"{r['forget_acc_relearned']:.2f}",
-            f"{r['retain_acc_original']:.2f} / {r['retain_acc_unlearned']:.2f}",
+            f"{_f2(r['forget_original'])} / {_f2(r['forget_unlearned'])} / "
+            f"{_f2(r['forget_relearned'])}",
+            f"{_f2(r['retain_original'])} / {_f2(r['retain_unlearned'])}",
             r["mean_cka"],
-            f"{_f(r['recovery_advantage'])} / {_f(r['heldout_advantage'])}",
-            f"{_f(r.get('forget_acc_q8'))} / {_f(r.get('forget_acc_q4'))}",
+            advantage_cell(r),
+            _f(r["p"]),
+            f"{_f(r.get('forget_q8'))} / {_f(r.get('forget_q4'))}",
             r.get("probe_advantage"),
             r["regime"],
         ]
@@ -383,16 +488,14 @@ def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
     out = [
         (
             "Recovery under relearning",
-            "Forget-set exact match at each relearning step, one panel per run. The held-out "
-            "line is half B while relearning on half A: recovery there can only come from "
-            "knowledge still in the weights. Dashed: the same relearning from a model that "
-            "never learned the forget set. Forgetting is reversible when relearning reaches "
-            "the threshold or recovers beyond the control by the margin.",
+            "Forget-set exact match at each relearning step, one panel per run, the mean over "
+            "relearning seeds with their range shaded. The held-out line is half B while "
+            "relearning on half A: recovery there can only come from knowledge still in the "
+            "weights. Dashed: the same relearning from a model that never learned the forget "
+            "set. The verdict compares gains fact by fact (the candidate's minus the "
+            "control's), with a bootstrap interval; levels alone decide nothing.",
             plots.recovery_curves(
-                {r["label"]: r["curves"] for r in runs},
-                audit.get("control_curves") or {},
-                e0,
-                audit["thresholds"]["reversible"],
+                {r["label"]: r["curves"] for r in runs}, audit.get("control_curves") or {}, e0
             ),
         ),
         (
@@ -519,8 +622,8 @@ def _regime_grid(rows: list[dict]) -> str:
                 cells.append("<td></td>")
                 continue
             text = "<br>".join(
-                f"<b>{escape(x['regime'])}</b><br><small>forget {x['forget_acc_unlearned']:.2f}"
-                f" &rarr; {x['forget_acc_relearned']:.2f}</small>"
+                f"<b>{escape(x['regime'])}</b><br><small>forget {_f2(x['forget_unlearned'])}"
+                f" &rarr; {_f2(x['forget_relearned'])}; {escape(advantage_cell(x))}</small>"
                 for x in found
             )
             cells.append(f'<td style="{_regime_style(found[0]["regime"])}">{text}</td>')
@@ -553,6 +656,13 @@ def study_html(rows: list[dict], thresholds: dict) -> str:
                 plots.study_scatter(rows),
             )
         )
+    body += [
+        "<h2>False discoveries</h2>",
+        f"<p>{escape(fdr_note(rows, thresholds['alpha']))}</p>",
+        "<h2>Does a representation metric predict reversibility?</h2>",
+        f"<p>{escape(PREDICTOR_NOTE)}</p>",
+        _html_table(*_predictor_table(rows, thresholds)),
+    ]
     body += ["<h2>All runs</h2>", _html_table(*_study_table(rows), regime_last=True)]
     return _page("Unlearning study", body)
 

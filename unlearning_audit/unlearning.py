@@ -157,6 +157,8 @@ def unlearn(
         return em < config.stop_at_forget_em
 
     trainable = _with_lora(model, config.lora_rank)
+    if config.head_only:
+        _freeze_body(model)
     loss = method_loss(config)
     losses = training.fit(
         trainable,
@@ -170,12 +172,21 @@ def unlearn(
     )
     if config.lora_rank:
         trainable.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(True)
     return {
         "steps": len(losses),
         "losses": losses,
         "checks": checks,
         "stopped_early": len(losses) < config.steps,
     }
+
+
+def _freeze_body(model) -> None:
+    """Leave only the LM head trainable (for a tied head, the shared embedding matrix)."""
+    head = {id(p) for p in model.get_output_embeddings().parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head)
 
 
 def _with_lora(model, rank: int | None):
