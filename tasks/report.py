@@ -18,7 +18,7 @@ from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.metrics import TABLE
 from tasks.relearn import CURVE
 from tasks.verdict import VERDICT, read_probes
-from unlearning_audit import plots, relearning
+from unlearning_audit import plots, relearning, stats, study
 from unlearning_audit import report as report_mod
 from unlearning_audit.config import StudyParams
 from unlearning_audit.metrics import table
@@ -127,5 +127,5 @@ def study_report(store: str, rows: list[dict], params: StudyParams):
         (out / STUDY_HTML).write_text(report_mod.study_html(rows, thresholds))
         write_json(out / STUDY_TABLE, rows)
 
-    version = code_version(report_mod, plots)
+    version = code_version(report_mod, plots, study, stats)
     return cached_stage(store, "study", {"rows": rows}, params, version, build)

@@ -103,19 +103,19 @@ def evidence(
             "candidate_after": _at(runs, -1, probe, metric, probe_ids),
             "chance": data.chance(rows, sets["retain"]) if metric == "exact_match" else None,
         }
-        if source in control:
-            controls = _curves(s, control[source])
+        controls = _curves(s, control[source]) if source in control else None
+        if controls is not None:
             look["control_before"] = _at(controls, 0, probe, metric, probe_ids)[0]
             look["control_after"] = _at(controls, -1, probe, metric, probe_ids)
-            if name == "heldout" or capacity is None:
-                trained_ids = runs[0][0]["facts"][trained]["id"]
-                capacity = {
-                    "groups": [
-                        r.get("group") or r["id"] for r in _rows(sets[trained], trained_ids)
-                    ],
-                    "candidate": _at(runs, -1, trained, metric, trained_ids),
-                    "control": _at(controls, -1, trained, metric, trained_ids),
-                }
+        # what the attack does to the rows it trains on: half A where there is one
+        trained_ids = runs[0][0]["facts"][trained]["id"]
+        capacity = {
+            "groups": [r.get("group") or r["id"] for r in _rows(sets[trained], trained_ids)],
+            "candidate": _at(runs, -1, trained, metric, trained_ids),
+            "control": None
+            if controls is None
+            else _at(controls, -1, trained, metric, trained_ids),
+        }
         looks[name] = look
     return {
         "metric": metric,
@@ -165,6 +165,7 @@ def verdict(
         decision = verdict_mod.decide(
             verdict_mod.Evidence(
                 **found,
+                forget_exact_match=s.read_json(unlearned_eval, SCORES)["forget"]["exact_match"],
                 forget_quantized={
                     bits: s.read_json(ref, SCORES)["forget"]["exact_match"]
                     for bits, ref in (quantized or {}).items()

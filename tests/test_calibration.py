@@ -12,6 +12,8 @@ Fisher, probes and quantization are off: they are evidence beside the regime, no
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from flows.audit import audit_checkpoint
@@ -23,7 +25,23 @@ SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
-def base(prefect_server, tmp_path_factory) -> AuditParams:
+def second_never_learned(tmp_path_factory):
+    """A folder that will hold the second never-learned model: pretrained in a thread from the
+    start of the module, on the core the audits leave free; join the thread before use."""
+    folder = tmp_path_factory.mktemp("published") / "second-never-learned"
+
+    def build() -> None:
+        model, tokenizer, _ = embedded.build(EmbeddedConfig(), control=True, variant=1)
+        checkpoints.save(model, tokenizer, folder)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    yield thread, folder
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def base(prefect_server, second_never_learned, tmp_path_factory) -> AuditParams:
     return AuditParams(
         store=str(tmp_path_factory.mktemp("store")),
         fisher=False,
@@ -51,10 +69,10 @@ def test_demo_regimes_hold_under_three_seeds(demo):
     assert len({regimes[0] for regimes in by_method.values()}) == 3  # three regimes shown
 
 
-def test_known_deleted_model_never_reads_reversible(base, demo, tmp_path):
-    folder = tmp_path / "second-never-learned"
-    model, tokenizer, _ = embedded.build(EmbeddedConfig(), control=True, variant=1)
-    checkpoints.save(model, tokenizer, folder)
+def test_known_deleted_model_never_reads_reversible(base, demo, second_never_learned):
+    thread, folder = second_never_learned
+    thread.join()
+    assert (folder / "config.json").is_file()
     for seed in SEEDS:
         params = base.model_copy(update={"seed": seed, "unlearned": str(folder)})
         (row,) = audit_checkpoint(params)["rows"]

@@ -125,6 +125,10 @@ def test_study_validates_methods(capsys, argv):
             [{"question": "Q1", "answer": "A"}, {"question": "Q2", "answer": "B"}],
             "1 question(s) are in both forget and retain sets",
         ),
+        (
+            [{"id": "f1", "question": f"Q{i}", "answer": "A"} for i in range(2, 5)],
+            "the forget set has duplicate row ids, e.g. ['f1']",
+        ),
     ],
 )
 def test_empty_or_overlapping_data_is_refused(capsys, tmp_path, forget, message):

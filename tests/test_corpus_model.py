@@ -135,3 +135,21 @@ def test_pretraining_that_cannot_reach_the_targets_fails(tiny):
     config = tiny.model_copy(update={"max_steps": 2, "eval_every": 1})
     with pytest.raises(RuntimeError, match="did not reach exact match"):
         embedded.pretrain(embedded.build_model(tok, config), tok, rows, rows, config)
+
+
+def test_row_ids_pair_facts_and_null_ids_are_replaced(tmp_path):
+    """Every row gets an id that names it in every set (the halves keep the forget set's), and a
+    null id is dropped, never read as the string "None" shared by every row."""
+    import json
+
+    path = tmp_path / "forget.jsonl"
+    rows = [
+        {"id": None, "question": f"Q{i}", "answer": "A", "group": f"g{i % 2}"} for i in range(4)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    loaded = data.load_rows(str(path))
+    assert all("id" not in r for r in loaded)
+    sets = data.with_halves(data.with_ids({"forget": loaded, "retain": [], "unrelated": []}))
+    ids = [r["id"] for r in sets["forget"]]
+    assert len(set(ids)) == 4 and "None" not in ids
+    assert {r["id"] for r in sets["forget_a"] + sets["forget_b"]} == set(ids)

@@ -77,7 +77,7 @@ def params(tiny) -> AuditParams:
     return AuditParams(
         embedded=tiny,
         methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
-        relearn=RelearnConfig(sources=["forget"]),
+        relearn=RelearnConfig(sources=["forget"], seeds=1),
         no_control=True,
         probes=False,
         quantization_bits=[],

@@ -30,7 +30,7 @@ from tasks.checkpoint import fetch_checkpoint
 from tasks.extract import extract
 from tasks.metrics import TABLE
 from unlearning_audit import checkpoints, cli
-from unlearning_audit.config import AuditParams, UnlearnConfig
+from unlearning_audit.config import AuditParams, RelearnConfig, UnlearnConfig
 from unlearning_audit.metrics import table
 from unlearning_audit.store import MANIFEST, ArtifactRef, Store, StoreUnavailable, filesystem
 
@@ -103,12 +103,14 @@ def logs(s3):
 @pytest.fixture(scope="module")
 def params(tiny) -> AuditParams:
     """The tiny audit of test_flow.py; without linear probes, which read the store as metrics
-    does (activations through local_dir) but take most of the run's time."""
+    does (activations through local_dir) but take most of the run's time, and with one
+    relearning seed (more add round trips, not coverage)."""
     return AuditParams(
         embedded=tiny,
         store=URL,
         name="s3 audit",
         methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
+        relearn=RelearnConfig(seeds=1),
         probes=False,
     )
 

@@ -16,6 +16,7 @@ def _row(label, regime, p, advantage, cka, domain="text"):
         "regime": regime,
         "p": p,
         "advantage": advantage,
+        "heldout_advantage": advantage,
         "advantage_lower": advantage - 0.05,
         "advantage_upper": advantage + 0.05,
         "look": "heldout",

@@ -166,16 +166,21 @@ def test_invalid_unlearning_configs_list_every_problem():
         RelearnConfig(sources=["retain"])
 
 
-def test_lora_unlearning_trains_an_adapter_and_merges_it_back(tiny_model):
+def _copy_with_sets(tiny_model):
+    """A copy of the tiny model, its tokenizer, and its forget and retain rows."""
     import copy
 
     model, tok, facts, forget = tiny_model
-    model = copy.deepcopy(model)
     rows = [{"question": f.question, "answer": f.answer} for f in facts]
     sets = {
         "forget": [r for r, f in zip(rows, facts, strict=True) if f.group in forget],
         "retain": [r for r, f in zip(rows, facts, strict=True) if f.group not in forget],
     }
+    return copy.deepcopy(model), tok, sets
+
+
+def test_lora_unlearning_trains_an_adapter_and_merges_it_back(tiny_model):
+    model, tok, sets = _copy_with_sets(tiny_model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     log = unlearning.unlearn(
         model, tok, sets, UnlearnConfig(method="GA+GD", steps=3, lr=1e-2, lora_rank=4), seed=0
@@ -190,15 +195,7 @@ def test_lora_unlearning_trains_an_adapter_and_merges_it_back(tiny_model):
 def test_head_only_unlearning_moves_the_head_alone(tiny_model):
     """The shallow edit of the known-reversible calibration audit: ascent on the LM head, every
     other weight bit-identical, every parameter trainable again afterwards."""
-    import copy
-
-    model, tok, facts, forget = tiny_model
-    model = copy.deepcopy(model)
-    rows = [{"question": f.question, "answer": f.answer} for f in facts]
-    sets = {
-        "forget": [r for r, f in zip(rows, facts, strict=True) if f.group in forget],
-        "retain": [r for r, f in zip(rows, facts, strict=True) if f.group not in forget],
-    }
+    model, tok, sets = _copy_with_sets(tiny_model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     unlearning.unlearn(
         model, tok, sets, UnlearnConfig(method="GA", steps=3, lr=1e-2, head_only=True), seed=0

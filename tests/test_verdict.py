@@ -41,7 +41,7 @@ def _case(
     retain_after: float = 0.85,
     forget_gain: tuple[float, float] = (0.3, 0.3),
     heldout_gain: tuple[float, float] = (0.03, 0.03),
-    capacity: tuple[float, float] | None = None,
+    capacity: tuple[float, float] = (0.3, 0.3),
     look_facts: int = FACTS,
 ) -> Evidence:
     """The forget look scores every forget fact, the held-out look half of them."""
@@ -50,14 +50,12 @@ def _case(
         "forget": _look(rng, *forget_gain, n=look_facts),
         "heldout": _look(rng, *heldout_gain, n=look_facts // 2),
     }
-    trained = None
-    if capacity is not None:
-        n = FACTS // 2
-        trained = Capacity(
-            groups=_groups(n),
-            candidate=[_draw(rng, capacity[0], n) for _ in range(3)],
-            control=[_draw(rng, capacity[1], n) for _ in range(3)],
-        )
+    n = FACTS // 2  # half A: what the attack trains on, for power and capacity
+    trained = Capacity(
+        groups=_groups(n),
+        candidate=[_draw(rng, capacity[0], n) for _ in range(3)],
+        control=[_draw(rng, capacity[1], n) for _ in range(3)],
+    )
     return Evidence(
         forget_groups=_groups(FACTS),
         forget_original=_draw(rng, 0.9, FACTS),
@@ -78,13 +76,13 @@ CASES = {
     # recovers exactly as fast as a model that never learned the facts
     "irreversible": _case(),
     # half-way between on few facts: neither bound clears its margin
-    "inconclusive": _case(heldout_gain=(0.2, 0.1), look_facts=40, seed=1),
+    "inconclusive": _case(heldout_gain=(0.2, 0.1), look_facts=100, seed=0),
     # learns nothing, not even the rows it is relearned on, where the control does
     "cannot-relearn": _case(forget_gain=(0.0, 0.3), heldout_gain=(0.0, 0.03), capacity=(0, 0.4)),
     "reversible-catastrophic": _case(retain_after=0.3, heldout_gain=(0.3, 0.03)),
     "irreversible-catastrophic": _case(retain_after=0.3),
     "inconclusive-catastrophic": _case(
-        retain_after=0.3, heldout_gain=(0.2, 0.1), look_facts=40, seed=1
+        retain_after=0.3, heldout_gain=(0.2, 0.1), look_facts=100, seed=0
     ),
     "cannot-relearn-catastrophic": _case(
         retain_after=0.1, forget_gain=(0.0, 0.3), heldout_gain=(0.0, 0.03), capacity=(0, 0.4)
@@ -133,6 +131,91 @@ def test_gains_not_levels_count():
     assert decide(evidence, T)["regime"] == "irreversible"
 
 
+def test_climbing_back_to_what_the_control_guesses_is_no_recovery():
+    """The control answers some facts before relearning (well-formed guesses); a collapsed
+    candidate answers none. Both end at the same scores: the advantage is not positive."""
+    rng = np.random.default_rng(8)
+    n = FACTS
+    after = [_draw(rng, 0.3, n) for _ in range(3)]
+    look = Look(
+        groups=_groups(n),
+        candidate_before=[0.0] * n,
+        candidate_after=after,
+        control_before=_draw(rng, 0.15, n),
+        control_after=after,
+        chance=[0.12] * n,
+    )
+    evidence = _case().model_copy(update={"looks": {"forget": look}})
+    v = decide(evidence, T)
+    assert not v["reversible"] and v["looks"]["forget"]["advantage"] <= 0
+
+
+def test_facts_still_answered_cannot_read_as_slow_recovery():
+    """Half the forget facts are still answered by the unlearned model; they are left out of
+    the advantage instead of counting as facts that did not recover."""
+    rng = np.random.default_rng(9)
+    n = FACTS
+    before = [1.0] * (n // 2) + [0.0] * (n // 2)
+    look = Look(
+        groups=_groups(n),
+        candidate_before=before,
+        candidate_after=[[1.0] * n for _ in range(3)],  # everything comes back
+        control_before=[0.0] * n,
+        control_after=[_draw(rng, 0.6, n) for _ in range(3)],
+    )
+    v = decide(_case().model_copy(update={"looks": {"forget": look}}), T)
+    assert v["looks"]["forget"]["facts"] == n // 2
+    assert v["reversible"]
+
+
+def test_an_attack_without_power_is_no_evidence_of_deletion():
+    """Neither the candidate nor the control learns anything from relearning: "irreversible"
+    would only say the attack was too weak."""
+    evidence = _case(forget_gain=(0.0, 0.0), heldout_gain=(0.0, 0.0), capacity=(0.0, 0.0))
+    v = decide(evidence, T)
+    assert v["regime"] == "inconclusive"
+    assert any("barely takes hold" in r for r in v["reasons"])
+
+
+def test_few_groups_cannot_decide_either_way():
+    """Two authors (TOFU forget01): the exact cluster test cannot reach alpha, so neither a
+    perfect recovery nor none at all is called; the verdict says how many groups it needs."""
+    n = 10
+    groups = ["a"] * 5 + ["b"] * 5
+    for after in (1.0, 0.0):
+        look = Look(
+            groups=groups,
+            candidate_before=[0.0] * n,
+            candidate_after=[[after] * n] * 3,
+            control_before=[0.0] * n,
+            control_after=[[0.0] * n] * 3,
+        )
+        v = decide(_case().model_copy(update={"looks": {"forget": look}}), T)
+        assert v["regime"] == "inconclusive", after
+        assert any("groups are too few" in r for r in v["reasons"])
+
+
+def test_no_judged_look_is_inconclusive_not_a_crash():
+    v = decide(_case().model_copy(update={"looks": {}}), T)
+    assert v["regime"] == "inconclusive" and v["deciding_look"] is None
+    assert any("no relearning look could be judged" in r for r in v["reasons"])
+
+
+def test_without_control_a_graded_score_without_chance_is_not_judged():
+    """Without a control and without measured chance, a graded score's return to a middling
+    level is restoration alone: never reversible."""
+    rng = np.random.default_rng(10)
+    n = FACTS // 2
+    look = Look(
+        groups=_groups(n),
+        candidate_before=[0.01] * n,
+        candidate_after=[(0.3 + 0.01 * rng.random(n)).tolist() for _ in range(3)],
+    )
+    evidence = _case().model_copy(update={"metric": "probability", "looks": {"heldout": look}})
+    v = decide(evidence, T)
+    assert not v["reversible"] and v["looks"] == {}
+
+
 def test_without_control_only_the_heldout_half_counts_against_chance():
     rng = np.random.default_rng(4)
     n = FACTS // 2
@@ -155,10 +238,11 @@ def test_thresholds_are_configurable_and_stated():
     evidence = CASES["irreversible-catastrophic"]
     assert decide(evidence, T)["catastrophic"]
     assert not decide(evidence, T.model_copy(update={"catastrophic": 0.9}))["catastrophic"]
-    inconclusive = CASES["inconclusive"]
-    wide = T.model_copy(update={"equivalence_margin": 0.4})
-    assert decide(inconclusive, wide)["regime"] == "irreversible"
-    v = decide(inconclusive, T)
+    modest = _case(heldout_gain=(0.2, 0.1), capacity=(0.7, 0.7))  # advantage about +0.1
+    assert decide(modest, T)["regime"] == "reversible"
+    wide = T.model_copy(update={"control_margin": 0.3, "equivalence_margin": 0.4})
+    assert decide(modest, wide)["regime"] == "irreversible"
+    v = decide(CASES["inconclusive"], T)
     assert v["thresholds"] == T.model_dump()
     assert any("facts at this spread" in r for r in v["reasons"])
 

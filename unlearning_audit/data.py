@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def load_rows(source: str, question: str = "question", answer: str = "answer") -
         {
             "question": str(r[question]),
             "answer": str(r[answer]),
-            **{k: str(r[k]) for k in ("id", "group", "attribute") if k in r},
+            **{k: str(r[k]) for k in ("id", "group", "attribute") if r.get(k) not in (None, "")},
         }
         for r in records
     ]
@@ -129,6 +130,10 @@ def check_sets(sets: dict[str, list[dict]]) -> None:
         problems.append("the forget set is empty")
     if not sets["retain"]:
         problems.append("the retain set is empty")
+    for name in ("forget", "retain", "unrelated"):
+        counts = Counter(r["id"] for r in sets.get(name, []))
+        if dupes := sorted(i for i, k in counts.items() if k > 1)[:3]:
+            problems.append(f"the {name} set has duplicate row ids, e.g. {dupes}")
     overlap = {r["question"] for r in sets["forget"]} & {r["question"] for r in sets["retain"]}
     if overlap:
         example = sorted(overlap)[:3]
@@ -140,20 +145,18 @@ def check_sets(sets: dict[str, list[dict]]) -> None:
 
 
 def chance(rows: Sequence[dict], reference: Sequence[dict]) -> list[float] | None:
-    """Per row, the exact match a well-formed guess scores: the share of ``reference`` rows of the
-    same attribute that have this row's answer (a guess drawn from the attribute's values as the
-    reference uses them). None when rows carry no attribute, so chance cannot be measured."""
+    """Per row, the exact match a well-formed guess that knows no fact can expect: always
+    answering the attribute's most common value in ``reference`` is right on that value's share
+    of the attribute's rows (no guess that ignores the question does better). None when rows
+    carry no attribute, so chance cannot be measured."""
     if not rows or not all(r.get("attribute") for r in rows):
         return None
     counts: dict[str, dict[str, int]] = {}
     for r in reference:
         values = counts.setdefault(r.get("attribute") or "", {})
         values[r["answer"]] = values.get(r["answer"], 0) + 1
-    return [
-        counts.get(r["attribute"], {}).get(r["answer"], 0)
-        / max(sum(counts.get(r["attribute"], {}).values()), 1)
-        for r in rows
-    ]
+    best = {a: max(v.values()) / sum(v.values()) for a, v in counts.items()}
+    return [best.get(r["attribute"], 0.0) for r in rows]
 
 
 def sample(rows: list[dict], n: int, seed: int = 0) -> list[dict]:

@@ -14,7 +14,6 @@ and Fisher tell them apart.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,7 +27,6 @@ from .evaluation import evaluate
 log = logging.getLogger(__name__)
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
-_SEEDING = threading.Lock()
 
 
 def train_tokenizer(facts: Sequence[Fact], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -146,7 +144,7 @@ def build(config: EmbeddedConfig, control: bool = False, variant: int = 0):
     train = [r for r in rows if not (control and r["forget"])] + names
     target = [r for r in rows if r["forget"] != control]
     tokenizer = train_tokenizer(facts, config.vocab_size)
-    with _SEEDING:  # torch's generator is global: initialise one model at a time
+    with runtime.SEEDING:  # torch's generator is global: no other seeding in between
         runtime.setup(seed, "cpu")
         model = build_model(tokenizer, config)
     log = pretrain(model, tokenizer, train, data.sample(target, 400), config, seed)

@@ -701,10 +701,16 @@ def rebuild(store: Store, key: str, folder: Path | None = None) -> dict[str, Pat
     ref = find_report(store, key)
     if INPUTS not in store.manifest(ref.key)["files"]:
         raise ValueError(f"{ref.key} predates stored report inputs; rerun its audit to store them")
+    inputs = store.read_json(ref, INPUTS)
+    if any("looks" not in run["verdict"] for run in inputs["runs"]):
+        raise ValueError(
+            f"{ref.key} holds verdicts of an older version (no per-fact intervals); rerun its "
+            "audit (stages whose code is unchanged are served from the store)"
+        )
     folder = folder or Path("reports") / ref.key.split("/", 1)[1]
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, text in render(store.read_json(ref, INPUTS)).items():
+    for name, text in render(inputs).items():
         paths[name] = folder / name
         paths[name].write_text(text)
     return paths

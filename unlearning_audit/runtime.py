@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import numpy as np
 import torch
@@ -30,13 +31,19 @@ def threads() -> int:
     return int(env) if env else max(1, (os.cpu_count() or 2) // 2)
 
 
+SEEDING = threading.RLock()
+"""Held while seeding the process-wide generators and drawing from them (a model's random
+initialisation), so that stages running in two threads at once never interleave draws."""
+
+
 def setup(seed: int, device: str = "auto") -> torch.device:
     """Seed every generator, set torch and BLAS threads, and return the device to compute on."""
     torch.set_num_threads(threads())
     threadpool_limits(threads())
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    with SEEDING:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)

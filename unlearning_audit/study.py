@@ -5,8 +5,9 @@
   rate alpha.
 * Does a representation metric predict reversibility? Per domain, over the runs that forgot and
   were judged reversible or irreversible: AUROC of the metric for the reversible label, and
-  Spearman correlation of the metric with the advantage over the control, each with a
-  bootstrap interval over runs. Few runs give wide intervals, and the table says so.
+  Spearman correlation of the metric with the advantage over the control on the held-out half
+  (the forget set where a run has no held-out look), each with a bootstrap interval over runs.
+  Few runs give wide intervals, and the table says so.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def predictors(rows: Sequence[dict], alpha: float, resamples: int, seed: int = 0
             for r in rows
             if (r.get("domain") or "") == domain
             and r["regime"].startswith(("reversible", "irreversible"))
-            and r.get("advantage") is not None
+            and _advantage(r) is not None
         ]
         for key, name in PREDICTORS.items():
             usable = [r for r in judged if _finite(r.get(key))]
             x = np.array([r[key] for r in usable], dtype=float)
             label = np.array([r["regime"].startswith("reversible") for r in usable], dtype=float)
-            gain = np.array([r["advantage"] for r in usable], dtype=float)
+            gain = np.array([_advantage(r) for r in usable], dtype=float)
             out.append(
                 {
                     "domain": domain,
@@ -73,6 +74,14 @@ def predictors(rows: Sequence[dict], alpha: float, resamples: int, seed: int = 0
                 }
             )
     return out
+
+
+def _advantage(row: dict) -> float | None:
+    """One look for every run: the held-out half's advantage, else the forget set's."""
+    for key in ("heldout_advantage", "forget_advantage"):
+        if _finite(row.get(key)):
+            return row[key]
+    return None
 
 
 def _finite(value) -> bool:

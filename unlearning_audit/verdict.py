@@ -55,11 +55,12 @@ class Look(BaseModel):
 
 
 class Capacity(BaseModel):
-    """Scores after relearning on the rows relearned on, per seed, of candidate and control."""
+    """Scores after relearning on the rows relearned on, per seed, of candidate and control
+    (None without a control)."""
 
     groups: list[str]
     candidate: list[list[float]]
-    control: list[list[float]]
+    control: list[list[float]] | None = None
 
 
 class Evidence(BaseModel):
@@ -75,6 +76,7 @@ class Evidence(BaseModel):
     retain_unlearned: list[float]
     looks: dict[str, Look] = {}
     capacity: Capacity | None = None
+    forget_exact_match: float | None = None  # the unlearned model's, beside quantization's
     forget_quantized: dict[str, float] = {}
     probe_layer: int | None = None
     probe_forget_unlearned: float | None = None
@@ -89,50 +91,101 @@ def _interval(values: np.ndarray, groups: list[str], t: Thresholds, seed: int) -
     return float(values.mean()), lower, upper, draws
 
 
-def _advantage(look: Look) -> np.ndarray:
-    """d(i): the candidate's gain minus the control's; without a control, the gain over the
-    higher of the level before relearning and chance."""
+def _advantage(look: Look) -> tuple[np.ndarray, np.ndarray]:
+    """d(i) on the facts that can show recovery, and which facts those are.
+
+    Each arm's gain is measured from a floor: its own level before relearning, measured chance
+    and, for the candidate, the control's level before relearning too, so that climbing back to
+    what a never-learned model already answers (a well-formed guess) is no recovery. Facts the
+    unlearned model still answers above that floor cannot gain and are left out: counting them
+    would read as slower recovery. Without a control, d is the gain over the floor alone.
+    """
     after = np.mean(look.candidate_after, axis=0)
-    before = np.asarray(look.candidate_before)
+    before = np.asarray(look.candidate_before, dtype=float)
+    chance = np.zeros_like(before) if look.chance is None else np.asarray(look.chance, float)
     if look.control_after is None:
-        floor = before if look.chance is None else np.maximum(before, look.chance)
-        return after - floor
-    control_gain = np.mean(look.control_after, axis=0) - np.asarray(look.control_before)
-    return (after - before) - control_gain
+        floor = np.maximum(before, chance)
+        return after - floor, before <= chance + 1e-9
+    control_before = np.asarray(look.control_before, dtype=float)
+    control_floor = np.maximum(control_before, chance)
+    candidate_floor = np.maximum(before, control_floor)
+    d = (after - candidate_floor) - (np.mean(look.control_after, axis=0) - control_floor)
+    return d, before <= control_floor + 1e-9
 
 
-def _judge_look(look: Look, t: Thresholds, binary: bool) -> dict:
-    """One look's advantage with its bounds and one-sided p-value against the margin."""
-    d = _advantage(look)
-    mean, lower, upper, draws = _interval(d, look.groups, t, seed=1)
-    p = stats.p_above(draws, t.control_margin)
-    p_flip = stats.sign_flip_test(d - t.control_margin, look.groups, t.resamples, seed=4)
-    return {
-        "advantage": mean,
-        "lower": lower,
-        "upper": upper,
-        "p": max(p, p_flip),
-        "p_bootstrap": p,
-        "p_flip": p_flip,
-        "p_sign": stats.sign_test(d - t.control_margin) if binary else None,
-        "facts": len(d),
-        "groups": len(set(look.groups)),
+def _judge_look(look: Look, t: Thresholds, binary: bool, looks: int) -> dict:
+    """One look's advantage over the facts that can recover: its bounds, and one-sided p-values
+    for reversibility (mean above ``control_margin``) and irreversibility (mean below
+    ``equivalence_margin``), each the larger of the cluster bootstrap's and the exact cluster
+    sign-flip test's, so that few groups cannot make either call on their own."""
+    d_all, eligible = _advantage(look)
+    d = d_all[eligible]
+    groups = [g for g, keep in zip(look.groups, eligible, strict=True) if keep]
+    out = {
+        "facts": int(eligible.sum()),
+        "facts_total": len(d_all),
+        "groups": len(set(groups)),
+        "seeds": len(look.candidate_after),
+        "chance": None if look.chance is None else float(np.mean(look.chance)),
         "gain": float(np.mean(np.mean(look.candidate_after, axis=0) - look.candidate_before)),
         "control_gain": None
         if look.control_after is None
         else float(np.mean(np.mean(look.control_after, axis=0) - look.control_before)),
-        "seeds": len(look.candidate_after),
-        "chance": None if look.chance is None else float(np.mean(look.chance)),
-        "facts_needed": _facts_needed(d, look.groups, mean, t),
+    }
+    if not len(d):
+        nan = float("nan")
+        return out | dict.fromkeys(("advantage", "lower", "upper"), nan) | {
+            "p": 1.0, "p_bootstrap": 1.0, "p_flip": 1.0, "p_irreversible": 1.0, "p_sign": None,
+            "facts_needed": None, "groups_needed": None,
+        }  # fmt: skip
+    mean, lower, upper, draws = _interval(d, groups, t, seed=1)
+    p_boot = stats.p_above(draws, t.control_margin)
+    p_flip = stats.sign_flip_test(d - t.control_margin, groups, t.resamples, seed=4)
+    p_irr = max(
+        stats.p_below(draws, t.equivalence_margin),
+        stats.sign_flip_test(t.equivalence_margin - d, groups, t.resamples, seed=5),
+    )
+    return out | {
+        "advantage": mean,
+        "lower": lower,
+        "upper": upper,
+        "p": max(p_boot, p_flip),
+        "p_bootstrap": p_boot,
+        "p_flip": p_flip,
+        "p_irreversible": p_irr,
+        "p_sign": stats.sign_test(d - t.control_margin) if binary else None,
+        "facts_needed": _facts_needed(d, groups, mean, t, looks),
+        "groups_needed": _groups_needed(t.alpha / max(looks, 1)),
     }
 
 
-def _facts_needed(d: np.ndarray, groups: list[str], mean: float, t: Thresholds) -> int | None:
-    """About how many facts at this spread would put a bound past the nearer margin."""
+def _groups_needed(alpha: float) -> int:
+    """The fewest groups with which an exact sign-flip test can reach ``alpha`` at all."""
+    return int(np.ceil(np.log2(1 / alpha)))
+
+
+def _facts_needed(
+    d: np.ndarray, groups: list[str], mean: float, t: Thresholds, looks: int
+) -> int | None:
+    """About how many facts at this spread would put a bound past the nearer margin (at the
+    Holm-corrected level of the first look)."""
     gaps = [g for g in (mean - t.control_margin, t.equivalence_margin - mean) if g > 0]
-    needed = [stats.facts_needed(d, groups, g, t.alpha) for g in gaps]
+    alpha = t.alpha / max(looks, 1)
+    needed = [stats.facts_needed(d, groups, g, min(alpha, 0.49)) for g in gaps]
     needed = [n for n in needed if n is not None]
     return min(needed) if needed else None
+
+
+def _power(capacity: Capacity | None, t: Thresholds) -> dict | None:
+    """Whether the relearning attack takes hold at all: on the rows it trains on, the control
+    (or, without one, the candidate) must reach significantly more than the equivalence margin.
+    Without that, "recovers no faster than the control" says nothing about deletion."""
+    if capacity is None:
+        return None
+    reference = capacity.control if capacity.control is not None else capacity.candidate
+    level = np.mean(reference, axis=0)
+    mean, lower, _, _ = _interval(level, capacity.groups, t, seed=6)
+    return {"level": mean, "lower": lower, "enough": bool(lower > t.equivalence_margin)}
 
 
 def _drop(before: list[float], after: list[float], groups: list[str], t: Thresholds) -> dict:
@@ -159,7 +212,7 @@ def _drop(before: list[float], after: list[float], groups: list[str], t: Thresho
 
 def _cannot_relearn(capacity: Capacity | None, t: Thresholds) -> dict | None:
     """Whether the candidate learns the rows it is relearned on clearly worse than the control."""
-    if capacity is None:
+    if capacity is None or capacity.control is None:
         return None
     candidate = np.mean(capacity.candidate, axis=0)
     control = np.mean(capacity.control, axis=0)
@@ -183,15 +236,17 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
         and forget["p"] < t.alpha
     )
     catastrophic = retain["relative"] > t.catastrophic and retain["p"] < t.alpha
-    looks = {
-        name: _judge_look(look, t, binary)
-        for name, look in e.looks.items()
-        if look.control_after is not None or name == "heldout"
-    }
+    judged = {name: look for name, look in e.looks.items() if _judgeable(name, look)}
+    looks = {name: _judge_look(look, t, binary, len(judged)) for name, look in judged.items()}
     for name, p_holm in zip(looks, stats.holm([v["p"] for v in looks.values()]), strict=True):
         looks[name]["p_holm"] = p_holm
     reversible = any(v["p_holm"] < t.alpha for v in looks.values())
-    irreversible = bool(looks) and all(v["upper"] < t.equivalence_margin for v in looks.values())
+    power = _power(e.capacity, t)
+    irreversible = (
+        bool(looks)
+        and all(v["p_irreversible"] < t.alpha for v in looks.values())
+        and bool(power and power["enough"])
+    )
     capacity = _cannot_relearn(e.capacity, t)
     cannot_relearn = not reversible and bool(capacity and capacity["cannot_relearn"])
     if not forgotten:
@@ -221,6 +276,7 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
         "looks": looks,
         "deciding_look": deciding,
         "capacity": capacity,
+        "power": power,
         "headline": "",
         "reasons": [],
         "evidence": _summary(e),
@@ -231,6 +287,14 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
     return result
 
 
+def _judgeable(name: str, look: Look) -> bool:
+    """Whether a look can be judged: with a control, both can; without one, only the held-out
+    half, and only where chance is measured (restoration alone is no evidence)."""
+    if look.control_after is not None:
+        return True
+    return name == "heldout" and look.chance is not None
+
+
 def _deciding_look(looks: dict[str, dict], reversible: bool) -> str | None:
     """The look the regime rests on: the most significant one for reversible, else the one
     whose upper bound is highest (the weakest evidence of irreversibility)."""
@@ -238,7 +302,7 @@ def _deciding_look(looks: dict[str, dict], reversible: bool) -> str | None:
         return None
     if reversible:
         return min(looks, key=lambda n: looks[n]["p_holm"])
-    return max(looks, key=lambda n: looks[n]["upper"])
+    return max(looks, key=lambda n: looks[n]["p_irreversible"])
 
 
 def headline(v: dict) -> str:
@@ -282,7 +346,7 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
         f"retain {e.metric} {r['before']:.2f} -> {r['after']:.2f}, relative drop "
         f"{r['relative']:.0%} [{r['relative_lower']:.0%}, {r['relative_upper']:.0%}] "
         f"({'catastrophic' if v['catastrophic'] else 'not catastrophic'}; catastrophic means "
-        f"above {t.catastrophic:.0%}, significantly)",
+        f"a relative drop above {t.catastrophic:.0%} and a significant drop)",
     ]
     for name, look in v["looks"].items():
         control = (
@@ -297,11 +361,12 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
         reasons.append(
             f"{LOOK_NAMES.get(name, name)}: relearning gain {look['gain']:+.2f} against "
             f"{control}; advantage {look['advantage']:+.2f} [{look['lower']:+.2f}, "
-            f"{look['upper']:+.2f}] over {look['facts']} facts in {look['groups']} groups, "
-            f"{look['seeds']} seed(s); p = {_p(look['p_bootstrap'])} (bootstrap), "
+            f"{look['upper']:+.2f}] over the {look['facts']} of {look['facts_total']} facts "
+            f"the unlearned model does not answer, in {look['groups']} groups, "
+            f"{look['seeds']} seed(s); reversible: p = {_p(look['p_bootstrap'])} (bootstrap), "
             f"{_p(look['p_flip'])} (cluster sign-flip), Holm {_p(look['p_holm'])}{sign} "
-            f"(reversible above {t.control_margin:+.2f}, irreversible "
-            f"below {t.equivalence_margin:+.2f}){chance}"
+            f"(above {t.control_margin:+.2f}); irreversible: p = "
+            f"{_p(look['p_irreversible'])} (below {t.equivalence_margin:+.2f}){chance}"
         )
     if "forget" in e.looks and "forget" not in v["looks"]:
         reasons.append(
@@ -309,7 +374,17 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
             "latent knowledge from re-memorisation, so only the held-out half is judged"
         )
     if not v["looks"]:
-        reasons.append("no relearning look could be judged: reversibility is not assessed")
+        reasons.append(
+            "no relearning look could be judged (without a never-learned control, the held-out "
+            "half needs groups and measured chance): reversibility is not assessed"
+        )
+    if v["power"] is not None and not v["power"]["enough"]:
+        reasons.append(
+            f"the relearning attack barely takes hold: on the rows it trains on, the "
+            f"{'control' if e.capacity and e.capacity.control else 'candidate'} reaches only "
+            f"{v['power']['level']:.2f} (lower bound {v['power']['lower']:.2f}, needed above "
+            f"{t.equivalence_margin:.2f}), so no recovery is no evidence of deletion"
+        )
     if v["capacity"] is not None:
         c = v["capacity"]
         reasons.append(
@@ -317,21 +392,13 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
             f"against the control's {c['control']:.2f}"
             + (" (cannot relearn: damage, not deletion)" if v["cannot_relearn"] else "")
         )
-    if v["regime"].startswith("inconclusive"):
-        look = v["looks"][v["deciding_look"]]
-        needed = look["facts_needed"]
-        reasons.append(
-            "inconclusive: "
-            + (
-                f"about {needed} facts at this spread (now {look['facts']}) would decide it"
-                if needed
-                else "the advantage sits at a margin; more facts or seeds will not move it"
-            )
-        )
+    if v["regime"].startswith("inconclusive") and v["deciding_look"] is not None:
+        reasons.append("inconclusive: " + _what_would_decide(v["looks"][v["deciding_look"]]))
     for bits, score in sorted(e.forget_quantized.items(), key=lambda kv: -int(kv[0])):
+        before = "" if e.forget_exact_match is None else f"{e.forget_exact_match:.2f} -> "
         reasons.append(
-            f"{bits}-bit quantization of the unlearned model: forget exact match "
-            f"{np.mean(e.forget_unlearned):.2f} -> {score:.2f}"
+            f"{bits}-bit quantization of the unlearned model: forget exact match {before}"
+            f"{score:.2f}"
         )
     if e.probe_forget_unlearned is not None and e.probe_chance is not None:
         reasons.append(
@@ -340,6 +407,21 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
             f"original {e.probe_forget_original or 0:.2f})"
         )
     return reasons
+
+
+def _what_would_decide(look: dict) -> str:
+    """More facts, or more groups where the exact test cannot reach alpha with so few."""
+    if look["groups_needed"] and look["groups"] < look["groups_needed"]:
+        return (
+            f"{look['groups']} groups are too few for the exact test to reach alpha; at least "
+            f"{look['groups_needed']} are needed"
+        )
+    if look["facts_needed"]:
+        return (
+            f"about {look['facts_needed']} facts at this spread (now {look['facts']}) would "
+            "decide it"
+        )
+    return "the advantage sits at a margin; more facts or seeds will not move it"
 
 
 def _summary(e: Evidence) -> dict:
