@@ -308,11 +308,12 @@ def study_markdown(rows: list[dict], thresholds: dict) -> str:
 
 
 PREDICTOR_NOTE = (
-    "Per domain, over the runs judged reversible or irreversible: AUROC of each metric for the "
+    "Per domain, over the runs judged reversible or irreversible (cannot-relearn counted with "
+    "the irreversible): AUROC of each metric for the "
     "reversible label (0.5 = no better than chance; below 0.5 = the metric is lower for "
     "reversible runs) and Spearman correlation with the advantage over the control, each with "
     "a bootstrap interval over runs. An interval that spans 0.5 (AUROC) or 0 (Spearman) says "
-    "the runs cannot tell."
+    "the runs cannot tell; n/a: fewer than 3 runs of a label (AUROC) or of all (Spearman)."
 )
 
 

@@ -4,10 +4,11 @@
   Hochberg over the runs' reversibility p-values says which calls survive at false discovery
   rate alpha.
 * Does a representation metric predict reversibility? Per domain, over the runs that forgot and
-  were judged reversible or irreversible: AUROC of the metric for the reversible label, and
-  Spearman correlation of the metric with the advantage over the control on the held-out half
-  (the forget set where a run has no held-out look), each with a bootstrap interval over runs.
-  Few runs give wide intervals, and the table says so.
+  were judged (reversible against irreversible, cannot-relearn counted with the irreversible):
+  AUROC of the metric for the reversible label, and Spearman correlation of the metric with the
+  advantage over the control on the held-out half (the forget set where a run has no held-out
+  look), each with a bootstrap interval over runs. Few runs give wide intervals, and the table
+  says so.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import numpy as np
 
 from . import stats
 
+MIN_CLASS = 3
+"""Runs each label needs before an AUROC (and its interval) is shown: with fewer, every
+resample separates the classes perfectly or not at all."""
 PREDICTORS = {
     "mean_cka": "mean CKA",
     "mean_pca_distance": "mean PCA distance",
@@ -55,7 +59,7 @@ def predictors(rows: Sequence[dict], alpha: float, resamples: int, seed: int = 0
             r
             for r in rows
             if (r.get("domain") or "") == domain
-            and r["regime"].startswith(("reversible", "irreversible"))
+            and r["regime"].startswith(("reversible", "irreversible", "cannot-relearn"))
             and _advantage(r) is not None
         ]
         for key, name in PREDICTORS.items():
@@ -69,7 +73,9 @@ def predictors(rows: Sequence[dict], alpha: float, resamples: int, seed: int = 0
                     "metric": name,
                     "runs": len(usable),
                     "reversible": int(label.sum()),
-                    "auroc": _interval(stats.auroc, (x, label), alpha, resamples, seed),
+                    "auroc": _interval(stats.auroc, (x, label), alpha, resamples, seed)
+                    if min(label.sum(), len(label) - label.sum()) >= MIN_CLASS
+                    else [math.nan] * 3,
                     "spearman": _interval(stats.spearman, (x, gain), alpha, resamples, seed),
                 }
             )

@@ -322,9 +322,14 @@ def headline(v: dict) -> str:
     label = regime.replace("cannot-relearn", "irreversible (cannot relearn)").replace(
         ")-catastrophic", "), catastrophic"
     )
+    if v["irreversible"]:  # the test of "no faster than the control", on its weakest look
+        margin = v["thresholds"]["equivalence_margin"]
+        p = f"p = {_p(look['p_irreversible'])} for below {margin:+.2f}"
+    else:
+        p = f"p = {_p(look['p_holm'])}"
     return (
         f"{label}: advantage {look['advantage']:+.2f} [{look['lower']:+.2f}, "
-        f"{look['upper']:+.2f}] on {LOOK_NAMES.get(name, name)}, p = {_p(look['p_holm'])}"
+        f"{look['upper']:+.2f}] on {LOOK_NAMES.get(name, name)}, {p}"
     )
 
 
