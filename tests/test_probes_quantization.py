@@ -90,10 +90,11 @@ def test_8bit_quantization_keeps_the_original_models_accuracy(tiny_model):
     rows = [{"question": f.question, "answer": f.answer} for f in facts if f.group not in forget]
     before = evaluate(model, tok, rows)["exact_match"]
     assert quantization.quantize_model(model, 8) == 7 * len(model.model.layers)  # qkvo, mlp
-    after = evaluate(model, tok, rows)["exact_match"]
-    assert abs(after - before) <= 0.05  # the stated tolerance at 8 bits
+    at_8 = evaluate(model, tok, rows)
+    assert abs(at_8["exact_match"] - before) <= 0.05  # the stated tolerance at 8 bits
     quantization.quantize_model(model, 2)
-    assert evaluate(model, tok, rows)["exact_match"] < after - 0.1  # 2 bits does cost accuracy
+    at_2 = evaluate(model, tok, rows)  # 2 bits does cost: more errors, a clearly worse fit
+    assert at_2["exact_match"] < at_8["exact_match"] and at_2["nll"] > 1.5 * at_8["nll"]
 
 
 def test_chance_is_measured_within_each_attribute():
