@@ -322,11 +322,14 @@ def headline(v: dict) -> str:
     label = regime.replace("cannot-relearn", "irreversible (cannot relearn)").replace(
         ")-catastrophic", "), catastrophic"
     )
-    if v["irreversible"]:  # the test of "no faster than the control", on its weakest look
+    if v["cannot_relearn"]:  # the evidence is the capacity test, not a p-value of recovery
+        c = v["capacity"]
+        p = f"relearns its training rows to {c['candidate']:.2f}, the control to {c['control']:.2f}"
+    elif v["irreversible"]:  # the test of "no faster than the control", on its weakest look
         margin = v["thresholds"]["equivalence_margin"]
-        p = f"p = {_p(look['p_irreversible'])} for below {margin:+.2f}"
+        p = f"p {_p(look['p_irreversible'])} for below {margin:+.2f}"
     else:
-        p = f"p = {_p(look['p_holm'])}"
+        p = f"p {_p(look['p_holm'])}"
     return (
         f"{label}: advantage {look['advantage']:+.2f} [{look['lower']:+.2f}, "
         f"{look['upper']:+.2f}] on {LOOK_NAMES.get(name, name)}, {p}"
@@ -334,7 +337,8 @@ def headline(v: dict) -> str:
 
 
 def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+    """A p-value after "p": "= 0.034", or "< 0.001"."""
+    return f"= {p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
@@ -345,7 +349,7 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
         f"verdict metric: {e.metric}; intervals are {level} cluster-bootstrap intervals over "
         f"groups ({t.resamples} resamples), each end a one-sided {1 - t.alpha:.0%} bound",
         f"forget {e.metric} {f['before']:.2f} -> {f['after']:.2f}, drop {f['drop']:+.2f} "
-        f"[{f['lower']:+.2f}, {f['upper']:+.2f}], p = {_p(f['p'])} "
+        f"[{f['lower']:+.2f}, {f['upper']:+.2f}], p {_p(f['p'])} "
         f"({'forgotten' if v['forgotten'] else 'not forgotten'}; forgotten means at least "
         f"{t.forgotten:.0%} of the original's score lost, significantly)",
         f"retain {e.metric} {r['before']:.2f} -> {r['after']:.2f}, relative drop "
@@ -359,7 +363,7 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
             if look["control_gain"] is not None
             else "no control (gain over its level before relearning and chance)"
         )
-        sign = "" if look["p_sign"] is None else f"; exact sign test p = {_p(look['p_sign'])}"
+        sign = "" if look["p_sign"] is None else f"; exact sign test p {_p(look['p_sign'])}"
         chance = (
             "" if look["chance"] is None else f"; chance (a well-formed guess) {look['chance']:.2f}"
         )
@@ -368,9 +372,9 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
             f"{control}; advantage {look['advantage']:+.2f} [{look['lower']:+.2f}, "
             f"{look['upper']:+.2f}] over the {look['facts']} of {look['facts_total']} facts "
             f"the unlearned model does not answer, in {look['groups']} groups, "
-            f"{look['seeds']} seed(s); reversible: p = {_p(look['p_bootstrap'])} (bootstrap), "
-            f"{_p(look['p_flip'])} (cluster sign-flip), Holm {_p(look['p_holm'])}{sign} "
-            f"(above {t.control_margin:+.2f}); irreversible: p = "
+            f"{look['seeds']} seed(s); reversible: p {_p(look['p_bootstrap'])} (bootstrap), "
+            f"p {_p(look['p_flip'])} (cluster sign-flip), Holm p {_p(look['p_holm'])}{sign} "
+            f"(above {t.control_margin:+.2f}); irreversible: p "
             f"{_p(look['p_irreversible'])} (below {t.equivalence_margin:+.2f}){chance}"
         )
     if "forget" in e.looks and "forget" not in v["looks"]:
