@@ -17,7 +17,7 @@ from tasks._stage import (
 )
 from unlearning_audit import checkpoints, data, evaluation, relearning, runtime, training
 from unlearning_audit.config import RelearnConfig, RelearnSource
-from unlearning_audit.store import ArtifactRef, code_version
+from unlearning_audit.store import ArtifactRef, Store, code_version
 
 CURVE = "relearn.json"
 
@@ -65,3 +65,8 @@ def relearn(
         build,
         batch=config,
     )
+
+
+def read_curves(store: Store, refs: list[ArtifactRef]) -> list[list[dict]]:
+    """The stored recovery curves of one source's runs, one per seed."""
+    return [store.read_json(ref, CURVE)["curve"] for ref in refs]

@@ -16,7 +16,7 @@ from pydantic_core import to_jsonable_python
 
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.metrics import TABLE
-from tasks.relearn import CURVE
+from tasks.relearn import read_curves
 from tasks.verdict import VERDICT, read_probes
 from unlearning_audit import plots, relearning, stats, study
 from unlearning_audit import report as report_mod
@@ -29,7 +29,7 @@ REPORT, HTML, SUMMARY = report_mod.REPORT_MD, report_mod.REPORT_HTML, "summary.j
 
 def read_curve(store: Store, refs: list[ArtifactRef]) -> list[dict]:
     """One relearning source's recovery curve, averaged over its seeds' stored runs."""
-    return relearning.mean_curve([store.read_json(ref, CURVE)["curve"] for ref in refs])
+    return relearning.mean_curve(read_curves(store, refs))
 
 
 def load_run(store: Store, run: dict) -> dict:
@@ -123,8 +123,9 @@ def study_report(store: str, rows: list[dict], params: StudyParams):
 
     def build(_, out):
         thresholds = params.thresholds.model_dump()
-        (out / STUDY_MD).write_text(report_mod.study_markdown(rows, thresholds))
-        (out / STUDY_HTML).write_text(report_mod.study_html(rows, thresholds))
+        found = report_mod.study_statistics(rows, thresholds)
+        (out / STUDY_MD).write_text(report_mod.study_markdown(rows, thresholds, found))
+        (out / STUDY_HTML).write_text(report_mod.study_html(rows, thresholds, found))
         write_json(out / STUDY_TABLE, rows)
 
     version = code_version(report_mod, plots, study, stats)

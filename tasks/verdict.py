@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks._stage import CPU_OPTIONS, cached_stage, load_sets, write_json
 from tasks.evaluate import SCORES
 from tasks.probe import PROBES
-from tasks.relearn import CURVE
+from tasks.relearn import read_curves
 from unlearning_audit import data, stats
 from unlearning_audit import verdict as verdict_mod
 from unlearning_audit.config import Thresholds
@@ -54,11 +54,6 @@ def _facts(scores: dict, metric: str) -> tuple[list[str], list[str], list[float]
     return rows["id"], rows["group"], rows[metric]
 
 
-def _curves(store: Store, refs: list[ArtifactRef]) -> list[list[dict]]:
-    """The stored recovery curves of one source's seeds."""
-    return [store.read_json(ref, CURVE)["curve"] for ref in refs]
-
-
 def _at(curves: list[list[dict]], where: int, probe: str, metric: str, ids: list[str]):
     """Per seed, each fact's score on ``probe`` at curve point ``where`` (0 before relearning,
     -1 after), checked to list the same facts as ``ids``."""
@@ -94,23 +89,23 @@ def evidence(
     ):
         if source not in relearned:
             continue
-        runs = _curves(s, relearned[source])
+        runs = read_curves(s, relearned[source])
         probe_ids = runs[0][0]["facts"][probe]["id"]
         rows = _rows(sets[probe], probe_ids)
         look = {
-            "groups": [r.get("group") or r["id"] for r in rows],
+            "groups": _groups(rows),
             "candidate_before": _at(runs, 0, probe, metric, probe_ids)[0],
             "candidate_after": _at(runs, -1, probe, metric, probe_ids),
             "chance": data.chance(rows, sets["retain"]) if metric == "exact_match" else None,
         }
-        controls = _curves(s, control[source]) if source in control else None
+        controls = read_curves(s, control[source]) if source in control else None
         if controls is not None:
             look["control_before"] = _at(controls, 0, probe, metric, probe_ids)[0]
             look["control_after"] = _at(controls, -1, probe, metric, probe_ids)
         # what the attack does to the rows it trains on: half A where there is one
         trained_ids = runs[0][0]["facts"][trained]["id"]
         capacity = {
-            "groups": [r.get("group") or r["id"] for r in _rows(sets[trained], trained_ids)],
+            "groups": _groups(_rows(sets[trained], trained_ids)),
             "candidate": _at(runs, -1, trained, metric, trained_ids),
             "control": None
             if controls is None
@@ -127,7 +122,13 @@ def evidence(
         "retain_unlearned": eu["retain"]["rows"][metric],
         "looks": looks,
         "capacity": capacity,
+        "forget_exact_match": eu["forget"]["exact_match"],
     }
+
+
+def _groups(rows: list[dict]) -> list[str]:
+    """Each fact's group, its own id where it has none (then it is its own cluster)."""
+    return [r.get("group") or r["id"] for r in rows]
 
 
 def _rows(rows: list[dict], ids: list[str]) -> list[dict]:
@@ -165,7 +166,6 @@ def verdict(
         decision = verdict_mod.decide(
             verdict_mod.Evidence(
                 **found,
-                forget_exact_match=s.read_json(unlearned_eval, SCORES)["forget"]["exact_match"],
                 forget_quantized={
                     bits: s.read_json(ref, SCORES)["forget"]["exact_match"]
                     for bits, ref in (quantized or {}).items()

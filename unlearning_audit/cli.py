@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .config import AuditParams, StudyParams, UnlearnConfig
-from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, advantage_cell
+from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, advantage_cell, format_p, two_decimals
 from .runtime import PREFECT_ENV
 from .store import ArtifactRef, CorruptArtifact, Store, check_key, endpoint_url
 
@@ -39,11 +39,12 @@ def format_table(rows: list[dict]) -> str:
         line = [
             r["label"],
             " / ".join(
-                _two(r[k]) for k in ("forget_original", "forget_unlearned", "forget_relearned")
+                two_decimals(r[k])
+                for k in ("forget_original", "forget_unlearned", "forget_relearned")
             ),
-            f"{_two(r['retain_original'])} / {_two(r['retain_unlearned'])}",
+            f"{two_decimals(r['retain_original'])} / {two_decimals(r['retain_unlearned'])}",
             advantage_cell(r),
-            "-" if r["p"] is None else f"{r['p']:.3f}" if r["p"] >= 0.001 else "<0.001",
+            format_p(r["p"]),
             f"{r['mean_cka']:.3f}",
             r["regime"],
         ]
@@ -54,10 +55,6 @@ def format_table(rows: list[dict]) -> str:
         [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         + [fmt.format(*line).rstrip() for line in lines]
     )
-
-
-def _two(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _finish(result: dict, json_path: str | None, keys: tuple[str, ...] = SUMMARY_KEYS) -> None:

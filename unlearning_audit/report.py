@@ -170,11 +170,12 @@ def _verdict_table(runs: list[dict]) -> tuple[list[str], list[list]]:
             [
                 r["label"],
                 " / ".join(
-                    _f2(row[k]) for k in ("forget_original", "forget_unlearned", "forget_relearned")
+                    two_decimals(row[k])
+                    for k in ("forget_original", "forget_unlearned", "forget_relearned")
                 ),
-                f"{_f2(row['retain_original'])} / {_f2(row['retain_unlearned'])}",
+                f"{two_decimals(row['retain_original'])} / {two_decimals(row['retain_unlearned'])}",
                 advantage_cell(row),
-                _f(row["p"]),
+                format_p(row["p"]),
                 row["mean_cka"],
                 row["regime"],
             ]
@@ -192,8 +193,16 @@ def advantage_cell(row: dict) -> str:
     )
 
 
-def _f2(value) -> str:
+def two_decimals(value: float | None) -> str:
+    """A score in a table: two decimals, or n/a where it was not measured."""
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def format_p(p: float | None) -> str:
+    """A p-value in a table: three decimals, "<0.001" below that, "-" where none was tested."""
+    if p is None:
+        return "-"
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
 
 
 def _threshold_table(t: dict) -> tuple[list[str], list[list]]:
@@ -283,7 +292,13 @@ def _metric(rows: list[dict], metric: str, layer: int, probe_set: str = "forget"
     return None
 
 
-def study_markdown(rows: list[dict], thresholds: dict) -> str:
+def study_statistics(rows: list[dict], thresholds: dict) -> list[dict]:
+    """The study's metric-prediction statistics (study.predictors), computed once for both the
+    Markdown and the HTML page."""
+    return study.predictors(rows, thresholds["alpha"], min(thresholds["resamples"], 2000))
+
+
+def study_markdown(rows: list[dict], thresholds: dict, found: list[dict] | None = None) -> str:
     """The study's table: the regime of every method under every setting in every domain."""
     out = ["# Unlearning study: methods x domains x settings", ""]
     header, table_rows = _study_table(rows)
@@ -303,7 +318,7 @@ def study_markdown(rows: list[dict], thresholds: dict) -> str:
         PREDICTOR_NOTE,
         "",
     ]
-    out += _table(*_predictor_table(rows, thresholds))
+    out += _table(*_predictor_table(found or study_statistics(rows, thresholds)))
     return "\n".join(out)
 
 
@@ -332,9 +347,8 @@ def fdr_note(rows: list[dict], alpha: float) -> str:
     )
 
 
-def _predictor_table(rows: list[dict], thresholds: dict) -> tuple[list[str], list[list]]:
+def _predictor_table(found: list[dict]) -> tuple[list[str], list[list]]:
     header = ["domain", "metric", "runs (reversible)", "AUROC [interval]", "Spearman [interval]"]
-    found = study.predictors(rows, thresholds["alpha"], min(thresholds["resamples"], 2000))
     return header, [
         [
             p["domain"],
@@ -371,12 +385,12 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
         [
             r["domain"],
             r["label"],
-            f"{_f2(r['forget_original'])} / {_f2(r['forget_unlearned'])} / "
-            f"{_f2(r['forget_relearned'])}",
-            f"{_f2(r['retain_original'])} / {_f2(r['retain_unlearned'])}",
+            f"{two_decimals(r['forget_original'])} / {two_decimals(r['forget_unlearned'])} / "
+            f"{two_decimals(r['forget_relearned'])}",
+            f"{two_decimals(r['retain_original'])} / {two_decimals(r['retain_unlearned'])}",
             r["mean_cka"],
             advantage_cell(r),
-            _f(r["p"]),
+            format_p(r["p"]),
             f"{_f(r.get('forget_q8'))} / {_f(r.get('forget_q4'))}",
             r.get("probe_advantage"),
             r["regime"],
@@ -623,8 +637,9 @@ def _regime_grid(rows: list[dict]) -> str:
                 cells.append("<td></td>")
                 continue
             text = "<br>".join(
-                f"<b>{escape(x['regime'])}</b><br><small>forget {_f2(x['forget_unlearned'])}"
-                f" &rarr; {_f2(x['forget_relearned'])}; {escape(advantage_cell(x))}</small>"
+                f"<b>{escape(x['regime'])}</b><br><small>forget "
+                f"{two_decimals(x['forget_unlearned'])} &rarr; "
+                f"{two_decimals(x['forget_relearned'])}; {escape(advantage_cell(x))}</small>"
                 for x in found
             )
             cells.append(f'<td style="{_regime_style(found[0]["regime"])}">{text}</td>')
@@ -635,7 +650,7 @@ def _regime_grid(rows: list[dict]) -> str:
     )
 
 
-def study_html(rows: list[dict], thresholds: dict) -> str:
+def study_html(rows: list[dict], thresholds: dict, found: list[dict] | None = None) -> str:
     """The study as one self-contained HTML page: the regime grid, a scatter of mean CKA against
     recovery beyond the control by regime, and the full table."""
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(_regime_counts(rows).items()))
@@ -662,7 +677,7 @@ def study_html(rows: list[dict], thresholds: dict) -> str:
         f"<p>{escape(fdr_note(rows, thresholds['alpha']))}</p>",
         "<h2>Does a representation metric predict reversibility?</h2>",
         f"<p>{escape(PREDICTOR_NOTE)}</p>",
-        _html_table(*_predictor_table(rows, thresholds)),
+        _html_table(*_predictor_table(found or study_statistics(rows, thresholds))),
     ]
     body += ["<h2>All runs</h2>", _html_table(*_study_table(rows), regime_last=True)]
     return _page("Unlearning study", body)
