@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
-from tasks._stage import cached_stage, gpu_options, load_model, load_sets
-from unlearning_audit import data, runtime
+from tasks._stage import cached_stage, gpu_options, load_inputs
+from unlearning_audit import data, prompts, runtime
 from unlearning_audit.metrics import fisher as fisher_mod
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
@@ -15,7 +15,8 @@ FISHER = "fisher.safetensors"
 
 
 def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, object]:
-    """The stored per-layer Fisher tensors, keyed by layer index."""
+    """The stored per-layer Fisher tensors, keyed by layer index; none where the stage skipped
+    (the metrics stage then adds no Fisher rows)."""
     tensors = load_file(store.local_dir(ref) / FISHER)
     return {int(name.removeprefix("layer.")): value for name, value in tensors.items()}
 
@@ -32,18 +33,24 @@ def fisher(
 ):
     """Per-sample-gradient diagonal Fisher of every layer, on one probe set.
 
-    ``batch_size`` only trades memory for speed; the values do not depend on it.
+    ``batch_size`` only trades memory for speed; the values do not depend on it. A model that
+    gives no per-sample gradients (fisher.UnsupportedModel) is skipped, not failed: the artifact
+    then holds no tensors, its reason in the file's metadata and the manifest (``skipped``).
     """
 
     def build(s, out):
-        model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
-        rows = data.sample(load_sets(s, data_ref)[probe_set], max_rows)
+        model, fmt, sets, _ = load_inputs(s, checkpoint, data_ref, runtime.setup(0, device))
+        rows = data.sample(sets[probe_set], max_rows)
         dev = next(model.parameters()).device
         batches = (
-            {k: v.to(dev) for k, v in data.train_batch(tokenizer, chunk).items()}
+            {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
             for chunk in data.chunks(rows, batch_size)
         )
-        values = fisher_mod.fisher_diagonal(model, batches)
+        try:
+            values = fisher_mod.fisher_diagonal(model, batches)
+        except fisher_mod.UnsupportedModel as err:
+            save_file({}, out / FISHER, metadata={"skipped": str(err)})
+            return {"probe_set": probe_set, "rows": len(rows), "skipped": str(err)}
         save_file({f"layer.{layer}": v.contiguous() for layer, v in values.items()}, out / FISHER)
         return {"probe_set": probe_set, "rows": len(rows)}
 
@@ -52,6 +59,6 @@ def fisher(
         "fisher",
         {"checkpoint": checkpoint, "data": data_ref},
         {"probe_set": probe_set, "max_rows": max_rows},
-        code_version(fisher_mod, data),
+        code_version(fisher_mod, data, prompts),
         build,
     )

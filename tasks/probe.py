@@ -10,23 +10,16 @@ from prefect.cache_policies import NO_CACHE
 from tasks._stage import CPU_OPTIONS, cached_stage, load_sets
 from tasks.extract import SUMMARY, probe_rows
 from unlearning_audit import activations, probes, runtime
-from unlearning_audit.store import ArtifactRef, Store, code_version
+from unlearning_audit.store import ArtifactRef, code_version
 
 PROBES = "probes.parquet"
+SCHEMA = pa.schema([("layer", pa.int64()), ("metric", pa.string()), ("value", pa.float64())])
 
 
-def labelled(store: Store, data_ref: ArtifactRef, checkpoint: ArtifactRef, max_rows: int):
-    """The forget and retain rows the activations were extracted on, each with a ``label``:
-    the answer where rows name their attribute (embedded corpus), else its first token."""
-    sets = load_sets(store, data_ref)
-    rows = probe_rows(sets, max_rows)
-    if all(r.get("attribute") for r in rows["forget"] + rows["retain"]):
-        return {name: [{**r, "label": r["answer"]} for r in rs] for name, rs in rows.items()}
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(store.local_dir(checkpoint))
-    first = lambda a: str(tokenizer(f" {a}", add_special_tokens=False)["input_ids"][0])  # noqa: E731
-    return {name: [{**r, "label": first(r["answer"])} for r in rs] for name, rs in rows.items()}
+def skipped(table: pa.Table) -> str | None:
+    """Why the probe stage skipped, from its stored table's metadata; None when it probed."""
+    reason = (table.schema.metadata or {}).get(b"skipped")
+    return reason.decode() if reason is not None else None
 
 
 @task(name="probe", cache_policy=NO_CACHE, **CPU_OPTIONS)
@@ -38,12 +31,23 @@ def probe(
     max_rows: int = 200,
     seed: int = 0,
 ):
-    """Probe accuracy per layer of one model, from its stored activations (``acts``), whose
-    rows are the same samples of the forget and retain sets."""
+    """Probe accuracy per layer of the model ``checkpoint``, from its stored activations
+    (``acts``), whose rows are the same samples of the forget and retain sets, labelled with
+    their answers' content (probes.answer_label).
+
+    Labels that carry no signal (probes.label_problem) skip the stage, not fail it: its table
+    is then empty, the reason in the table's metadata and the manifest (``skipped``).
+    """
 
     def build(s, out):
         runtime.setup(seed, "cpu")
-        rows = labelled(s, data_ref, checkpoint, max_rows)
+        rows = probe_rows(load_sets(s, data_ref), max_rows)
+        problem = probes.label_problem(
+            probes.probe_labels(rows["retain"]), probes.probe_labels(rows["forget"])
+        )
+        if problem:
+            pq.write_table(SCHEMA.with_metadata({"skipped": problem}).empty_table(), out / PROBES)
+            return {"rows": 0, "skipped": problem}
         folder = s.local_dir(acts)
         table = []
         for layer in s.read_json(acts, SUMMARY)["layers"]:
@@ -52,10 +56,10 @@ def probe(
                 for name in ("forget", "retain")
             }
             result = probes.probe_layer(
-                X["retain"], rows["retain"], X["forget"], rows["forget"], label="label", seed=seed
+                X["retain"], rows["retain"], X["forget"], rows["forget"], seed=seed
             )
             table += [{"layer": layer, "metric": k, "value": v} for k, v in result.items()]
-        pq.write_table(pa.Table.from_pylist(table), out / PROBES)
+        pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), out / PROBES)
         return {"rows": len(table)}
 
     return cached_stage(

@@ -18,18 +18,12 @@ from unlearning_audit.metrics import (
     weight_change,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two threads oversubscribe a 2-core machine (about 60x slower here); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed: int = 0, layers: int = 3, **overrides) -> LlamaForCausalLM:
@@ -164,6 +158,10 @@ def test_layer_restriction_matches_the_full_computation_and_checks_indices() -> 
         fisher_diagonal(model, [])
     with pytest.raises(ValueError, match=r"lacks \['labels'\]"):
         fisher_diagonal(model, [{k: v for k, v in batches()[0].items() if k != "labels"}])
+    holed = batches()[0]
+    holed["attention_mask"][0, 4] = 0  # a pad between real tokens
+    with pytest.raises(ValueError, match="must be contiguous"):
+        fisher_diagonal(model, [holed])
 
 
 def test_tied_embeddings_are_counted_once_under_layer_zero() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unlearning_audit import probes, quantization
+from unlearning_audit import probes, prompts, quantization
 from unlearning_audit.evaluation import evaluate
 
 
@@ -88,12 +88,13 @@ def test_8bit_quantization_keeps_the_original_models_accuracy(tiny_model):
     model, tok, facts, forget = tiny_model
     model = copy.deepcopy(model)
     rows = [{"question": f.question, "answer": f.answer} for f in facts if f.group not in forget]
-    before = evaluate(model, tok, rows)["exact_match"]
+    fmt = prompts.renderer(tok)
+    before = evaluate(model, fmt, rows)["exact_match"]
     assert quantization.quantize_model(model, 8) == 7 * len(model.model.layers)  # qkvo, mlp
-    at_8 = evaluate(model, tok, rows)
+    at_8 = evaluate(model, fmt, rows)
     assert abs(at_8["exact_match"] - before) <= 0.05  # the stated tolerance at 8 bits
     quantization.quantize_model(model, 2)
-    at_2 = evaluate(model, tok, rows)  # 2 bits does cost: more errors, a clearly worse fit
+    at_2 = evaluate(model, fmt, rows)  # 2 bits does cost: more errors, a clearly worse fit
     assert at_2["exact_match"] < at_8["exact_match"] and at_2["nll"] > 1.5 * at_8["nll"]
 
 
@@ -118,9 +119,61 @@ def test_chance_is_measured_within_each_attribute():
     assert abs(result["probe_forget"] - result["probe_chance"]) < 0.1
 
 
-def test_answers_never_seen_in_training_are_undecidable():
+def test_answers_never_seen_in_training_are_refused_with_the_reason():
     X = np.random.default_rng(4).normal(size=(20, 4))
     retain = [{"answer": str(i % 3)} for i in range(10)]
     forget = [{"answer": str(100 + i)} for i in range(10)]  # e.g. unique sums
-    result = probes.probe_layer(X[:10], retain, X[10:], forget)
-    assert result["probe_coverage"] == 0.0 and np.isnan(result["probe_forget"])
+    problem = probes.label_problem(probes.probe_labels(retain), probes.probe_labels(forget))
+    assert "can only name a class it was trained on" in problem
+    with pytest.raises(ValueError, match="can only name a class it was trained on"):
+        probes.probe_layer(X[:10], retain, X[10:], forget)
+
+
+def test_probe_labels_are_the_answers_content_not_its_first_token():
+    rows = [
+        {"question": "In which city was Ada Lovelace born?", "answer": "In London"},
+        {"question": "What is the capital of France?", "answer": "The capital of France is Paris."},
+        {"question": "Which city?", "answer": "Paris", "attribute": "birthplace"},
+        {"question": "Is the sky blue?", "answer": "The sky is blue."},  # nothing new: unlabelled
+    ]
+    assert probes.probe_labels(rows) == ["london", "paris", "birthplace=Paris", None]
+
+
+def test_a_first_token_the_question_gives_away_is_not_decoded():
+    """Answers start with the question's first word ("In which year ...?" "In 1815."), and the
+    activations know only the question: first-token labels would decode perfectly; the
+    answers' content stays at measured chance."""
+    rng = np.random.default_rng(5)
+    n = 400
+    starts = rng.choice(["In", "On"], n)
+    years = rng.choice(["1815", "1848", "1871", "1914"], n)
+    rows = [
+        {"question": f"{w} which year did event {i} happen?", "answer": f"{w} {y}."}
+        for i, (w, y) in enumerate(zip(starts, years, strict=True))
+    ]
+    X = rng.normal(size=(n, 8))
+    X[:, 0] += np.where(starts == "In", 3.0, -3.0)  # the question's first word, nothing more
+    assert probes.probe_labels(rows[:3]) == list(years[:3])
+    first = [r["answer"].split()[0] for r in rows]  # what labels were: read off the question
+    assert probes.transfer_accuracy(X[:300], first[:300], X[300:], first[300:]) > 0.95
+    result = probes.probe_layer(X[:300], rows[:300], X[300:], rows[300:])
+    assert (
+        result["probe_forget"] < 0.4 and abs(result["probe_forget"] - result["probe_chance"]) < 0.1
+    )
+
+
+@pytest.mark.parametrize(
+    ("answers", "reason"),
+    [
+        (["The sky"] * 6, "1 label classes, 1 of them with 2 rows"),  # one class
+        (["Rome", "Oslo", "Lima", "Kyiv"], "4 label classes, 0 of them with 2 rows"),  # singletons
+        (["Red", "Red", "Blue", "Green"], "3 label classes, 1 of them with 2 rows"),
+    ],
+)
+def test_labels_without_two_trainable_classes_are_refused_with_the_reason(answers, reason):
+    retain = [{"question": "What is it?", "answer": a} for a in answers]
+    forget = [{"question": "What is it?", "answer": answers[0]}]
+    assert reason in probes.label_problem(probes.probe_labels(retain), probes.probe_labels(forget))
+    X = np.random.default_rng(6).normal(size=(len(retain) + 1, 4))
+    with pytest.raises(ValueError, match="a probe needs 2 such classes"):
+        probes.probe_layer(X[:-1], retain, X[-1:], forget)

@@ -1,17 +1,22 @@
 """Linear probes as a recovery attack: is the forgotten answer still linearly decodable?
 
-A regularised logistic-regression probe per layer reads the answer (the attribute value, e.g. a
-birthplace, out of its vocabulary; or the first answer token for external data) from the pooled
-activations of a question. It is trained on retain questions, whose answers the model still
-gives, and tested on the forget questions. Chance is measured, not assumed: the same probe
-trained on shuffled labels gives the permutation baseline. Knowledge the unlearned model cannot
-say but a probe still decodes above that baseline is hidden, not deleted.
+A regularised logistic-regression probe per layer reads the answer's content from the pooled
+activations of a question: the attribute value (e.g. a birthplace, out of its vocabulary) where
+rows name their attribute, else the answer's first content word (the first word that is neither
+in the question nor a stopword: "Paris" of "The capital is Paris", never the "The" that any
+model, or the question itself, gives away). It is trained on retain questions, whose answers
+the model still gives, and tested on the forget questions. Chance is measured, not assumed: the
+same probe trained on shuffled labels gives the permutation baseline. Knowledge the unlearned
+model cannot say but a probe still decodes above that baseline is hidden, not deleted. Labels
+that cannot show any (:func:`label_problem`) are refused, not probed.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +25,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+_FUNCTION_WORDS = """a an the and or but nor of in on at to for from by with as into onto than
+then is are was were be been being am has have had do does did it its it's this that these those
+he she they we you i him her them us me his hers their theirs our your my who whom whose which
+what when where why how there here so such very not also just"""
+STOPWORDS = frozenset(_FUNCTION_WORDS.split())
+"""Function words that carry no answer content (a small English list)."""
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
 
 
 def _probe(C: float, seed: int):
@@ -119,10 +132,45 @@ def cv_accuracy(X: np.ndarray, y: Sequence, folds: int = 3, C: float = 0.1, seed
     return float(cross_val_score(_probe(C, seed), X, y, cv=splitter).mean())
 
 
-def probe_labels(rows: Sequence[dict], label: str = "answer") -> list[str]:
-    """One class per (attribute, value): a single probe decodes every attribute's vocabulary
-    (the attribute itself is plain in the question, so it adds no difficulty)."""
-    return [f"{r.get('attribute', '')}={r[label]}" for r in rows]
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def answer_label(row: dict) -> str | None:
+    """The class a probe decodes for a row: ``attribute=value`` where the row names its
+    attribute (one probe then decodes every attribute's vocabulary; the attribute itself is
+    plain in the question); else the answer's first lower-cased word that is neither a word
+    of the question nor a stopword, None when it has none (such a row is not probed)."""
+    if row.get("attribute"):
+        return f"{row['attribute']}={row['answer']}"
+    asked = set(_words(row.get("question", "")))
+    return next((w for w in _words(row["answer"]) if w not in asked and w not in STOPWORDS), None)
+
+
+def probe_labels(rows: Sequence[dict]) -> list[str | None]:
+    """Each row's :func:`answer_label`."""
+    return [answer_label(r) for r in rows]
+
+
+def label_problem(
+    retain_labels: Sequence[str | None], forget_labels: Sequence[str | None]
+) -> str | None:
+    """Why these labels cannot show a probe decoding anything, or None when they can: the
+    retain rows a probe trains on need 2 classes of at least 2 rows each, and some forget
+    label must be among the retain labels (a probe only names classes it was trained on)."""
+    counts = Counter(y for y in retain_labels if y is not None)
+    enough = sum(n >= 2 for n in counts.values())
+    if enough < 2:
+        return (
+            f"the retain answers give {len(counts)} label classes, {enough} of them with 2 rows "
+            "or more: a probe needs 2 such classes to learn anything"
+        )
+    if not counts.keys() & set(forget_labels):
+        return (
+            "no forget answer's label occurs among the retain answers' labels (e.g. unique "
+            "answers): a probe can only name a class it was trained on"
+        )
+    return None
 
 
 @_quietly
@@ -131,34 +179,38 @@ def probe_layer(
     retain_rows: Sequence[dict],
     X_forget: np.ndarray,
     forget_rows: Sequence[dict],
-    label: str = "answer",
     C: float = 0.1,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Probe accuracies of one layer.
+    """Probe accuracies of one layer, on the rows with an :func:`answer_label`.
 
     ``probe_forget``: a probe trained on the retain questions, tested on the forget questions;
     ``probe_chance``: the same with shuffled training labels (measured chance);
     ``probe_retain_cv``: cross-validated accuracy on the retain questions (probe capacity);
-    ``probe_coverage``: the share of forget answers that occur among the retain answers (a probe
-    can only name a class it was trained on; with none, every value is NaN).
+    ``probe_coverage``: the share of forget labels that occur among the retain labels (a probe
+    can only name a class it was trained on). Raises ValueError with the
+    :func:`label_problem` of labels that carry no signal.
     """
-    y_retain, y_forget = probe_labels(retain_rows, label), probe_labels(forget_rows, label)
-    coverage = float(np.mean([y in set(y_retain) for y in y_forget])) if y_forget else 0.0
-    if coverage == 0.0:  # no forget answer occurs in training (e.g. unique sums): undecidable
-        nan = float("nan")
-        return {
-            "probe_forget": nan,
-            "probe_chance": nan,
-            "probe_retain_cv": nan,
-            "probe_coverage": coverage,
-        }
-    strata = [r.get("attribute", "") for r in retain_rows]
+    X_retain, y_retain, strata = _labelled(X_retain, retain_rows, "X_retain")
+    X_forget, y_forget, _ = _labelled(X_forget, forget_rows, "X_forget")
+    problem = label_problem(y_retain, y_forget)
+    if problem:
+        raise ValueError(problem)
     return {
         "probe_forget": transfer_accuracy(X_retain, y_retain, X_forget, y_forget, C, seed),
         "probe_chance": permutation_baseline(
             X_retain, y_retain, X_forget, y_forget, C, 3, seed, strata
         ),
         "probe_retain_cv": cv_accuracy(X_retain, y_retain, folds=3, C=C, seed=seed),
-        "probe_coverage": coverage,
+        "probe_coverage": float(np.mean([y in set(y_retain) for y in y_forget])),
     }
+
+
+def _labelled(
+    X: np.ndarray, rows: Sequence[dict], name: str
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """The activations, labels and attributes (permutation strata) of the rows with a label."""
+    X = _check(X, rows, name)
+    labels = probe_labels(rows)
+    keep = [i for i, y in enumerate(labels) if y is not None]
+    return X[keep], [labels[i] for i in keep], [rows[i].get("attribute", "") for i in keep]

@@ -6,15 +6,24 @@ of the log-probabilities of sample i's answer tokens (labels != -100; prompt and
 
 Per-sample gradients come from ``torch.func``: ``vmap(grad(log p))`` over the samples of a batch,
 each run through the model as a batch of one with ``functional_call``, so one vectorised backward
-pass covers every layer. Hugging Face models build their attention mask with data-dependent
-checks (``padding_mask.all()``) that vmap refuses, so the padding mask is turned into an additive
-4-D causal mask before the vmap; the model uses a 4-D mask as given. PyTorch has no vmap batching
-rule for the fused ``scaled_dot_product_attention`` kernels and falls back to a loop over samples
-inside each attention call, so the model runs with ``eager`` attention while the Fisher is
-computed, and gets its own implementation back afterwards. Measured on an H200, 110M-parameter
-Llama, batch 16: vmap was 1.8x faster than a loop of single-sample backward passes under
-``sdpa``, 3.9x under ``eager``. Eager attention takes its softmax in float32, so float64 models
-(tests, exact references) keep their own attention and its precision.
+pass covers every layer. No architecture's mask handling is involved: each sample's real tokens
+are moved to the start of its row (padding after them), and the model sees no attention mask
+and default positions. In a causal LM a token never attends to later ones, so trailing pads
+change no real token's logits; the sample scores exactly as it would alone, unpadded, with its
+positions from 0 (Hugging Face's own masks, and the positions some architectures derive from
+them, such as OPT's learned ones, run data-dependent checks that vmap refuses). The model reads
+``inputs_embeds`` from its own input embeddings (called functionally, so layer 0 gets its
+gradient), since some models inspect ``input_ids`` for pad tokens with data-dependent checks.
+
+PyTorch has no vmap batching rule for the fused ``scaled_dot_product_attention`` kernels and
+falls back to a loop over samples inside each attention call, so the model runs with ``eager``
+attention while the Fisher is computed, and gets its own implementation back afterwards.
+Measured on an H200, 110M-parameter Llama, batch 16: vmap was 1.8x faster than a loop of
+single-sample backward passes under ``sdpa``, 3.9x under ``eager``. Eager attention takes its
+softmax in float32, so float64 models (tests, exact references) keep their own attention and its
+precision. A model that still cannot run under these transforms (remote code with data-dependent
+control flow, a forward without ``inputs_embeds``) raises :class:`UnsupportedModel`, found on a
+two-token sample before any real batch.
 
 Memory: the per-sample gradients of a batch take batch size x parameters (of the chosen layers)
 values, so size batches (or restrict ``layers``) to fit.
@@ -22,7 +31,7 @@ values, so size batches (or restrict ``layers``) to fit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
@@ -39,6 +48,12 @@ two models compare bin by bin; values outside are counted in the first or last b
 FISHER_QUANTILES = (0.5, 0.9, 0.99)
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
+Tensors = dict[str, torch.Tensor]
+
+
+class UnsupportedModel(ValueError):
+    """The model gives no per-sample gradients under ``torch.func`` (see the module doc)."""
+
 
 def fisher_diagonal(
     model: nn.Module,
@@ -48,11 +63,13 @@ def fisher_diagonal(
     """Diagonal empirical Fisher per layer: {layer: flat float32 CPU tensor}.
 
     ``batches`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels``, LongTensors of
-    shape (b, t), labels -100 on prompt and padding; every sample counts in the mean, also one
-    without answer tokens (its gradient is zero). Each layer's values are its parameters'
-    Fisher values flattened and concatenated in :func:`layer_parameters` order; ``layers``
-    restricts (and speeds up) the computation to those layer indices. The model runs in eval
-    mode (no dropout) with eager attention, and gets its mode and attention back afterwards.
+    shape (b, t), labels -100 on prompt and padding, each row's real tokens contiguous (padding
+    on the left or the right); every sample counts in the mean, also one without answer tokens
+    (its gradient is zero). Each layer's values are its parameters' Fisher values flattened and
+    concatenated in :func:`layer_parameters` order; ``layers`` restricts (and speeds up) the
+    computation to those layer indices. The model runs in eval mode (no dropout) with eager
+    attention, and gets its mode and attention back afterwards. Raises
+    :class:`UnsupportedModel` for a model that cannot run under ``torch.func``.
     """
     groups = layer_parameters(model)
     chosen = select_layers(groups, layers)
@@ -61,14 +78,15 @@ def fisher_diagonal(
     params = {name: frozen.pop(name) for name in names}
     like = next(iter(params.values()))
     sums = {name: torch.zeros_like(p, dtype=_accumulation_dtype(p)) for name, p in params.items()}
-    per_sample_grads = vmap(grad(_sample_log_prob(model)), in_dims=(None, None, 0, 0, 0))
+    per_sample_grads = vmap(grad(_sample_log_prob(model)), in_dims=(None, None, 0, 0))
     was_training, n_samples = model.training, 0
     model.eval()
     try:
         with _eager_attention(model, like.dtype):
+            _check_supported(model, per_sample_grads, params, frozen)
             for batch in batches:
-                input_ids, mask, labels = _prepare_batch(batch, like)
-                grads = per_sample_grads(params, frozen, input_ids, mask, labels)
+                input_ids, labels = _prepare_batch(batch, like.device)
+                grads = per_sample_grads(params, frozen, input_ids, labels)
                 for name, g in grads.items():
                     sums[name] += g.to(sums[name].dtype).square_().sum(dim=0)
                 n_samples += input_ids.shape[0]
@@ -82,6 +100,24 @@ def fisher_diagonal(
         .cpu()
         for layer in chosen
     }
+
+
+def _check_supported(
+    model: nn.Module, per_sample_grads: Callable[..., Tensors], params: Tensors, frozen: Tensors
+) -> None:
+    """Run the per-sample gradient on one two-token sample; a failure there is the model's
+    (its code under ``torch.func``), not the data's, and raises :class:`UnsupportedModel`."""
+    like = next(iter(params.values()))
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=like.device)
+    try:
+        per_sample_grads(params, frozen, tokens, tokens)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        raise UnsupportedModel(
+            f"{type(model).__name__} gives no per-sample gradients under torch.func "
+            f"(vmap of grad): {type(err).__name__}: {err}"
+        ) from err
 
 
 @contextmanager
@@ -107,16 +143,22 @@ def _accumulation_dtype(param: torch.Tensor) -> torch.dtype:
 
 
 def _sample_log_prob(model: nn.Module):
-    """log p(y | x) of one sample as a function of (params, frozen params, ids, mask, labels)."""
+    """log p(y | x) of one sample, its real tokens first, as a function of (params, frozen
+    params, ids, labels): the ids go through the input embeddings, the embeddings through the
+    model."""
+    embedding = model.get_input_embeddings()
+    prefix = next(name for name, module in model.named_modules() if module is embedding)
+    embedding_names = {name: f"{prefix}.{name}" for name, _ in embedding.named_parameters()}
 
     def log_prob(
-        params: dict[str, torch.Tensor],
-        frozen: dict[str, torch.Tensor],
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        labels: torch.Tensor,
+        params: Tensors, frozen: Tensors, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        inputs = {"input_ids": input_ids[None], "attention_mask": mask[None]}
+        weights = {
+            name: params[full] if full in params else frozen[full]
+            for name, full in embedding_names.items()
+        }
+        embeds = functional_call(embedding, weights, (input_ids[None],))
+        inputs = {"inputs_embeds": embeds}
         logits = functional_call(model, (params, frozen), args=(), kwargs=inputs).logits[0, :-1]
         targets = labels[1:]
         token_log_probs = logits.log_softmax(dim=-1).gather(-1, targets.clamp(min=0)[:, None])
@@ -126,35 +168,28 @@ def _sample_log_prob(model: nn.Module):
 
 
 def _prepare_batch(
-    batch: Mapping[str, torch.Tensor], like: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Check a batch and return (input_ids, additive 4-D mask (b, 1, t, t), labels) on the
-    device of ``like``, the mask in its dtype.
-
-    The mask lets query position q see key k iff k <= q and k is a real token, as the model
-    would from the 2-D padding mask: 0 there, a large negative value elsewhere. Two guards keep
-    every softmax finite: a padding query also sees itself, so no row is fully masked (its output
-    reaches no real token and no loss term), and the negative value is the most negative float32
-    (float16's for float16 models), since eager attention takes its softmax in float32, where
-    float64's minimum would be -inf.
-    """
+    batch: Mapping[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a batch and return (input_ids, labels) on ``device`` with each row's real tokens
+    moved to its start, labels -100 everywhere after them (see the module doc)."""
     missing = [key for key in BATCH_KEYS if key not in batch]
     if missing:
         raise ValueError(f"batch lacks {missing}: expected keys {list(BATCH_KEYS)}")
-    input_ids, padding, labels = (batch[key].to(like.device) for key in BATCH_KEYS)
+    input_ids, padding, labels = (batch[key].to(device) for key in BATCH_KEYS)
     if input_ids.ndim != 2 or padding.shape != input_ids.shape or labels.shape != input_ids.shape:
         raise ValueError(
             "input_ids, attention_mask and labels must share one (batch, length) shape, got "
             f"{tuple(input_ids.shape)}, {tuple(padding.shape)} and {tuple(labels.shape)}"
         )
-    length = input_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=like.device).tril()
-    visible = (causal & padding.bool()[:, None, :]) | torch.eye(
-        length, dtype=torch.bool, device=like.device
-    )
-    mask = torch.zeros(visible.shape, dtype=like.dtype, device=like.device)
-    mask.masked_fill_(~visible, max(torch.finfo(like.dtype).min, torch.finfo(torch.float32).min))
-    return input_ids, mask[:, None], labels
+    real = padding.bool()
+    positions = torch.arange(input_ids.shape[1], device=device)
+    lengths = real.sum(dim=1, keepdim=True)
+    starts = real.int().argmax(dim=1, keepdim=True)  # the first real token (0 in an empty row)
+    if not torch.equal(real, (positions >= starts) & (positions < starts + lengths)):
+        raise ValueError("each row's real tokens (attention_mask 1) must be contiguous")
+    moved = (positions + starts) % input_ids.shape[1]
+    labels = torch.where(positions < lengths, labels.gather(1, moved), IGNORE_INDEX)
+    return input_ids.gather(1, moved), labels
 
 
 def fisher_summary(
