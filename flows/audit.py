@@ -7,9 +7,9 @@ store when its inputs, config and code are unchanged.
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from tasks.checkpoint import fetch_checkpoint
+from tasks.checkpoint import check_compatible, fetch_checkpoint
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
 from tasks.extract import extract
@@ -19,10 +19,10 @@ from tasks.probe import probe
 from tasks.relearn import relearn
 from tasks.report import publish, report
 from tasks.unlearn import unlearn
-from tasks.verdict import verdict
+from tasks.verdict import check_known, verdict
 from unlearning_audit import relearning
 from unlearning_audit.config import AuditParams
-from unlearning_audit.preflight import preflight
+from unlearning_audit.preflight import preflight, warnings
 from unlearning_audit.store import ArtifactRef
 
 # The default as an instance, not None: the deployment's UI run form then shows every field
@@ -72,10 +72,11 @@ def _relearn_all(
                 params.device,
                 params.data.eval_max_rows,
                 keep_checkpoint=keep and src == "forget" and k == 0,
+                generate=params.thresholds.metric == "rouge_l",
             )
             for k, seed in enumerate(relearning.seeds(params.seed, params.relearn.seeds))
         ]
-        for src in params.relearn.sources
+        for src in params.relearn_sources
     }
 
 
@@ -98,7 +99,9 @@ def audit_run(
         for name, ref in (("unlearned", unlearned), ("relearned", kept))
     }
     quantized = {
-        str(bits): evaluate(store, unlearned, data_ref, rows, dev, bits=bits)
+        str(bits): evaluate(
+            store, unlearned, data_ref, rows, dev, bits=bits, embeddings=params.quantize_embeddings
+        )
         for bits in params.quantization_bits
     }
     probed = None
@@ -110,6 +113,7 @@ def audit_run(
     return {
         **{k: candidate[k] for k in ("label", "method", "lr")},
         "relearned": relearned,
+        "original_eval": original["eval"],
         "unlearned_eval": unlearned_eval,
         "metrics_unlearned": metrics(
             store,
@@ -143,22 +147,28 @@ def audit_run(
 def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?"""
     store = preflight(params)
+    for warning in warnings(params):
+        get_run_logger().warning(warning)
+    params = params.with_default_lrs()
     data_ref = prepare_data(store, params.data, params.embedded)
     control_fetch = _control(store, params)
     checkpoint = _fetch(store, params, params.original)
+    given = _fetch(store, params, params.unlearned) if params.unlearned is not None else None
+    control = control_fetch.result() if control_fetch is not None else None
+    check_compatible(store, {"original": checkpoint, "unlearned": given, "control": control})
     rows, dev = params.data.eval_max_rows, params.device
+    original_eval = evaluate(store, checkpoint, data_ref, rows, dev)
+    check_known(store, data_ref, original_eval, params.thresholds)  # before any training
     original = {
         "checkpoint": checkpoint,
-        "eval": evaluate(store, checkpoint, data_ref, rows, dev),
+        "eval": original_eval,
         "acts": extract(store, checkpoint, data_ref, params.layers, rows, dev),
         "fisher": fisher(store, checkpoint, data_ref, device=dev) if params.fisher else None,
     }
     if params.probes:
         original["probe"] = probe(store, data_ref, checkpoint, original["acts"], rows, params.seed)
-    control = control_fetch.result() if control_fetch is not None else None
     control_runs = _relearn_all(store, params, control, data_ref, keep=False) if control else {}
-    if params.unlearned is not None:
-        given = _fetch(store, params, params.unlearned)
+    if given is not None:
         candidates = [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]
     else:
         candidates = [
@@ -171,12 +181,17 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
             for cfg in params.methods
         ]
     runs = [audit_run(store, params, data_ref, original, c, control_runs) for c in candidates]
+    domain = params.data.domain if not params.data.external else "external data"
     audit = {
-        "name": params.name or f"{params.original} ({params.data.domain})",
+        "name": params.name or f"{params.original} ({domain})",
         "original": params.original,
         "unlearned": params.unlearned,
-        "domain": params.data.domain if params.data.forget is None else "external",
+        "domain": domain,
         "budget": params.relearn.budget,
+        "heldout": None
+        if params.data.has_groups
+        else "the facts have no groups (data.group), and halves split by question "
+        "would put a group's facts on both sides",
         "thresholds": params.thresholds.model_dump(),
         "control": params.control or ("embedded never-learned" if control else None),
     }

@@ -31,7 +31,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from unlearning_audit import checkpoints, data
+from unlearning_audit import checkpoints, data, prompts
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
@@ -283,6 +283,15 @@ def load_model(store: Store, ref: ArtifactRef, device):
 def load_sets(store: Store, ref: ArtifactRef) -> dict[str, list[dict]]:
     """The probe sets of a data artifact."""
     return data.read_sets(store.local_dir(ref))
+
+
+def load_inputs(store: Store, checkpoint: ArtifactRef, data_ref: ArtifactRef, device):
+    """What a model stage starts from: the model, its tokenizer in the audit's prompt format
+    (one rendering for every stage), the probe sets, and the data's generation cap."""
+    model, tokenizer = load_model(store, checkpoint, device)
+    spec = store.read_json(data_ref, data.FORMAT)
+    fmt = prompts.renderer(tokenizer, spec["prompt_format"], spec["separator"])
+    return model, fmt, load_sets(store, data_ref), spec["max_new_tokens"]
 
 
 def write_json(path: Path, obj: Any) -> None:

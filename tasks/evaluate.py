@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
-from unlearning_audit import data, evaluation, quantization, runtime
+from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from unlearning_audit import data, evaluation, prompts, quantization, runtime
 from unlearning_audit.store import ArtifactRef, code_version
 
 SCORES = "evaluation.json"
@@ -20,26 +20,34 @@ def evaluate(
     max_rows: int = 200,
     device: str = "auto",
     bits: int | None = None,
+    embeddings: bool = False,
 ):
-    """Exact match, token accuracy and NLL on each set (at most ``max_rows`` rows each);
-    with ``bits``, of the checkpoint after round-to-nearest weight quantization."""
+    """Every score (evaluation.py, ROUGE-L of greedy generations included) on each set (at
+    most ``max_rows`` rows each); with ``bits``, of the checkpoint after round-to-nearest
+    quantization of every weight matrix, the input embeddings and LM head too with
+    ``embeddings``."""
 
     def build(s, out):
-        model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
+        model, fmt, sets, cap = load_inputs(s, checkpoint, data_ref, runtime.setup(0, device))
+        quantized = {}
         if bits is not None:
-            quantization.quantize_model(model, bits)
+            quantized["quantized_matrices"] = quantization.quantize_model(model, bits, embeddings)
         scores = {
-            name: evaluation.evaluate(model, tokenizer, data.sample(rows, max_rows))
-            for name, rows in load_sets(s, data_ref).items()
+            name: evaluation.evaluate(model, fmt, data.sample(rows, max_rows), generate=cap)
+            for name, rows in sets.items()
         }
-        write_json(out / SCORES, scores)
-        return {name: round(v["exact_match"], 4) for name, v in scores.items() if v["n"]}
+        write_json(out / SCORES, {**scores, "format": fmt.name})
+        return {
+            "format": fmt.name,
+            **quantized,
+            **{name: round(v["exact_match"], 4) for name, v in scores.items() if v["n"]},
+        }
 
     return cached_stage(
         store,
         "evaluate",
         {"checkpoint": checkpoint, "data": data_ref},
-        {"max_rows": max_rows, "bits": bits},
-        code_version(evaluation, data, quantization),
+        {"max_rows": max_rows, "bits": bits, "embeddings": embeddings},
+        code_version(evaluation, data, quantization, prompts),
         build,
     )

@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import StageProgress
-from tasks._stage import cached_stage, gpu_options, load_model, load_sets, write_json
-from unlearning_audit import activations, data, layers, runtime
+from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from unlearning_audit import activations, data, layers, prompts, runtime
 from unlearning_audit.store import ArtifactRef, code_version
 
 PROBE_SETS = ("forget", "retain")
@@ -32,13 +32,10 @@ def extract(
     """Masked-mean pooled activations of every selected layer, per probe set."""
 
     def build(s, out):
-        model, tokenizer = load_model(s, checkpoint, runtime.setup(0, device))
-        sets = load_sets(s, data_ref)
+        model, fmt, sets, _ = load_inputs(s, checkpoint, data_ref, runtime.setup(0, device))
         chosen = probe_rows(sets, max_rows)
         with StageProgress("extract activations") as progress:
-            summary = activations.extract(
-                model, tokenizer, chosen, out, layer_indices, progress=progress
-            )
+            summary = activations.extract(model, fmt, chosen, out, layer_indices, progress=progress)
         write_json(out / SUMMARY, summary)
         return summary
 
@@ -47,6 +44,6 @@ def extract(
         "activations",
         {"checkpoint": checkpoint, "data": data_ref},
         {"layers": layer_indices, "max_rows": max_rows, "sets": PROBE_SETS},
-        code_version(activations, data, layers),
+        code_version(activations, data, layers, prompts),
         build,
     )

@@ -10,12 +10,19 @@ from tasks._progress import StageProgress
 from tasks._stage import (
     cached_stage,
     gpu_options,
-    load_model,
-    load_sets,
+    load_inputs,
     trusts_remote_code,
     write_json,
 )
-from unlearning_audit import checkpoints, data, evaluation, relearning, runtime, training
+from unlearning_audit import (
+    checkpoints,
+    data,
+    evaluation,
+    prompts,
+    relearning,
+    runtime,
+    training,
+)
 from unlearning_audit.config import RelearnConfig, RelearnSource
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
@@ -33,22 +40,26 @@ def relearn(
     device: str = "auto",
     max_rows: int = 200,
     keep_checkpoint: bool = True,
+    generate: bool = False,
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
     ``seed``; the recovery curve scores at most ``max_rows`` rows per set, like the evaluate
-    stage. The relearned checkpoint is stored only with ``keep_checkpoint``."""
+    stage. The relearned checkpoint is stored only with ``keep_checkpoint``; with ``generate``,
+    facts also carry ROUGE-L of greedy generations (when the verdict reads it)."""
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
-        model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
-        sets = load_sets(s, data_ref)
+        model, fmt, sets, cap = load_inputs(s, checkpoint, data_ref, runtime.setup(seed, device))
         with StageProgress(f"relearn from {source}") as progress:
-            log = relearning.relearn(model, tokenizer, sets, source, cfg, seed, progress, max_rows)
+            log = relearning.relearn(
+                model, fmt, sets, source, cfg, seed, progress, max_rows, cap if generate else 0
+            )
         if keep_checkpoint:
-            checkpoints.save(model, tokenizer, out)
+            checkpoints.save(model, fmt.tokenizer, out)
         write_json(out / CURVE, log)
         return {
             "source": source,
             "steps": log["steps"],
+            "lr": log["lr"],
             "trust_remote_code": trusts_remote_code(s, checkpoint),
         }
 
@@ -60,8 +71,9 @@ def relearn(
             "relearn": config.model_dump(exclude={"sources", "seeds"}),
             "max_rows": max_rows,
             "keep_checkpoint": keep_checkpoint,
+            "generate": generate,
         },
-        code_version(relearning, training, data, evaluation),
+        code_version(relearning, training, data, evaluation, prompts),
         build,
         batch=config,
     )

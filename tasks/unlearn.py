@@ -9,12 +9,19 @@ from tasks._progress import StageProgress
 from tasks._stage import (
     cached_stage,
     gpu_options,
-    load_model,
-    load_sets,
+    load_inputs,
     trusts_remote_code,
     write_json,
 )
-from unlearning_audit import checkpoints, data, evaluation, runtime, training, unlearning
+from unlearning_audit import (
+    checkpoints,
+    data,
+    evaluation,
+    prompts,
+    runtime,
+    training,
+    unlearning,
+)
 from unlearning_audit.config import UnlearnConfig
 from unlearning_audit.store import ArtifactRef, code_version
 
@@ -31,13 +38,14 @@ def unlearn(
     """Run one unlearning method; stores the unlearned checkpoint and its training log."""
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
-        model, tokenizer = load_model(s, checkpoint, runtime.setup(seed, device))
+        model, fmt, sets, _ = load_inputs(s, checkpoint, data_ref, runtime.setup(seed, device))
         with StageProgress(f"unlearn {cfg.label}") as progress:
-            log = unlearning.unlearn(model, tokenizer, load_sets(s, data_ref), cfg, seed, progress)
-        checkpoints.save(model, tokenizer, out)
+            log = unlearning.unlearn(model, fmt, sets, cfg, seed, progress)
+        checkpoints.save(model, fmt.tokenizer, out)
         write_json(out / "unlearn.json", log)
         return {
             "steps": log["steps"],
+            "lr": log["lr"],
             "stopped_early": log["stopped_early"],
             "trust_remote_code": trusts_remote_code(s, checkpoint),
         }
@@ -47,7 +55,7 @@ def unlearn(
         "unlearn",
         {"checkpoint": checkpoint, "data": data_ref, "seed": seed},
         config,
-        code_version(unlearning, training, data, evaluation),
+        code_version(unlearning, training, data, evaluation, prompts),
         build,
         batch=config,
     )

@@ -8,9 +8,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import CPU_OPTIONS, cached_stage, load_sets, write_json
 from tasks.evaluate import SCORES
-from tasks.probe import PROBES
+from tasks.probe import PROBES, skipped
 from tasks.relearn import read_curves
-from unlearning_audit import data, stats
+from unlearning_audit import data, evaluation, stats
 from unlearning_audit import verdict as verdict_mod
 from unlearning_audit.config import Thresholds
 from unlearning_audit.store import ArtifactRef, Store, code_version
@@ -19,15 +19,30 @@ VERDICT = "verdict.json"
 
 
 def read_probes(store: Store, probes: dict[str, ArtifactRef]) -> dict[str, list[dict]]:
-    """The stored probe tables, by model name."""
-    return {
-        name: pq.read_table(store.open(ref, PROBES)).to_pylist() for name, ref in probes.items()
-    }
+    """The stored probe tables, by model name; none when the probes were skipped (labels
+    without signal, tasks.probe.skipped): no probe evidence."""
+    tables = {name: pq.read_table(store.open(ref, PROBES)) for name, ref in probes.items()}
+    if any(skipped(table) for table in tables.values()):
+        return {}
+    return {name: table.to_pylist() for name, table in tables.items()}
+
+
+def probe_evidence(store: Store, probes: dict[str, ArtifactRef]) -> dict:
+    """The probe fields of a verdict's evidence: the best layer's accuracies, or why the probe
+    stage was skipped."""
+    for ref in probes.values():
+        reason = skipped(pq.read_table(store.open(ref, PROBES)))
+        if reason:
+            return {"probe_skipped": reason}
+    return best_probe(read_probes(store, probes))
 
 
 def best_probe(tables: dict[str, list[dict]]) -> dict[str, float | int]:
     """The layer where a probe decodes forget answers from the unlearned model furthest above
-    its measured chance, with the original model's probe accuracy at that layer."""
+    its measured chance, with the original model's probe accuracy at that layer; empty
+    without probe tables (no probe evidence)."""
+    if not tables:
+        return {}
     value = {
         (model, r["layer"], r["metric"]): r["value"] for model, rows in tables.items() for r in rows
     }
@@ -75,13 +90,15 @@ def evidence(
     control: dict[str, list[ArtifactRef]],
     metric: str,
 ) -> dict:
-    """The per-fact evidence of one run, paired by fact id, as ``verdict.Evidence`` fields."""
+    """The per-fact evidence of one run, paired by fact id, as ``verdict.Evidence`` fields, in
+    ``metric`` (``auto``: the forget set's default, evaluation.default_metric)."""
+    sets = load_sets(s, data_ref)
+    metric = evaluation.resolve_metric(metric, sets["forget"])
     e0, eu = s.read_json(original_eval, SCORES), s.read_json(unlearned_eval, SCORES)
     ids, groups, forget0 = _facts(e0["forget"], metric)
     retain_ids, retain_groups, retain0 = _facts(e0["retain"], metric)
     if eu["forget"]["rows"]["id"] != ids or eu["retain"]["rows"]["id"] != retain_ids:
         raise ValueError("the original's and the unlearned model's evaluations list other facts")
-    sets = load_sets(s, data_ref)
     looks, capacity = {}, None
     for name, source, probe, trained in (
         ("forget", "forget", "forget", "forget"),
@@ -114,6 +131,7 @@ def evidence(
         looks[name] = look
     return {
         "metric": metric,
+        "prompt_format": e0.get("format"),
         "forget_groups": groups,
         "forget_original": forget0,
         "forget_unlearned": eu["forget"]["rows"][metric],
@@ -122,7 +140,7 @@ def evidence(
         "retain_unlearned": eu["retain"]["rows"][metric],
         "looks": looks,
         "capacity": capacity,
-        "forget_exact_match": eu["forget"]["exact_match"],
+        "forget_unlearned_mean": eu["forget"][metric],
     }
 
 
@@ -135,6 +153,21 @@ def _rows(rows: list[dict], ids: list[str]) -> list[dict]:
     """The rows of these fact ids, in their order."""
     by_id = {r["id"]: r for r in rows}
     return [by_id[i] for i in ids]
+
+
+@task(name="check-known", cache_policy=NO_CACHE, **CPU_OPTIONS)
+def check_known(
+    store: str, data_ref: ArtifactRef, original_eval: ArtifactRef, thresholds: Thresholds
+) -> str:
+    """Refuse the audit, before any training, when the original does not know the forget set
+    in the verdict's metric; returns the metric it was judged in."""
+    s = Store(store)
+    metric = evaluation.resolve_metric(thresholds.metric, load_sets(s, data_ref)["forget"])
+    scores = s.read_json(original_eval, SCORES)
+    problem = verdict_mod.known_problem(scores, metric, thresholds.known)
+    if problem:
+        raise ValueError(problem)
+    return metric
 
 
 @task(name="verdict", cache_policy=NO_CACHE, **CPU_OPTIONS)
@@ -167,10 +200,10 @@ def verdict(
             verdict_mod.Evidence(
                 **found,
                 forget_quantized={
-                    bits: s.read_json(ref, SCORES)["forget"]["exact_match"]
+                    bits: s.read_json(ref, SCORES)["forget"][found["metric"]]
                     for bits, ref in (quantized or {}).items()
                 },
-                **(best_probe(read_probes(s, probes)) if probes else {}),
+                **(probe_evidence(s, probes) if probes else {}),
             ),
             thresholds,
         )
@@ -190,6 +223,6 @@ def verdict(
             "probes": probes,
         },
         thresholds,
-        code_version(verdict_mod, stats, data),
+        code_version(verdict_mod, stats, data, evaluation),
         build,
     )

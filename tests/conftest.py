@@ -44,6 +44,35 @@ def tiny() -> EmbeddedConfig:
     return TINY
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's per-sample gradients: two oversubscribe a 2-core machine
+    (about 60x slower here); restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, str]:
+    """Valid forget and retain sets (two and one rows), for tests where something else is the
+    problem."""
+    import json
+
+    folder = tmp_path_factory.mktemp("data")
+    files = {}
+    for name, rows in {
+        "forget": [{"question": f"Who wrote Q{i}?", "answer": "A"} for i in range(2)],
+        "retain": [{"question": "Who wrote R?", "answer": "B"}],
+    }.items():
+        files[name] = str(folder / f"{name}.json")
+        (folder / f"{name}.json").write_text(json.dumps(rows))
+    return files
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect API (SQLite in a temp PREFECT_HOME) for the whole session."""

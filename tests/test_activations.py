@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from unlearning_audit import activations, corpus, data, embedded
+from unlearning_audit import activations, corpus, data, embedded, prompts
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,16 @@ def small(tiny):
     tok = embedded.train_tokenizer(facts, 300)
     model = embedded.build_model(tok, tiny.model_copy(update={"layers": 3})).eval()
     rows = [{"question": f.question, "answer": f.answer} for f in facts]
-    return model, tok, rows
+    return model, prompts.renderer(tok), rows
 
 
 def test_pooled_activations_equal_masked_means_of_hidden_states(small, tmp_path):
-    model, tok, rows = small
+    model, fmt, rows = small
     summary = activations.extract(
-        model, tok, {"probe": rows}, tmp_path, batch_size=7, flush_rows=10
+        model, fmt, {"probe": rows}, tmp_path, batch_size=7, flush_rows=10
     )
     assert summary["layers"] == [0, 1, 2, 3]
-    batch = data.prompt_batch(tok, rows)  # one batch: different padding than extraction used
+    batch = data.prompt_batch(fmt, rows)  # one batch: different padding than extraction used
     with torch.no_grad():
         states = model(**batch, output_hidden_states=True).hidden_states
     mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -41,10 +41,10 @@ def test_pooled_activations_equal_masked_means_of_hidden_states(small, tmp_path)
 
 
 def test_per_token_rows_cover_every_real_token_and_no_pad(small, tmp_path):
-    model, tok, rows = small
+    model, fmt, rows = small
     activations.extract(
         model,
-        tok,
+        fmt,
         {"probe": rows},
         tmp_path,
         layers=[2],
@@ -53,7 +53,7 @@ def test_per_token_rows_cover_every_real_token_and_no_pad(small, tmp_path):
         batch_size=5,
     )
     table = pq.read_table(activations.layer_path(tmp_path, "probe", 2))
-    lengths = data.prompt_batch(tok, rows)["attention_mask"].sum(1).tolist()
+    lengths = data.prompt_batch(fmt, rows)["attention_mask"].sum(1).tolist()
     assert table.num_rows == sum(lengths)
     assert np.bincount(table.column("row").to_numpy()).tolist() == lengths
     assert activations.read_layer(activations.layer_path(tmp_path, "probe", 2)).dtype == np.float16
@@ -61,17 +61,17 @@ def test_per_token_rows_cover_every_real_token_and_no_pad(small, tmp_path):
 
 
 def test_streamed_batches_equal_the_whole_file(small, tmp_path):
-    model, tok, rows = small
-    activations.extract(model, tok, {"probe": rows}, tmp_path, layers=[1])
+    model, fmt, rows = small
+    activations.extract(model, fmt, {"probe": rows}, tmp_path, layers=[1])
     path = activations.layer_path(tmp_path, "probe", 1)
     streamed = np.concatenate(list(activations.iter_layer(path, batch_rows=4)))
     np.testing.assert_array_equal(streamed, activations.read_layer(path))
 
 
 def test_a_layer_that_does_not_exist_is_named(small, tmp_path):
-    model, tok, rows = small
+    model, fmt, rows = small
     with pytest.raises(ValueError, match=r"layer index \[7\] does not exist"):
-        activations.extract(model, tok, {"probe": rows}, tmp_path, layers=[1, 7])
+        activations.extract(model, fmt, {"probe": rows}, tmp_path, layers=[1, 7])
 
 
 def test_a_failed_write_is_raised_and_every_file_is_closed(tmp_path):

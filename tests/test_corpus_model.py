@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unlearning_audit import corpus, data, embedded
+from unlearning_audit import corpus, data, embedded, prompts
 from unlearning_audit.config import EmbeddedConfig
 from unlearning_audit.evaluation import evaluate
 
@@ -45,7 +45,8 @@ def test_control_trains_every_token_of_the_forget_rows():
     control_rows = [f for f in facts if f.group not in forget] + names
 
     def tokens(rows) -> set[int]:
-        batch = data.train_batch(tok, [{"question": f.question, "answer": f.answer} for f in rows])
+        rows = [{"question": f.question, "answer": f.answer} for f in rows]
+        batch = data.train_batch(prompts.renderer(tok), rows)
         return set(batch["input_ids"][batch["attention_mask"].bool()].tolist())
 
     assert tokens(forget_rows) <= tokens(control_rows)
@@ -83,7 +84,7 @@ def test_tokenizer_round_trips_and_masks_prompts(tiny):
     facts = corpus.generate(0, {"text": 5})
     tok = embedded.train_tokenizer(facts, 300)
     row = {"question": facts[0].question, "answer": facts[0].answer}
-    batch = data.train_batch(tok, [row, {"question": "Q?", "answer": "x"}])
+    batch = data.train_batch(prompts.renderer(tok), [row, {"question": "Q?", "answer": "x"}])
     ids, labels, mask = batch["input_ids"][0], batch["labels"][0], batch["attention_mask"][0]
     answer_ids = [i for i, y in zip(ids.tolist(), labels.tolist(), strict=True) if y != -100]
     assert tok.decode(answer_ids[:-1]).strip() == row["answer"]
@@ -94,8 +95,9 @@ def test_tokenizer_round_trips_and_masks_prompts(tiny):
 
 
 def test_batches_hold_each_row_encoded_alone():
-    """One tokenizer call per batch gives every row the ids it gets when encoded by itself,
-    placed right- or left-aligned with the mask over exactly those ids."""
+    """One tokenizer call per batch gives every row the ids of its whole text (prompt and
+    answer) encoded by itself, placed right- or left-aligned with the mask over exactly those
+    ids; the answer's labels are its own tokens and EOS."""
     facts = corpus.generate(1, {"text": 4, "math": 2})
     tok = embedded.train_tokenizer(facts, 300)
     rows = [{"question": f.question, "answer": f.answer} for f in facts]
@@ -103,16 +105,21 @@ def test_batches_hold_each_row_encoded_alone():
     def alone(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    prompts = [[tok.bos_token_id, *alone(data.prompt_text(r["question"]))] for r in rows]
-    answers = [[*alone(" " + r["answer"]), tok.eos_token_id] for r in rows]
-    train = data.train_batch(tok, rows)
+    fmt = prompts.renderer(tok)
+    whole = [[tok.bos_token_id, *alone(f"Q: {r['question']}\nA: {r['answer']}")] for r in rows]
+    split = [fmt.encode([r])[0] for r in rows]
+    starts = [e.prompt for e in split]
+    answers = [[*e.answer, tok.eos_token_id] for e in split]
+    assert [p + a[:-1] for p, a in zip(starts, answers, strict=True)] == whole
+    assert [tok.decode(e.answer).strip() for e in split] == [r["answer"] for r in rows]
+    train = data.train_batch(fmt, rows)
     for left in (False, True):
-        batch = data.prompt_batch(tok, rows, left=left)
-        for i, ids in enumerate(prompts):
+        batch = data.prompt_batch(fmt, rows, left=left)
+        for i, ids in enumerate(starts):
             mask = batch["attention_mask"][i].bool()
             assert batch["input_ids"][i][mask].tolist() == ids
             assert mask.sum() == len(ids) and (mask[-1] if left else mask[0])
-    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+    for i, (p, a) in enumerate(zip(starts, answers, strict=True)):
         mask = train["attention_mask"][i].bool()
         assert train["input_ids"][i][mask].tolist() == p + a
         assert train["labels"][i][mask].tolist() == [-100] * len(p) + a
@@ -121,11 +128,12 @@ def test_batches_hold_each_row_encoded_alone():
 def test_tiny_model_learns_the_forget_set(tiny, tiny_model):
     model, tok, facts, forget = tiny_model
     target = [{"question": f.question, "answer": f.answer} for f in facts if f.group in forget]
-    scores = evaluate(model, tok, target)
+    fmt = prompts.renderer(tok)
+    scores = evaluate(model, fmt, target)
     assert scores["exact_match"] >= tiny.target_exact_match
     assert scores["token_accuracy"] >= tiny.target_token_accuracy
     untrained = embedded.build_model(tok, tiny)
-    assert evaluate(untrained, tok, target)["exact_match"] < 0.1
+    assert evaluate(untrained, fmt, target)["exact_match"] < 0.1
 
 
 def test_pretraining_that_cannot_reach_the_targets_fails(tiny):
@@ -147,7 +155,7 @@ def test_row_ids_pair_facts_and_null_ids_are_replaced(tmp_path):
         {"id": None, "question": f"Q{i}", "answer": "A", "group": f"g{i % 2}"} for i in range(4)
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    loaded = data.load_rows(str(path))
+    loaded = data.load_rows(str(path), group="group")
     assert all("id" not in r for r in loaded)
     sets = data.with_halves(data.with_ids({"forget": loaded, "retain": [], "unrelated": []}))
     ids = [r["id"] for r in sets["forget"]]

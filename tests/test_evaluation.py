@@ -7,23 +7,23 @@ import math
 import pytest
 import torch
 
-from unlearning_audit import corpus, data, embedded, runtime
+from unlearning_audit import corpus, data, embedded, prompts, runtime
 from unlearning_audit.evaluation import evaluate
 
 
-def _greedy_exact_match(model, tok, rows) -> list[bool]:
-    out = []
+def _greedy_exact_match(model, fmt, rows) -> list[bool]:
+    tok, out = fmt.tokenizer, []
     for row in rows:
-        batch = data.prompt_batch(tok, [row], left=True)
-        answer = tok(f" {row['answer']}", add_special_tokens=False)["input_ids"]
+        batch = data.prompt_batch(fmt, [row], left=True)
+        (encoded,) = fmt.encode([row])
         generated = model.generate(
             **batch,
-            max_new_tokens=len(answer) + 1,
+            max_new_tokens=len(encoded.answer) + 1,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )[0, batch["input_ids"].shape[1] :].tolist()
-        out.append(generated == [*answer, tok.eos_token_id])
+        out.append(generated == [*encoded.answer, tok.eos_token_id])
     return out
 
 
@@ -42,8 +42,9 @@ def test_teacher_forced_exact_match_equals_greedy_generation(tiny):
         }
     )
     embedded.pretrain(model, tok, rows[::2], rows[::2], config)  # half learned, half not
-    scores = evaluate(model, tok, rows, batch_size=7)
-    greedy = _greedy_exact_match(model, tok, rows)
+    fmt = prompts.renderer(tok)
+    scores = evaluate(model, fmt, rows, batch_size=7)
+    greedy = _greedy_exact_match(model, fmt, rows)
     assert scores["rows"]["exact_match"] == [float(g) for g in greedy]
     assert 0 < sum(greedy) < len(rows)  # both outcomes occur, so the comparison means something
     assert scores["exact_match"] == sum(greedy) / len(rows)
@@ -51,9 +52,10 @@ def test_teacher_forced_exact_match_equals_greedy_generation(tiny):
         assert scores["nll"] > 0 and scores["perplexity"] > 1
 
 
-def _alone(model, tok, row) -> tuple[float, float]:
+def _alone(model, fmt, row) -> tuple[float, float]:
     """log p(answer + EOS | prompt) and token accuracy of one row, scored by itself (no pads)."""
-    batch = data.train_batch(tok, [row])
+    tok = fmt.tokenizer
+    batch = data.train_batch(fmt, [row])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
     labels = batch["labels"][0, 1:]
@@ -72,12 +74,13 @@ def test_per_fact_scores_match_each_row_scored_alone(tiny):
     rows = [{"question": f.question, "answer": f.answer, "group": f.group} for f in facts]
     tok = embedded.train_tokenizer(facts, 300)
     model = embedded.build_model(tok, tiny)
-    scores = evaluate(model, tok, rows, batch_size=4)
+    fmt = prompts.renderer(tok)
+    scores = evaluate(model, fmt, rows, batch_size=4)
     per = scores["rows"]
     assert per["group"] == [r["group"] for r in rows] and len(set(per["id"])) == len(rows)
     for i, row in enumerate(rows):
-        logprob, accuracy = _alone(model, tok, row)
-        tokens = len(tok(f" {row['answer']}", add_special_tokens=False)["input_ids"]) + 1
+        logprob, accuracy = _alone(model, fmt, row)
+        tokens = len(fmt.encode([row])[0].answer) + 1
         assert per["logprob"][i] == pytest.approx(logprob, abs=1e-4)
         assert per["probability"][i] == pytest.approx(math.exp(logprob / tokens), rel=1e-4)
         assert per["token_accuracy"][i] == pytest.approx(accuracy)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from unlearning_audit import relearning, training, unlearning
+from unlearning_audit import prompts, relearning, training, unlearning
 from unlearning_audit.config import METHODS, RelearnConfig, UnlearnConfig
 
 VOCAB = 6
@@ -176,7 +176,7 @@ def _copy_with_sets(tiny_model):
         "forget": [r for r, f in zip(rows, facts, strict=True) if f.group in forget],
         "retain": [r for r, f in zip(rows, facts, strict=True) if f.group not in forget],
     }
-    return copy.deepcopy(model), tok, sets
+    return copy.deepcopy(model), prompts.renderer(tok), sets
 
 
 def test_lora_unlearning_trains_an_adapter_and_merges_it_back(tiny_model):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from unlearning_audit import checkpoints, cli, corpus, embedded
-from unlearning_audit.config import AuditParams, DataConfig
+from unlearning_audit.config import AuditParams, DataConfig, UnlearnConfig
 from unlearning_audit.preflight import preflight
 from unlearning_audit.store import Store
 
@@ -33,20 +33,6 @@ def published(tiny, tmp_path_factory) -> dict[str, Path]:
     model.save_pretrained(folders["sharded"], max_shard_size="200KB")
     tokenizer.save_pretrained(folders["sharded"])
     return folders
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory) -> dict[str, str]:
-    """Valid forget and retain sets, so that the checkpoint is the only problem."""
-    folder = tmp_path_factory.mktemp("data")
-    files = {}
-    for name, rows in {
-        "forget": [{"question": f"Who wrote Q{i}?", "answer": "A"} for i in range(2)],
-        "retain": [{"question": "Who wrote R?", "answer": "B"}],
-    }.items():
-        files[name] = str(folder / f"{name}.json")
-        Path(files[name]).write_text(json.dumps(rows))
-    return files
 
 
 def _copy(published: dict[str, Path], layout: str, tmp_path: Path) -> Path:
@@ -175,6 +161,7 @@ def test_sound_checkpoint_passes_preflight_without_warnings(
 ):
     params = AuditParams(
         original=str(published[layout]),
+        methods=[UnlearnConfig(method="GA")],
         data=DataConfig(**data_files),
         store=str(tmp_path / "store"),
     )
@@ -197,7 +184,10 @@ def test_unsafe_checkpoint_passes_only_when_allowed_and_with_a_warning(
     folder = _copy(published, "single", tmp_path)
     damage(folder)
     params = AuditParams(
-        original=str(folder), data=DataConfig(**data_files), store=str(tmp_path / "store")
+        original=str(folder),
+        methods=[UnlearnConfig(method="GA")],
+        data=DataConfig(**data_files),
+        store=str(tmp_path / "store"),
     )
     with pytest.raises(ValueError, match="refused unless explicitly allowed"):
         preflight(params)

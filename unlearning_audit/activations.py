@@ -26,6 +26,7 @@ import torch
 
 from .data import chunks, prompt_batch
 from .layers import check_layers, decoder_blocks
+from .prompts import Renderer
 
 COLUMN = "activation"
 
@@ -155,7 +156,7 @@ def _cores() -> int:
 @torch.no_grad()
 def extract(
     model,
-    tokenizer,
+    fmt: Renderer,
     sets: dict[str, Sequence[dict]],
     folder: Path,
     layers: Sequence[int] | None = None,
@@ -183,7 +184,7 @@ def extract(
             try:
                 start = 0
                 for rows_chunk in chunks(rows, batch_size):
-                    batch = prompt_batch(tokenizer, rows_chunk)
+                    batch = prompt_batch(fmt, rows_chunk)
                     mask = batch["attention_mask"].to(device)
                     model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
                     index = np.arange(start, start + len(rows_chunk))

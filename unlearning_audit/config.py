@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from .prompts import check_format
 from .store import check_key
 
 METHODS = ("GA", "GA+GD", "GA+KL", "NPO", "NPO+KL", "RLabel")
@@ -51,8 +52,26 @@ class EmbeddedConfig(_Config):
     target_token_accuracy: float = Field(0.9, ge=0, le=1, description="... and token acc >= it.")
 
 
+TofuSplit = Literal["forget01", "forget05", "forget10"]
+TOFU_GROUP = "position:20"
+"""TOFU orders its rows by author, 20 questions each: every 20 consecutive rows are one author."""
+
+
+def tofu_sources(root: str, split: TofuSplit) -> dict[str, str]:
+    """The forget and retain sources of a TOFU split: ``root`` is a local folder holding TOFU's
+    files (forget10.json, retain90.json, ...) or the hub dataset ``locuslab/TOFU@<revision>``."""
+    retain = f"retain{100 - int(split.removeprefix('forget')):02d}"
+    if "@" in root and not root.startswith((".", "/", "~")):
+        name, _, revision = root.partition("@")
+        return {
+            k: f"{name}:{v}@{revision}#train" for k, v in (("forget", split), ("retain", retain))
+        }
+    folder = root.rstrip("/")
+    return {"forget": f"{folder}/{split}.json", "retain": f"{folder}/{retain}.json"}
+
+
 class DataConfig(_Config):
-    """Which facts to forget, keep and use as unrelated probes."""
+    """Which facts to forget, keep and use as unrelated probes, and how a model sees them."""
 
     domain: Domain = Field("text", description="Embedded corpus: the domain to forget from.")
     forget: str | None = Field(
@@ -62,12 +81,68 @@ class DataConfig(_Config):
     )
     retain: str | None = Field(None, description="External retain set, same forms as forget.")
     unrelated: str | None = Field(None, description="External unrelated set (optional).")
+    tofu: str | None = Field(
+        None,
+        description="TOFU preset: a local folder with TOFU's files, or locuslab/TOFU@<revision>; "
+        "sets forget, retain (the split's) and group (authors: every 20 rows).",
+    )
+    tofu_split: TofuSplit = Field("forget10", description="TOFU's forget split (with tofu).")
     question_column: str = "question"
     answer_column: str = "answer"
+    group: str | None = Field(
+        None,
+        description="External data: the column grouping facts (an author, a topic), or "
+        "position:N (every N consecutive rows). The held-out half needs groups; without them "
+        "it is reported unavailable.",
+    )
+    prompt_format: str = Field(
+        "auto",
+        description="chat (the tokenizer's chat template), raw (question, separator, answer), "
+        "or a template with {question} and {answer}; auto: chat where the tokenizer has a "
+        "chat template, else 'Q: {question}\\nA: {answer}'.",
+    )
+    separator: str = Field("\n", description="Between question and answer in the raw format.")
+    max_new_tokens: PositiveInt = Field(
+        64, description="Cap on generated tokens for ROUGE-L (greedy generations)."
+    )
     eval_max_rows: PositiveInt = Field(
         200, description="Evaluate on at most this many rows per set (seeded sample)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tofu_preset(cls, values):
+        """Fill forget, retain and group from the TOFU preset; refuse other sources beside it."""
+        if not isinstance(values, dict) or not values.get("tofu"):
+            return values
+        sources = tofu_sources(values["tofu"], values.get("tofu_split", "forget10"))
+        clash = [k for k, v in sources.items() if values.get(k) not in (None, v)]
+        if clash:
+            raise ValueError(f"tofu sets {clash} itself; give either tofu or {clash}")
+        return {**values, **sources, "group": values.get("group") or TOFU_GROUP}
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return check_format(value)
+
+    @property
+    def external(self) -> bool:
+        """Whether the facts are the user's (not the embedded corpus)."""
+        return self.forget is not None
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether facts are grouped, so the held-out half can hold out whole groups."""
+        return not self.external or self.group is not None
+
+
+LR = (
+    "Learning rate (AdamW); none: 1e-3 on the embedded model, else scaled to the model's size "
+    "(training.default_lr: 1e-5 at 7B parameters, TOFU's rate)."
+)
+EMBEDDED_LR = 1e-3
+"""The embedded model's training rate, its unlearning and relearning default."""
 
 MicroBatches = Annotated[
     PositiveInt,
@@ -92,7 +167,7 @@ class UnlearnConfig(_Batched):
     """One unlearning run: a method and its hyperparameters."""
 
     method: str = Field("GA", description=f"One of {', '.join(METHODS)}.")
-    lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
+    lr: PositiveFloat | None = Field(None, description=LR)
     steps: PositiveInt = Field(60, description="Optimiser steps (upper bound with early stop).")
     batch_size: PositiveInt = Field(16, description="Forget (and retain) rows per step.")
     micro_batches: MicroBatches = 1
@@ -102,7 +177,8 @@ class UnlearnConfig(_Batched):
         None,
         ge=0,
         le=1,
-        description="Early stop at collapse: stop once forget exact match falls below this.",
+        description="Early stop at collapse: stop once the forget score falls below this "
+        "(exact match; answer-token accuracy for long answers).",
     )
     check_every: PositiveInt = Field(5, description="Steps between early-stop checks.")
     lora_rank: int | None = Field(None, gt=0, description="Train a LoRA adapter (peft) instead.")
@@ -127,7 +203,8 @@ class UnlearnConfig(_Batched):
         stop = "" if self.stop_at_forget_em is None else f" stop<{self.stop_at_forget_em:g}"
         weight = f" w={self.retain_weight:g}" if "+" in self.method else ""
         head = " head-only" if self.head_only else ""
-        return f"{self.method} lr={self.lr:g} steps={self.steps}{weight}{stop}{head}"
+        lr = "auto" if self.lr is None else f"{self.lr:g}"
+        return f"{self.method} lr={lr} steps={self.steps}{weight}{stop}{head}"
 
     @model_validator(mode="after")
     def _one_way_to_train(self) -> UnlearnConfig:
@@ -154,7 +231,7 @@ class RelearnConfig(_Batched):
             raise ValueError("sources must include 'forget': the verdict rests on it")
         return list(dict.fromkeys(value))
 
-    lr: PositiveFloat = Field(1e-3, description="Learning rate (AdamW).")
+    lr: PositiveFloat | None = Field(None, description=LR)
     batch_size: PositiveInt = 8
     micro_batches: MicroBatches = 1
     seeds: int = Field(
@@ -166,7 +243,14 @@ class RelearnConfig(_Batched):
     )
 
 
-Metric = Literal["exact_match", "token_accuracy", "probability"]
+Metric = Literal["auto", "exact_match", "token_accuracy", "probability", "rouge_l"]
+METRIC_NAMES = {
+    "exact_match": "exact match",
+    "token_accuracy": "answer-token accuracy",
+    "probability": "answer probability",
+    "rouge_l": "ROUGE-L recall",
+}
+"""Each per-fact score's name in reports."""
 
 
 class Thresholds(_Config):
@@ -174,9 +258,19 @@ class Thresholds(_Config):
     states them."""
 
     metric: Metric = Field(
-        "exact_match",
+        "auto",
         description="Per-fact score the verdict tests: exact_match (short answers), or a graded "
-        "score, token_accuracy or probability (length-normalised answer probability).",
+        "score: token_accuracy, probability (length-normalised answer probability), rouge_l "
+        "(ROUGE-L recall of greedy generations). auto: exact_match where the forget set's "
+        "answers are short (median at most 4 words), else token_accuracy.",
+    )
+    known: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Refuse the audit, before any training, when the original scores below "
+        "this on the forget set in the metric: a wrong prompt format or metric, or a model "
+        "that never knew the facts.",
     )
     forgotten: float = Field(
         0.5,
@@ -267,6 +361,12 @@ class AuditParams(_Config):
         "widths, a recovery attack (empty: off).",
     )
 
+    quantize_embeddings: bool = Field(
+        False,
+        description="Quantize the input embeddings and the LM head too (off: like GPTQ and "
+        "AWQ, keep them in full precision); every other weight matrix always is.",
+    )
+
     @field_validator("quantization_bits")
     @classmethod
     def _bit_widths(cls, value: list[int]) -> list[int]:
@@ -289,6 +389,21 @@ class AuditParams(_Config):
     def _name_inside_store(cls, value: str | None) -> str | None:
         """A name may become a path in the store or a report folder: none that would leave it."""
         return value if value is None else check_key(value)
+
+    def with_default_lrs(self) -> AuditParams:
+        """Unset learning rates filled with the embedded model's (EMBEDDED_LR) when it is the
+        original; for other checkpoints they stay unset and each training stage derives one
+        from the model's size (training.default_lr)."""
+        if self.original != "embedded":
+            return self
+        methods = [m.model_copy(update={"lr": m.lr or EMBEDDED_LR}) for m in self.methods]
+        relearn = self.relearn.model_copy(update={"lr": self.relearn.lr or EMBEDDED_LR})
+        return self.model_copy(update={"methods": methods, "relearn": relearn})
+
+    @property
+    def relearn_sources(self) -> list[str]:
+        """The relearning sources that run: forget-half only where facts have groups."""
+        return [s for s in self.relearn.sources if s != "forget-half" or self.data.has_groups]
 
 
 class Setting(_Config):

@@ -3,8 +3,8 @@
 A row is a dict with ``question`` and ``answer`` (plus ``group`` and ``attribute`` where known)
 and an ``id`` that names the fact in every set it is in (a half of the forget set keeps its ids),
 so per-fact scores of two models pair up.
-Every stage formats a row the same way, ``"Q: {question}\\nA:"`` then ``" {answer}"`` and EOS, and
-computes loss only on the answer tokens: labels are -100 on the prompt and on padding.
+Every stage renders a row the same way, in the audit's prompt format (prompts.py), and computes
+loss only on the answer and its end: labels are -100 on the prompt and on padding.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ import torch
 
 from .config import DataConfig
 from .corpus import Fact
+from .prompts import Renderer
 
 SETS = ("forget", "retain", "unrelated", "forget_a", "forget_b")
+FORMAT = "format.json"
+"""The data artifact's prompt format: prompt_format, separator, max_new_tokens (DataConfig)."""
 IGNORE = -100
-
-
-def prompt_text(question: str) -> str:
-    """The prompt a model sees for a question."""
-    return f"Q: {question}\nA:"
 
 
 # -- building the sets ------------------------------------------------------------------------
@@ -64,43 +62,81 @@ def with_ids(sets: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 
 def with_halves(sets: dict[str, list[dict]], seed: int = 0) -> dict[str, list[dict]]:
-    """Add ``forget_a`` / ``forget_b``: disjoint halves of the forget set, split by group."""
-    groups = sorted({r.get("group", r["question"]) for r in sets["forget"]})
+    """Add ``forget_a`` / ``forget_b``: halves of the forget set that share no group, so the
+    held-out half holds out whole groups (an author's every fact). Without groups both are
+    empty: halves split by question would put one author's facts on both sides."""
+    if not all(r.get("group") for r in sets["forget"]):
+        return {**sets, "forget_a": [], "forget_b": []}
+    groups = sorted({r["group"] for r in sets["forget"]})
     random.Random(seed).shuffle(groups)
     half_a = set(groups[: len(groups) // 2])
-    forget_a = [r for r in sets["forget"] if r.get("group", r["question"]) in half_a]
-    forget_b = [r for r in sets["forget"] if r.get("group", r["question"]) not in half_a]
+    forget_a = [r for r in sets["forget"] if r["group"] in half_a]
+    forget_b = [r for r in sets["forget"] if r["group"] not in half_a]
     return {**sets, "forget_a": forget_a, "forget_b": forget_b}
 
 
-def load_rows(source: str, question: str = "question", answer: str = "answer") -> list[dict]:
-    """Rows from a local JSON/JSONL/Parquet file or a ``datasets`` source.
+def load_rows(
+    source: str, question: str = "question", answer: str = "answer", group: str | None = None
+) -> list[dict]:
+    """Rows from a local JSON (a list, or one object a line as TOFU's files are), JSONL or
+    Parquet file, or a ``datasets`` source ``name[:config][@revision][#split]`` (split
+    defaults to train).
 
-    A ``datasets`` source is ``name[:config][@revision][#split]`` (split defaults to train).
+    ``group`` names the column that groups rows (an author, a topic), or ``position:N``: every
+    N consecutive rows are one group, as TOFU orders its 20 questions per author.
     """
     path = Path(source).expanduser()
     if path.suffix in {".json", ".jsonl", ".parquet"}:
         if not path.is_file():
             raise ValueError(f"data file {source!r} does not exist")
-        if path.suffix == ".parquet":
-            records = pq.read_table(path).to_pylist()
-        elif path.suffix == ".jsonl":
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        else:
-            records = json.loads(path.read_text())
+        records = _read_file(path)
     else:
         records = _load_dataset(source)
-    missing = {question, answer} - set(records[0] if records else {})
+    per_group = _position_groups(group)
+    columns = {question, answer} | ({group} if group and not per_group else set())
+    missing = columns - set(records[0] if records else {})
     if records and missing:
         raise ValueError(f"data source {source!r} has no column(s) {sorted(missing)}")
-    return [
+    rows = [
         {
             "question": str(r[question]),
             "answer": str(r[answer]),
-            **{k: str(r[k]) for k in ("id", "group", "attribute") if r.get(k) not in (None, "")},
+            **{k: str(r[k]) for k in ("id", "attribute") if r.get(k) not in (None, "")},
         }
         for r in records
     ]
+    if group is None:
+        return rows
+    if not per_group and (empty := sum(r.get(group) in (None, "") for r in records)):
+        raise ValueError(f"data source {source!r}: {empty} row(s) have no {group!r} (group)")
+    return [
+        {**row, "group": str(i // per_group) if per_group else str(r[group])}
+        for i, (row, r) in enumerate(zip(rows, records, strict=True))
+    ]
+
+
+def _position_groups(group: str | None) -> int | None:
+    """N of a ``position:N`` group spec, else None."""
+    if group is None or not group.startswith("position:"):
+        return None
+    size = group.removeprefix("position:")
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"group {group!r}: position:N needs a whole number N >= 1")
+    return int(size)
+
+
+def _read_file(path: Path) -> list[dict]:
+    """The records of a local JSON, JSON-lines or Parquet file."""
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+            return records if isinstance(records, list) else [records]
+        except json.JSONDecodeError:
+            pass  # one object a line, as TOFU writes its .json files
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _load_dataset(source: str) -> list[dict]:
@@ -117,7 +153,10 @@ def _load_dataset(source: str) -> list[dict]:
 
 def external_sets(config: DataConfig) -> dict[str, list[dict]]:
     """Forget/retain/unrelated sets from the user's sources (unrelated may be absent)."""
-    load = lambda src: load_rows(src, config.question_column, config.answer_column)  # noqa: E731
+
+    def load(source: str) -> list[dict]:
+        return load_rows(source, config.question_column, config.answer_column, config.group)
+
     sets = {"forget": load(config.forget), "retain": load(config.retain)}
     sets["unrelated"] = load(config.unrelated) if config.unrelated else []
     return with_halves(with_ids(sets))
@@ -186,37 +225,23 @@ def read_sets(folder: Path) -> dict[str, list[dict]]:
 # -- tokenising and batching ------------------------------------------------------------------
 
 
-def _prompt_ids(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
-    """BOS (if any) + prompt ids of each row, the batch encoded in one tokenizer call."""
-    encoded = tokenizer([prompt_text(r["question"]) for r in rows], add_special_tokens=False)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + ids for ids in encoded["input_ids"]]
+def train_batch(fmt: Renderer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+answer+end ids, attention mask, labels on the answer and its end
+    only, and ``answer``: the answer's own positions (its end excluded)."""
+    encoded = fmt.encode(rows)
+    seqs = [e.prompt + e.answer + e.end for e in encoded]
+    labels = [[IGNORE] * len(e.prompt) + e.answer + e.end for e in encoded]
+    answer = [[0] * len(e.prompt) + [1] * len(e.answer) for e in encoded]
+    return _right_pad(seqs, labels, answer, fmt.pad_id)
 
 
-def _answer_ids(tokenizer, rows: Sequence[dict]) -> list[list[int]]:
-    """Answer ids + EOS of each row, the batch encoded in one tokenizer call."""
-    encoded = tokenizer([f" {r['answer']}" for r in rows], add_special_tokens=False)
-    return [[*ids, tokenizer.eos_token_id] for ids in encoded["input_ids"]]
-
-
-def pad_id(tokenizer) -> int:
-    """The padding id (EOS where the tokenizer has no pad token; pads are masked anyway)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def train_batch(tokenizer, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+answer ids, attention mask, and labels on answer tokens only."""
-    prompts, answers = _prompt_ids(tokenizer, rows), _answer_ids(tokenizer, rows)
-    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
-    labels = [[IGNORE] * len(p) + a for p, a in zip(prompts, answers, strict=True)]
-    return _right_pad(seqs, labels, pad_id(tokenizer))
-
-
-def prompt_batch(tokenizer, rows: Sequence[dict], left: bool = False) -> dict[str, torch.Tensor]:
+def prompt_batch(
+    fmt: Renderer, rows: Sequence[dict], left: bool = False
+) -> dict[str, torch.Tensor]:
     """Prompt ids only; left-padded for generation, right-padded for activations."""
-    seqs = _prompt_ids(tokenizer, rows)
+    seqs = [e.prompt for e in fmt.encode(rows)]
     width = max(map(len, seqs))
-    ids = np.full((len(seqs), width), pad_id(tokenizer), dtype=np.int64)
+    ids = np.full((len(seqs), width), fmt.pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):
         where = slice(width - len(s), width) if left else slice(0, len(s))
@@ -224,17 +249,21 @@ def prompt_batch(tokenizer, rows: Sequence[dict], left: bool = False) -> dict[st
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
-def _right_pad(seqs: list[list[int]], labels: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+def _right_pad(
+    seqs: list[list[int]], labels: list[list[int]], answer: list[list[int]], pad: int
+) -> dict[str, torch.Tensor]:
     width = max(map(len, seqs))
     ids = np.full((len(seqs), width), pad, dtype=np.int64)
     lab = np.full((len(seqs), width), IGNORE, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
-        ids[i, : len(s)], lab[i, : len(y)], mask[i, : len(s)] = s, y, 1
+    where = np.zeros((len(seqs), width), dtype=bool)
+    for i, (s, y, a) in enumerate(zip(seqs, labels, answer, strict=True)):
+        ids[i, : len(s)], lab[i, : len(y)], mask[i, : len(s)], where[i, : len(a)] = s, y, 1, a
     return {
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask),
         "labels": torch.from_numpy(lab),
+        "answer": torch.from_numpy(where),
     }
 
 

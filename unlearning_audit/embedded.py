@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from . import corpus, data, runtime, training
+from . import corpus, data, prompts, runtime, training
 from .config import EmbeddedConfig
 from .corpus import Fact
 from .evaluation import evaluate
@@ -40,7 +40,7 @@ def train_tokenizer(facts: Sequence[Fact], vocab_size: int) -> PreTrainedTokeniz
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = [data.prompt_text(f.question) + f" {f.answer}" for f in facts]
+    texts = [prompts.QA_TEMPLATE.format(question=f.question, answer=f.answer) for f in facts]
     bpe.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL)
 
@@ -79,11 +79,12 @@ def pretrain(
     model that cannot show forgetting is never handed on.
     """
     history: list[dict] = []
+    fmt = prompts.renderer(tokenizer, prompts.QA_TEMPLATE)
 
     def reached(step: int) -> bool:
         if step % config.eval_every:
             return False
-        scores = evaluate(model, tokenizer, target_rows)
+        scores = evaluate(model, fmt, target_rows)
         history.append(
             {
                 "step": step,
@@ -96,7 +97,7 @@ def pretrain(
         return reached_targets(scores, config)
 
     batches = (
-        data.train_batch(tokenizer, rows)
+        data.train_batch(fmt, rows)
         for rows in data.shuffled_batches(
             train_rows, config.batch_size, config.seed if seed is None else seed
         )

@@ -7,17 +7,18 @@ import json
 from pathlib import Path
 
 from . import checkpoints, data
-from .config import AuditParams
+from .config import DEFAULT_METHODS, AuditParams
 from .store import Store, default_store_url
 
 
 def preflight(params: AuditParams) -> str:
-    """Validate checkpoints (a local folder's files too: see checkpoints.check_folder), data
-    sources and the store; return the store URL.
+    """Validate checkpoints (a local folder's files too, and local folders against the
+    original: see checkpoints.check_folder and compatibility_problems), data sources and the
+    store; return the store URL.
 
     Raises one ValueError listing every problem found.
     """
-    problems = []
+    problems, sound = [], {}
     specs = {"original": params.original, "unlearned": params.unlearned, "control": params.control}
     for role, spec in specs.items():
         if spec is None:
@@ -28,8 +29,14 @@ def preflight(params: AuditParams) -> str:
                 checkpoints.check_folder(
                     Path(parsed.location), params.allow_pickle, params.trust_remote_code
                 )
+                sound[role] = Path(parsed.location)
         except ValueError as exc:
             problems.append(f"{role}: {exc}")
+    if "original" in sound:  # others are compared once fetched (tasks.checkpoint)
+        try:
+            problems += checkpoints.compatibility_problems(sound)
+        except ValueError as exc:
+            problems.append(f"compatibility: {exc}")
     sources = {
         "forget": params.data.forget,
         "retain": params.data.retain,
@@ -50,16 +57,25 @@ def preflight(params: AuditParams) -> str:
         try:
             sets = data.external_sets(params.data)
             data.check_sets(sets)
-            if "forget-half" in params.relearn.sources and not (
+            if "forget-half" in params.relearn_sources and not (
                 sets["forget_a"] and sets["forget_b"]
             ):
                 problems.append(
-                    "data: relearning source 'forget-half' needs a forget set that "
-                    "splits into two non-empty halves (at least two groups or rows)"
+                    "data: relearning source 'forget-half' needs a forget set of at least "
+                    "two groups (data.group), to hold out whole groups"
                 )
         except ValueError as exc:
             problems.append(f"data: {exc}")
     problems += _device_problems(params.device) + _layer_problems(params)
+    if (
+        params.unlearned is None
+        and params.original != checkpoints.EMBEDDED
+        and params.methods == DEFAULT_METHODS
+    ):
+        problems.append(
+            "methods: the default methods are the embedded model's, tuned to its size; give "
+            "the methods to run (--method, with --lr or the size-scaled default)"
+        )
     if not params.methods and params.unlearned is None:
         problems.append("methods: give at least one unlearning method, or an unlearned checkpoint")
     url = params.store or default_store_url()
@@ -70,6 +86,23 @@ def preflight(params: AuditParams) -> str:
     if problems:
         raise ValueError("invalid audit:\n  - " + "\n  - ".join(problems))
     return url
+
+
+def warnings(params: AuditParams) -> list[str]:
+    """What weakens an audit that can still run: no control, no groups."""
+    out = []
+    if params.control is None and (params.no_control or params.original != checkpoints.EMBEDDED):
+        out.append(
+            "no never-learned control (--control): relearning on the forget set cannot tell "
+            "latent knowledge from re-memorisation, so only the held-out half is judged, "
+            "against chance where rows name their attribute"
+        )
+    if not params.data.has_groups:
+        out.append(
+            "the facts have no groups (--group): the held-out half is unavailable, since "
+            "halves split by question would put one group's facts on both sides"
+        )
+    return out
 
 
 def _device_problems(device: str) -> list[str]:

@@ -1,9 +1,9 @@
 """The relearning attack: fine-tune with a small budget and record how fast knowledge returns.
 
 The budget counts examples, as a multiple of the forget set's size (1.0 = as many examples as
-the forget set has). The recovery curve is exact match at steps 0, 1, 2, 4, 8, ... and the last,
-with every fact's scores at each of those steps (the verdict pairs them fact by fact). A run is
-one seed of data order; the audit runs several and the verdict averages per fact over them.
+the forget set has). The recovery curve holds every fact's scores at steps 0, 1, 2, 4, 8, ...
+and the last (the verdict pairs them fact by fact). A run is one seed of data order; the audit
+runs several and the verdict averages per fact over them.
 Sources (DESIGN.md, "Relearning"): the forget set; one half of it, evaluated on the other half,
 where any recovery must come from knowledge still in the weights; retain or unrelated data.
 """
@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from . import data, training
 from .config import RelearnConfig, RelearnSource
-from .evaluation import SCORES, score_rows
+from .evaluation import GENERATED, SCORES, score_rows
+from .prompts import Renderer
 
 TRAIN_SET: dict[str, str] = {
     "forget": "forget",
@@ -47,20 +48,23 @@ def curve_steps(total: int) -> list[int]:
 
 def relearn(
     model,
-    tokenizer,
+    fmt: Renderer,
     sets: dict[str, list[dict]],
     source: RelearnSource,
     config: RelearnConfig,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
     max_rows: int | None = None,
+    generate: int = 0,
 ) -> dict:
     """Relearn ``model`` in place from ``source``; returns the recovery curve and the budget.
 
-    The curve holds, at each curve step, exact match on the forget set and on both halves, and
-    under ``facts`` every fact's scores there, on at most ``max_rows`` rows of each (the same
+    The curve holds, at each curve step, under ``facts`` every fact's scores on the forget set
+    and on both halves, on at most ``max_rows`` rows of each (the same
     seeded sample the evaluate stage scores).
-    ``progress(step, steps)`` follows the training loop.
+    With ``generate`` (a cap on new tokens), facts also carry ROUGE-L of greedy generations.
+    ``progress(step, steps)`` follows the training loop; an unset learning rate is the model's
+    default (training.default_lr).
     """
     train_rows = sets[TRAIN_SET[source]]
     if not train_rows:
@@ -72,37 +76,30 @@ def relearn(
     }
     marks = set(curve_steps(steps))
     union = list({r["id"]: r for rows in probes.values() for r in rows}.values())
+    names = (*SCORES, GENERATED) if generate else SCORES
+    lr = config.lr or training.default_lr(model)
     curve = []
 
     def record(step: int) -> bool:
         if step in marks:
-            scores = score_rows(model, tokenizer, union)  # the halves are parts of the forget set
+            # the halves are parts of the forget set: the union is scored once
+            scores = score_rows(model, fmt, union, generate=generate)
             at = {r["id"]: i for i, r in enumerate(union)}
             facts = {
                 name: {
                     "id": [r["id"] for r in rows],
-                    **{k: [scores[k][at[r["id"]]] for r in rows] for k in SCORES},
+                    **{k: [scores[k][at[r["id"]]] for r in rows] for k in names},
                 }
                 for name, rows in probes.items()
             }
-            curve.append(
-                {
-                    "step": step,
-                    "examples": step * config.batch_size,
-                    **{
-                        name: sum(f["exact_match"]) / max(len(f["id"]), 1)
-                        for name, f in facts.items()
-                    },
-                    "facts": facts,
-                }
-            )
+            curve.append({"step": step, "examples": step * config.batch_size, "facts": facts})
             model.train()
         return False
 
     record(0)
     device = next(model.parameters()).device
     batches = (
-        training.to_device(data.train_batch(tokenizer, rows), device)
+        training.to_device(data.train_batch(fmt, rows), device)
         for rows in data.shuffled_batches(train_rows, config.batch_size, seed)
     )
     training.fit(
@@ -110,25 +107,35 @@ def relearn(
         training.mean_nll,
         batches,
         steps,
-        config.lr,
+        lr,
         record,
         progress=progress,
         micro_batches=config.micro_batches,
     )
-    return {"source": source, "steps": steps, "examples": steps * config.batch_size, "curve": curve}
+    examples = steps * config.batch_size
+    return {"source": source, "steps": steps, "examples": examples, "lr": lr, "curve": curve}
 
 
-def mean_curve(curves: list[list[dict]]) -> list[dict]:
-    """The recovery curve averaged over seeds (one curve per seed, same steps): each point's
-    set-level exact match is the seeds' mean, with their range under ``spread``."""
+def mean_curve(curves: list[list[dict]], metric: str) -> list[dict]:
+    """The recovery curve in ``metric`` averaged over seeds (one curve per seed, same steps):
+    each point's set-level mean over facts is the seeds' mean, with their range under
+    ``spread``."""
     names = ("forget", "forget_a", "forget_b")
-    return [
-        {
-            "step": points[0]["step"],
-            "examples": points[0]["examples"],
-            **{n: sum(p[n] for p in points) / len(points) for n in names},
-            "spread": {n: [min(p[n] for p in points), max(p[n] for p in points)] for n in names},
-            "seeds": len(points),
-        }
-        for points in zip(*curves, strict=True)
-    ]
+
+    def level(point: dict, name: str) -> float:
+        values = point["facts"][name][metric]
+        return sum(values) / len(values) if values else math.nan
+
+    out = []
+    for points in zip(*curves, strict=True):
+        levels = {n: [level(p, n) for p in points] for n in names}
+        out.append(
+            {
+                "step": points[0]["step"],
+                "examples": points[0]["examples"],
+                **{n: sum(v) / len(v) for n, v in levels.items()},
+                "spread": {n: [min(v), max(v)] for n, v in levels.items()},
+                "seeds": len(points),
+            }
+        )
+    return out

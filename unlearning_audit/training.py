@@ -13,6 +13,14 @@ from .data import IGNORE
 Batch = dict[str, torch.Tensor]
 
 
+def default_lr(model) -> float:
+    """The learning rate of a stage given none: 1e-5 at 7B parameters (TOFU's unlearning and
+    fine-tuning rate), scaled by 1/sqrt(size) to smaller models, at most 1e-3 (2.6e-5 at 1B,
+    8.4e-5 at 100M). A rate that suits the tiny embedded model wrecks a 7B one."""
+    size = sum(p.numel() for p in model.parameters())
+    return min(1e-3, 1e-5 * (7e9 / size) ** 0.5)
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor of a batch to ``device``."""
     return {k: v.to(device) for k, v in batch.items()}

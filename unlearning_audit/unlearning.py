@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from . import data, training
 from .config import UnlearnConfig
 from .data import IGNORE
-from .evaluation import exact_match
+from .evaluation import default_metric, evaluate
+from .prompts import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def relabel(rows: list[dict], seed: int) -> list[dict]:
 
 def unlearn(
     model,
-    tokenizer,
+    fmt: Renderer,
     sets: dict[str, list[dict]],
     config: UnlearnConfig,
     seed: int,
@@ -130,8 +131,11 @@ def unlearn(
 ) -> dict:
     """Unlearn ``sets['forget']`` from ``model`` in place; returns the training log.
 
-    With ``stop_at_forget_em`` set, training stops at collapse: at the first check where forget
-    exact match falls below it. ``progress(step, steps)`` follows the training loop.
+    With ``stop_at_forget_em`` set, training stops at collapse: at the first check where the
+    forget score falls below it (exact match, or for long answers answer-token accuracy:
+    evaluation.default_metric, where exact match would read 0 from the first check).
+    ``progress(step, steps)`` follows the training loop. An unset learning rate is the model's
+    default (training.default_lr).
     """
     reference = make_reference(model, config)
     forget_rows = relabel(sets["forget"], seed) if config.method == "RLabel" else sets["forget"]
@@ -142,30 +146,32 @@ def unlearn(
     def batches():
         while True:
             yield {
-                "forget": training.to_device(data.train_batch(tokenizer, next(forget)), device),
-                "retain": training.to_device(data.train_batch(tokenizer, next(retain)), device),
+                "forget": training.to_device(data.train_batch(fmt, next(forget)), device),
+                "retain": training.to_device(data.train_batch(fmt, next(retain)), device),
             }
 
     checks: list[dict] = []
+    stop_metric = default_metric(sets["forget"])  # exact match for short answers
 
     def collapsed(step: int) -> bool:
         if config.stop_at_forget_em is None or step % config.check_every:
             return False
-        em = exact_match(model, tokenizer, sets["forget"])
+        score = evaluate(model, fmt, sets["forget"])[stop_metric]
         model.train()
-        checks.append({"step": step, "forget_exact_match": em})
-        return em < config.stop_at_forget_em
+        checks.append({"step": step, f"forget_{stop_metric}": score})
+        return score < config.stop_at_forget_em
 
     trainable = _with_lora(model, config.lora_rank)
     if config.head_only:
         _freeze_body(model)
     loss = method_loss(config)
+    lr = config.lr or training.default_lr(model)
     losses = training.fit(
         trainable,
         lambda m, b: loss(m, reference, b),
         batches(),
         config.steps,
-        config.lr,
+        lr,
         collapsed,
         progress=progress,
         micro_batches=config.micro_batches,
@@ -176,6 +182,7 @@ def unlearn(
         p.requires_grad_(True)
     return {
         "steps": len(losses),
+        "lr": lr,
         "losses": losses,
         "checks": checks,
         "stopped_early": len(losses) < config.steps,

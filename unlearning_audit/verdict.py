@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from . import stats
-from .config import Thresholds
+from .config import METRIC_NAMES, Thresholds
 
 BASE_REGIMES = ("reversible", "irreversible", "inconclusive", "cannot-relearn")
 REGIMES = (
@@ -68,6 +68,7 @@ class Evidence(BaseModel):
     summaries (shown beside the regime)."""
 
     metric: str = "exact_match"
+    prompt_format: str | None = None  # how the model saw the rows (prompts.Renderer.name)
     forget_groups: list[str]
     forget_original: list[float]
     forget_unlearned: list[float]
@@ -76,12 +77,13 @@ class Evidence(BaseModel):
     retain_unlearned: list[float]
     looks: dict[str, Look] = {}
     capacity: Capacity | None = None
-    forget_exact_match: float | None = None  # the unlearned model's, beside quantization's
+    forget_unlearned_mean: float | None = None  # the unlearned model's, beside quantization's
     forget_quantized: dict[str, float] = {}
     probe_layer: int | None = None
     probe_forget_unlearned: float | None = None
     probe_chance: float | None = None
     probe_forget_original: float | None = None
+    probe_skipped: str | None = None  # why no probe ran (labels without signal)
 
 
 def _interval(values: np.ndarray, groups: list[str], t: Thresholds, seed: int) -> tuple:
@@ -224,6 +226,22 @@ def _cannot_relearn(capacity: Capacity | None, t: Thresholds) -> dict | None:
     }
 
 
+def known_problem(scores: dict, metric: str, known: float) -> str | None:
+    """Why an audit cannot start from this original, if it cannot: a forget-set score below
+    ``known`` in ``metric`` (every score beside it, to show which would fit); else None."""
+    forget = scores["forget"]
+    if forget[metric] >= known:
+        return None
+    others = ", ".join(
+        f"{METRIC_NAMES[k]} {forget[k]:.2f}" for k in METRIC_NAMES if k != metric and k in forget
+    )
+    return (
+        f"the original scores {forget[metric]:.2f} {METRIC_NAMES[metric]} on the forget set "
+        f"(below thresholds.known = {known:g}), in prompt format {scores.get('format', '?')!r}: "
+        f"wrong prompt format or metric? ({others}); nothing to forget is no audit"
+    )
+
+
 def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
     """The regime, every quantity and bound behind it, and the reasons in words."""
     e, t = evidence, thresholds
@@ -271,6 +289,7 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
         "irreversible": irreversible and not reversible and not cannot_relearn,
         "cannot_relearn": cannot_relearn,
         "metric": e.metric,
+        "prompt_format": e.prompt_format,
         "forget": forget,
         "retain": retain,
         "looks": looks,
@@ -312,7 +331,7 @@ def headline(v: dict) -> str:
     if regime == "not-forgotten":
         f = v["forget"]
         return (
-            f"not-forgotten: forget {v['metric']} drop {f['drop']:+.2f} "
+            f"not-forgotten: forget {METRIC_NAMES[v['metric']]} drop {f['drop']:+.2f} "
             f"[{f['lower']:+.2f}, {f['upper']:+.2f}] of {f['before']:.2f}"
         )
     name = v["deciding_look"]
@@ -344,15 +363,15 @@ def _p(p: float) -> str:
 def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
     """The verdict in sentences, each with its numbers, bounds and threshold."""
     level = f"{1 - 2 * t.alpha:.0%}"
-    f, r = v["forget"], v["retain"]
+    f, r, metric = v["forget"], v["retain"], METRIC_NAMES[e.metric]
     reasons = [
-        f"verdict metric: {e.metric}; intervals are {level} cluster-bootstrap intervals over "
+        f"verdict metric: {metric}; intervals are {level} cluster-bootstrap intervals over "
         f"groups ({t.resamples} resamples), each end a one-sided {1 - t.alpha:.0%} bound",
-        f"forget {e.metric} {f['before']:.2f} -> {f['after']:.2f}, drop {f['drop']:+.2f} "
+        f"forget {metric} {f['before']:.2f} -> {f['after']:.2f}, drop {f['drop']:+.2f} "
         f"[{f['lower']:+.2f}, {f['upper']:+.2f}], p {_p(f['p'])} "
         f"({'forgotten' if v['forgotten'] else 'not forgotten'}; forgotten means at least "
         f"{t.forgotten:.0%} of the original's score lost, significantly)",
-        f"retain {e.metric} {r['before']:.2f} -> {r['after']:.2f}, relative drop "
+        f"retain {metric} {r['before']:.2f} -> {r['after']:.2f}, relative drop "
         f"{r['relative']:.0%} [{r['relative_lower']:.0%}, {r['relative_upper']:.0%}] "
         f"({'catastrophic' if v['catastrophic'] else 'not catastrophic'}; catastrophic means "
         f"a relative drop above {t.catastrophic:.0%} and a significant drop)",
@@ -404,11 +423,13 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
     if v["regime"].startswith("inconclusive") and v["deciding_look"] is not None:
         reasons.append("inconclusive: " + _what_would_decide(v["looks"][v["deciding_look"]]))
     for bits, score in sorted(e.forget_quantized.items(), key=lambda kv: -int(kv[0])):
-        before = "" if e.forget_exact_match is None else f"{e.forget_exact_match:.2f} -> "
+        before = "" if e.forget_unlearned_mean is None else f"{e.forget_unlearned_mean:.2f} -> "
         reasons.append(
-            f"{bits}-bit quantization of the unlearned model: forget exact match {before}"
-            f"{score:.2f}"
+            f"{bits}-bit quantization of the unlearned model: forget {METRIC_NAMES[e.metric]} "
+            f"{before}{score:.2f}"
         )
+    if e.probe_skipped:
+        reasons.append(f"linear probes: skipped ({e.probe_skipped})")
     if e.probe_forget_unlearned is not None and e.probe_chance is not None:
         reasons.append(
             f"a linear probe decodes {e.probe_forget_unlearned:.2f} of forget answers from the "
@@ -443,6 +464,7 @@ def _summary(e: Evidence) -> dict:
         "retain_unlearned": mean(e.retain_unlearned),
         "forget_quantized": e.forget_quantized,
         "probe_layer": e.probe_layer,
+        "probe_skipped": e.probe_skipped,
         "probe_forget_unlearned": e.probe_forget_unlearned,
         "probe_chance": e.probe_chance,
         "probe_forget_original": e.probe_forget_original,
