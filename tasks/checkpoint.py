@@ -1,4 +1,5 @@
-"""Fetch stage: a checkpoint into the store, checked, with a record of exactly what was seen.
+"""Fetch stage: a checkpoint into the store, checked, with a record of exactly what was seen;
+then the fetched checkpoints checked against each other.
 
 The embedded default (and its never-learned control) is built here from the corpus. Any other
 checkpoint is keyed by its content identity (file hashes, ETags or the hub commit); its manifest
@@ -12,10 +13,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._stage import cached_stage, gpu_options, write_json
+from tasks._stage import CPU_OPTIONS, cached_stage, gpu_options, write_json
 from unlearning_audit import checkpoints, corpus, data, embedded, evaluation, runtime, training
 from unlearning_audit.config import EmbeddedConfig
-from unlearning_audit.store import code_version
+from unlearning_audit.store import ArtifactRef, Store, code_version
 
 GPU = gpu_options()
 
@@ -74,3 +75,19 @@ def fetch_checkpoint(
         code_version(checkpoints),
         build,
     )
+
+
+@task(name="check-compatible", cache_policy=NO_CACHE, **CPU_OPTIONS)
+def check_compatible(store: str, refs: dict[str, ArtifactRef | None]) -> None:
+    """Refuse the audit, before any model stage, when a fetched checkpoint cannot be compared
+    with the original (refs maps role to checkpoint; None: that role has none): one ValueError
+    naming every mismatch (see checkpoints.compatibility_problems). Preflight compares local
+    folders already; remote and hub checkpoints are only comparable once fetched. With the
+    original alone there is nothing to compare, and nothing is read."""
+    present = {role: ref for role, ref in refs.items() if ref is not None}
+    if len(present) < 2:
+        return
+    s = Store(store)
+    folders = {role: s.local_dir(ref) for role, ref in present.items()}
+    if problems := checkpoints.compatibility_problems(folders):
+        raise ValueError("incompatible checkpoints:\n  - " + "\n  - ".join(problems))

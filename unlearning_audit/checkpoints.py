@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from .store import file_sha256, filesystem
+from .store import digest, file_sha256, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,121 @@ def _shape_problems(folder: Path, tensors: Tensors) -> list[str]:
                 f"config.json describes parameters no *.safetensors file holds: {_some(missing)}"
             )
     return problems
+
+
+def describe(folder: Path) -> dict:
+    """What another checkpoint must share with this one for the audit to compare them, read
+    from its files without loading a model: the architecture (config.json's model_type and
+    architectures), each parameter's shape (safetensors headers; None for pickle weights), the
+    tokenizer vocabulary (its size and a hash of the token-to-id mapping; None where only a
+    sentencepiece model holds it) and a hash of the chat template (None: there is none)."""
+    settings, _ = _config(folder)
+    tensors, _ = _weights(folder, allow_pickle=False)
+    architecture = "+".join(settings.get("architectures") or []) or "unnamed"
+    return {
+        "architecture": f"{architecture} ({settings.get('model_type')})",
+        "parameters": {name: shape for name, (_, shape) in tensors.items()} or None,
+        "vocabulary": _vocabulary(folder),
+        "chat_template": _chat_template(folder),
+    }
+
+
+def _vocabulary(folder: Path) -> dict | None:
+    """The tokenizer's token-to-id mapping as its size and hash: tokenizer.json's model vocabulary
+    and added tokens, else vocab.json and added_tokens.json (a fast and a slow tokenizer of one
+    vocabulary agree); None without either."""
+    if (folder / "tokenizer.json").is_file():
+        spec = _json(folder / "tokenizer.json")
+        try:
+            vocab = spec["model"]["vocab"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{folder / 'tokenizer.json'} has no model vocabulary") from exc
+        if isinstance(vocab, list):  # Unigram: [piece, score] in id order
+            vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+        mapping = vocab | {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    elif (folder / "vocab.json").is_file():
+        added = folder / "added_tokens.json"
+        mapping = _json(folder / "vocab.json") | (_json(added) if added.is_file() else {})
+    else:
+        return None
+    return {"tokens": len(mapping), "sha256": digest(mapping)}
+
+
+def _chat_template(folder: Path) -> str | None:
+    """A hash of the chat template (chat_template.jinja, else tokenizer_config.json's), or None."""
+    if (folder / "chat_template.jinja").is_file():
+        return digest((folder / "chat_template.jinja").read_text())
+    config = folder / "tokenizer_config.json"
+    template = _json(config).get("chat_template") if config.is_file() else None
+    return None if template is None else digest(template)
+
+
+def _json(path: Path):
+    """A JSON file's content; a ValueError naming the file if it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def compatibility_problems(named: dict[str, Path]) -> list[str]:
+    """What keeps the audit from comparing each checkpoint with the original (``named`` maps
+    role to folder and holds "original"): one line per checkpoint naming every mismatch in
+    architecture, parameter names and shapes, tokenizer vocabulary and chat template.
+
+    Metrics compare the original and unlearned weights parameter by parameter, and the control
+    is relearned beside the candidate and compared fact by fact, so none may differ in anything
+    (a property that one of the two does not record, e.g. pickle weights, is not compared).
+    """
+    others = {role: folder for role, folder in named.items() if role != "original"}
+    if not others:
+        return []
+    reference = describe(named["original"])
+    problems = []
+    for role, folder in others.items():
+        if mismatches := _mismatches(role, describe(folder), reference):
+            problems.append(f"{role} vs original: " + "; ".join(mismatches))
+    return problems
+
+
+def _mismatches(role: str, this: dict, original: dict) -> list[str]:
+    """Every way the description of the checkpoint in ``role`` differs from the original's."""
+    out = []
+    if this["architecture"] != original["architecture"]:
+        out.append(f"architecture {this['architecture']} != {original['architecture']}")
+    if this["parameters"] is not None and original["parameters"] is not None:
+        out += _parameter_mismatches(role, this["parameters"], original["parameters"])
+    mine, theirs = this["vocabulary"], original["vocabulary"]
+    if mine is not None and theirs is not None and mine != theirs:
+        n, m = mine["tokens"], theirs["tokens"]
+        sizes = f"{n} vs {m} tokens" if n != m else f"{n} tokens each, not the same ones"
+        out.append(f"tokenizer vocabularies differ ({sizes})")
+    if this["chat_template"] != original["chat_template"]:
+        none = [
+            name for name, d in ((role, this), ("original", original)) if not d["chat_template"]
+        ]
+        out.append("chat templates differ" + (f" ({none[0]} has none)" if none else ""))
+    return out
+
+
+def _parameter_mismatches(
+    role: str, this: dict[str, list[int]], original: dict[str, list[int]]
+) -> list[str]:
+    """Parameters only one of the two checkpoints holds, and those whose shapes differ."""
+    out = []
+    for names, where in (
+        (sorted(this.keys() - original.keys()), role),
+        (sorted(original.keys() - this.keys()), "original"),
+    ):
+        if names:
+            out.append(f"{len(names)} parameter(s) only in {where}, e.g. {names[0]}")
+    if differ := sorted(n for n in this.keys() & original.keys() if this[n] != original[n]):
+        name = differ[0]
+        out.append(
+            f"{len(differ)} parameter(s) differ in shape, e.g. {name} {this[name]} != "
+            f"{original[name]}"
+        )
+    return out
 
 
 def _some(items: list[str], shown: int = 3) -> str:
