@@ -9,12 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .config import AuditParams, StudyParams, UnlearnConfig
+from .config import (
+    METHODS,
+    METRIC_NAMES,
+    AuditParams,
+    DataConfig,
+    Metric,
+    RelearnConfig,
+    StudyParams,
+    TofuSplit,
+    UnlearnConfig,
+)
 from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, advantage_cell, format_p, two_decimals
 from .runtime import PREFECT_ENV
 from .store import ArtifactRef, CorruptArtifact, Store, check_key, endpoint_url
@@ -31,7 +43,7 @@ def format_table(rows: list[dict]) -> str:
     regime rests on, and the regime."""
     study = bool(rows) and "domain" in rows[0]
     metric = rows[0]["metric"] if rows else "exact_match"
-    header = ["run", f"forget {metric} (orig/unl/rel)", "retain (orig/unl)"]
+    header = ["run", f"forget {METRIC_NAMES[metric]} (orig/unl/rel)", "retain (orig/unl)"]
     header += ["advantage [interval] (look)", "p", "mean CKA", "regime"]
     header = (["domain"] if study else []) + header
     lines = []
@@ -72,8 +84,10 @@ def _finish(result: dict, json_path: str | None, keys: tuple[str, ...] = SUMMARY
 
 
 def _run_audit(params: AuditParams, json_path: str | None) -> None:
-    from .preflight import preflight
+    from .preflight import preflight, warnings
 
+    for line in warnings(params):  # before preflight, so they show even when it refuses
+        print(f"warning: {line}", file=sys.stderr)
     preflight(params)  # fail fast, before Prefect starts
     _prefect_env()
     from flows.audit import audit_checkpoint
@@ -86,39 +100,127 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _run_audit(AuditParams(store=args.store, name="demo"), args.json)
 
 
+def _read_config(path: str | None) -> dict[str, Any]:
+    """The --config file's parameters (none without one); a missing or malformed file is a
+    ValueError, so the CLI reports it like any other bad input."""
+    if path is None:
+        return {}
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot be read: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path}: must hold a JSON object of parameters")
+    return config
+
+
+AUDIT_FLAGS = (
+    "original",
+    "unlearned",
+    "control",
+    "no_control",
+    "store",
+    "device",
+    "name",
+    "fisher",
+    "probes",
+    "quantization_bits",
+    "quantize_embeddings",
+    "allow_pickle",
+    "trust_remote_code",
+)
+"""The audit flags that set an AuditParams field of their own name."""
+SECTION_FLAGS = {
+    "data": {
+        "forget": "forget",
+        "retain": "retain",
+        "unrelated": "unrelated",
+        "tofu": "tofu",
+        "tofu_split": "tofu_split",
+        "question_column": "question_column",
+        "answer_column": "answer_column",
+        "group": "group",
+        "prompt_format": "prompt_format",
+        "separator": "separator",
+        "max_rows": "eval_max_rows",
+    },
+    "relearn": {"relearn_lr": "lr", "budget": "budget", "seeds": "seeds"},
+    "thresholds": {"score": "metric"},
+}
+"""The audit flags that set a field of a nested config: section -> {flag's dest: field}."""
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """The flags given on the command line (unset ones are None), keyed by the field each sets."""
+    values = {field: getattr(args, dest) for dest, field in flags.items()}
+    return {field: value for field, value in values.items() if value is not None}
+
+
+def _merge(section: Any, given: dict[str, Any]) -> Any:
+    """A nested config section with the flags' values over the config file's, key by key; a
+    section that is not an object is left as it is, for validation to report."""
+    return {**section, **given} if isinstance(section, dict) else section
+
+
+def _methods(args: argparse.Namespace, base: dict[str, Any], unlearned: str | None) -> Any:
+    """The unlearning runs: the config file's methods, each --method (times each --lr) appended
+    with --steps and the rate given or None (auto); --steps alone sets every config method's.
+    None where neither the file nor the flags give methods (AuditParams' default then).
+
+    Refuses method flags that would be ignored: with an unlearned checkpoint, --lr without
+    --method, and --steps with no method to set.
+    """
+    configured = base.get("methods")
+    if not (args.method or args.lr or args.steps is not None):
+        return configured
+    if unlearned is not None:
+        raise ValueError(
+            "an unlearned checkpoint is given (--unlearned), so no unlearning method runs: "
+            "--method, --lr and --steps would be ignored; drop them, or drop --unlearned to "
+            "unlearn the original with the methods"
+        )
+    if args.lr and not args.method:
+        raise ValueError("--lr sets the learning rates of the --method runs: give --method too")
+    steps = {} if args.steps is None else {"steps": args.steps}
+    if not args.method:
+        if configured is None:
+            raise ValueError(
+                "--steps without --method sets the steps of the methods in --config, and it "
+                "gives none: give the methods to run with --method"
+            )
+        return [{**m, **steps} if isinstance(m, dict) else m for m in configured]
+    added = [{"method": m, "lr": lr, **steps} for m in args.method for lr in args.lr or [None]]
+    return [*(configured or []), *added]
+
+
+def audit_params(args: argparse.Namespace) -> AuditParams:
+    """The audit the `audit` command's flags describe: the --config file's parameters, each
+    flag given overriding its field (data, relearn and thresholds merged key by key), and the
+    --method runs added to the file's methods. Only the --config file is read: whether
+    checkpoints and data exist is preflight's to check.
+    """
+    base = _read_config(args.config)
+    params = base | _given(args, {name: name for name in AUDIT_FLAGS})
+    for section, flags in SECTION_FLAGS.items():
+        given = _given(args, flags)
+        if given:
+            params[section] = _merge(base.get(section, {}), given)
+    methods = _methods(args, base, params.get("unlearned"))
+    if methods is not None:
+        params["methods"] = methods
+    return AuditParams.model_validate(params)
+
+
 def cmd_audit(args: argparse.Namespace) -> None:
     """Audit a checkpoint: run methods on it, or judge an already-unlearned one."""
-    base = json.loads(Path(args.config).read_text()) if args.config else {}
-    fields = {
-        "original": args.original,
-        "unlearned": args.unlearned,
-        "control": args.control,
-        "store": args.store,
-        "device": args.device,
-        "name": args.name,
-    }
-    params = {**base, **{k: v for k, v in fields.items() if v is not None}}
-    if args.method:
-        lrs = args.lr or [UnlearnConfig().lr]
-        params["methods"] = [{"method": m, "lr": lr} for m in args.method for lr in lrs]
-    data = dict(base.get("data", {}))
-    data |= {
-        k: v
-        for k, v in (
-            ("forget", args.forget),
-            ("retain", args.retain),
-            ("unrelated", args.unrelated),
-        )
-        if v is not None
-    }
-    params["data"] = data
-    params |= {k: True for k in ("allow_pickle", "trust_remote_code") if getattr(args, k)}
-    _run_audit(AuditParams.model_validate(params), args.json)
+    _run_audit(audit_params(args), args.json)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
     """The paper's grid on the embedded model: methods x domains x settings."""
-    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    base = _read_config(args.config)
     if args.store:
         base["store"] = args.store
     if args.domain:
@@ -262,6 +364,208 @@ def cmd_server(args: argparse.Namespace) -> None:
     serve(LocalStack(port=args.port, gpus=args.gpus, home=args.home))
 
 
+def _unescape(text: str) -> str:
+    """A flag's text with \\n, \\t and \\\\ read as a newline, a tab and a backslash: a shell
+    passes them literally, and a prompt format needs real newlines."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
+
+
+def _default(model: type[BaseModel], field: str) -> Any:
+    """A config field's default, for help texts that stay true to the config."""
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
+AUDIT_DESCRIPTION = """\
+Audit an LLM's unlearning: (a) run unlearning methods on an original checkpoint (--method), or
+(b) judge an already-unlearned checkpoint against its original (--unlearned); then attack each
+unlearned model (relearning, probes, quantization) and give a verdict. --config reads a JSON
+file of audit parameters (AuditParams); each flag given overrides its value there and leaves the
+rest in place, and --method runs are added to the file's methods. Warnings (no control, no
+groups) are printed first; every problem with the inputs is reported at once, exit code 2,
+before any model is loaded."""
+
+
+def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    """The `audit` subcommand's flags, grouped as its help shows them."""
+    audit = sub.add_parser("audit", help=cmd_audit.__doc__, description=AUDIT_DESCRIPTION)
+    ckpt = audit.add_argument_group("checkpoints (embedded, a local folder, s3:// or id@revision)")
+    ckpt.add_argument("--original", required=True, metavar="CKPT", help="the original model")
+    ckpt.add_argument(
+        "--unlearned", metavar="CKPT", help="mode (b): audit this unlearned checkpoint"
+    )
+    ckpt.add_argument(
+        "--control",
+        metavar="CKPT",
+        help="a never-learned control: the original's training without the forget facts "
+        "(built for the embedded original)",
+    )
+    ckpt.add_argument(
+        "--no-control",
+        action="store_const",
+        const=True,
+        help="skip the control: only the held-out half is judged",
+    )
+
+    facts = audit.add_argument_group("facts (an original other than embedded needs them)")
+    for name in ("forget", "retain", "unrelated"):
+        facts.add_argument(
+            f"--{name}",
+            metavar="DATA",
+            help=f"{name} set: a JSON/JSONL/Parquet file or a datasets source "
+            "name[:config][@revision]#split",
+        )
+    facts.add_argument(
+        "--tofu",
+        metavar="DIR_OR_HUB",
+        help="TOFU preset instead of --forget/--retain: a folder of TOFU's files or "
+        "locuslab/TOFU@<revision>; groups rows by author",
+    )
+    facts.add_argument(
+        "--tofu-split",
+        metavar="{" + ",".join(get_args(TofuSplit)) + "}",
+        help=f"TOFU's forget split (default {_default(DataConfig, 'tofu_split')})",
+    )
+    facts.add_argument(
+        "--question-column", metavar="COLUMN", help="the questions' column (default question)"
+    )
+    facts.add_argument(
+        "--answer-column", metavar="COLUMN", help="the answers' column (default answer)"
+    )
+    facts.add_argument(
+        "--group",
+        metavar="COLUMN|position:N",
+        help="the column grouping facts (an author), or every N consecutive rows; without "
+        "groups the held-out half is unavailable",
+    )
+    facts.add_argument(
+        "--prompt-format",
+        metavar="FMT",
+        type=_unescape,
+        help="auto (default: chat where the tokenizer has a chat template, else "
+        "'Q: {question}\\nA: {answer}'), chat, raw, or a template with {question} and "
+        "{answer}; \\n and \\t stand for a newline and a tab",
+    )
+    facts.add_argument(
+        "--separator",
+        metavar="S",
+        type=_unescape,
+        help="between question and answer in the raw format (default \\n)",
+    )
+    facts.add_argument(
+        "--max-rows",
+        type=int,
+        metavar="N",
+        help=f"evaluate at most N rows per set (default {_default(DataConfig, 'eval_max_rows')})",
+    )
+
+    unlearn = audit.add_argument_group("unlearning, mode (a); refused with --unlearned")
+    unlearn.add_argument(
+        "--method",
+        action="append",
+        metavar="M",
+        help="an unlearning method to run, added to --config's methods (repeatable): "
+        + ", ".join(METHODS),
+    )
+    unlearn.add_argument(
+        "--lr",
+        action="append",
+        type=float,
+        help="learning rate of the --method runs (repeatable: each method runs at each); "
+        "default auto: 1e-3 on the embedded model, else scaled to the model's size",
+    )
+    unlearn.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help=f"optimiser steps of the --method runs (default "
+        f"{_default(UnlearnConfig, 'steps')}); without --method, of every --config method",
+    )
+
+    verdict = audit.add_argument_group("relearning attack and verdict")
+    verdict.add_argument(
+        "--relearn-lr",
+        type=float,
+        metavar="LR",
+        help="relearning learning rate (default auto, as --lr)",
+    )
+    verdict.add_argument(
+        "--budget",
+        type=float,
+        metavar="X",
+        help="relearning examples as a multiple of the forget set's size "
+        f"(default {_default(RelearnConfig, 'budget')})",
+    )
+    verdict.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help=f"relearning runs per source (default {_default(RelearnConfig, 'seeds')})",
+    )
+    verdict.add_argument(
+        "--score",
+        metavar="{" + ",".join(get_args(Metric)) + "}",
+        help="the per-fact score the verdict tests (default auto: exact_match for short "
+        "answers, else token_accuracy)",
+    )
+
+    attacks = audit.add_argument_group("other analyses and recovery attacks")
+    attacks.add_argument(
+        "--no-fisher",
+        dest="fisher",
+        action="store_const",
+        const=False,
+        help="skip the diagonal Fisher",
+    )
+    attacks.add_argument(
+        "--no-probes",
+        dest="probes",
+        action="store_const",
+        const=False,
+        help="skip the linear probes",
+    )
+    bits = attacks.add_mutually_exclusive_group()
+    bits.add_argument(
+        "--quantization",
+        dest="quantization_bits",
+        nargs="+",
+        type=int,
+        metavar="BITS",
+        help="quantize the unlearned model to these bit widths (default "
+        + " ".join(map(str, _default(AuditParams, "quantization_bits")))
+        + ")",
+    )
+    bits.add_argument(
+        "--no-quantization",
+        dest="quantization_bits",
+        action="store_const",
+        const=[],
+        help="skip the quantization attack",
+    )
+    attacks.add_argument(
+        "--quantize-embeddings",
+        action="store_const",
+        const=True,
+        help="quantize the embeddings and the LM head too",
+    )
+
+    run = audit.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE", help="JSON file of audit parameters")
+    run.add_argument("--store", help="artifact store URL (default ./audit-store)")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--name", help="a label for the audit")
+    run.add_argument(
+        "--allow-pickle", action="store_const", const=True, help="allow pickle weights (unsafe)"
+    )
+    run.add_argument(
+        "--trust-remote-code",
+        action="store_const",
+        const=True,
+        help="allow model code shipped with the checkpoint (unsafe)",
+    )
+    run.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
+    audit.set_defaults(func=cmd_audit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="unlearning-audit", description=__doc__.splitlines()[0])
@@ -272,35 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
     demo.set_defaults(func=cmd_demo)
 
-    audit = sub.add_parser("audit", help=cmd_audit.__doc__)
-    audit.add_argument(
-        "--original",
-        required=True,
-        metavar="CKPT",
-        help="embedded, a local folder, s3:// prefix or hub id@revision",
-    )
-    audit.add_argument("--unlearned", metavar="CKPT", help="audit this unlearned checkpoint")
-    audit.add_argument("--control", metavar="CKPT", help="a never-learned control checkpoint")
-    audit.add_argument("--method", action="append", help="unlearning method (repeatable)")
-    audit.add_argument("--lr", action="append", type=float, help="learning rate (repeatable)")
-    for name in ("forget", "retain", "unrelated"):
-        audit.add_argument(
-            f"--{name}",
-            metavar="DATA",
-            help="JSON/JSONL/Parquet file or datasets source name[:config]#split",
-        )
-    audit.add_argument("--config", metavar="FILE", help="JSON file of audit parameters")
-    audit.add_argument("--store", help="artifact store URL (default ./audit-store)")
-    audit.add_argument("--device", help="auto, cpu, cuda")
-    audit.add_argument("--name", help="a label for the audit")
-    audit.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (unsafe)")
-    audit.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code shipped with the checkpoint (unsafe)",
-    )
-    audit.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
-    audit.set_defaults(func=cmd_audit)
+    _add_audit_parser(sub)
 
     study = sub.add_parser("study", help=cmd_study.__doc__)
     study.add_argument("--domain", action="append", choices=["text", "code", "math"])
