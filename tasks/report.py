@@ -3,6 +3,7 @@ and the Prefect artifacts that show them in the UI."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from prefect import task
@@ -15,34 +16,55 @@ from prefect.cache_policies import NO_CACHE
 from pydantic_core import to_jsonable_python
 
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
+from tasks.evaluate import SCORES
 from tasks.metrics import TABLE
 from tasks.relearn import read_curves
 from tasks.verdict import VERDICT, read_probes
 from unlearning_audit import plots, relearning, stats, study
 from unlearning_audit import report as report_mod
-from unlearning_audit.config import StudyParams
+from unlearning_audit.config import METRIC_NAMES, StudyParams
 from unlearning_audit.metrics import table
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 REPORT, HTML, SUMMARY = report_mod.REPORT_MD, report_mod.REPORT_HTML, "summary.json"
 
 
-def read_curve(store: Store, refs: list[ArtifactRef]) -> list[dict]:
-    """One relearning source's recovery curve, averaged over its seeds' stored runs."""
-    return relearning.mean_curve(read_curves(store, refs))
+def read_curve(store: Store, refs: list[ArtifactRef], metric: str) -> list[dict]:
+    """One relearning source's recovery curve in ``metric``, averaged over its seeds' runs."""
+    return relearning.mean_curve(read_curves(store, refs), metric)
+
+
+def set_means(store: Store, ref: ArtifactRef) -> dict[str, dict[str, float]]:
+    """The forget and retain sets' mean scores (those of METRIC_NAMES measured) in a stored
+    evaluation, without its per-fact rows: the report shows every score beside the verdict's."""
+    scores = store.read_json(ref, SCORES)
+    return {
+        name: {
+            k: scores[name][k]
+            for k in METRIC_NAMES
+            if k in scores[name] and math.isfinite(scores[name][k])
+        }
+        for name in ("forget", "retain")
+    }
 
 
 def load_run(store: Store, run: dict) -> dict:
-    """A run's stored verdict, metrics tables and recovery curves, by its references."""
+    """A run's stored verdict, metrics tables, recovery curves (in the verdict's metric) and
+    the original's and the unlearned model's set means of every score, by its references."""
+    decision = store.read_json(run["verdict"], VERDICT)
+    metric = decision["metric"]
     return {
         "label": run["label"],
         "method": run["method"],
         "lr": run["lr"],
-        "verdict": store.read_json(run["verdict"], VERDICT),
+        "verdict": decision,
         "metrics_unlearned": table.read(store.open(run["metrics_unlearned"], TABLE)),
         "metrics_relearned": table.read(store.open(run["metrics_relearned"], TABLE)),
-        "curves": {src: read_curve(store, refs) for src, refs in run["relearned"].items()},
+        "curves": {src: read_curve(store, refs, metric) for src, refs in run["relearned"].items()},
         "probes": read_probes(store, run["probes"]) if run.get("probes") else {},
+        "scores": {
+            model: set_means(store, run[f"{model}_eval"]) for model in ("original", "unlearned")
+        },
     }
 
 
@@ -53,10 +75,17 @@ def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[Ar
     that `unlearning-audit report` rebuilds them from."""
 
     def build(s, out):
-        curves = {src: read_curve(s, refs) for src, refs in control.items()}
+        loaded = [load_run(s, run) for run in runs]
+        judged = loaded[0]["verdict"]  # the runs of an audit share the data and its format
+        curves = {src: read_curve(s, refs, judged["metric"]) for src, refs in control.items()}
         inputs = {
-            "audit": {**audit, "control_curves": curves},
-            "runs": [load_run(s, run) for run in runs],
+            "audit": {
+                **audit,
+                "metric": judged["metric"],
+                "prompt_format": judged["prompt_format"],
+                "control_curves": curves,
+            },
+            "runs": loaded,
             "references": to_jsonable_python({"runs": runs, "control": control}),
         }
         write_json(out / report_mod.INPUTS, inputs)

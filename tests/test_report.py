@@ -8,6 +8,7 @@ import importlib.util
 import io
 import re
 import shutil
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,19 @@ from tasks import report as report_tasks
 from tasks._progress import StageProgress
 from tasks.report import publish
 from unlearning_audit import cli, plots
-from unlearning_audit.config import AuditParams, StudyParams, UnlearnConfig
-from unlearning_audit.report import REPORT_HTML, REPORT_MD
+from unlearning_audit.config import METRIC_NAMES, AuditParams, StudyParams, UnlearnConfig
+from unlearning_audit.report import INPUTS, REPORT_HTML, REPORT_MD, render, two_decimals
+from unlearning_audit.store import ArtifactRef, Store
 
 # recovery curves, CKA, PCA similarity, PCA shift, Fisher, linear probes, weight change
 EXPECTED_FIGURES = 7
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([^"]+)"')
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_STD = 0.03  # pixel standard deviation (0..1 scale) below which an image reads as blank
+NO_GROUPS = (  # flows/audit.py's sentence for user data without data.group
+    "the facts have no groups (data.group), and halves split by question would put "
+    "a group's facts on both sides"
+)
 
 
 def _screenshot_module():
@@ -133,6 +139,120 @@ def test_report_rebuilds_from_the_store_alone(audit, tmp_path, monkeypatch, caps
     assert opened == [(tmp_path / "elsewhere" / REPORT_HTML).as_uri()]
 
 
+def _stored_inputs(audit) -> dict:
+    """The report inputs the tiny audit stored beside its report."""
+    params, state = audit
+    ref = ArtifactRef.model_validate(state.result()["report_ref"])
+    return Store(params.store).read_json(ref, INPUTS)
+
+
+def _without_heldout(curves: dict) -> dict:
+    """Recovery curves by relearning source, less the held-out half's."""
+    return {source: curve for source, curve in curves.items() if source != "forget-half"}
+
+
+def _graded_external(inputs: dict) -> dict:
+    """The tiny audit's inputs as an audit of user data without groups would store them: the
+    verdict in answer-token accuracy (thresholds.metric auto), a chat prompt format, no held-out
+    half (and no curves of it). The verdicts' reasons, verdict.py's sentences, are left out: the
+    report's own words are under test."""
+    audit = inputs["audit"]
+    graded = {"metric": "token_accuracy", "prompt_format": "chat"}
+    return {
+        "audit": {
+            **audit,
+            **graded,
+            "domain": "external data",
+            "heldout": NO_GROUPS,
+            "thresholds": {**audit["thresholds"], "metric": "auto"},
+            "control_curves": _without_heldout(audit["control_curves"]),
+        },
+        "runs": [
+            {
+                **r,
+                "verdict": {**r["verdict"], **graded, "reasons": []},
+                "curves": _without_heldout(r["curves"]),
+            }
+            for r in inputs["runs"]
+        ],
+    }
+
+
+def test_report_states_the_metric_the_format_and_every_score(audit):
+    """The tiny audit's own report names its metric (exact match, chosen automatically for
+    short answers) and prompt template, and shows every score beside the verdict's."""
+    inputs = _stored_inputs(audit)
+    md = Path(audit[1].result()["report_file"]).read_text()
+    assert "- verdict metric: exact match, chosen automatically (thresholds.metric auto)" in md
+    assert "answers are short (median at most 4 words)" in md
+    assert "- prompt format the model saw: template 'Q: {question}\\nA: {answer}'" in md
+    assert "- held-out = half B of the forget set's groups, relearned on half A" in md
+    assert (
+        "| run | forget exact match: orig / unl / relearned | retain exact match: orig / unl |"
+        in md
+    )
+    for run in inputs["runs"]:
+        means = run["scores"]
+        assert set(means) == {"original", "unlearned"}
+        for model in means.values():
+            assert {"exact_match", "token_accuracy", "probability"} <= set(model["forget"])
+        cells = [
+            two_decimals(means[model][name]["exact_match"])
+            for name in ("forget", "retain")
+            for model in ("original", "unlearned")
+        ]
+        assert "| exact match (verdict) | " + " | ".join(cells) + " |" in md
+        forget = run["verdict"]["evidence"]["forget_original"]
+        assert means["original"]["forget"]["exact_match"] == pytest.approx(forget)
+
+
+def test_report_of_a_graded_metric_on_external_data_says_so(audit):
+    """Rendered in answer-token accuracy with a chat format and no held-out half, the report
+    names that metric wherever it names the verdict's score (exact match only as one row of the
+    table of every score), states why it was chosen, the format, the missing held-out half and
+    the data."""
+    inputs = _graded_external(_stored_inputs(audit))
+    runs = inputs["runs"]
+    files = render(inputs)
+    md, page = files[REPORT_MD], files[REPORT_HTML]
+    chosen = (
+        "verdict metric: answer-token accuracy, chosen automatically (thresholds.metric auto) by "
+        "answer length: the forget set's answers are long (median over 4 words)"
+    )
+    heldout = (
+        "held-out half: unavailable (the facts have no groups (data.group), and halves split by "
+        "question would put a group's facts on both sides)"
+    )
+    for text, quote in ((md, str), (page, escape)):  # the page escapes quotes
+        assert quote(chosen) in text
+        assert quote("prompt format the model saw: chat (the tokenizer's chat template)") in text
+        assert quote(heldout) in text
+        assert "forget domain: external data;" in text
+        assert quote(f"Recovery curve in answer-token accuracy; {heldout}:") in text
+        assert text.count("answer-token accuracy (verdict)") == len(runs)
+    assert "| run | forget answer-token accuracy: orig / unl / relearned |" in md
+    assert "| metric | answer-token accuracy (auto) |" in md
+    assert "Forget-set answer-token accuracy at each relearning step" in page
+    assert escape(f"{heldout[0].upper()}{heldout[1:]}. Dashed:") in page  # figure caption
+    assert "<th>forget answer-token accuracy: orig / unl / relearned</th>" in page
+    exact = [line for line in md.splitlines() if "exact match" in line]
+    assert len(exact) == len(runs) and all(x.startswith("| exact match | ") for x in exact)
+    assert page.count("exact match") == len(runs)  # the score table's row, per run
+    assert "<td>exact match</td>" in page
+
+
+def test_recovery_plot_labels_its_axis_with_the_metric(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_png", lambda fig: drawn.append(fig) or b"")
+    curve = [
+        {"step": 0, "forget": 0.1, "forget_b": 0.1},
+        {"step": 4, "forget": 0.6, "forget_b": 0.3},
+    ]
+    plots.recovery_curves({"GA": {"forget": curve}}, {}, 0.9, METRIC_NAMES["token_accuracy"])
+    (fig,) = drawn
+    assert fig.axes[0].get_ylabel() == "answer-token accuracy"
+
+
 def test_report_of_an_unknown_audit_is_a_clear_error(audit, tmp_path, capsys):
     assert cli.main(["report", "ffffffff", "--store", audit[0].store]) == 2
     assert "no report" in capsys.readouterr().err
@@ -162,6 +282,7 @@ def test_study_page_shows_regimes_in_colour_and_the_cka_scatter(audit, tmp_path)
     assert _pixels(base64.b64decode(figure)).std() > MIN_STD
     for regime in (row["regime"], "reversible"):
         assert plots.tint(plots.REGIME_COLORS[regime], 0.45) in page
+    assert f"<small>forget {METRIC_NAMES[row['metric']]} " in page  # the grid names the metric
 
 
 class _Terminal(io.StringIO):

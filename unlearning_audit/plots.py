@@ -138,14 +138,16 @@ def recovery_curves(
     curves: Mapping[str, Mapping[str, list[dict]]],
     control: Mapping[str, list[dict]],
     forget_original: float,
+    score: str,
 ) -> bytes:
-    """Forget exact match against relearning steps, one panel per run.
+    """The forget set's ``score`` (the verdict's metric, by name) against relearning steps,
+    one panel per run.
 
     ``curves`` maps run label to relearning source to its recovery curve (points with step,
     forget, forget_b); ``control`` holds the never-learned control's curves by source (may be
     empty). Solid: relearning the unlearned model; dashed: the control. The held-out line is half
     B while relearning on half A; a shaded band spans the relearning seeds (their mean is the
-    line). Dotted: the original's exact match.
+    line). Dotted: the original's ``score`` before unlearning.
     """
     lines = {  # (source, probe key): what the line shows, and its colour
         ("forget", "forget"): ("forget set (relearned on it)", PALETTE[0]),
@@ -162,7 +164,7 @@ def recovery_curves(
                             low, high = zip(*(p["spread"][key] for p in curve), strict=True)
                             ax.fill_between(steps, low, high, color=color, alpha=0.15)
             ax.axhline(forget_original, color="0.2", linestyle=":", linewidth=1.2)
-            ax.set(xlabel="relearning step", ylabel="exact match", ylim=(-0.03, 1.03))
+            ax.set(xlabel="relearning step", ylabel=score, ylim=(-0.03, 1.03))
             ax.set_title(label, fontsize="medium")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles = [Line2D([], [], color=c, marker="o", label=name) for name, c in lines.values()]

@@ -14,6 +14,8 @@ from html import escape
 from pathlib import Path
 
 from . import plots, study
+from .config import METRIC_NAMES
+from .evaluation import SHORT_ANSWER_WORDS
 from .metrics.table import mean_over_layers
 from .store import ArtifactRef, Store
 
@@ -128,15 +130,18 @@ def markdown(audit: dict, runs: list[dict]) -> str:
     ]
     if audit.get("unlearned"):
         out.append(f"- unlearned checkpoint: `{audit['unlearned']}`")
-    out += [f"- {_setup_line(audit)}", "", "## Verdict", ""]
-    header, rows = _verdict_table(runs)
+    out += [f"- {line}" for line in setup_lines(audit)]
+    out += ["", "## Verdict", ""]
+    header, rows = _verdict_table(runs, audit["metric"])
     out += _table(header, [[*row[:-1], f"**{row[-1]}**"] for row in rows])
     out += ["", "## Thresholds", ""]
-    out += _table(*_threshold_table(audit["thresholds"]))
+    out += _table(*_threshold_table(audit["thresholds"], audit["metric"]))
     out += ["", "## Representation evidence", "", prediction_note(runs), ""]
     for r in runs:
         out += [f"### {r['label']}", "", *(f"- {reason}" for reason in r["verdict"]["reasons"]), ""]
-        out += ["Recovery curve (exact match; held-out = half B, relearned on half A):", ""]
+        out += [SCORES_CAPTION, ""]
+        out += _table(*_scores_table(r["scores"], audit["metric"]))
+        out += ["", curve_caption(audit), ""]
         out += _table(*_curve_table(r["curves"], audit.get("control_curves") or {}))
         out += ["", "Per layer, original vs unlearned (forget set) and vs relearned:", ""]
         out += _table(*_layer_table(r))
@@ -144,20 +149,87 @@ def markdown(audit: dict, runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _setup_line(audit: dict) -> str:
-    return (
+def setup_lines(audit: dict) -> list[str]:
+    """The audit's setup, one line each, near the top of the report: the data, budget and
+    control; the verdict's metric and why; the prompt format; the held-out half."""
+    return [
         f"forget domain: {audit['domain']}; relearning budget: {audit['budget']:g} x "
-        f"|forget| examples; control: {audit['control'] or 'none'}"
+        f"|forget| examples; control: {audit['control'] or 'none'}",
+        metric_line(audit["metric"], audit["thresholds"]["metric"]),
+        f"prompt format the model saw: {format_name(audit['prompt_format'])}",
+        heldout_line(audit["heldout"]),
+    ]
+
+
+def metric_line(metric: str, setting: str) -> str:
+    """The verdict's metric by name, and whether it was set or chosen automatically (``setting``
+    auto: by the forget set's answer length, as evaluation.default_metric chooses)."""
+    name = METRIC_NAMES[metric]
+    if setting != "auto":
+        return f"verdict metric: {name} (set by thresholds.metric)"
+    length = (
+        f"short (median at most {SHORT_ANSWER_WORDS} words)"
+        if metric == "exact_match"
+        else f"long (median over {SHORT_ANSWER_WORDS} words), so each right answer token counts"
+    )
+    return (
+        f"verdict metric: {name}, chosen automatically (thresholds.metric auto) by answer "
+        f"length: the forget set's answers are {length}"
     )
 
 
-def _verdict_table(runs: list[dict]) -> tuple[list[str], list[list]]:
-    """One row per run: the token-level evidence in the verdict's metric, the advantage over
+def format_name(prompt_format: str | None) -> str:
+    """How the model saw each row: the tokenizer's chat template, or the template as a Python
+    literal (on one line); "not recorded" for verdicts that predate the field."""
+    if prompt_format is None:
+        return "not recorded"
+    if prompt_format == "chat":
+        return "chat (the tokenizer's chat template)"
+    return "template " + repr(prompt_format)
+
+
+def heldout_line(heldout: str | None) -> str:
+    """What the held-out look is, or why it is unavailable: ``heldout`` is None or the audit's
+    sentence why."""
+    if heldout is None:
+        return "held-out = half B of the forget set's groups, relearned on half A"
+    return f"held-out half: unavailable ({heldout})"
+
+
+def curve_caption(audit: dict) -> str:
+    """The caption of a run's recovery-curve table: its metric and the held-out half."""
+    return f"Recovery curve in {METRIC_NAMES[audit['metric']]}; {heldout_line(audit['heldout'])}:"
+
+
+SCORES_CAPTION = (
+    "Every score, set means of the original and of the unlearned model (the verdict tests only "
+    "its own metric, marked):"
+)
+
+
+def _scores_table(scores: dict, metric: str) -> tuple[list[str], list[list]]:
+    """Each measured score's forget and retain means, original and unlearned; ``scores`` maps
+    model to set to score to mean (tasks/report.py set_means)."""
+    header = ["score", "forget original", "forget unlearned", "retain original", "retain unlearned"]
+    cells = [(model, name) for name in ("forget", "retain") for model in ("original", "unlearned")]
+    return header, [
+        [
+            METRIC_NAMES[k] + (" (verdict)" if k == metric else ""),
+            *(two_decimals(scores[model][name].get(k)) for model, name in cells),
+        ]
+        for k in METRIC_NAMES
+        if any(k in scores[model][name] for model, name in cells)
+    ]
+
+
+def _verdict_table(runs: list[dict], metric: str) -> tuple[list[str], list[list]]:
+    """One row per run: the token-level evidence in the verdict's ``metric``, the advantage over
     the control with its interval on the deciding look, mean CKA and the regime (last)."""
+    name = METRIC_NAMES[metric]
     header = [
         "run",
-        "forget orig / unl / relearned",
-        "retain orig / unl",
+        f"forget {name}: orig / unl / relearned",
+        f"retain {name}: orig / unl",
         "advantage [interval] (look)",
         "p (Holm)",
         "mean CKA",
@@ -205,10 +277,12 @@ def format_p(p: float | None) -> str:
     return f"{p:.3f}" if p >= 0.001 else "<0.001"
 
 
-def _threshold_table(t: dict) -> tuple[list[str], list[list]]:
-    """The verdict's metric, thresholds and statistics, each with what it means."""
+def _threshold_table(t: dict, metric: str) -> tuple[list[str], list[list]]:
+    """The verdict's metric (resolved, "(auto)" where chosen automatically), thresholds and
+    statistics, each with what it means."""
+    chosen = METRIC_NAMES[metric] + (" (auto)" if t["metric"] == "auto" else "")
     return ["setting", "value", "meaning"], [
-        ["metric", t["metric"], "the per-fact score every test uses"],
+        ["metric", chosen, "the per-fact score every test uses"],
         ["forgotten", t["forgotten"], "share of the original's forget score that must be lost"],
         ["catastrophic", t["catastrophic"], "relative retain drop above which it is catastrophic"],
         ["control_margin", t["control_margin"], "reversible: lower bound on the advantage above"],
@@ -368,16 +442,17 @@ def _bracket(value: list[float]) -> str:
 
 
 def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """One row per study run, the regime last."""
+    """One row per study run, its scores in its verdict's metric (named), the regime last."""
     header = [
         "domain",
         "run",
+        "metric",
         "forget orig / unl / rel",
         "retain orig / unl",
         "mean CKA",
         "advantage [interval] (look)",
         "p (Holm)",
-        "forget EM 8-bit / 4-bit",
+        "forget 8-bit / 4-bit",
         "probe above chance",
         "regime",
     ]
@@ -385,6 +460,7 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
         [
             r["domain"],
             r["label"],
+            METRIC_NAMES[r["metric"]],
             f"{two_decimals(r['forget_original'])} / {two_decimals(r['forget_unlearned'])} / "
             f"{two_decimals(r['forget_relearned'])}",
             f"{two_decimals(r['retain_original'])} / {two_decimals(r['retain_unlearned'])}",
@@ -481,6 +557,17 @@ def _subspace_k(rows: list[dict]) -> int | None:
     return min(found) if found else None
 
 
+def _heldout_caption(heldout: str | None) -> str:
+    """The recovery figure's sentence on the held-out line, or why there is none."""
+    if heldout is None:
+        return (
+            "The held-out line is half B while relearning on half A: recovery there can only "
+            "come from knowledge still in the weights."
+        )
+    line = heldout_line(heldout)
+    return f"{line[0].upper()}{line[1:]}."
+
+
 def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
     """The audit's figures as (title, caption, PNG); Fisher only where it was measured."""
     if not runs:
@@ -498,26 +585,29 @@ def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
             out[label] = {layer: (x, pc2.get(layer, math.nan)) for layer, x in pc1.items()}
         return out
 
+    name = METRIC_NAMES[audit["metric"]]
     e0 = runs[0]["verdict"]["evidence"]["forget_original"]
     k = _subspace_k(runs[0]["metrics_unlearned"]) or 2
     out = [
         (
             "Recovery under relearning",
-            "Forget-set exact match at each relearning step, one panel per run, the mean over "
-            "relearning seeds with their range shaded. The held-out line is half B while "
-            "relearning on half A: recovery there can only come from knowledge still in the "
-            "weights. Dashed: the same relearning from a model that never learned the forget "
+            f"Forget-set {name} at each relearning step, one panel per run, the mean over "
+            f"relearning seeds with their range shaded. {_heldout_caption(audit['heldout'])} "
+            "Dashed: the same relearning from a model that never learned the forget "
             "set. The verdict compares gains fact by fact (the candidate's minus the "
             "control's), with a bootstrap interval; levels alone decide nothing.",
             plots.recovery_curves(
-                {r["label"]: r["curves"] for r in runs}, audit.get("control_curves") or {}, e0
+                {r["label"]: r["curves"] for r in runs},
+                audit.get("control_curves") or {},
+                e0,
+                name,
             ),
         ),
         (
             "CKA per layer",
             "Linear CKA between the original's and the candidate's forget-set activations "
-            "(mean-pooled residual stream). High CKA after unlearning with a collapse of exact "
-            "match points to a shallow edit; it is evidence, not a verdict.",
+            f"(mean-pooled residual stream). High CKA after unlearning with a collapse of {name} "
+            "points to a shallow edit; it is evidence, not a verdict.",
             plots.cka_per_layer(per_run(unl, "cka"), per_run(rel, "cka")),
         ),
         (
@@ -588,14 +678,14 @@ def html(audit: dict, runs: list[dict]) -> str:
     meta = [f"original checkpoint: <code>{escape(audit['original'])}</code>"]
     if audit.get("unlearned"):
         meta.append(f"unlearned checkpoint: <code>{escape(audit['unlearned'])}</code>")
-    meta.append(escape(_setup_line(audit)))
+    meta += [escape(line) for line in setup_lines(audit)]
     body = [
         f"<h1>Unlearning audit: {escape(audit['name'])}</h1>",
         '<ul class="meta">' + "".join(f"<li>{m}</li>" for m in meta) + "</ul>",
         "<h2>Verdict</h2>",
-        _html_table(*_verdict_table(runs), regime_last=True),
+        _html_table(*_verdict_table(runs, audit["metric"]), regime_last=True),
         "<h2>Thresholds</h2>",
-        _html_table(*_threshold_table(audit["thresholds"])),
+        _html_table(*_threshold_table(audit["thresholds"], audit["metric"])),
         "<h2>Representation evidence</h2>",
         f'<p class="note">{escape(prediction_note(runs))}</p>',
         "<h2>Figures</h2>",
@@ -606,8 +696,10 @@ def html(audit: dict, runs: list[dict]) -> str:
         reasons = "".join(f"<li>{escape(x)}</li>" for x in r["verdict"]["reasons"])
         body += [
             f"<h3>{escape(r['label'])}</h3><ul>{reasons}</ul>",
+            f"<p>{escape(SCORES_CAPTION)}</p>",
+            _html_table(*_scores_table(r["scores"], audit["metric"])),
             "<details><summary>Recovery curve and per-layer metrics</summary>",
-            "<p>Recovery curve (exact match; held-out = half B, relearned on half A):</p>",
+            f"<p>{escape(curve_caption(audit))}</p>",
             _html_table(*_curve_table(r["curves"], audit.get("control_curves") or {})),
             "<p>Per layer, original vs unlearned (forget set) and vs relearned:</p>",
             _html_table(*_layer_table(r)),
@@ -618,7 +710,7 @@ def html(audit: dict, runs: list[dict]) -> str:
 
 def _regime_grid(rows: list[dict]) -> str:
     """The paper's table: methods down, domains x settings (learning rates) across, each cell
-    the regime in its colour with forget exact match unlearned -> relearned."""
+    the regime in its colour with the forget score, in the run's metric, unlearned -> relearned."""
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     columns = sorted(
         {(r["domain"], r["lr"]) for r in rows}, key=lambda c: (domains.index(c[0]), -(c[1] or 0))
@@ -638,7 +730,7 @@ def _regime_grid(rows: list[dict]) -> str:
                 continue
             text = "<br>".join(
                 f"<b>{escape(x['regime'])}</b><br><small>forget "
-                f"{two_decimals(x['forget_unlearned'])} &rarr; "
+                f"{escape(METRIC_NAMES[x['metric']])} {two_decimals(x['forget_unlearned'])} &rarr; "
                 f"{two_decimals(x['forget_relearned'])}; {escape(advantage_cell(x))}</small>"
                 for x in found
             )
@@ -718,10 +810,11 @@ def rebuild(store: Store, key: str, folder: Path | None = None) -> dict[str, Pat
     if INPUTS not in store.manifest(ref.key)["files"]:
         raise ValueError(f"{ref.key} predates stored report inputs; rerun its audit to store them")
     inputs = store.read_json(ref, INPUTS)
-    if any("looks" not in run["verdict"] for run in inputs["runs"]):
+    if any("looks" not in run["verdict"] or "scores" not in run for run in inputs["runs"]):
         raise ValueError(
-            f"{ref.key} holds verdicts of an older version (no per-fact intervals); rerun its "
-            "audit (stages whose code is unchanged are served from the store)"
+            f"{ref.key} holds report inputs of an older version (no per-fact intervals, or no "
+            "scores beside the verdict's); rerun its audit (stages whose code is unchanged are "
+            "served from the store)"
         )
     folder = folder or Path("reports") / ref.key.split("/", 1)[1]
     folder.mkdir(parents=True, exist_ok=True)
