@@ -10,6 +10,8 @@ from unlearning_audit import data, evaluation, prompts, quantization, runtime
 from unlearning_audit.store import ArtifactRef, code_version
 
 SCORES = "evaluation.json"
+GENERATED = ("forget", "retain")
+"""The sets scored by greedy generation too (ROUGE-L): the verdict's and the report's."""
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, **gpu_options())
@@ -22,18 +24,20 @@ def evaluate(
     bits: int | None = None,
     embeddings: bool = False,
 ):
-    """Every score (evaluation.py, ROUGE-L of greedy generations included) on each set (at
-    most ``max_rows`` rows each); with ``bits``, of the checkpoint after round-to-nearest
-    quantization of every weight matrix, the input embeddings and LM head too with
-    ``embeddings``."""
+    """Every score (evaluation.py) on each set (at most ``max_rows`` rows each), ROUGE-L of
+    greedy generations on the forget and retain sets; with ``bits``, of the checkpoint after
+    round-to-nearest quantization of every weight matrix, the input embeddings and LM head too
+    with ``embeddings``."""
 
     def build(s, out):
         model, fmt, sets, cap = load_inputs(s, checkpoint, data_ref, runtime.setup(0, device))
         quantized = {}
         if bits is not None:
             quantized["quantized_matrices"] = quantization.quantize_model(model, bits, embeddings)
-        scores = {
-            name: evaluation.evaluate(model, fmt, data.sample(rows, max_rows), generate=cap)
+        scores = {  # generations where the verdict and the report read them
+            name: evaluation.evaluate(
+                model, fmt, data.sample(rows, max_rows), generate=cap if name in GENERATED else 0
+            )
             for name, rows in sets.items()
         }
         write_json(out / SCORES, {**scores, "format": fmt.name})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from unlearning_audit import corpus, data, embedded, prompts
-from unlearning_audit.config import EmbeddedConfig
+from unlearning_audit.config import DataConfig, EmbeddedConfig
 from unlearning_audit.evaluation import evaluate
 
 
@@ -161,3 +161,37 @@ def test_row_ids_pair_facts_and_null_ids_are_replaced(tmp_path):
     ids = [r["id"] for r in sets["forget"]]
     assert len(set(ids)) == 4 and "None" not in ids
     assert {r["id"] for r in sets["forget_a"] + sets["forget_b"]} == set(ids)
+
+
+def test_tofu_preset_maps_splits_to_files_or_hub_configs_and_groups_by_author():
+    local = DataConfig(tofu="/data/TOFU", tofu_split="forget05")
+    assert (local.forget, local.retain) == ("/data/TOFU/forget05.json", "/data/TOFU/retain95.json")
+    hub = DataConfig(tofu="locuslab/TOFU@abc123", tofu_split="forget01")
+    assert hub.forget == "locuslab/TOFU:forget01@abc123#train"
+    assert hub.retain == "locuslab/TOFU:retain99@abc123#train"
+    assert hub.group == "position:20" and hub.has_groups
+    assert DataConfig.model_validate(hub.model_dump()) == hub  # a Prefect parameter round trip
+    with pytest.raises(ValueError, match="either tofu or"):
+        DataConfig(tofu="/data/TOFU", forget="mine.json")
+
+
+def test_groups_by_column_or_position_and_none_without(tmp_path):
+    """Rows group by a named column or by position (TOFU: 20 questions an author, in order);
+    without groups the halves are empty, never split by question."""
+    import json
+
+    path = tmp_path / "facts.json"  # one object a line, as TOFU writes its .json files
+    rows = [{"question": f"Q{i}", "answer": "A", "author": f"au{i // 3}"} for i in range(12)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    by_column = data.load_rows(str(path), group="author")
+    by_position = data.load_rows(str(path), group="position:3")
+    assert [r["group"] for r in by_column] == [f"au{i // 3}" for i in range(12)]
+    assert [r["group"] for r in by_position] == [str(i // 3) for i in range(12)]
+    halves = data.with_halves(data.with_ids({"forget": by_position}))
+    assert not {r["group"] for r in halves["forget_a"]} & {r["group"] for r in halves["forget_b"]}
+    ungrouped = data.with_halves(data.with_ids({"forget": data.load_rows(str(path))}))
+    assert ungrouped["forget_a"] == ungrouped["forget_b"] == []
+    with pytest.raises(ValueError, match="no column"):
+        data.load_rows(str(path), group="publisher")
+    with pytest.raises(ValueError, match="position:N"):
+        data.load_rows(str(path), group="position:0")

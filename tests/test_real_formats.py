@@ -121,7 +121,7 @@ def test_tofu_format_long_answers_with_authors_as_groups(prefect_server, tmp_pat
         assert r["group"] == str(int(r["question"].split("Author")[1].rstrip("?")))
 
     tok = archs.tokenizer([f"{r['question']} {r['answer']}" for r in forget + retain])
-    folders = _models(tok, prompts.renderer(tok), forget, retain, 150, tmp_path)
+    folders = _models(tok, prompts.renderer(tok), forget, retain, 100, tmp_path)
     params = AuditParams(
         original=folders["original"],
         control=folders["control"],
