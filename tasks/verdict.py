@@ -18,23 +18,28 @@ from unlearning_audit.store import ArtifactRef, Store, code_version
 VERDICT = "verdict.json"
 
 
-def read_probes(store: Store, probes: dict[str, ArtifactRef]) -> dict[str, list[dict]]:
-    """The stored probe tables, by model name; none when the probes were skipped (labels
-    without signal, tasks.probe.skipped): no probe evidence."""
+def _read_tables(
+    store: Store, probes: dict[str, ArtifactRef]
+) -> tuple[dict[str, list[dict]], str | None]:
+    """The stored probe tables by model name, read once, and why the probes were skipped
+    (labels without signal, tasks.probe.skipped): then no tables, no probe evidence."""
     tables = {name: pq.read_table(store.open(ref, PROBES)) for name, ref in probes.items()}
-    if any(skipped(table) for table in tables.values()):
-        return {}
-    return {name: table.to_pylist() for name, table in tables.items()}
+    reason = next(filter(None, map(skipped, tables.values())), None)
+    if reason:
+        return {}, reason
+    return {name: table.to_pylist() for name, table in tables.items()}, None
+
+
+def read_probes(store: Store, probes: dict[str, ArtifactRef]) -> dict[str, list[dict]]:
+    """The stored probe tables, by model name; none when the probes were skipped."""
+    return _read_tables(store, probes)[0]
 
 
 def probe_evidence(store: Store, probes: dict[str, ArtifactRef]) -> dict:
     """The probe fields of a verdict's evidence: the best layer's accuracies, or why the probe
     stage was skipped."""
-    for ref in probes.values():
-        reason = skipped(pq.read_table(store.open(ref, PROBES)))
-        if reason:
-            return {"probe_skipped": reason}
-    return best_probe(read_probes(store, probes))
+    tables, reason = _read_tables(store, probes)
+    return {"probe_skipped": reason} if reason else best_probe(tables)
 
 
 def best_probe(tables: dict[str, list[dict]]) -> dict[str, float | int]:

@@ -22,7 +22,7 @@ import torch
 
 from .config import DataConfig
 from .corpus import Fact
-from .prompts import Renderer
+from .prompts import Encoded, Renderer
 
 SETS = ("forget", "retain", "unrelated", "forget_a", "forget_b")
 FORMAT = "format.json"
@@ -239,9 +239,16 @@ def prompt_batch(
     fmt: Renderer, rows: Sequence[dict], left: bool = False
 ) -> dict[str, torch.Tensor]:
     """Prompt ids only; left-padded for generation, right-padded for activations."""
-    seqs = [e.prompt for e in fmt.encode(rows)]
+    return pad_prompts(fmt.encode(rows), fmt.pad_id, left)
+
+
+def pad_prompts(
+    encoded: Sequence[Encoded], pad: int, left: bool = False
+) -> dict[str, torch.Tensor]:
+    """The prompts of already-encoded rows as one padded batch (see :func:`prompt_batch`)."""
+    seqs = [e.prompt for e in encoded]
     width = max(map(len, seqs))
-    ids = np.full((len(seqs), width), fmt.pad_id, dtype=np.int64)
+    ids = np.full((len(seqs), width), pad, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for i, s in enumerate(seqs):
         where = slice(width - len(s), width) if left else slice(0, len(s))

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .data import IGNORE, chunks, prompt_batch, train_batch
+from .data import IGNORE, chunks, pad_prompts, train_batch
 from .prompts import Renderer
 from .training import to_device
 
@@ -99,7 +99,7 @@ def generate_answers(
     texts = []
     for rows_chunk in chunks(rows, batch_size):
         encoded = fmt.encode(rows_chunk)
-        batch = to_device(prompt_batch(fmt, rows_chunk, left=True), device)
+        batch = to_device(pad_prompts(encoded, fmt.pad_id, left=True), device)
         cap = min(max_new_tokens, max(len(e.answer) for e in encoded) + 8)
         ids = model.generate(
             **batch,
