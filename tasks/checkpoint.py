@@ -54,9 +54,12 @@ def fetch_checkpoint(
         )
 
     pinned = checkpoints.pin(parsed)
+    content = checkpoints.identity(pinned, allow_pickle)
 
     def build(_, out: Path) -> dict:
-        provenance = checkpoints.materialize(pinned, out, allow_pickle, trust_remote_code)
+        provenance = checkpoints.materialize(
+            pinned, out, allow_pickle, trust_remote_code, expected=content
+        )
         checkpoints.check_folder(out, allow_pickle, trust_remote_code)
         if allow_pickle and not any(out.glob("*.safetensors")):
             model, tokenizer = checkpoints.load(
@@ -65,12 +68,14 @@ def fetch_checkpoint(
             for p in out.glob("pytorch_model*"):
                 p.unlink()
             checkpoints.save(model, tokenizer, out)
+        # a record of what was allowed when fetched, for people: no stage reads it (a
+        # manifest's meta is covered by no hash; later stages get the flag as a parameter)
         return {"source": spec, "trust_remote_code": trust_remote_code, **provenance}
 
     return cached_stage(
         store,
         "checkpoint",
-        {"content": checkpoints.identity(pinned, allow_pickle)},
+        {"content": content},
         {"trust_remote_code": trust_remote_code},
         code_version(checkpoints),
         build,
