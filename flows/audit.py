@@ -2,7 +2,9 @@
 
 fetch -> unlearn (per method) -> evaluate -> relearn -> evaluate -> extract -> metrics ->
 verdict -> report. Run locally, everything runs in this process; every stage is served from the
-store when its inputs, config and code are unchanged.
+store when its inputs, config and code are unchanged. Every stage that loads a model gets the
+audit's ``trust_remote_code``: whether a checkpoint may run its own code is the current run's
+decision, never read from the store.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def _relearn_all(
                 params.data.eval_max_rows,
                 keep_checkpoint=keep and src == "forget" and k == 0,
                 generate=params.thresholds.metric == "rouge_l",
+                trust_remote_code=params.trust_remote_code,
             )
             for k, seed in enumerate(relearning.seeds(params.seed, params.relearn.seeds))
         ]
@@ -89,18 +92,25 @@ def audit_run(
     control_runs: dict[str, list[ArtifactRef]],
 ) -> dict:
     """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
-    rows, dev = params.data.eval_max_rows, params.device
+    rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
     unlearned = candidate["checkpoint"]
-    unlearned_eval = evaluate(store, unlearned, data_ref, rows, dev)
+    unlearned_eval = evaluate(store, unlearned, data_ref, rows, dev, trust_remote_code=trust)
     relearned = _relearn_all(store, params, unlearned, data_ref, keep=True)
     kept = relearned["forget"][0]  # the relearned checkpoint the representation metrics read
     acts = {
-        name: extract(store, ref, data_ref, params.layers, rows, dev)
+        name: extract(store, ref, data_ref, params.layers, rows, dev, trust_remote_code=trust)
         for name, ref in (("unlearned", unlearned), ("relearned", kept))
     }
     quantized = {
         str(bits): evaluate(
-            store, unlearned, data_ref, rows, dev, bits=bits, embeddings=params.quantize_embeddings
+            store,
+            unlearned,
+            data_ref,
+            rows,
+            dev,
+            bits=bits,
+            embeddings=params.quantize_embeddings,
+            trust_remote_code=trust,
         )
         for bits in params.quantization_bits
     }
@@ -122,10 +132,18 @@ def audit_run(
             original["acts"],
             acts["unlearned"],
             original["fisher"],
-            fisher(store, unlearned, data_ref, device=dev) if params.fisher else None,
+            fisher(store, unlearned, data_ref, device=dev, trust_remote_code=trust)
+            if params.fisher
+            else None,
+            trust_remote_code=trust,
         ),
         "metrics_relearned": metrics(
-            store, original["checkpoint"], kept, original["acts"], acts["relearned"]
+            store,
+            original["checkpoint"],
+            kept,
+            original["acts"],
+            acts["relearned"],
+            trust_remote_code=trust,
         ),
         "quantized": quantized,
         "probes": probed,
@@ -156,14 +174,18 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     given = _fetch(store, params, params.unlearned) if params.unlearned is not None else None
     control = control_fetch.result() if control_fetch is not None else None
     check_compatible(store, {"original": checkpoint, "unlearned": given, "control": control})
-    rows, dev = params.data.eval_max_rows, params.device
-    original_eval = evaluate(store, checkpoint, data_ref, rows, dev)
+    rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
+    original_eval = evaluate(store, checkpoint, data_ref, rows, dev, trust_remote_code=trust)
     check_known(store, data_ref, original_eval, params.thresholds)  # before any training
     original = {
         "checkpoint": checkpoint,
         "eval": original_eval,
-        "acts": extract(store, checkpoint, data_ref, params.layers, rows, dev),
-        "fisher": fisher(store, checkpoint, data_ref, device=dev) if params.fisher else None,
+        "acts": extract(
+            store, checkpoint, data_ref, params.layers, rows, dev, trust_remote_code=trust
+        ),
+        "fisher": fisher(store, checkpoint, data_ref, device=dev, trust_remote_code=trust)
+        if params.fisher
+        else None,
     }
     if params.probes:
         original["probe"] = probe(store, data_ref, checkpoint, original["acts"], rows, params.seed)
@@ -176,7 +198,9 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
                 "label": cfg.label,
                 "method": cfg.method,
                 "lr": cfg.lr,
-                "checkpoint": unlearn(store, checkpoint, data_ref, cfg, params.seed, dev),
+                "checkpoint": unlearn(
+                    store, checkpoint, data_ref, cfg, params.seed, dev, trust_remote_code=trust
+                ),
             }
             for cfg in params.methods
         ]

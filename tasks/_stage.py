@@ -56,8 +56,11 @@ class StageRunFailed(RuntimeError):
 
 
 def _retry_condition(task, task_run, state) -> bool:
-    """Retry any failure except a dispatched stage run that failed after its own retries."""
+    """Retry any failure except bad input (a ValueError: a retry would fail the same way, after
+    loading everything again) and a dispatched stage run that failed after its own retries."""
     exc = state.data
+    if isinstance(exc, ValueError):
+        return False
     return not isinstance(exc, StageRunFailed) or exc.crashed
 
 
@@ -267,17 +270,14 @@ def _run_on_pool(pool: str):
 # -- loading inputs -------------------------------------------------------------------------
 
 
-def trusts_remote_code(store: Store, ref: ArtifactRef) -> bool:
-    """Whether the user allowed the checkpoint's own model code when it was fetched; stages that
-    derive a checkpoint from it (unlearn, relearn) record the same in their manifests."""
-    return bool(store.manifest(ref.key)["meta"].get("trust_remote_code", False))
+def load_model(store: Store, ref: ArtifactRef, device, *, trust_remote_code: bool = False):
+    """The model and tokenizer of a checkpoint artifact (already checked when fetched).
 
-
-def load_model(store: Store, ref: ArtifactRef, device):
-    """The model and tokenizer of a checkpoint artifact (already checked when fetched), with
-    remote code only where the user allowed it for that checkpoint."""
-    trust = trusts_remote_code(store, ref)
-    return checkpoints.load(store.local_dir(ref), device, trust_remote_code=trust)
+    The checkpoint's own model code runs only with ``trust_remote_code``, which comes from the
+    current run's parameters (the stage task's, passed by the flow from the audit's), never
+    from the store: a manifest's meta is covered by no hash, and whoever can write to a shared
+    store could otherwise make a later audit run code it was not allowed to."""
+    return checkpoints.load(store.local_dir(ref), device, trust_remote_code=trust_remote_code)
 
 
 def load_sets(store: Store, ref: ArtifactRef) -> dict[str, list[dict]]:
@@ -285,10 +285,18 @@ def load_sets(store: Store, ref: ArtifactRef) -> dict[str, list[dict]]:
     return data.read_sets(store.local_dir(ref))
 
 
-def load_inputs(store: Store, checkpoint: ArtifactRef, data_ref: ArtifactRef, device):
+def load_inputs(
+    store: Store,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    device,
+    *,
+    trust_remote_code: bool = False,
+):
     """What a model stage starts from: the model, its tokenizer in the audit's prompt format
-    (one rendering for every stage), the probe sets, and the data's generation cap."""
-    model, tokenizer = load_model(store, checkpoint, device)
+    (one rendering for every stage), the probe sets, and the data's generation cap. The
+    checkpoint's own model code runs only with ``trust_remote_code`` (see load_model)."""
+    model, tokenizer = load_model(store, checkpoint, device, trust_remote_code=trust_remote_code)
     spec = store.read_json(data_ref, data.FORMAT)
     fmt = prompts.renderer(tokenizer, spec["prompt_format"], spec["separator"])
     return model, fmt, load_sets(store, data_ref), spec["max_new_tokens"]

@@ -10,29 +10,39 @@ from prefect.cache_policies import NO_CACHE
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from unlearning_audit import corpus, data
 from unlearning_audit.config import DataConfig, EmbeddedConfig
-from unlearning_audit.store import code_version, file_sha256
+from unlearning_audit.store import code_version
+
+EMBEDDED_INPUTS = {"sources": {"forget": None, "retain": None, "unrelated": None}}
+"""The embedded corpus's inputs: none beyond its config (EmbeddedConfig) and the code."""
 
 
-def _source_identity(source: str | None) -> str | None:
-    """A local file by content; a `datasets` source by its (pinned) name."""
-    if source is None:
-        return None
-    path = Path(source).expanduser()
-    return file_sha256(path) if path.is_file() else source
+def data_inputs(config: DataConfig) -> tuple[dict, dict[str, list[dict]] | None]:
+    """The data stage's inputs, and the user's sets where the facts are theirs.
+
+    External sets are loaded and validated here, before the store is asked (one ValueError
+    names every problem), and keyed by a digest of the rows loaded (data.identity): any source
+    (a file, a folder, a `datasets` name, pinned or not) is identified by its content, so edited
+    data is new data, never served stale from the store.
+    """
+    if not config.external:
+        return EMBEDDED_INPUTS, None
+    sets = data.external_sets(config)
+    data.check_sets(sets)
+    return {"rows": data.identity(sets)}, sets
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def prepare_data(store: str, config: DataConfig, embedded: EmbeddedConfig):
     """Build and validate the probe sets, from the embedded corpus or the user's sources."""
     external = config.external
+    inputs, loaded = data_inputs(config)
 
     def build(_, out: Path) -> dict:
-        if external:
-            sets = data.external_sets(config)
-        else:
+        sets = loaded
+        if sets is None:
             facts, forget = corpus.embedded(embedded)
             sets = data.embedded_sets(facts, forget, config.domain)
-        data.check_sets(sets)
+            data.check_sets(sets)
         data.write_sets(sets, out)
         write_json(
             out / data.FORMAT,
@@ -40,11 +50,10 @@ def prepare_data(store: str, config: DataConfig, embedded: EmbeddedConfig):
         )
         return {"rows": {name: len(rows) for name, rows in sets.items()}}
 
-    sources = {k: _source_identity(getattr(config, k)) for k in ("forget", "retain", "unrelated")}
     return cached_stage(
         store,
         "data",
-        {"sources": sources},
+        inputs,
         {"data": config, "embedded": None if external else embedded},
         code_version(corpus, data),
         build,

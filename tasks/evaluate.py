@@ -23,14 +23,18 @@ def evaluate(
     device: str = "auto",
     bits: int | None = None,
     embeddings: bool = False,
+    trust_remote_code: bool = False,
 ):
     """Every score (evaluation.py) on each set (at most ``max_rows`` rows each), ROUGE-L of
     greedy generations on the forget and retain sets; with ``bits``, of the checkpoint after
     round-to-nearest quantization of every weight matrix, the input embeddings and LM head too
-    with ``embeddings``."""
+    with ``embeddings``. The checkpoint's own model code runs only with ``trust_remote_code``
+    (the audit's parameter; nothing in the store can grant it)."""
 
     def build(s, out):
-        model, fmt, sets, cap = load_inputs(s, checkpoint, data_ref, runtime.setup(0, device))
+        model, fmt, sets, cap = load_inputs(
+            s, checkpoint, data_ref, runtime.setup(0, device), trust_remote_code=trust_remote_code
+        )
         quantized = {}
         if bits is not None:
             quantized["quantized_matrices"] = quantization.quantize_model(model, bits, embeddings)

@@ -28,11 +28,17 @@ def extract(
     layer_indices: list[int] | None = None,
     max_rows: int = 200,
     device: str = "auto",
+    trust_remote_code: bool = False,
 ):
-    """Masked-mean pooled activations of every selected layer, per probe set."""
+    """Masked-mean pooled activations of every selected layer, per probe set.
+
+    The checkpoint's own model code runs only with ``trust_remote_code`` (the audit's
+    parameter; nothing in the store can grant it)."""
 
     def build(s, out):
-        model, fmt, sets, _ = load_inputs(s, checkpoint, data_ref, runtime.setup(0, device))
+        model, fmt, sets, _ = load_inputs(
+            s, checkpoint, data_ref, runtime.setup(0, device), trust_remote_code=trust_remote_code
+        )
         chosen = probe_rows(sets, max_rows)
         with StageProgress("extract activations") as progress:
             summary = activations.extract(model, fmt, chosen, out, layer_indices, progress=progress)

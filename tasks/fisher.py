@@ -30,16 +30,21 @@ def fisher(
     max_rows: int = 200,
     batch_size: int = 16,
     device: str = "auto",
+    trust_remote_code: bool = False,
 ):
     """Per-sample-gradient diagonal Fisher of every layer, on one probe set.
 
     ``batch_size`` only trades memory for speed; the values do not depend on it. A model that
     gives no per-sample gradients (fisher.UnsupportedModel) is skipped, not failed: the artifact
     then holds no tensors, its reason in the file's metadata and the manifest (``skipped``).
+    The checkpoint's own model code runs only with ``trust_remote_code`` (the audit's
+    parameter; nothing in the store can grant it).
     """
 
     def build(s, out):
-        model, fmt, sets, _ = load_inputs(s, checkpoint, data_ref, runtime.setup(0, device))
+        model, fmt, sets, _ = load_inputs(
+            s, checkpoint, data_ref, runtime.setup(0, device), trust_remote_code=trust_remote_code
+        )
         rows = data.sample(sets[probe_set], max_rows)
         dev = next(model.parameters()).device
         batches = (

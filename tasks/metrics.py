@@ -26,9 +26,12 @@ def metrics(
     original_fisher: ArtifactRef | None = None,
     candidate_fisher: ArtifactRef | None = None,
     k: int = 2,
+    trust_remote_code: bool = False,
 ):
     """CKA, PCA similarity, shift and distance per layer and probe set; weight change per layer;
-    Fisher summaries and the Fisher-weighted distance when both Fishers are given."""
+    Fisher summaries and the Fisher-weighted distance when both Fishers are given. The
+    checkpoints' own model code runs only with ``trust_remote_code`` (the audit's parameter;
+    nothing in the store can grant it)."""
 
     def build(s, out):
         runtime.setup(0, "cpu")
@@ -36,7 +39,10 @@ def metrics(
         rows = table.activation_rows(
             s.local_dir(original_acts), s.local_dir(candidate_acts), list(PROBE_SETS), layers, k
         )
-        model0, model = load_model(s, original, "cpu")[0], load_model(s, candidate, "cpu")[0]
+        model0, model = (
+            load_model(s, ref, "cpu", trust_remote_code=trust_remote_code)[0]
+            for ref in (original, candidate)
+        )
         rows += table.weight_rows(model0, model)
         if original_fisher is not None and candidate_fisher is not None:
             f0, f = read_fisher(s, original_fisher), read_fisher(s, candidate_fisher)

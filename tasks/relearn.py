@@ -7,13 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import StageProgress
-from tasks._stage import (
-    cached_stage,
-    gpu_options,
-    load_inputs,
-    trusts_remote_code,
-    write_json,
-)
+from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
 from unlearning_audit import (
     checkpoints,
     data,
@@ -41,14 +35,23 @@ def relearn(
     max_rows: int = 200,
     keep_checkpoint: bool = True,
     generate: bool = False,
+    trust_remote_code: bool = False,
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
     ``seed``; the recovery curve scores at most ``max_rows`` rows per set, like the evaluate
     stage. The relearned checkpoint is stored only with ``keep_checkpoint``; with ``generate``,
-    facts also carry ROUGE-L of greedy generations (when the verdict reads it)."""
+    facts also carry ROUGE-L of greedy generations (when the verdict reads it). The
+    checkpoint's own model code runs only with ``trust_remote_code`` (the audit's parameter;
+    nothing in the store can grant it)."""
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
-        model, fmt, sets, cap = load_inputs(s, checkpoint, data_ref, runtime.setup(seed, device))
+        model, fmt, sets, cap = load_inputs(
+            s,
+            checkpoint,
+            data_ref,
+            runtime.setup(seed, device),
+            trust_remote_code=trust_remote_code,
+        )
         with StageProgress(f"relearn from {source}") as progress:
             log = relearning.relearn(
                 model, fmt, sets, source, cfg, seed, progress, max_rows, cap if generate else 0
@@ -56,12 +59,7 @@ def relearn(
         if keep_checkpoint:
             checkpoints.save(model, fmt.tokenizer, out)
         write_json(out / CURVE, log)
-        return {
-            "source": source,
-            "steps": log["steps"],
-            "lr": log["lr"],
-            "trust_remote_code": trusts_remote_code(s, checkpoint),
-        }
+        return {"source": source, "steps": log["steps"], "lr": log["lr"]}
 
     return cached_stage(
         store,

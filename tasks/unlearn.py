@@ -6,13 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import StageProgress
-from tasks._stage import (
-    cached_stage,
-    gpu_options,
-    load_inputs,
-    trusts_remote_code,
-    write_json,
-)
+from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
 from unlearning_audit import (
     checkpoints,
     data,
@@ -34,11 +28,21 @@ def unlearn(
     config: UnlearnConfig,
     seed: int = 0,
     device: str = "auto",
+    trust_remote_code: bool = False,
 ):
-    """Run one unlearning method; stores the unlearned checkpoint and its training log."""
+    """Run one unlearning method; stores the unlearned checkpoint and its training log.
+
+    The checkpoint's own model code runs only with ``trust_remote_code`` (the audit's
+    parameter; nothing in the store can grant it)."""
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
-        model, fmt, sets, _ = load_inputs(s, checkpoint, data_ref, runtime.setup(seed, device))
+        model, fmt, sets, _ = load_inputs(
+            s,
+            checkpoint,
+            data_ref,
+            runtime.setup(seed, device),
+            trust_remote_code=trust_remote_code,
+        )
         with StageProgress(f"unlearn {cfg.label}") as progress:
             log = unlearning.unlearn(model, fmt, sets, cfg, seed, progress)
         checkpoints.save(model, fmt.tokenizer, out)
@@ -47,7 +51,6 @@ def unlearn(
             "steps": log["steps"],
             "lr": log["lr"],
             "stopped_early": log["stopped_early"],
-            "trust_remote_code": trusts_remote_code(s, checkpoint),
         }
 
     return cached_stage(

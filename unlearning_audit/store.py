@@ -17,13 +17,31 @@ hard link, an S3 conditional PUT with If-None-Match), so of two writers of one k
 manifest stays and the second writer removes its own copy; a manifest whose artifact fails
 verification is replaced by the next writer. ``check_integrity`` hashes every artifact and lists
 those that fail, and the writer folders killed writers left; ``repair`` removes them (the CLI's
-``verify [--repair]``). Keys never leave the root: ``..`` parts and absolute paths are refused.
+``verify [--repair]``). Keys never leave the root: ``..`` parts and absolute paths are refused,
+and so are keys too long for a file system (over 1024 characters, or a part over 255 bytes).
+
+A manifest names its own key and stage, and (for every artifact ``cached`` made) the inputs,
+config and code version its key was derived from. A manifest is refused as corrupt, so the stage
+that needs it recomputes it and ``verify`` lists it, where the key it names is not the key it is
+stored under, where its stage differs, or where its recorded inputs, config and version do not
+derive that key: an artifact moved, copied or swapped to another key is caught, even with its
+``key`` field edited to match its new place.
+
+What this does not guarantee. The store signs nothing: the hashes prove that files match their
+manifest and that a manifest belongs to its key, not who wrote them. Anyone who can write to a
+shared store can still write wrong content, with a matching manifest, under a correct key; the
+manifest's ``created`` time and the rest of its ``meta`` (provenance, summaries, the audit's name)
+are covered by no hash at all. So nothing that decides what an audit does or trusts is read from
+a manifest: whether a checkpoint may run its own model code, for one, comes only from the
+current run's parameters. Give write access only to those whose results you would accept.
 
 A remote store (``s3://bucket/prefix``; endpoint, region and credentials come from the usual AWS
-environment variables) is read through a local cache keyed by content hash: verifying an artifact
-downloads it once, hashing as it goes, and every later read on this machine is local. Transient
-errors (connection refused, timeouts) are retried with backoff, a bounded number of times; the
-messages never carry credentials.
+environment variables or an AWS profile) is read through a local cache keyed by content hash:
+verifying an artifact downloads it once, hashing as it goes, and every later read on this machine
+is local. Transient errors (connection refused, timeouts) are retried with backoff, a bounded
+number of times. Credentials never appear in a URL: a URL that holds them
+(``s3://KEY:SECRET@bucket``, ``https://token@host``) is refused (``check_url``), and every message,
+log line and exception of the store passes through ``redact``.
 """
 
 from __future__ import annotations
@@ -36,7 +54,7 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -48,6 +66,8 @@ from typing import IO, Any, Literal, TypeVar
 import fsspec
 from pydantic import BaseModel, ConfigDict
 
+from . import scratch
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
@@ -57,6 +77,17 @@ _SECRET_WORDS = ("key", "secret", "token", "password")
 _MAX_DELAY = 60.0  # seconds between two attempts, at most
 _WRITER = re.compile(r"^[0-9a-f]{12}$")  # a writer folder's name: put's uuid4().hex[:12]
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+_MAX_KEY = 1024  # characters in a key, at most (S3's limit on a whole object key, in bytes)
+_MAX_PART = 255  # bytes in one part of a key, at most (a file name on common file systems)
+# The userinfo of a URL, whatever its scheme: ``scheme://user:password@`` or ``scheme://token@``.
+# The user part stops at "/" (so a path holding "@", e.g. ``s3://bucket/model@v1``, is not read
+# as userinfo); the password part may hold "/" and "+", as raw AWS secrets do. Bounded lengths
+# and possessive quantifiers keep the search linear in the text, whatever the text.
+_USERINFO = re.compile(
+    r"([A-Za-z][A-Za-z0-9+.\-]{0,31}://)"
+    r"[^\s/?#@:\"<>`\\]{0,4096}+(?::[^\s@\"<>`\\]{0,4096}+)?@"
+)
+_DERIVATION = ("inputs", "config", "version")  # what Store.cached records of a key's origin
 T = TypeVar("T")
 
 
@@ -69,11 +100,19 @@ class ArtifactRef(BaseModel):
     hash: str
 
 
-class CorruptArtifact(RuntimeError):
-    """An artifact whose files are missing or do not match their manifest's hashes."""
+class _Redacted(RuntimeError):
+    """An error whose message never holds a credential (see redact)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(redact(str(message)))
 
 
-class StoreUnavailable(RuntimeError):
+class CorruptArtifact(_Redacted):
+    """An artifact whose files are missing or do not match their manifest's hashes, or whose
+    manifest does not belong to the key it is stored under."""
+
+
+class StoreUnavailable(_Redacted):
     """The store could not be reached, even after every retry."""
 
 
@@ -100,6 +139,11 @@ def check_key(key: str) -> str:
     parts = key.replace("\\", "/").split("/")
     if not key or key.startswith(("/", "\\", "~")) or _DRIVE.match(key):
         raise ValueError(f"{key!r} is empty or an absolute path; give a path inside the store")
+    if len(key) > _MAX_KEY or any(len(part.encode()) > _MAX_PART for part in parts):
+        raise ValueError(
+            f"{key[:40]!r}... is too long ({len(key)} characters): a key has at most {_MAX_KEY} "
+            f"characters, and at most {_MAX_PART} bytes between two '/'"
+        )
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"{key!r} has an empty, '.' or '..' part, which could leave the store")
     if any(ord(c) < 32 for c in key):
@@ -123,21 +167,60 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
     An S3 URL gets the environment's endpoint explicitly: botocore reads it too, but fsspec caches
     filesystems by their arguments, and an explicit endpoint keeps two endpoints apart. Region
     and credentials stay botocore's business (environment, profile, instance role), so they never
-    sit in the filesystem's arguments, where they could be pickled or logged.
+    sit in the filesystem's arguments, where they could be pickled or logged; a URL, endpoint or
+    storage option that holds credentials is refused (check_url).
     """
+    check_url(url, "URL")
     options = dict(storage_options or {})
+    _check_option_urls(options)
     endpoint = endpoint_url()
     if url.split("://", 1)[0] in ("s3", "s3a") and endpoint:
+        check_url(endpoint, "the S3 endpoint ($AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)")
         options.setdefault("endpoint_url", endpoint)
     return fsspec.core.url_to_fs(url, **options)
 
 
+def check_url(url: str, what: str) -> str:
+    """``url``, unless it holds credentials (``scheme://user:password@host``,
+    ``scheme://token@host``, any scheme): then a ValueError naming ``what``, with the URL redacted.
+
+    A URL is kept in Prefect's database (flow run parameters), in logs and in tracebacks, so a
+    secret in it would leak everywhere; credentials belong in the environment or a profile.
+    """
+    if "@" in str(url) and _USERINFO.search(str(url)):
+        raise ValueError(
+            f"{what} {redact(str(url))!r} holds credentials; give them through the environment "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the service's own variables) or an "
+            "AWS profile (AWS_PROFILE), never in the URL"
+        )
+    return url
+
+
+def _check_option_urls(options: Mapping[str, Any], where: str = "storage option") -> None:
+    """check_url on every string value of the storage options (e.g. an endpoint_url), nested too."""
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            _check_option_urls(value, f"{where} {name}:")
+        elif isinstance(value, str):
+            check_url(value, f"{where} {name}")
+
+
 def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """``text`` with every credential of the environment or of ``storage_options`` as ***."""
+    """``text`` with the userinfo of every URL in it (``scheme://***@host``) and every credential
+    of the environment or of ``storage_options`` as ***."""
+    if "@" in text:
+        text = _USERINFO.sub(r"\1***@", text)
     for secret in [os.environ.get(name) for name in _SECRET_ENV] + _secrets(storage_options):
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+def _cause(exc: BaseException, storage_options: Mapping[str, Any] | None = None):
+    """``exc`` to chain a store error to (``raise ... from``), or None where its own text holds
+    a credential: a chained cause is printed with every traceback."""
+    text = f"{type(exc).__name__}: {exc}"
+    return exc if redact(text, storage_options) == text else None
 
 
 def _secrets(options: Mapping[str, Any] | None) -> list[str]:
@@ -197,6 +280,22 @@ def _stream_sha256(f: IO[bytes]) -> str:
     return h.hexdigest()
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, from its ``st_mode``, for messages that refuse
+    it (a FIFO would block its reader forever, a device could be endless)."""
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
 def _check_manifest(ref: ArtifactRef, manifest: dict | None) -> dict:
     """The manifest, if it exists and names exactly the content ``ref`` expects."""
     if manifest is None:
@@ -206,6 +305,35 @@ def _check_manifest(ref: ArtifactRef, manifest: dict | None) -> dict:
     if digest(manifest["files"]) != ref.hash:
         raise CorruptArtifact(f"{ref.key}: manifest file list does not match its hash")
     return manifest
+
+
+def _check_location(key: str, manifest: dict) -> None:
+    """Raise CorruptArtifact unless the manifest belongs where it lies: the key and stage it
+    names are ``key``'s, and where it records the inputs, config and code version of its stage
+    (every artifact Store.cached made does), they derive ``key``. An artifact copied, moved or
+    swapped to another key fails here, with its ``key`` field edited to match or not."""
+    named, stage = manifest["key"], key.split("/", 1)[0]
+    if named != key:
+        raise CorruptArtifact(f"{key}: {MANIFEST} is stored under {key} but names {named}")
+    if manifest["stage"] != stage:
+        raise CorruptArtifact(
+            f"{key}: {MANIFEST} is stored under stage {stage} but names stage {manifest['stage']}"
+        )
+    meta = manifest["meta"]
+    recorded = [name for name in _DERIVATION if name in meta]
+    if not recorded:
+        return  # written by put alone, not by cached: nothing to derive the key from
+    if len(recorded) < len(_DERIVATION):
+        raise CorruptArtifact(
+            f"{key}: {MANIFEST} records only {', '.join(recorded)} of the inputs, config and "
+            "version its key derives from"
+        )
+    derived = Store.key_for(stage, meta["inputs"], meta["config"], meta["version"])
+    if derived != key:
+        raise CorruptArtifact(
+            f"{key}: {MANIFEST} is stored under {key} but its inputs, config and version give "
+            f"{derived}"
+        )
 
 
 def _expect_sha256(key: str, name: str, entry: dict, actual: str) -> None:
@@ -230,16 +358,12 @@ class Store:
         cache_dir: str | Path | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ):
-        self.url = url or default_store_url()
+        self.url = check_url(url or default_store_url(), "store URL")
         self._options = dict(storage_options or {})
         self.fs, root = filesystem(self.url, self._options)
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)
-        self.cache_dir = Path(
-            cache_dir
-            or os.environ.get("UNLEARNING_AUDIT_CACHE")
-            or Path.home() / ".cache" / "unlearning-audit"
-        )
+        self.cache_dir = Path(cache_dir) if cache_dir else scratch.cache_dir()
         self.retries = max(1, int(os.environ.get("UNLEARNING_AUDIT_STORE_RETRIES", "4")))
         self.backoff = float(os.environ.get("UNLEARNING_AUDIT_STORE_BACKOFF", "1"))
         part_mb = os.environ.get("UNLEARNING_AUDIT_PART_SIZE_MB")
@@ -247,7 +371,10 @@ class Store:
         self._verified: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"Store({self.url!r})"
+        return f"Store({self._redact(self.url)!r})"
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._options)
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -262,16 +389,18 @@ class Store:
             try:
                 return call()
             except _transient_errors() as exc:
-                reason = redact(f"{type(exc).__name__}: {exc}", self._options)
+                reason = self._redact(f"{type(exc).__name__}: {exc}")
                 if attempt >= self.retries:
                     raise StoreUnavailable(
-                        f"store {self.url}: {what} failed after {attempt} attempts ({reason})"
-                    ) from exc
+                        self._redact(
+                            f"store {self.url}: {what} failed after {attempt} attempts ({reason})"
+                        )
+                    ) from _cause(exc, self._options)
                 delay = min(self.backoff * 2 ** (attempt - 1), _MAX_DELAY)
                 log.warning(
                     "store %s: %s failed (%s); retry %d of %d in %.1fs",
-                    self.url,
-                    what,
+                    self._redact(self.url),
+                    self._redact(what),
                     reason,
                     attempt,
                     self.retries - 1,
@@ -289,8 +418,45 @@ class Store:
             self.fs.pipe(probe, b"ok")
             self.fs.rm(probe)
         except Exception as exc:
-            reason = redact(str(exc), self._options)
-            raise ValueError(f"store URL {self.url!r} cannot be written: {reason}") from exc
+            raise ValueError(
+                self._redact(f"store URL {self.url!r} cannot be written: {exc}")
+            ) from _cause(exc, self._options)
+
+    def check_readable(self) -> None:
+        """Raise ValueError naming the URL unless the store's root exists and can be listed.
+
+        A local root must be a folder. On S3, a bucket with nothing under the prefix does not
+        exist either (S3 has no empty folders): a mistyped prefix, or a store no audit has
+        written to yet. Connection failures are retried first (see _retry).
+        """
+        where = f"store URL {self.url!r}"
+        self.fs.invalidate_cache()
+        try:
+            if self.local and self.fs.exists(self.root) and not self.fs.isdir(self.root):
+                raise ValueError(self._redact(f"{where} is a file, not a folder"))
+            self._retry("listing of the store's root", lambda: self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            raise ValueError(self._redact(f"{where} does not exist ({self._missing()})")) from None
+        except ValueError:
+            raise
+        except Exception as exc:  # access denied, unreachable after every retry, bad endpoint
+            problem = f"{type(exc).__name__}: {exc}"
+            raise ValueError(self._redact(f"{where} cannot be read ({problem})")) from _cause(
+                exc, self._options
+            )
+
+    def _missing(self) -> str:
+        """What is missing of a root that cannot be found: the folder, the bucket or the prefix."""
+        if self.local:
+            return "no such folder"
+        bucket = self.root.split("/", 1)[0]
+        try:
+            bucket_exists = bucket != self.root and self.fs.exists(bucket)
+        except Exception:  # for the message only: the listing has failed already
+            bucket_exists = False
+        if bucket_exists:
+            return f"nothing is stored under {self.root!r}: a mistyped prefix, or no audit yet"
+        return f"no bucket {bucket!r}, or no access to it"
 
     @staticmethod
     def key_for(stage: str, inputs: Mapping[str, Any], config: Any, version: str) -> str:
@@ -302,9 +468,17 @@ class Store:
     def manifest(self, key: str) -> dict | None:
         """The artifact's manifest, or None where it has none (absent or incomplete).
 
-        A manifest that is not a JSON object with a hash, a data folder and a file list raises
-        CorruptArtifact. A key that would leave the store raises ValueError (see check_key).
+        A manifest that is not a JSON object with a hash, a data folder, a file list, its key,
+        stage and meta raises CorruptArtifact; so does one that does not belong to ``key`` (see
+        _check_location). A key that would leave the store raises ValueError (see check_key).
         """
+        manifest = self._parsed_manifest(key)
+        if manifest is not None:
+            _check_location(key, manifest)
+        return manifest
+
+    def _parsed_manifest(self, key: str) -> dict | None:
+        """The manifest stored under ``key`` if it is well formed, wherever it belongs."""
         path = self._path(check_key(key), MANIFEST)
         try:
             raw = self._retry(f"read of {key}/{MANIFEST}", lambda: self.fs.cat_file(path))
@@ -313,6 +487,8 @@ class Store:
         try:
             manifest = json.loads(raw)
             valid = isinstance(manifest["files"], dict) and manifest["hash"] and manifest["data"]
+            valid = valid and all(isinstance(manifest[f], str) for f in ("key", "stage", "hash"))
+            valid = valid and isinstance(manifest["meta"], dict)
             # the data folder and file names must stay inside the artifact: a tampered manifest
             # in a shared bucket must not read or write outside the store or the local cache
             valid = valid and _WRITER.match(manifest["data"])
@@ -388,7 +564,7 @@ class Store:
         target = self.cache_dir / ref.hash
         if target.exists():
             return target
-        tmp = Path(tempfile.mkdtemp(dir=_ensure(self.cache_dir), prefix=".part-"))
+        tmp = scratch.mkdtemp(_ensure(self.cache_dir), prefix=".part-")
         try:
             for name, entry in manifest["files"].items():
                 dest = tmp / name
@@ -420,10 +596,14 @@ class Store:
         return open(self.local_dir(ref) / name, "rb")
 
     def manifests(self, stage: str | None = None) -> Iterator[dict]:
-        """Every readable manifest in the store, or those of one stage, freshly listed."""
+        """Every readable manifest in the store, or those of one stage, freshly listed.
+
+        A root that does not exist or cannot be listed raises check_readable's ValueError (a
+        listing would otherwise read as an empty store)."""
         self.fs.invalidate_cache()
         pattern = self._path(stage or "*", "*", MANIFEST)
-        for path in sorted(self._retry("listing", lambda: self.fs.glob(pattern))):
+        paths = self._listed(lambda: self.fs.glob(pattern))
+        for path in sorted(paths):
             key = path[len(self.root) + 1 : -len(MANIFEST) - 1]
             try:
                 manifest = self.manifest(key)
@@ -440,9 +620,11 @@ class Store:
         manifest names and that nothing has written to for ``orphan_age`` seconds.
 
         Each artifact's files are hashed where they lie, so a copy this machine verified before
-        (in the cache, or earlier in this process) hides nothing. Orphans are what killed or
-        failed writers leave; younger ones may belong to a writer still at work, so they are
-        left alone.
+        (in the cache, or earlier in this process) hides nothing; a manifest stored under
+        another key than its own is corrupt too (see _check_location). Orphans are what killed
+        or failed writers leave; younger ones may belong to a writer still at work, so they are
+        left alone. A root that does not exist or cannot be listed raises ValueError
+        (check_readable), never an empty list.
         """
         findings: list[Finding] = []
         for key, (files, writers) in sorted(self._layout().items()):
@@ -484,7 +666,7 @@ class Store:
         """Per key folder (``<stage>/<digest>``): its own files and its writer folders, each with
         the time it was last written, from one recursive listing."""
         self.fs.invalidate_cache()
-        listing = self._retry("listing", lambda: self.fs.find(self.root, detail=True))
+        listing = self._listed(lambda: self.fs.find(self.root, detail=True))
         layout: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
         for path, info in listing.items():
             parts = path[len(self.root) + 1 :].split("/")
@@ -496,6 +678,18 @@ class Store:
             elif _WRITER.match(parts[2]):
                 writers[parts[2]] = max(writers.get(parts[2], 0.0), _mtime(info))
         return layout
+
+    def _listed(self, call: Callable[[], T]) -> T:
+        """A listing of the store; where it finds nothing or fails for want of the root, the
+        ValueError of check_readable, so that a missing store never reads as an empty one."""
+        try:
+            found = self._retry("listing", call)
+        except (FileNotFoundError, PermissionError):
+            self.check_readable()
+            raise
+        if not found:
+            self.check_readable()
+        return found
 
     def _checked(self, key: str) -> dict:
         """The artifact's manifest once it and every file it names verify, else CorruptArtifact."""
@@ -573,8 +767,10 @@ class Store:
         return {} if self.local or self.part_size is None else {"chunksize": self.part_size}
 
     def _readable_manifest(self, key: str) -> dict | None:
+        """The well-formed manifest stored under ``key``, even one that belongs elsewhere (to
+        find its data folder), else None."""
         try:
-            return self.manifest(key)
+            return self._parsed_manifest(key)
         except CorruptArtifact:
             return None
 
@@ -583,13 +779,13 @@ class Store:
         try:
             self.fs.rm(self._path(key, writer), recursive=True)
         except Exception as exc:
-            log.debug("could not remove %s/%s: %s", key, writer, redact(str(exc), self._options))
+            log.debug("could not remove %s/%s: %s", key, writer, self._redact(str(exc)))
 
     def _remember(self, src: Path, ref: ArtifactRef) -> None:
         """Keep a copy of a remote artifact just written in the cache: this machine has it."""
         if self.local or (self.cache_dir / ref.hash).exists():
             return
-        tmp = Path(tempfile.mkdtemp(dir=_ensure(self.cache_dir), prefix=".part-"))
+        tmp = scratch.mkdtemp(_ensure(self.cache_dir), prefix=".part-")
         try:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             _publish(tmp, self.cache_dir / ref.hash)
@@ -644,7 +840,7 @@ class Store:
         ref = self.get(key)
         if ref is not None:
             return ref, True
-        with tempfile.TemporaryDirectory(prefix=f"ua-{stage}-") as tmp:
+        with scratch.folder(stage) as tmp:
             meta = build(Path(tmp)) or {}
             meta = {"inputs": _plain(inputs), "config": _plain(config), "version": version, **meta}
             return self.put(key, Path(tmp), meta), False
