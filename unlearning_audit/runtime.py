@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-# Environment defaults for every Prefect process this package starts (CLI runs in ephemeral mode,
-# the local server and its workers): a patient ephemeral start, no telemetry, our logs shown.
+# Environment defaults for every Prefect process this package starts (CLI runs, against a temporary
+# local server (local_prefect.LocalAPI) where none is configured; the local server and its
+# workers): a patient temporary-server start, no telemetry, our logs shown.
 PREFECT_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
