@@ -323,6 +323,8 @@ def test_gpu_retries_back_off_exponentially(monkeypatch):
     crashed = StageRunFailed("stage run's process died", crashed=True)
     assert not retry(None, None, State(type=StateType.FAILED, data=failed))
     assert retry(None, None, State(type=StateType.FAILED, data=crashed))
+    bad_input = ValueError("checkpoint ...: config.json is not valid JSON")
+    assert not retry(None, None, State(type=StateType.FAILED, data=bad_input))
 
 
 def test_stage_flow_runs_only_stage_tasks():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from unlearning_audit import prompts, relearning, training, unlearning
+from unlearning_audit import data, prompts, relearning, training, unlearning
 from unlearning_audit.config import METHODS, RelearnConfig, UnlearnConfig
 
 VOCAB = 6
@@ -258,3 +258,17 @@ def test_a_split_needs_a_row_per_part():
         training.split(_random_batch(0), 6)
     with pytest.raises(ValidationError, match="micro_batches \\(4\\) cannot exceed batch_size"):
         RelearnConfig(batch_size=2, micro_batches=4)
+
+
+def test_a_diverging_run_stops_with_an_error_before_anything_is_kept():
+    """A finite but absurd learning rate drives a tiny Llama's loss to NaN: fit stops there with
+    a ValueError naming the step and the rate (so the stage is neither retried nor stored)."""
+    import archs
+
+    rows = [{"question": f"What is {i}?", "answer": f"It is {i * 7}"} for i in range(8)]
+    tok = archs.tokenizer([f"{r['question']} {r['answer']}" for r in rows])
+    batch = data.train_batch(prompts.renderer(tok), rows)
+    model = archs.model("llama", tok)
+    with pytest.raises(training.Diverged, match=r"the loss is nan at step \d+ of 20 \(learn"):
+        training.fit(model, training.mean_nll, iter([batch] * 20), 20, 1e10)
+    assert issubclass(training.Diverged, ValueError)

@@ -1,7 +1,9 @@
 """The `unlearning-audit` command line.
 
 Flows are imported inside the commands that run them, so importing this package never imports
-Prefect; run locally, Prefect starts a temporary server in this process (ephemeral mode).
+Prefect. Run locally (no Prefect server configured), a command that runs a flow starts a
+temporary local Prefect API that cannot outlive it (local_prefect.LocalAPI); a killed run's
+temporary folders are removed by the next start (scratch.clean_stale).
 """
 
 from __future__ import annotations
@@ -27,14 +29,31 @@ from .config import (
     TofuSplit,
     UnlearnConfig,
 )
+from .interrupts import start_cli
+from .local_prefect import LocalAPI
 from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, advantage_cell, format_p, two_decimals
 from .runtime import PREFECT_ENV
-from .store import ArtifactRef, CorruptArtifact, Store, check_key, endpoint_url
+from .store import (
+    ArtifactRef,
+    CorruptArtifact,
+    Store,
+    StoreUnavailable,
+    check_key,
+    check_url,
+    endpoint_url,
+    redact,
+)
+
+DEBUG_ENV = "UNLEARNING_AUDIT_DEBUG"
 
 
-def _prefect_env() -> None:
+def _prefect_env(*preload: str) -> LocalAPI:
+    """Prefect's environment defaults, set now; and, to run a flow in, a context manager that
+    starts a temporary local Prefect API that cannot outlive this process when no server is
+    configured (local_prefect.LocalAPI), importing ``preload`` (the flow's module) meanwhile."""
     for key, value in PREFECT_ENV.items():
         os.environ.setdefault(key, value)
+    return LocalAPI(preload)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -83,16 +102,36 @@ def _finish(result: dict, json_path: str | None, keys: tuple[str, ...] = SUMMARY
         print(f"rows written to {json_path}")
 
 
+def _check_output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that could not be written, before any work is done: its folder
+    missing or read-only, or a folder where the file should be. A file that did not exist is
+    not left behind."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot be written: {exc.strerror or exc}") from exc
+    if not existed:
+        target.unlink()
+
+
 def _run_audit(params: AuditParams, json_path: str | None) -> None:
     from .preflight import preflight, warnings
 
     for line in warnings(params):  # before preflight, so they show even when it refuses
         print(f"warning: {line}", file=sys.stderr)
+    _check_output_file(json_path, "--json")
     preflight(params)  # fail fast, before Prefect starts
-    _prefect_env()
-    from flows.audit import audit_checkpoint
+    with _prefect_env("flows.audit"):
+        from flows.audit import audit_checkpoint
 
-    _finish(audit_checkpoint(params), json_path)
+        _finish(audit_checkpoint(params), json_path)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -109,6 +148,10 @@ def _read_config(path: str | None) -> dict[str, Any]:
         config = json.loads(Path(path).read_text())
     except OSError as exc:
         raise ValueError(f"--config {path}: cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"--config {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"--config {path}: not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
@@ -228,13 +271,14 @@ def cmd_study(args: argparse.Namespace) -> None:
     if args.method:
         base["methods"] = args.method
     params = StudyParams.model_validate(base)
+    _check_output_file(args.json, "--json")
     from .preflight import preflight
 
     preflight(params.audit(params.domains[0]))
-    _prefect_env()
-    from flows.study import study
+    with _prefect_env("flows.study"):
+        from flows.study import study
 
-    _finish(study(params), args.json, SUMMARY_KEYS + STUDY_KEYS_EXTRA)
+        _finish(study(params), args.json, SUMMARY_KEYS + STUDY_KEYS_EXTRA)
 
 
 RESULT_BLOCK = "unlearning-audit-results"
@@ -254,6 +298,8 @@ def cmd_setup(args: argparse.Namespace) -> None:
         from prefect.filesystems import RemoteFileSystem
 
         endpoint = endpoint_url()
+        if endpoint:
+            check_url(endpoint, "the S3 endpoint ($AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL)")
         block = RemoteFileSystem(
             basepath=basepath, settings={"endpoint_url": endpoint} if endpoint else {}
         )
@@ -267,6 +313,14 @@ def cmd_setup(args: argparse.Namespace) -> None:
     )
 
 
+def _readable_store(url: str | None) -> Store:
+    """The store at ``url`` (default: the environment's), refused unless it exists and lists:
+    a mistyped path must not read as an empty store that verifies."""
+    store = Store(url)
+    store.check_readable()
+    return store
+
+
 def _columns(header: list[str], lines: list[list[str]]) -> str:
     """A plain text table, columns padded to their widest cell."""
     widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
@@ -277,7 +331,7 @@ def _columns(header: list[str], lines: list[list[str]]) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> None:
     """List the audits (their reports) and the artifacts in a store."""
-    store = Store(args.store)
+    store = _readable_store(args.store)
     manifests = sorted(store.manifests(args.stage), key=lambda m: m["created"])
     audits = [
         [str(m["meta"].get(f) or "") for f in ("name", "original")] + [m["created"][:19], m["key"]]
@@ -309,25 +363,25 @@ def cmd_ls(args: argparse.Namespace) -> None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     """Print an artifact's manifest and its Markdown files (a report's report.md)."""
-    store = Store(args.store)
-    manifest = store.manifest(args.key)
+    key = check_key(args.key)
+    store = _readable_store(args.store)
+    manifest = store.manifest(key)
     if manifest is None:
-        raise ValueError(f"no artifact {args.key!r} in {store.url}")
+        raise ValueError(f"no artifact {key!r} in {store.url}")
     print(json.dumps(manifest, indent=1))
-    ref = ArtifactRef(key=args.key, hash=manifest["hash"])
+    ref = ArtifactRef(key=key, hash=manifest["hash"])
     for name in sorted(n for n in manifest["files"] if n.endswith(".md")):
-        try:
-            text = store.read_bytes(ref, name).decode()
-        except CorruptArtifact as exc:
-            raise ValueError(str(exc)) from exc
-        print(f"\n--- {name}\n{text}")
+        print(f"\n--- {name}\n{store.read_bytes(ref, name).decode()}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Rebuild an audit's report.md and report.html from the store alone (no model is loaded)."""
     from .report import REPORT_HTML, rebuild
 
-    paths = rebuild(Store(args.store), check_key(args.key), args.out)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: is a file; give the folder to write the report into")
+    key = check_key(args.key)
+    paths = rebuild(_readable_store(args.store), key, args.out)
     for path in paths.values():
         print(f"wrote {path.resolve()}")
     if args.open:
@@ -341,7 +395,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     Exit code 1 when something does not verify and was not repaired, so a scheduled check fails.
     """
-    store = Store(args.store)
+    store = _readable_store(args.store)
     findings = store.check_integrity(orphan_age=args.orphan_minutes * 60)
     for finding in findings:
         print(f"{finding.kind}: {finding.problem}")
@@ -387,7 +441,7 @@ before any model is loaded."""
 
 def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     """The `audit` subcommand's flags, grouped as its help shows them."""
-    audit = sub.add_parser("audit", help=cmd_audit.__doc__, description=AUDIT_DESCRIPTION)
+    audit = _command(sub, "audit", help=cmd_audit.__doc__, description=AUDIT_DESCRIPTION)
     ckpt = audit.add_argument_group("checkpoints (embedded, a local folder, s3:// or id@revision)")
     ckpt.add_argument("--original", required=True, metavar="CKPT", help="the original model")
     ckpt.add_argument(
@@ -566,19 +620,31 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     audit.set_defaults(func=cmd_audit)
 
 
+def _command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser; flags are never abbreviated (--seed must not mean --seeds)."""
+    return sub.add_parser(name, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="unlearning-audit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="unlearning-audit", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an internal error (or set {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help=cmd_demo.__doc__)
+    demo = _command(sub, "demo", help=cmd_demo.__doc__)
     demo.add_argument("--store", help="artifact store URL (default ./audit-store)")
     demo.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
     demo.set_defaults(func=cmd_demo)
 
     _add_audit_parser(sub)
 
-    study = sub.add_parser("study", help=cmd_study.__doc__)
+    study = _command(sub, "study", help=cmd_study.__doc__)
     study.add_argument("--domain", action="append", choices=["text", "code", "math"])
     study.add_argument("--method", action="append", help="unlearning method (repeatable)")
     study.add_argument("--config", metavar="FILE", help="JSON file of study parameters")
@@ -586,29 +652,29 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
     study.set_defaults(func=cmd_study)
 
-    setup = sub.add_parser("setup", help=cmd_setup.__doc__)
+    setup = _command(sub, "setup", help=cmd_setup.__doc__)
     setup.add_argument("--store", help="artifact store URL (default ./audit-store)")
     setup.add_argument("--block", default=RESULT_BLOCK, help=f"block name (default {RESULT_BLOCK})")
     setup.set_defaults(func=cmd_setup)
 
-    ls = sub.add_parser("ls", help=cmd_ls.__doc__)
+    ls = _command(sub, "ls", help=cmd_ls.__doc__)
     ls.add_argument("--store", help="artifact store URL (default ./audit-store)")
     ls.add_argument("--stage", help="only this stage's artifacts (report: the audits)")
     ls.set_defaults(func=cmd_ls)
 
-    show = sub.add_parser("show", help=cmd_show.__doc__)
+    show = _command(sub, "show", help=cmd_show.__doc__)
     show.add_argument("key", metavar="KEY", help="an artifact key, e.g. report/3f2a...")
     show.add_argument("--store", help="artifact store URL (default ./audit-store)")
     show.set_defaults(func=cmd_show)
 
-    report = sub.add_parser("report", help=cmd_report.__doc__)
+    report = _command(sub, "report", help=cmd_report.__doc__)
     report.add_argument("key", metavar="AUDIT_KEY", help="report/<digest>, or a digest prefix")
     report.add_argument("--store", help="artifact store URL (default ./audit-store)")
     report.add_argument("--out", type=Path, help="output folder (default ./reports/<digest>)")
     report.add_argument("--open", action="store_true", help="open the HTML report in a browser")
     report.set_defaults(func=cmd_report)
 
-    verify = sub.add_parser("verify", help=cmd_verify.__doc__.splitlines()[0])
+    verify = _command(sub, "verify", help=cmd_verify.__doc__.splitlines()[0])
     verify.add_argument("--store", help="artifact store URL (default ./audit-store)")
     verify.add_argument("--repair", action="store_true", help="remove what does not verify")
     verify.add_argument(
@@ -621,29 +687,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(func=cmd_verify)
 
-    server = sub.add_parser("server", help=cmd_server.__doc__)
+    server = _command(sub, "server", help=cmd_server.__doc__)
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default 4200)")
     server.add_argument("--gpus", type=int, help="GPU workers and GPU-stage limit (default: all)")
     server.add_argument("--home", type=Path, help="PREFECT_HOME (default: Prefect's own)")
     server.set_defaults(func=cmd_server)
+    for command in sub.choices.values():  # --debug after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, run, and turn bad input into a clear message and exit code 2."""
+    """Entry point: parse and run. Bad input (a ValueError or an invalid configuration), an
+    unreachable or damaged store and a file that cannot be written end as one ``error:``
+    message naming the problem, exit code 2; anything else is an internal error, shown as one
+    line (exit code 1) with its traceback only under --debug. No message carries a credential.
+    """
+    if argv is None:  # run as the program: SIGINT/SIGTERM exit 130/143 in order; stale temp go
+        start_cli()
     args = build_parser().parse_args(argv)
+    debug = args.debug or bool(os.environ.get(DEBUG_ENV))
     try:
         code = args.func(args)
     except ValidationError as exc:
         problems = [
             f"  - {'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors()
         ]
-        print("invalid configuration:\n" + "\n".join(problems), file=sys.stderr)
+        _complain("invalid configuration:\n" + "\n".join(problems))
         return 2
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, StoreUnavailable, CorruptArtifact) as exc:
+        _complain(f"error: {exc}")
         return 2
+    except OSError as exc:
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        _complain(f"error: {exc.strerror or exc}{where}")
+        return 2
+    except KeyboardInterrupt:
+        _complain("interrupted")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        _complain(
+            f"internal error: {type(exc).__name__}: {exc}\n"
+            "(rerun with --debug for the traceback, and please report it)"
+        )
+        return 1
     return code or 0  # a command may return its own exit code (verify: 1 on a failed check)
+
+
+def _complain(message: str) -> None:
+    """Print a message to stderr with every credential of the environment masked."""
+    print(redact(message), file=sys.stderr)
 
 
 if __name__ == "__main__":

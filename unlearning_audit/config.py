@@ -6,24 +6,40 @@ Every model here is JSON-serialisable, so it can be a Prefect parameter and part
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     PositiveInt,
     field_validator,
     model_validator,
 )
 
 from .prompts import check_format
-from .store import check_key
+from .store import check_key, check_url
 
 METHODS = ("GA", "GA+GD", "GA+KL", "NPO", "NPO+KL", "RLabel")
 Domain = Literal["text", "code", "math"]
 RelearnSource = Literal["forget", "forget-half", "retain", "unrelated"]
+
+
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A positive, finite number (a learning rate, a budget): infinity would train to NaN weights."""
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""A seed every generator accepts (numpy's are 32-bit)."""
+Steps = Annotated[int, Field(gt=0, le=1_000_000)]
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(value: str) -> str:
+    """``value`` if it names a device torch knows (auto, cpu, mps, cuda, cuda:N)."""
+    if not DEVICE.match(value):
+        raise ValueError(f"unknown device {value!r}; give auto, cpu, mps, cuda or cuda:N")
+    return value
 
 
 class _Config(BaseModel):
@@ -33,7 +49,7 @@ class _Config(BaseModel):
 class EmbeddedConfig(_Config):
     """The built-in default: a synthetic corpus and a tiny Llama pretrained on it on CPU."""
 
-    seed: int = Field(0, description="Seed of the corpus, the tokenizer and the model.")
+    seed: Seed = Field(0, description="Seed of the corpus, the tokenizer and the model.")
     authors: PositiveInt = Field(200, description="Fictitious authors (text domain), 5 facts each.")
     functions: PositiveInt = Field(24, description="Functions (code domain), 5 facts each.")
     operands: PositiveInt = Field(24, description="Left operands (math domain), 5 sums each.")
@@ -43,10 +59,10 @@ class EmbeddedConfig(_Config):
     intermediate_size: PositiveInt = 352
     layers: PositiveInt = Field(4, description="Decoder blocks.")
     heads: PositiveInt = 4
-    lr: PositiveFloat = Field(2e-3, description="Pretraining learning rate.")
+    lr: Rate = Field(2e-3, description="Pretraining learning rate.")
     warmup: int = Field(50, ge=0, description="Pretraining warm-up steps.")
     batch_size: PositiveInt = 64
-    max_steps: PositiveInt = Field(2000, description="Give up (error) past this many steps.")
+    max_steps: Steps = Field(2000, description="Give up (error) past this many steps.")
     eval_every: PositiveInt = Field(50, description="Steps between checks of the targets.")
     target_exact_match: float = Field(0.85, ge=0, le=1, description="Stop once forget EM >= it.")
     target_token_accuracy: float = Field(0.9, ge=0, le=1, description="... and token acc >= it.")
@@ -126,6 +142,11 @@ class DataConfig(_Config):
     def _known_format(cls, value: str) -> str:
         return check_format(value)
 
+    @field_validator("forget", "retain", "unrelated", "tofu")
+    @classmethod
+    def _no_credentials(cls, value: str | None, info) -> str | None:
+        return value if value is None else check_url(value, f"data.{info.field_name}")
+
     @property
     def external(self) -> bool:
         """Whether the facts are the user's (not the embedded corpus)."""
@@ -167,12 +188,12 @@ class UnlearnConfig(_Batched):
     """One unlearning run: a method and its hyperparameters."""
 
     method: str = Field("GA", description=f"One of {', '.join(METHODS)}.")
-    lr: PositiveFloat | None = Field(None, description=LR)
-    steps: PositiveInt = Field(60, description="Optimiser steps (upper bound with early stop).")
+    lr: Rate | None = Field(None, description=LR)
+    steps: Steps = Field(60, description="Optimiser steps (upper bound with early stop).")
     batch_size: PositiveInt = Field(16, description="Forget (and retain) rows per step.")
     micro_batches: MicroBatches = 1
-    beta: PositiveFloat = Field(0.1, description="NPO inverse temperature.")
-    retain_weight: float = Field(1.0, ge=0, description="Weight of the retain term (GD, KL).")
+    beta: Rate = Field(0.1, description="NPO inverse temperature.")
+    retain_weight: Weight = Field(1.0, description="Weight of the retain term (GD, KL).")
     stop_at_forget_em: float | None = Field(
         None,
         ge=0,
@@ -222,7 +243,9 @@ class RelearnConfig(_Batched):
         "other; retain: same-domain retain data; unrelated: other-domain data.",
         min_length=1,
     )
-    budget: PositiveFloat = Field(1.0, description="Examples seen, as a multiple of |forget|.")
+    budget: Rate = Field(
+        1.0, le=100, description="Examples seen, as a multiple of |forget| (at most 100)."
+    )
 
     @field_validator("sources")
     @classmethod
@@ -231,7 +254,7 @@ class RelearnConfig(_Batched):
             raise ValueError("sources must include 'forget': the verdict rests on it")
         return list(dict.fromkeys(value))
 
-    lr: PositiveFloat | None = Field(None, description=LR)
+    lr: Rate | None = Field(None, description=LR)
     batch_size: PositiveInt = 8
     micro_batches: MicroBatches = 1
     seeds: int = Field(
@@ -352,7 +375,11 @@ class AuditParams(_Config):
     relearn: RelearnConfig = Field(default_factory=RelearnConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
-    layers: list[int] | None = Field(None, description="Activation layers; default all.")
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Activation layers (0: the embeddings, i: block i's output); default all.",
+    )
     fisher: bool = Field(True, description="Compute the diagonal Fisher (a GPU stage).")
     probes: bool = Field(True, description="Linear probes per layer as a recovery attack.")
     quantization_bits: list[int] = Field(
@@ -375,14 +402,30 @@ class AuditParams(_Config):
             raise ValueError(f"bit widths must be between 2 and 16, got {bad}")
         return value
 
-    seed: int = Field(0, description="Seed of every stochastic stage.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    seed: Seed = Field(0, description="Seed of every stochastic stage.")
+    device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N.")
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights. Unsafe.")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     store: str | None = Field(
         None, description="Artifact store URL; default $UNLEARNING_AUDIT_STORE or ./audit-store."
     )
     name: str | None = Field(None, description="A label for this audit in reports and listings.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device(value)
+
+    @field_validator("original", "unlearned", "control", "store")
+    @classmethod
+    def _no_credentials(cls, value: str | None, info) -> str | None:
+        """A URL with credentials would be kept in Prefect's database and logs: refused."""
+        return value if value is None else check_url(value, info.field_name)
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
+        return value if value is None else sorted(set(value))
 
     @field_validator("name")
     @classmethod
@@ -409,9 +452,9 @@ class AuditParams(_Config):
 class Setting(_Config):
     """One unlearning setting of a study: the hyperparameters shared by every method in it."""
 
-    lr: PositiveFloat = 1e-3
-    steps: PositiveInt = 100
-    retain_weight: float = Field(1.0, ge=0)
+    lr: Rate = 1e-3
+    steps: Steps = 100
+    retain_weight: Weight = 1.0
     stop_at_forget_em: float | None = Field(None, ge=0, le=1)
     check_every: PositiveInt = 2
 
@@ -435,9 +478,19 @@ class StudyParams(_Config):
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
     relearn: RelearnConfig = Field(default_factory=RelearnConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     store: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device(value)
+
+    @field_validator("store")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return value if value is None else check_url(value, "store")
 
     @field_validator("methods")
     @classmethod

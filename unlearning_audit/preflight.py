@@ -3,7 +3,6 @@ before a model is loaded or a GPU is touched."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import checkpoints, data
@@ -49,11 +48,15 @@ def preflight(params: AuditParams) -> str:
             "data: a checkpoint other than the embedded one needs forget and retain "
             "sources (data.forget, data.retain)"
         )
-    for role, source in sources.items():
-        local = source and Path(source).suffix in {".json", ".jsonl", ".parquet"}
-        if local and not Path(source).expanduser().is_file():
-            problems.append(f"data.{role}: file {source!r} does not exist")
-    if not problems and sources["forget"] is not None:
+    missing = [
+        role
+        for role, source in sources.items()
+        if source
+        and Path(source).suffix.lower() in data.FORMATS
+        and not Path(source).expanduser().exists()
+    ]
+    problems += [f"data.{role}: file {sources[role]!r} does not exist" for role in missing]
+    if sources["forget"] is not None and sources["retain"] is not None and not missing:
         try:
             sets = data.external_sets(params.data)
             data.check_sets(sets)
@@ -66,7 +69,7 @@ def preflight(params: AuditParams) -> str:
                 )
         except ValueError as exc:
             problems.append(f"data: {exc}")
-    problems += _device_problems(params.device) + _layer_problems(params)
+    problems += _device_problems(params.device) + _layer_problems(params) + _lora_problems(params)
     if (
         params.unlearned is None
         and params.original != checkpoints.EMBEDDED
@@ -106,26 +109,50 @@ def warnings(params: AuditParams) -> list[str]:
 
 
 def _device_problems(device: str) -> list[str]:
-    """A CUDA device asked for where none is available."""
+    """A device asked for that this machine does not have (a CUDA or MPS device, or a CUDA
+    index past the last GPU)."""
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return [f"device: {device!r} was asked for, but torch sees no CUDA device"]
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            return [f"device: {device!r} was asked for, but torch sees no CUDA device"]
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            return [f"device: {device!r} was asked for, but torch sees {count} CUDA device(s)"]
+    if device == "mps" and not torch.backends.mps.is_available():
+        return ["device: 'mps' was asked for, but torch sees no MPS device"]
+    return []
+
+
+def _lora_problems(params: AuditParams) -> list[str]:
+    """LoRA asked for (a method's lora_rank) without peft installed."""
+    import importlib.util
+
+    lora = [m.label for m in params.methods if m.lora_rank] if params.unlearned is None else []
+    if lora and importlib.util.find_spec("peft") is None:
+        return [
+            f"methods: {', '.join(lora)} train LoRA adapters (lora_rank), which needs peft: "
+            "pip install 'unlearning-audit[lora]'"
+        ]
     return []
 
 
 def _layer_problems(params: AuditParams) -> list[str]:
-    """Activation layers that the original model does not have (0 = embeddings, i = block i-1)."""
+    """Activation layers that the original model does not have (0 = embeddings, i = block i-1).
+
+    Read from a local folder's config.json (checkpoints.num_blocks, as untrusted as the rest
+    of the folder); a remote or hub original is checked when the extract stage loads it.
+    """
     if params.layers is None:
         return []
     if params.original == checkpoints.EMBEDDED:
         blocks = params.embedded.layers
     else:
-        folder = Path(params.original).expanduser()
-        config = folder / "config.json"
-        if not config.is_file():
-            return []  # remote or hub: checked when the extract stage loads the model
-        blocks = json.loads(config.read_text()).get("num_hidden_layers")
+        try:
+            blocks = checkpoints.num_blocks(Path(params.original).expanduser())
+        except ValueError:
+            return []  # check_folder reports what is wrong with config.json
         if blocks is None:
             return []
     bad = [layer for layer in params.layers if not 0 <= layer <= blocks]

@@ -3,6 +3,7 @@ answer-token log-likelihoods every loss is built from."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -11,6 +12,12 @@ import torch.nn.functional as F
 from .data import IGNORE
 
 Batch = dict[str, torch.Tensor]
+
+
+class Diverged(ValueError):
+    """Training produced a loss that is not a finite number: the weights are NaN or infinite
+    from here on, so nothing trained further may be stored. A ValueError: rerunning with the
+    same settings fails the same way (a lower learning rate is the cure)."""
 
 
 def default_lr(model) -> float:
@@ -118,6 +125,11 @@ def fit(
             part_loss = loss_fn(model, part)
             part_loss.backward()
             loss += part_loss.item()
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"training diverged: the loss is {loss} at step {step} of {steps} "
+                f"(learning rate {lr:g}); lower the learning rate"
+            )
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         schedule.step()

@@ -1,0 +1,166 @@
+"""One error path in the command line: every user error is one `error:` line naming the thing at
+fault, exit code 2, before any work; an internal error is one line and exit code 1, with its
+traceback only under --debug; no message carries a credential."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from unlearning_audit import cli
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def _config(tmp_path, params) -> str:
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps(params))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "message"),
+    [
+        ({"seed": -1}, "seed", "greater than or equal to 0"),
+        ({"seed": 2**40}, "seed", "less than or equal to 4294967295"),
+        ({"layers": []}, "layers", "at least 1 item"),
+        ({"layers": [-1]}, "layers.0", "greater than or equal to 0"),
+        ({"device": "tpu"}, "device", "unknown device 'tpu'"),
+        ({"device": "cuda:x"}, "device", "unknown device 'cuda:x'"),
+        ({"relearn": {"lr": "Infinity"}}, "relearn.lr", "finite number"),
+        ({"relearn": {"budget": "Infinity"}}, "relearn.budget", "finite number"),
+        ({"relearn": {"budget": 1e9}}, "relearn.budget", "less than or equal to 100"),
+        ({"methods": [{"method": "GA", "lr": "NaN"}]}, "methods.0.lr", "finite number"),
+        ({"methods": [{"method": "GA", "steps": 10**12}]}, "methods.0.steps", "less than"),
+        ({"methods": [{"method": "NPO", "beta": "Infinity"}]}, "methods.0.beta", "finite"),
+        ({"embedded": {"seed": -3}}, "embedded.seed", "greater than or equal to 0"),
+    ],
+)
+def test_values_that_would_fail_late_are_refused_up_front(capsys, tmp_path, params, field, message):
+    code, err = _run(
+        capsys, "audit", "--original", "embedded", "--config", _config(tmp_path, params)
+    )
+    assert code == 2 and err.startswith("invalid configuration:"), err
+    assert f"  - {field}: " in err and message in err, err
+    assert not (tmp_path / "audit-store").exists()
+
+
+def test_flags_are_never_abbreviated(capsys):
+    """`--seed 5` must not silently set --seeds (relearning runs per source)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["audit", "--original", "embedded", "--seed", "5"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --seed 5" in capsys.readouterr().err
+
+
+def test_a_missing_cuda_device_index_is_named(capsys, tmp_path):
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        "embedded",
+        "--device",
+        f"cuda:{count}",
+        "--store",
+        str(tmp_path / "s"),
+    )
+    assert code == 2 and f"device: 'cuda:{count}' was asked for, but torch sees" in err, err
+
+
+def test_lora_without_peft_is_refused_before_any_stage(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    config = _config(tmp_path, {"methods": [{"method": "GA", "lr": 1e-3, "lora_rank": 4}]})
+    code, err = _run(
+        capsys, "audit", "--original", "embedded", "--config", config, "--store", str(tmp_path)
+    )
+    assert code == 2 and "train LoRA adapters (lora_rank), which needs peft" in err, err
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "folder", "under-a-file"])
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_run(capsys, tmp_path, where):
+    (tmp_path / "file").write_text("")
+    target = {
+        "missing-folder": tmp_path / "no" / "such" / "rows.json",
+        "folder": tmp_path,
+        "under-a-file": tmp_path / "file" / "rows.json",
+    }[where]
+    code, err = _run(
+        capsys,
+        "audit",
+        "--original",
+        "embedded",
+        "--json",
+        str(target),
+        "--store",
+        str(tmp_path / "store"),
+    )
+    assert code == 2 and err.startswith(f"error: --json {target}: "), err
+    assert not (tmp_path / "store").exists()  # refused before preflight wrote its probe
+
+
+def test_a_writable_output_file_is_not_left_behind_by_the_check(tmp_path):
+    target = tmp_path / "rows.json"
+    cli._check_output_file(str(target), "--json")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe{}", "not UTF-8 text"),
+        (b"[1, 2]", "must hold a JSON object"),
+        (b"", "not valid JSON"),
+    ],
+)
+def test_config_files_of_every_wrong_kind_are_named(capsys, tmp_path, content, message):
+    path = tmp_path / "audit.json"
+    path.write_bytes(content)
+    code, err = _run(capsys, "audit", "--original", "embedded", "--config", str(path))
+    assert code == 2 and err.startswith(f"error: --config {path}: {message}"), err
+
+
+def test_a_config_that_is_a_folder_is_named(capsys, tmp_path):
+    code, err = _run(capsys, "audit", "--original", "embedded", "--config", str(tmp_path))
+    assert code == 2 and err.startswith(f"error: --config {tmp_path}: cannot be read"), err
+
+
+def test_report_out_naming_a_file_is_refused(capsys, tmp_path):
+    out = tmp_path / "report.html"
+    out.write_text("keep me")
+    code, err = _run(capsys, "report", "report/abc", "--store", str(tmp_path), "--out", str(out))
+    assert code == 2 and f"--out {out}: is a file" in err, err
+    assert out.read_text() == "keep me"
+
+
+def test_internal_errors_are_one_line_and_their_traceback_needs_debug(
+    capsys, tmp_path, monkeypatch
+):
+    def broken(args):
+        raise RuntimeError(f"a bug, holding {SECRET}")
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setattr(cli, "cmd_ls", broken)
+    code, err = _run(capsys, "ls", "--store", str(tmp_path))
+    assert code == 1
+    assert err.startswith("internal error: RuntimeError: a bug, holding ***"), err
+    assert "Traceback" not in err and SECRET not in err and "--debug" in err
+    for argv in (["--debug", "ls"], ["ls", "--debug"]):
+        with pytest.raises(RuntimeError, match="a bug"):
+            cli.main([*argv, "--store", str(tmp_path)])
+
+
+def test_user_errors_never_show_a_credential_of_the_environment(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    path = tmp_path / f"{SECRET}.json"
+    code, err = _run(capsys, "audit", "--original", "embedded", "--config", str(path))
+    assert code == 2 and "cannot be read" in err and SECRET not in err, err
