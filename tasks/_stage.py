@@ -31,7 +31,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from unlearning_audit import checkpoints, data, prompts
+from unlearning_audit import checkpoints, data, prompts, scratch
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
@@ -113,6 +113,7 @@ def cached_stage(
     if pool is not None and store.get(store.key_for(stage, inputs, config, version)) is None:
         return _run_on_pool(pool)
     name = _stage_name(stage)
+    _clean_stale_once()
     ref, cached = store.cached(
         stage, inputs, config, version, lambda out: _guarded_build(name, build, batch, store, out)
     )
@@ -121,6 +122,15 @@ def cached_stage(
         return Completed(name="Cached", message=f"served from the store: {ref.key}", data=ref)
     logger.info("%s: computed and stored (%s)", stage, ref.key)
     return ref
+
+
+@functools.cache
+def _clean_stale_once() -> None:
+    """Before this process's first build, remove the temporary folders that killed runs on
+    this machine left (an out-of-memory kill of a worker leaves a stage's full build): a
+    deployed worker never runs the CLI, which does the same at its start."""
+    for path in scratch.clean_stale():
+        get_run_logger().warning("removed %s, left by a run that was killed", path)
 
 
 def _stage_name(stage: str) -> str:

@@ -292,15 +292,19 @@ def test_a_folder_is_removed_when_its_block_ends_and_kept_while_it_runs(tmp_path
     assert not folder.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_a_reused_pid_does_not_keep_a_folder_once_it_is_not_new(tmp_path):
-    """The pid in the name is alive (this process), but nothing holds the folder: new, it may
-    be its owner's, about to lock it; a minute old, it is stale."""
+def test_a_live_pid_does_not_keep_an_unlocked_folder_and_new_folders_are_left_alone(tmp_path):
+    """The pid in the name is alive (this process, as after pid reuse), but nothing holds the
+    folder: stale, since a folder gets its owned name only once it is locked. A folder still
+    being created (not yet renamed) is never looked at."""
     folder = tmp_path / f"ua-data-{os.getpid()}-abcd1234"
     folder.mkdir()
-    assert scratch.clean_stale([tmp_path]) == []
-    old = time.time() - 60
-    os.utime(folder, (old, old))
+    making = tmp_path / ".ua-new-abcd1234"
+    making.mkdir()
     assert scratch.clean_stale([tmp_path]) == [folder]
+    assert making.is_dir()
+    with scratch.folder("data", tmp_path) as mine:
+        assert mine.name.startswith(f"ua-data-{os.getpid()}-")
+        assert scratch.clean_stale([tmp_path]) == [] and mine.is_dir()  # locked: its owner lives
 
 
 def test_unrelated_names_and_other_users_folders_are_untouched(tmp_path):

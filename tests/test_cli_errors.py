@@ -164,3 +164,58 @@ def test_user_errors_never_show_a_credential_of_the_environment(capsys, tmp_path
     path = tmp_path / f"{SECRET}.json"
     code, err = _run(capsys, "audit", "--original", "embedded", "--config", str(path))
     assert code == 2 and "cannot be read" in err and SECRET not in err, err
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory):
+    """A tiny Llama checkpoint whose tokenizer has no chat template."""
+    import archs
+
+    tok = archs.tokenizer(["Who wrote Q0? A", "Who wrote R? B"])
+    folder = tmp_path_factory.mktemp("plain")
+    return str(archs.save(archs.model("llama", tok), tok, folder))
+
+
+def _audit_folder(capsys, tmp_path, folder, data_files, *extra) -> tuple[int, str]:
+    argv = ["audit", "--original", folder, "--method", "GA", "--store", str(tmp_path / "s")]
+    argv += ["--forget", data_files["forget"], "--retain", data_files["retain"], *extra]
+    return _run(capsys, *argv)
+
+
+def test_a_prompt_format_the_tokenizer_cannot_render_is_refused_in_preflight(
+    capsys, tmp_path, plain_checkpoint, data_files
+):
+    code, err = _audit_folder(
+        capsys, tmp_path, plain_checkpoint, data_files, "--prompt-format", "chat"
+    )
+    assert code == 2, err
+    assert "prompt format 'chat': prompt format 'chat' asked for, but the tokenizer has no" in err
+
+
+def test_a_relearning_source_without_its_data_is_refused_in_preflight(
+    capsys, tmp_path, plain_checkpoint, data_files
+):
+    config = _config(tmp_path, {"relearn": {"sources": ["forget", "unrelated"]}})
+    code, err = _audit_folder(capsys, tmp_path, plain_checkpoint, data_files, "--config", config)
+    assert code == 2 and "relearning source 'unrelated' needs an unrelated set" in err, err
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"store": f"s3://AKIAFAKE:{SECRET}@bucket/audits"},
+        {"original": f"s3://AKIAFAKE:{SECRET}@models/base"},
+        {"data": {"forget": f"https://user:{SECRET}@host/forget.json", "retain": "r.json"}},
+        {"name": "ok", "colour": SECRET},
+    ],
+)
+def test_validation_errors_never_echo_an_input(params):
+    """Prefect logs a flow parameter's validation error as it is: no input value may be in it."""
+    from pydantic import ValidationError
+
+    from unlearning_audit.config import AuditParams
+
+    with pytest.raises(ValidationError) as info:
+        AuditParams.model_validate(params)
+    shown = str(info.value) + repr(info.value.errors(include_input=False))
+    assert SECRET not in shown

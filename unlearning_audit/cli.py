@@ -288,7 +288,7 @@ def cmd_setup(args: argparse.Namespace) -> None:
     """Check a store and save Prefect result storage on it as a block (docs/storage.md)."""
     store = Store(args.store)
     store.check_writable()
-    _prefect_env()
+    api = _prefect_env()  # before Prefect is imported: its settings read the environment
     basepath = f"{store.url.rstrip('/')}/prefect-results"
     if store.local:
         from prefect.filesystems import LocalFileSystem
@@ -303,7 +303,8 @@ def cmd_setup(args: argparse.Namespace) -> None:
         block = RemoteFileSystem(
             basepath=basepath, settings={"endpoint_url": endpoint} if endpoint else {}
         )
-    block.save(args.block, overwrite=True)
+    with api:
+        block.save(args.block, overwrite=True)
     slug = f"{block.get_block_type_slug()}/{args.block}"
     print(f"store {store.url} is writable; Prefect result storage saved as block {slug}")
     print("persist every flow's results there with:")

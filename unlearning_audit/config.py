@@ -10,10 +10,12 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     PositiveInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -32,18 +34,31 @@ Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 """A seed every generator accepts (numpy's are 32-bit)."""
 Steps = Annotated[int, Field(gt=0, le=1_000_000)]
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
-def check_device(value: str) -> str:
-    """``value`` if it names a device torch knows (auto, cpu, mps, cuda, cuda:N)."""
-    if not DEVICE.match(value):
+def _known_device(value: str) -> str:
+    if not DEVICE.fullmatch(value):
         raise ValueError(f"unknown device {value!r}; give auto, cpu, mps, cuda or cuda:N")
     return value
 
 
+Device = Annotated[str, AfterValidator(_known_device)]
+"""A device torch knows: auto, cpu, mps, cuda or cuda:N."""
+
+
+def _no_credentials(value: str, info: ValidationInfo) -> str:
+    return check_url(value, info.field_name or "URL")
+
+
+Location = Annotated[str, AfterValidator(_no_credentials)]
+"""A checkpoint, data source or store: a path or a URL, never one holding credentials (they
+would be kept in Prefect's database and logs)."""
+
+
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inputs are never echoed in validation errors (Prefect logs them): one could be a secret
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class EmbeddedConfig(_Config):
@@ -90,14 +105,14 @@ class DataConfig(_Config):
     """Which facts to forget, keep and use as unrelated probes, and how a model sees them."""
 
     domain: Domain = Field("text", description="Embedded corpus: the domain to forget from.")
-    forget: str | None = Field(
+    forget: Location | None = Field(
         None,
         description="External forget set: a local JSON/JSONL/Parquet file or a `datasets` "
         "source `name[:config][@revision]#split` with question/answer columns.",
     )
-    retain: str | None = Field(None, description="External retain set, same forms as forget.")
-    unrelated: str | None = Field(None, description="External unrelated set (optional).")
-    tofu: str | None = Field(
+    retain: Location | None = Field(None, description="External retain set, same forms as forget.")
+    unrelated: Location | None = Field(None, description="External unrelated set (optional).")
+    tofu: Location | None = Field(
         None,
         description="TOFU preset: a local folder with TOFU's files, or locuslab/TOFU@<revision>; "
         "sets forget, retain (the split's) and group (authors: every 20 rows).",
@@ -141,11 +156,6 @@ class DataConfig(_Config):
     @classmethod
     def _known_format(cls, value: str) -> str:
         return check_format(value)
-
-    @field_validator("forget", "retain", "unrelated", "tofu")
-    @classmethod
-    def _no_credentials(cls, value: str | None, info) -> str | None:
-        return value if value is None else check_url(value, f"data.{info.field_name}")
 
     @property
     def external(self) -> bool:
@@ -352,17 +362,17 @@ DEFAULT_METHODS = [
 class AuditParams(_Config):
     """Everything one audit needs; every field has a working default (the embedded model)."""
 
-    original: str = Field(
+    original: Location = Field(
         "embedded",
         description="The original checkpoint: `embedded`, a local folder, an "
         "s3:// prefix, or a hub id pinned to a revision (org/name@revision).",
     )
-    unlearned: str | None = Field(
+    unlearned: Location | None = Field(
         None,
         description="An already-unlearned checkpoint to audit against the original "
         "(same forms); when set, no unlearning method runs.",
     )
-    control: str | None = Field(
+    control: Location | None = Field(
         None,
         description="A never-learned control checkpoint (same forms). With the embedded "
         "original, one is built without the forget facts unless `no_control` is set.",
@@ -403,24 +413,13 @@ class AuditParams(_Config):
         return value
 
     seed: Seed = Field(0, description="Seed of every stochastic stage.")
-    device: str = Field("auto", description="auto, cpu, mps, cuda or cuda:N.")
+    device: Device = Field("auto", description="auto, cpu, mps, cuda or cuda:N.")
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights. Unsafe.")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
-    store: str | None = Field(
+    store: Location | None = Field(
         None, description="Artifact store URL; default $UNLEARNING_AUDIT_STORE or ./audit-store."
     )
     name: str | None = Field(None, description="A label for this audit in reports and listings.")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        return check_device(value)
-
-    @field_validator("original", "unlearned", "control", "store")
-    @classmethod
-    def _no_credentials(cls, value: str | None, info) -> str | None:
-        """A URL with credentials would be kept in Prefect's database and logs: refused."""
-        return value if value is None else check_url(value, info.field_name)
 
     @field_validator("layers")
     @classmethod
@@ -479,18 +478,8 @@ class StudyParams(_Config):
     relearn: RelearnConfig = Field(default_factory=RelearnConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
     seed: Seed = 0
-    device: str = "auto"
-    store: str | None = None
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        return check_device(value)
-
-    @field_validator("store")
-    @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        return value if value is None else check_url(value, "store")
+    device: Device = "auto"
+    store: Location | None = None
 
     @field_validator("methods")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoints, data
+from . import checkpoints, data, prompts
 from .config import DEFAULT_METHODS, AuditParams
 from .store import Store, default_store_url
 
@@ -60,13 +60,9 @@ def preflight(params: AuditParams) -> str:
         try:
             sets = data.external_sets(params.data)
             data.check_sets(sets)
-            if "forget-half" in params.relearn_sources and not (
-                sets["forget_a"] and sets["forget_b"]
-            ):
-                problems.append(
-                    "data: relearning source 'forget-half' needs a forget set of at least "
-                    "two groups (data.group), to hold out whole groups"
-                )
+            problems += _source_problems(params, sets)
+            if "original" in sound:
+                problems += _rendering_problems(params, sound["original"], sets)
         except ValueError as exc:
             problems.append(f"data: {exc}")
     problems += _device_problems(params.device) + _layer_problems(params) + _lora_problems(params)
@@ -106,6 +102,41 @@ def warnings(params: AuditParams) -> list[str]:
             "halves split by question would put one group's facts on both sides"
         )
     return out
+
+
+def _source_problems(params: AuditParams, sets: dict[str, list[dict]]) -> list[str]:
+    """Relearning sources the data cannot feed: forget-half without two groups, unrelated
+    without an unrelated set (each would fail after unlearning has run)."""
+    problems = []
+    if "forget-half" in params.relearn_sources and not (sets["forget_a"] and sets["forget_b"]):
+        problems.append(
+            "data: relearning source 'forget-half' needs a forget set of at least "
+            "two groups (data.group), to hold out whole groups"
+        )
+    if "unrelated" in params.relearn_sources and not sets["unrelated"]:
+        problems.append(
+            "data: relearning source 'unrelated' needs an unrelated set (data.unrelated, "
+            "--unrelated)"
+        )
+    return problems
+
+
+def _rendering_problems(
+    params: AuditParams, folder: Path, sets: dict[str, list[dict]]
+) -> list[str]:
+    """Rows the original's tokenizer cannot render in the audit's prompt format (a chat format
+    without a chat template, an answer with no tokens): every stage renders them so, after
+    loading the model. The folder has passed check_folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
+    try:
+        fmt = prompts.renderer(tokenizer, params.data.prompt_format, params.data.separator)
+        for name in ("forget", "retain", "unrelated"):
+            fmt.encode(sets[name])
+    except ValueError as exc:
+        return [f"prompt format {params.data.prompt_format!r}: {exc}"]
+    return []
 
 
 def _device_problems(device: str) -> list[str]:

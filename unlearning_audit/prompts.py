@@ -70,7 +70,9 @@ class Renderer:
 
     def encode(self, rows: Sequence[dict]) -> list[Encoded]:
         """Every row's prompt, answer and end tokens, the batch tokenized in one call."""
-        texts, spans = zip(*(self._text(r) for r in rows), strict=True) if rows else ((), ())
+        if not rows:
+            return []  # tokenizers fail on an empty batch
+        texts, spans = zip(*(self._text(r) for r in rows), strict=True)
         encoded = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
         bos = (
             []

@@ -11,9 +11,9 @@ owner holds an exclusive ``flock`` on it for as long as it lives. The kernel dro
 the owner dies, however it dies, so a lock that can be taken means the owner is gone. A lock is
 on an open file, not a pid: a pid reused by another process, a process in another pid namespace
 (containers sharing the cache volume) or a reboot cannot make a live owner's folder look stale.
-The pid in the name is for people, and it closes one gap: a folder's owner takes the lock just
-after creating it, so an unlocked folder is only removed when the pid in its name is not alive or
-the folder was last changed more than ``_YOUNG`` seconds ago. Only folders of this user whose
+The pid in the name is for people: a folder is made under a name that no cleaner looks at,
+locked, and only then renamed to its owned name, so an owned name that is not locked is never a
+folder whose owner is about to lock it. Only folders of this user whose
 names have the owner form are ever looked at; where no lock can be taken at all (a filesystem
 without flock), nothing is removed.
 
@@ -33,7 +33,6 @@ import stat
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -45,8 +44,8 @@ STAGE_PREFIX = "ua-"
 PART_PREFIX = ".part-"
 _OWNED = re.compile(r"^(?:ua-.+|\.part)-(?P<pid>[0-9]+)-[a-z0-9_]{8}$")
 """An owned folder's name: tempfile's 8 random characters after the owner's pid."""
-_YOUNG = 10.0
-"""Seconds within which a folder's (live-pid) owner may not have locked it yet."""
+_NEW = ".ua-new-"
+"""A folder's name from its creation until it is locked (no cleaner looks at it)."""
 
 _held: dict[str, int] = {}
 """This process's owned folders and the locked descriptor of each."""
@@ -65,13 +64,16 @@ def cache_dir() -> Path:
 
 
 def _create(parent: Path, prefix: str) -> Path:
-    """A new folder ``<prefix><pid>-<random>`` in ``parent``, locked by this process."""
-    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by exec'd children
+    """A new folder ``<prefix><pid>-<random>`` in ``parent``, locked by this process before it
+    has that name (see the module docstring)."""
+    made = tempfile.mkdtemp(prefix=_NEW, dir=parent)
+    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by exec'd children
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:  # a filesystem without flock: the folder stays unowned, never stale
-        log.debug("cannot lock %s: %s", path, exc)
+        log.debug("cannot lock %s: %s", made, exc)
+    path = os.path.join(parent, f"{prefix}{os.getpid()}-{made[-8:]}")  # mkdtemp's 8 characters
+    os.rename(made, path)  # the lock is on the folder itself: it moves with it
     with _held_lock:
         _held[path] = fd
     return Path(path)
@@ -140,29 +142,16 @@ def remove_all() -> list[str]:
     return paths
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _stale(path: Path, pid: int) -> int | None:
-    """A locked descriptor of ``path`` if its owner is gone, else None."""
+def _stale(path: Path) -> int | None:
+    """A locked descriptor of ``path`` if its owner is gone (its lock can be taken), else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
-        info = os.fstat(fd)
-        if info.st_uid != os.geteuid():
+        if os.fstat(fd).st_uid != os.geteuid():
             raise BlockingIOError  # never another user's
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if _alive(pid) and time.time() - info.st_mtime < _YOUNG:
-            raise BlockingIOError  # its owner may be about to lock it
     except OSError as exc:
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, None):
@@ -189,7 +178,7 @@ def clean_stale(folders: Iterable[str | Path] | None = None) -> list[Path]:
             if match is None or not entry.is_dir(follow_symlinks=False):
                 continue
             path = Path(entry.path)
-            fd = _stale(path, int(match["pid"]))
+            fd = _stale(path)
             if fd is None:
                 continue
             try:
