@@ -29,7 +29,7 @@ from tasks.fisher import fisher
 from tasks.metrics import metrics
 from tasks.relearn import relearn
 from tasks.unlearn import unlearn
-from unlearning_audit import checkpoints, corpus, embedded
+from unlearning_audit import checkpoints, cli, corpus, embedded
 from unlearning_audit.config import EmbeddedConfig, RelearnConfig, UnlearnConfig
 from unlearning_audit.store import (
     MANIFEST,
@@ -223,19 +223,37 @@ def test_repair_removes_misplaced_artifacts(tmp_path):
     assert {m["key"] for m in store.manifests()} == {a.key, b.key}
 
 
-def test_a_manifest_of_another_stage_or_with_half_its_derivation_is_corrupt(tmp_path):
+def test_a_manifest_moved_to_another_stage_is_corrupt(tmp_path):
     _, a, _ = _two_artifacts(tmp_path)
     moved = "metrics/" + a.key.split("/", 1)[1]
     shutil.copytree(tmp_path / a.key, tmp_path / moved)
     _edit_manifest(tmp_path / moved / MANIFEST, key=moved)
     with pytest.raises(CorruptArtifact, match="stored under stage metrics but names stage evalu"):
         Store(str(tmp_path)).manifest(moved)
+
+
+@pytest.mark.parametrize(
+    "removed", [("inputs",), ("config", "version"), ("inputs", "config", "version")]
+)
+def test_a_manifest_without_its_derivation_is_corrupt(tmp_path, removed):
+    """Removing all three used to skip the check: B's content copied under A's key, its key
+    edited and its derivation stripped, passed for A's."""
+    _, a, b = _two_artifacts(tmp_path)
+    shutil.rmtree(tmp_path / a.key)
+    shutil.copytree(tmp_path / b.key, tmp_path / a.key)
     manifest = json.loads(_manifest_path(tmp_path, a.key).read_text())
-    del manifest["meta"]["inputs"]
+    manifest["key"] = a.key
+    for name in removed:
+        del manifest["meta"][name]
     _manifest_path(tmp_path, a.key).write_text(json.dumps(manifest))
-    with pytest.raises(CorruptArtifact, match="records only config, version of the inputs"):
+    with pytest.raises(CorruptArtifact) as raised:
         Store(str(tmp_path)).manifest(a.key)
+    assert str(raised.value) == (
+        f"{a.key}: {MANIFEST} is stored under {a.key} but its meta does not record its "
+        + ", ".join(removed)
+    )
     assert Store(str(tmp_path)).get(a.key) is None
+    assert [f.key for f in Store(str(tmp_path)).check_integrity()] == [a.key]
 
 
 def test_every_stage_shape_of_inputs_and_config_recomputes_to_its_key(tmp_path):
@@ -284,16 +302,112 @@ def test_meta_and_created_are_not_covered_by_any_hash(tmp_path):
     assert Store(str(tmp_path)).check_integrity() == []
 
 
-def test_put_alone_still_checks_the_key_it_names(tmp_path):
+def test_put_refuses_a_meta_that_does_not_derive_its_key(tmp_path):
     store = Store(str(tmp_path))
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("x")
-    store.put("plain/1", src)
-    assert store.get("plain/1") is not None  # no derivation recorded: key and stage only
-    shutil.copytree(tmp_path / "plain/1", tmp_path / "plain/2")
-    with pytest.raises(CorruptArtifact, match="stored under plain/2 but names plain/1"):
-        store.manifest("plain/2")
+    key = Store.key_for("plain", {"in": 1}, {}, "v")
+    with pytest.raises(ValueError, match="cannot be stored: its meta does not record its inputs"):
+        store.put(key, src)
+    wrong = {"inputs": {"in": 2}, "config": {}, "version": "v"}
+    with pytest.raises(ValueError, match="cannot be stored: its inputs, config and version give"):
+        store.put(key, src, wrong)
+    assert not (tmp_path / "plain").exists()
+    ref = store.put(key, src, {"inputs": {"in": 1}, "config": {}, "version": "v", "note": "x"})
+    assert Store(str(tmp_path)).get(key) == ref
+
+
+# -- 2b. a hostile manifest is corrupt, never a crash; every file served is checked ---------
+
+
+@pytest.mark.parametrize(
+    ("depth", "problem"),
+    [
+        (900, "but its inputs, config and version are nested too deeply to derive a key from"),
+        (100_000, "is not a valid manifest"),  # json.loads itself gives up
+    ],
+)
+def test_a_manifest_nested_too_deeply_is_corrupt_not_a_crash(tmp_path, capsys, depth, problem):
+    _, a, b = _two_artifacts(tmp_path)
+    manifest = json.loads(_manifest_path(tmp_path, a.key).read_text())
+    manifest["meta"]["inputs"] = "DEEP"
+    deep = json.dumps(manifest).replace('"DEEP"', "[" * depth + "]" * depth)
+    _manifest_path(tmp_path, a.key).write_text(deep)
+    store = Store(str(tmp_path))
+    with pytest.raises(CorruptArtifact) as raised:
+        store.manifest(a.key)
+    assert str(raised.value).endswith(problem)
+    assert store.get(a.key) is None  # so the stage recomputes it
+    assert [m["key"] for m in store.manifests()] == [b.key]
+    findings = store.check_integrity()
+    assert [(f.kind, f.key) for f in findings] == [("corrupt", a.key)]
+    assert f"{a.key}/{MANIFEST}" in store.repair(findings)
+    assert cli.main(["verify", "--store", str(tmp_path)]) == 0
+    assert cli.main(["ls", "--store", str(tmp_path)]) == 0
+    assert b.key in capsys.readouterr().out
+
+
+def test_a_second_key_naming_a_verified_hash_has_its_own_files_checked(tmp_path):
+    """Two keys with the same content share a hash: verifying one must not vouch for the
+    other's files (the local store serves each key's own folder)."""
+    store = Store(str(tmp_path))
+    a, _ = store.cached("evaluate", {"checkpoint": "A"}, {}, "v", _files({"s": b"same"}))
+    b, _ = store.cached("evaluate", {"checkpoint": "B"}, {}, "v", _files({"s": b"same"}))
+    assert a.hash == b.hash and store.read_bytes(a, "s") == b"same"
+    next((tmp_path / b.key).glob("*/s")).write_bytes(b"evil")
+    assert store.get(b.key) is None
+    with pytest.raises(CorruptArtifact, match="s does not match its sha256"):
+        store.read_bytes(b, "s")
+    assert store.read_bytes(a, "s") == b"same"
+
+
+@pytest.mark.parametrize("extra", ["chat_template.jinja", "sub/added.json", ".hidden"])
+def test_a_file_its_manifest_does_not_name_makes_a_local_artifact_corrupt(tmp_path, extra):
+    """A local artifact is read as its folder: an added chat_template.jinja would change the
+    prompts of every later run served from it."""
+    _, a, b = _two_artifacts(tmp_path)
+    added = next((tmp_path / a.key).glob("*/s")).parent / extra
+    added.parent.mkdir(parents=True, exist_ok=True)
+    added.write_text("{{ 'forged' }}")
+    fresh = Store(str(tmp_path))
+    message = f"{a.key}: holds files its manifest does not name: {extra}"
+    with pytest.raises(CorruptArtifact) as raised:
+        fresh.local_dir(a)
+    assert str(raised.value) == message
+    assert fresh.get(a.key) is None
+    findings = fresh.check_integrity()
+    assert [(f.kind, f.key, f.problem) for f in findings] == [("corrupt", a.key, message)]
+    fresh.repair(findings)
+    assert not added.exists() and fresh.get(b.key) == b
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("created", None),
+        ("created", 5),
+        ("files", {"s": "not an entry"}),
+        ("files", {"s": {"sha256": "0" * 64}}),
+        ("files", {"s": {"sha256": "0" * 64, "size": "1"}}),
+        ("files", {"s": {"sha256": "0" * 64, "size": 1, "extra": []}}),
+    ],
+)
+def test_a_manifest_field_that_ls_and_verify_read_is_checked(tmp_path, capsys, field, value):
+    """`ls` sorted on `created` and summed the sizes, unchecked: one bad manifest crashed it."""
+    _, a, b = _two_artifacts(tmp_path)
+    manifest = json.loads(_manifest_path(tmp_path, a.key).read_text())
+    manifest[field] = value
+    if value is None:
+        del manifest[field]
+    _manifest_path(tmp_path, a.key).write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifact, match="not a valid manifest"):
+        Store(str(tmp_path)).manifest(a.key)
+    assert cli.main(["ls", "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert b.key in out and a.key not in out
+    assert cli.main(["verify", "--store", str(tmp_path)]) == 1
+    assert f"{a.key}: {MANIFEST} is not a valid manifest" in capsys.readouterr().out
 
 
 # -- 4. a store that does not exist; keys too long ------------------------------------------
@@ -322,13 +436,17 @@ def test_a_missing_local_store_is_an_error_not_an_empty_store(tmp_path):
 def test_a_key_too_long_for_a_file_system_is_a_clear_error(tmp_path):
     store = Store(str(tmp_path))
     with pytest.raises(
-        ValueError, match=r"is too long \(5006 characters\): a key has at most 1024"
+        ValueError, match=r"is too long \(5006 bytes in UTF-8\): a key has at most 1024 bytes"
     ):
         store.manifest("stage/" + "a" * 5000)
-    with pytest.raises(ValueError, match="at most 255 bytes between two '/'"):
+    multibyte = "/".join(["é" * 100] * 6)  # 605 characters, 1205 bytes: too long for S3
+    with pytest.raises(ValueError, match=r"too long \(1205 bytes in UTF-8\)"):
+        store.manifest(multibyte)
+    with pytest.raises(ValueError, match="and at most 255 between two '/'"):
         check_key("stage/" + "é" * 200)  # 400 bytes in 200 characters
     assert store.manifest("stage/" + "a" * 250) is None
     assert check_key("/".join(["a" * 200] * 5)) is not None
+    assert check_key("/".join(["é" * 100] * 5)) is not None  # 1004 bytes
 
 
 # -- 3. credentials never appear --------------------------------------------------------------

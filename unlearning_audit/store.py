@@ -18,14 +18,17 @@ manifest stays and the second writer removes its own copy; a manifest whose arti
 verification is replaced by the next writer. ``check_integrity`` hashes every artifact and lists
 those that fail, and the writer folders killed writers left; ``repair`` removes them (the CLI's
 ``verify [--repair]``). Keys never leave the root: ``..`` parts and absolute paths are refused,
-and so are keys too long for a file system (over 1024 characters, or a part over 255 bytes).
+and so are keys too long for S3 or a file system (over 1024 bytes in UTF-8, or a part over 255).
 
-A manifest names its own key and stage, and (for every artifact ``cached`` made) the inputs,
-config and code version its key was derived from. A manifest is refused as corrupt, so the stage
-that needs it recomputes it and ``verify`` lists it, where the key it names is not the key it is
-stored under, where its stage differs, or where its recorded inputs, config and version do not
-derive that key: an artifact moved, copied or swapped to another key is caught, even with its
-``key`` field edited to match its new place.
+A manifest names its own key and stage, and the inputs, config and code version its key was
+derived from (``cached`` records them; ``put`` refuses a meta without them). A manifest is
+refused as corrupt, so the stage that needs it recomputes it and ``verify`` lists it, where the
+key it names is not the key it is stored under, where its stage differs, or where its inputs,
+config and version are missing or do not derive that key: an artifact moved, copied or swapped
+to another key is caught, even with its ``key`` field edited to match its new place. A local
+artifact is read as its data folder, so a file there that its manifest does not name makes it
+corrupt too. A manifest nested too deeply to parse or to derive a key from is corrupt, not a
+crash.
 
 What this does not guarantee. The store signs nothing: the hashes prove that files match their
 manifest and that a manifest belongs to its key, not who wrote them. Anyone who can write to a
@@ -77,7 +80,7 @@ _SECRET_WORDS = ("key", "secret", "token", "password")
 _MAX_DELAY = 60.0  # seconds between two attempts, at most
 _WRITER = re.compile(r"^[0-9a-f]{12}$")  # a writer folder's name: put's uuid4().hex[:12]
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-_MAX_KEY = 1024  # characters in a key, at most (S3's limit on a whole object key, in bytes)
+_MAX_KEY = 1024  # bytes in a key, at most (S3's limit on a whole object key)
 _MAX_PART = 255  # bytes in one part of a key, at most (a file name on common file systems)
 # The userinfo of a URL, whatever its scheme: ``scheme://user:password@`` or ``scheme://token@``.
 # The user part stops at "/" (so a path holding "@", e.g. ``s3://bucket/model@v1``, is not read
@@ -139,10 +142,10 @@ def check_key(key: str) -> str:
     parts = key.replace("\\", "/").split("/")
     if not key or key.startswith(("/", "\\", "~")) or _DRIVE.match(key):
         raise ValueError(f"{key!r} is empty or an absolute path; give a path inside the store")
-    if len(key) > _MAX_KEY or any(len(part.encode()) > _MAX_PART for part in parts):
+    if len(key.encode()) > _MAX_KEY or any(len(part.encode()) > _MAX_PART for part in parts):
         raise ValueError(
-            f"{key[:40]!r}... is too long ({len(key)} characters): a key has at most {_MAX_KEY} "
-            f"characters, and at most {_MAX_PART} bytes between two '/'"
+            f"{key[:40]!r}... is too long ({len(key.encode())} bytes in UTF-8): a key has at most "
+            f"{_MAX_KEY} bytes, and at most {_MAX_PART} between two '/'"
         )
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"{key!r} has an empty, '.' or '..' part, which could leave the store")
@@ -309,9 +312,9 @@ def _check_manifest(ref: ArtifactRef, manifest: dict | None) -> dict:
 
 def _check_location(key: str, manifest: dict) -> None:
     """Raise CorruptArtifact unless the manifest belongs where it lies: the key and stage it
-    names are ``key``'s, and where it records the inputs, config and code version of its stage
-    (every artifact Store.cached made does), they derive ``key``. An artifact copied, moved or
-    swapped to another key fails here, with its ``key`` field edited to match or not."""
+    names are ``key``'s, and the inputs, config and code version of its stage that it records
+    derive ``key``. An artifact copied, moved or swapped to another key fails here, with its
+    ``key`` field edited to match or not, and with its derivation edited or removed."""
     named, stage = manifest["key"], key.split("/", 1)[0]
     if named != key:
         raise CorruptArtifact(f"{key}: {MANIFEST} is stored under {key} but names {named}")
@@ -319,21 +322,34 @@ def _check_location(key: str, manifest: dict) -> None:
         raise CorruptArtifact(
             f"{key}: {MANIFEST} is stored under stage {stage} but names stage {manifest['stage']}"
         )
-    meta = manifest["meta"]
-    recorded = [name for name in _DERIVATION if name in meta]
-    if not recorded:
-        return  # written by put alone, not by cached: nothing to derive the key from
-    if len(recorded) < len(_DERIVATION):
-        raise CorruptArtifact(
-            f"{key}: {MANIFEST} records only {', '.join(recorded)} of the inputs, config and "
-            "version its key derives from"
-        )
-    derived = Store.key_for(stage, meta["inputs"], meta["config"], meta["version"])
+    if problem := _derivation_problem(key, manifest["meta"]):
+        raise CorruptArtifact(f"{key}: {MANIFEST} is stored under {key} but {problem}")
+
+
+def _derivation_problem(key: str, meta: Mapping[str, Any]) -> str | None:
+    """Why ``meta`` does not derive ``key`` (it lacks the inputs, config or version of the key's
+    stage, or they give another key), or None where it does. Every artifact comes from
+    Store.cached, which records them; put refuses a meta without them."""
+    if missing := [name for name in _DERIVATION if name not in meta]:
+        return f"its meta does not record its {', '.join(missing)}"
+    stage = key.split("/", 1)[0]
+    try:
+        derived = Store.key_for(stage, meta["inputs"], meta["config"], meta["version"])
+    except RecursionError:
+        return "its inputs, config and version are nested too deeply to derive a key from"
     if derived != key:
-        raise CorruptArtifact(
-            f"{key}: {MANIFEST} is stored under {key} but its inputs, config and version give "
-            f"{derived}"
-        )
+        return f"its inputs, config and version give {derived}"
+    return None
+
+
+def _is_entry(entry: Any) -> bool:
+    """Whether a manifest's file entry is what put writes: a sha256 and a size, nothing else."""
+    return (
+        isinstance(entry, dict)
+        and entry.keys() == {"sha256", "size"}
+        and isinstance(entry["sha256"], str)
+        and type(entry["size"]) is int
+    )
 
 
 def _expect_sha256(key: str, name: str, entry: dict, actual: str) -> None:
@@ -368,7 +384,7 @@ class Store:
         self.backoff = float(os.environ.get("UNLEARNING_AUDIT_STORE_BACKOFF", "1"))
         part_mb = os.environ.get("UNLEARNING_AUDIT_PART_SIZE_MB")
         self.part_size = int(float(part_mb) * 2**20) if part_mb else None
-        self._verified: set[str] = set()
+        self._verified: set[tuple[str, str, str]] = set()  # (key, data folder, hash)
 
     def __repr__(self) -> str:
         return f"Store({self._redact(self.url)!r})"
@@ -468,9 +484,10 @@ class Store:
     def manifest(self, key: str) -> dict | None:
         """The artifact's manifest, or None where it has none (absent or incomplete).
 
-        A manifest that is not a JSON object with a hash, a data folder, a file list, its key,
-        stage and meta raises CorruptArtifact; so does one that does not belong to ``key`` (see
-        _check_location). A key that would leave the store raises ValueError (see check_key).
+        A manifest that is not a JSON object with a hash, a data folder, a file list (each
+        file's sha256 and size), its key, stage, creation time and meta raises CorruptArtifact;
+        so does one that does not belong to ``key`` (see _check_location). A key that would
+        leave the store raises ValueError (see check_key).
         """
         manifest = self._parsed_manifest(key)
         if manifest is not None:
@@ -486,15 +503,17 @@ class Store:
             return None
         try:
             manifest = json.loads(raw)
-            valid = isinstance(manifest["files"], dict) and manifest["hash"] and manifest["data"]
-            valid = valid and all(isinstance(manifest[f], str) for f in ("key", "stage", "hash"))
+            fields = ("key", "stage", "hash", "data", "created")
+            valid = all(isinstance(manifest[f], str) for f in fields) and manifest["hash"]
             valid = valid and isinstance(manifest["meta"], dict)
+            valid = valid and isinstance(manifest["files"], dict)
+            valid = valid and all(_is_entry(entry) for entry in manifest["files"].values())
             # the data folder and file names must stay inside the artifact: a tampered manifest
             # in a shared bucket must not read or write outside the store or the local cache
             valid = valid and _WRITER.match(manifest["data"])
             for name in manifest["files"] if valid else ():
                 check_key(name)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # or nested too deeply
             valid = False
         if not valid:
             raise CorruptArtifact(f"{key}: {MANIFEST} is not a valid manifest")
@@ -520,20 +539,30 @@ class Store:
     def verify(self, ref: ArtifactRef, manifest: dict | None = None) -> None:
         """Check every file of the artifact against its manifest; raise CorruptArtifact if not.
 
-        A remote artifact is verified by downloading it into the local cache (see local_dir).
+        A remote artifact is verified by downloading it into the local cache (see local_dir). An
+        artifact is verified once per process: its key, data folder and hash are remembered, so
+        another key whose manifest names the same hash has its own files checked.
         """
-        if ref.hash in self._verified:
-            return
         manifest = _check_manifest(ref, manifest or self.manifest(ref.key))
+        seen = (ref.key, manifest["data"], ref.hash)
+        if seen in self._verified:
+            return
         if self.local:
             self._check_files(ref.key, manifest)
         else:
             self._cached_copy(ref, manifest)
-        self._verified.add(ref.hash)
+        self._verified.add(seen)
 
     def _check_files(self, key: str, manifest: dict) -> None:
         """Hash every file of an artifact where it lies (a remote one streamed, never cached);
-        raise CorruptArtifact at the first that is missing or differs from its manifest."""
+        raise CorruptArtifact where its data folder holds a file the manifest does not name (a
+        local artifact is read as its folder: an added chat_template.jinja would change the
+        prompts), or at the first file that is missing or differs from its manifest."""
+        folder = self._path(key, manifest["data"])
+        listed = self._retry(f"listing of {key}/{manifest['data']}", lambda: self.fs.find(folder))
+        if extra := sorted({p[len(folder) + 1 :] for p in listed} - manifest["files"].keys()):
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise CorruptArtifact(f"{key}: holds files its manifest does not name: {shown}")
         for name, entry in manifest["files"].items():
             path = self._path(key, manifest["data"], name)
             try:
@@ -711,8 +740,15 @@ class Store:
     # -- writing ---------------------------------------------------------------------------
 
     def put(self, key: str, src: Path, meta: Mapping[str, Any] | None = None) -> ArtifactRef:
-        """Store the files under local folder ``src`` as the artifact ``key``; see module doc."""
+        """Store the files under local folder ``src`` as the artifact ``key``; see module doc.
+
+        ``meta`` must record the inputs, config and version that derive ``key`` (Store.key_for),
+        else a ValueError: a manifest without them could not be told from one stripped of them
+        to pass for another key's. Store.cached records them.
+        """
         check_key(key)
+        if problem := _derivation_problem(key, meta or {}):
+            raise ValueError(f"{key} cannot be stored: {problem}")
         files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file()}
         entries = {
             name: {"sha256": file_sha256(p), "size": p.stat().st_size} for name, p in files.items()
