@@ -43,8 +43,13 @@ environment variables or an AWS profile) is read through a local cache keyed by 
 verifying an artifact downloads it once, hashing as it goes, and every later read on this machine
 is local. Transient errors (connection refused, timeouts) are retried with backoff, a bounded
 number of times. Credentials never appear in a URL: a URL that holds them
-(``s3://KEY:SECRET@bucket``, ``https://token@host``) is refused (``check_url``), and every message,
-log line and exception of the store passes through ``redact``.
+(``s3://KEY:SECRET@bucket``, ``https://token@host``, ``?X-Amz-Signature=...``) is refused
+(``check_url``). The store's own exceptions (CorruptArtifact, StoreUnavailable, and the
+ValueErrors naming its URL) and its log lines pass through ``redact``, and a cause whose text
+holds a credential is not chained to them. Errors of the filesystem that no retry cures (a
+missing object, access denied) propagate as the filesystem raised them, unredacted, for callers
+to tell apart; the command line prints every message, and under ``--debug`` every traceback,
+through ``redact``.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
+from urllib.parse import unquote
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -75,21 +81,24 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 22
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-_SECRET_WORDS = ("key", "secret", "token", "password")
+# A name (of an environment variable, storage option or URL query parameter) whose value is a
+# credential: AWS_SECRET_ACCESS_KEY, HF_TOKEN, X-Amz-Signature, an Azure SAS ``sig``...
+_SECRET_NAME = re.compile(
+    r"token|secret|passw|key|credential|signature|cookie|auth(?!or)|^sig$", re.IGNORECASE
+)
+_MIN_SECRET = 8  # characters: shorter values under secret names are too common to mask
+_NAMED_USER = ("abfs", "abfss", "az", "adl", "wasb", "wasbs")  # user part: a container's name
 _MAX_DELAY = 60.0  # seconds between two attempts, at most
 _WRITER = re.compile(r"^[0-9a-f]{12}$")  # a writer folder's name: put's uuid4().hex[:12]
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 _MAX_KEY = 1024  # bytes in a key, at most (S3's limit on a whole object key)
 _MAX_PART = 255  # bytes in one part of a key, at most (a file name on common file systems)
-# The userinfo of a URL, whatever its scheme: ``scheme://user:password@`` or ``scheme://token@``.
-# The user part stops at "/" (so a path holding "@", e.g. ``s3://bucket/model@v1``, is not read
-# as userinfo); the password part may hold "/" and "+", as raw AWS secrets do. Bounded lengths
-# and possessive quantifiers keep the search linear in the text, whatever the text.
-_USERINFO = re.compile(
-    r"([A-Za-z][A-Za-z0-9+.\-]{0,31}://)"
-    r"[^\s/?#@:\"<>`\\]{0,4096}+(?::[^\s@\"<>`\\]{0,4096}+)?@"
-)
+# A URL in free text, up to the first whitespace; a query parameter in it; a bearer token; a
+# Hugging Face token. Each match is bounded or consumes what it scans: the search is linear.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,31}://\S*")
+_PARAM = re.compile(r"([?&#])([^=&#?\s]{1,128})=([^&#?\s]+)")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)\S+")
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 _DERIVATION = ("inputs", "config", "version")  # what Store.cached records of a key's origin
 T = TypeVar("T")
 
@@ -184,19 +193,61 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
 
 
 def check_url(url: str, what: str) -> str:
-    """``url``, unless it holds credentials (``scheme://user:password@host``,
-    ``scheme://token@host``, any scheme): then a ValueError naming ``what``, with the URL redacted.
+    """``url``, unless it holds credentials: then a ValueError naming ``what``, with the URL
+    redacted. Credentials are a password (``scheme://user:password@host``, any scheme), a user
+    part (``https://token@host``; except for the Azure schemes, where it names a container:
+    ``abfs://container@account``) and the value of a query parameter with a secret's name
+    (``?X-Amz-Signature=``, ``?sig=``, ``?access_token=``); see _mask_url.
 
     A URL is kept in Prefect's database (flow run parameters), in logs and in tracebacks, so a
     secret in it would leak everywhere; credentials belong in the environment or a profile.
     """
-    if "@" in str(url) and _USERINFO.search(str(url)):
+    masked = _mask_url(url)
+    if masked != url:
         raise ValueError(
-            f"{what} {redact(str(url))!r} holds credentials; give them through the environment "
+            f"{what} {redact(masked)!r} holds credentials; give them through the environment "
             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the service's own variables) or an "
             "AWS profile (AWS_PROFILE), never in the URL"
         )
     return url
+
+
+def _mask_url(url: str) -> str:
+    """``url`` with its credentials (see check_url) as ***: the whole userinfo, up to its last
+    '@', and each secret query value. Not a URL (no ``://``): ``url`` as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = _userinfo_end(scheme, rest)
+    return f"{scheme}://{'***@' if end else ''}{_PARAM.sub(_mask_param, rest[end:])}"
+
+
+def _userinfo_end(scheme: str, rest: str) -> int:
+    """Where the userinfo of a URL that holds a credential ends in ``rest`` (the URL after its
+    ``scheme://``): just past its last '@'; 0 where it holds none.
+
+    The userinfo runs to the last '@' before the host ends (at the first '/', '?' or '#' after
+    the first '@'), so a password may hold '@', '/' (raw AWS secrets do), quotes, backslashes
+    (and, in a URL checked on its own, spaces). ``urlsplit`` ends the host at the first '/', so
+    it reads ``s3://KEY:a/b@bucket`` as host ``KEY`` on port ``a``; here a ':' before the first
+    '@' starts a password whatever follows, so ``http://host:9000/path@v1`` reads as one too
+    (refused and masked, never leaked). A user part holding '/', '?' or '#' is a path, a query
+    or a fragment (``s3://bucket/x@v1``).
+    """
+    first = rest.find("@")
+    user, colon, _ = rest[: max(first, 0)].partition(":")
+    if first < 0 or any(c in user for c in "/?#"):
+        return 0
+    if not colon and scheme.lower() in _NAMED_USER:
+        return 0
+    host_end = min((i for c in "/?#" if (i := rest.find(c, first)) >= 0), default=len(rest))
+    return rest.rfind("@", 0, host_end) + 1
+
+
+def _mask_param(match: re.Match[str]) -> str:
+    """A query parameter (``_PARAM``) with its value as *** where its name is a secret's."""
+    sep, name, _ = match.groups()
+    return f"{sep}{name}=***" if _SECRET_NAME.search(unquote(name)) else match.group()
 
 
 def _check_option_urls(options: Mapping[str, Any], where: str = "storage option") -> None:
@@ -209,14 +260,18 @@ def _check_option_urls(options: Mapping[str, Any], where: str = "storage option"
 
 
 def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """``text`` with the userinfo of every URL in it (``scheme://***@host``) and every credential
-    of the environment or of ``storage_options`` as ***."""
-    if "@" in text:
-        text = _USERINFO.sub(r"\1***@", text)
-    for secret in [os.environ.get(name) for name in _SECRET_ENV] + _secrets(storage_options):
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+    """``text`` with every credential in it as ***: the value of each environment variable and
+    storage option with a secret's name (holding TOKEN, SECRET, PASSW, KEY, CREDENTIAL...:
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, HF_TOKEN) of at least 8 characters; in each URL,
+    the userinfo and secret query values (see check_url); bearer tokens; Hugging Face tokens
+    (``hf_...``, wherever they came from). The one masking function of the package."""
+    named = [v for k, v in os.environ.items() if _SECRET_NAME.search(k)]
+    secrets = {s for s in named + _secrets(storage_options) if len(s) >= _MIN_SECRET}
+    for secret in sorted(secrets, key=len, reverse=True):  # a longer one may hold a shorter one
+        text = text.replace(secret, "***")
+    text = _URL.sub(lambda m: _mask_url(m.group()), text)
+    text = _BEARER.sub(r"\1***", text)
+    return _HF_TOKEN.sub("hf_***", text)
 
 
 def _cause(exc: BaseException, storage_options: Mapping[str, Any] | None = None):
@@ -227,12 +282,12 @@ def _cause(exc: BaseException, storage_options: Mapping[str, Any] | None = None)
 
 
 def _secrets(options: Mapping[str, Any] | None) -> list[str]:
-    """String values under credential-like names (key, secret, token, password), nested too."""
+    """String values under secret names (see _SECRET_NAME), nested too."""
     found = []
     for name, value in (options or {}).items():
         if isinstance(value, Mapping):
             found += _secrets(value)
-        elif isinstance(value, str) and any(w in name.lower() for w in _SECRET_WORDS):
+        elif isinstance(value, str) and _SECRET_NAME.search(name):
             found.append(value)
     return found
 
@@ -398,7 +453,9 @@ class Store:
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         """``call()``, retried with exponential backoff while it fails with a transient error.
 
-        Raises StoreUnavailable, naming the operation, once every attempt has failed.
+        Raises StoreUnavailable, naming the operation, once every attempt has failed, redacted
+        and chained to its cause only where the cause's text holds no credential. Any other
+        error propagates unchanged (callers tell FileNotFoundError apart): see the module doc.
         """
         attempt = 1
         while True:
