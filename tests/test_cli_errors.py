@@ -142,21 +142,55 @@ def test_report_out_naming_a_file_is_refused(capsys, tmp_path):
     assert out.read_text() == "keep me"
 
 
+def _broken(args):
+    raise RuntimeError(
+        f"a bug, holding {SECRET}, s3://AKIAX:p@ss@bucket/x?X-Amz-Signature=s1gn "
+        f"and Bearer hf_{'a1' * 17}"
+    )
+
+
+SHOWN = "a bug, holding ***, s3://***@bucket/x?X-Amz-Signature=*** and Bearer ***"
+
+
 def test_internal_errors_are_one_line_and_their_traceback_needs_debug(
     capsys, tmp_path, monkeypatch
 ):
-    def broken(args):
-        raise RuntimeError(f"a bug, holding {SECRET}")
-
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setattr(cli, "cmd_ls", broken)
+    monkeypatch.setattr(cli, "cmd_ls", _broken)
     code, err = _run(capsys, "ls", "--store", str(tmp_path))
     assert code == 1
-    assert err.startswith("internal error: RuntimeError: a bug, holding ***"), err
-    assert "Traceback" not in err and SECRET not in err and "--debug" in err
+    assert err.startswith(f"internal error: RuntimeError: {SHOWN}\n"), err
+    assert "Traceback" not in err and "--debug" in err
     for argv in (["--debug", "ls"], ["ls", "--debug"]):
-        with pytest.raises(RuntimeError, match="a bug"):
-            cli.main([*argv, "--store", str(tmp_path)])
+        code, err = _run(capsys, *argv, "--store", str(tmp_path))
+        assert code == 1 and err.startswith("Traceback (most recent call last):"), err
+        assert f"RuntimeError: {SHOWN}" in err and "internal error" not in err
+        for secret in (SECRET, "p@ss", "s1gn", "a1a1"):
+            assert secret not in err
+
+
+@pytest.mark.parametrize(
+    ("value", "traceback"),
+    [("1", True), ("yes", True), ("0", False), ("false", False), ("FALSE", False), ("", False)],
+)
+def test_the_debug_variable_is_off_when_0_false_or_empty(
+    capsys, tmp_path, monkeypatch, value, traceback
+):
+    monkeypatch.setenv(cli.DEBUG_ENV, value)
+    monkeypatch.setattr(cli, "cmd_ls", _broken)
+    code, err = _run(capsys, "ls", "--store", str(tmp_path))
+    assert code == 1 and err.startswith("Traceback" if traceback else "internal error:"), err
+
+
+def test_an_os_error_under_debug_shows_its_traceback_too(capsys, tmp_path, monkeypatch):
+    def denied(args):
+        raise PermissionError(13, f"denied by {SECRET}", "/some/file")
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setattr(cli, "cmd_ls", denied)
+    code, err = _run(capsys, "--debug", "ls", "--store", str(tmp_path))
+    assert code == 2 and err.startswith("Traceback") and SECRET not in err, err
+    assert err.endswith("error: denied by ***: /some/file\n"), err
 
 
 def test_user_errors_never_show_a_credential_of_the_environment(capsys, tmp_path, monkeypatch):

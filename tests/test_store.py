@@ -108,8 +108,9 @@ def test_two_writers_of_one_key_end_with_one_valid_artifact(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("same")
-    ref1 = first.put(key, src)
-    ref2 = second.put(key, src)
+    meta = {"inputs": {}, "config": {}, "version": "v"}  # what derives the key (see cached)
+    ref1 = first.put(key, src, meta)
+    ref2 = second.put(key, src, meta)
     assert ref1 == ref2
     assert len(list(tmp_path.glob("stage/*/*/a.txt"))) == 1  # the loser removed its copy
     assert Store(str(tmp_path)).read_bytes(ref1, "a.txt") == b"same"

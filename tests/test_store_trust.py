@@ -9,10 +9,13 @@ conftest.py) for credentials and missing buckets.
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
 import inspect
 import json
 import logging
 import pickle
+import re
 import shutil
 import time
 import traceback
@@ -29,7 +32,7 @@ from tasks.fisher import fisher
 from tasks.metrics import metrics
 from tasks.relearn import relearn
 from tasks.unlearn import unlearn
-from unlearning_audit import checkpoints, corpus, embedded
+from unlearning_audit import checkpoints, cli, corpus, embedded
 from unlearning_audit.config import EmbeddedConfig, RelearnConfig, UnlearnConfig
 from unlearning_audit.store import (
     MANIFEST,
@@ -223,19 +226,37 @@ def test_repair_removes_misplaced_artifacts(tmp_path):
     assert {m["key"] for m in store.manifests()} == {a.key, b.key}
 
 
-def test_a_manifest_of_another_stage_or_with_half_its_derivation_is_corrupt(tmp_path):
+def test_a_manifest_moved_to_another_stage_is_corrupt(tmp_path):
     _, a, _ = _two_artifacts(tmp_path)
     moved = "metrics/" + a.key.split("/", 1)[1]
     shutil.copytree(tmp_path / a.key, tmp_path / moved)
     _edit_manifest(tmp_path / moved / MANIFEST, key=moved)
     with pytest.raises(CorruptArtifact, match="stored under stage metrics but names stage evalu"):
         Store(str(tmp_path)).manifest(moved)
+
+
+@pytest.mark.parametrize(
+    "removed", [("inputs",), ("config", "version"), ("inputs", "config", "version")]
+)
+def test_a_manifest_without_its_derivation_is_corrupt(tmp_path, removed):
+    """Removing all three used to skip the check: B's content copied under A's key, its key
+    edited and its derivation stripped, passed for A's."""
+    _, a, b = _two_artifacts(tmp_path)
+    shutil.rmtree(tmp_path / a.key)
+    shutil.copytree(tmp_path / b.key, tmp_path / a.key)
     manifest = json.loads(_manifest_path(tmp_path, a.key).read_text())
-    del manifest["meta"]["inputs"]
+    manifest["key"] = a.key
+    for name in removed:
+        del manifest["meta"][name]
     _manifest_path(tmp_path, a.key).write_text(json.dumps(manifest))
-    with pytest.raises(CorruptArtifact, match="records only config, version of the inputs"):
+    with pytest.raises(CorruptArtifact) as raised:
         Store(str(tmp_path)).manifest(a.key)
+    assert str(raised.value) == (
+        f"{a.key}: {MANIFEST} is stored under {a.key} but its meta does not record its "
+        + ", ".join(removed)
+    )
     assert Store(str(tmp_path)).get(a.key) is None
+    assert [f.key for f in Store(str(tmp_path)).check_integrity()] == [a.key]
 
 
 def test_every_stage_shape_of_inputs_and_config_recomputes_to_its_key(tmp_path):
@@ -284,16 +305,112 @@ def test_meta_and_created_are_not_covered_by_any_hash(tmp_path):
     assert Store(str(tmp_path)).check_integrity() == []
 
 
-def test_put_alone_still_checks_the_key_it_names(tmp_path):
+def test_put_refuses_a_meta_that_does_not_derive_its_key(tmp_path):
     store = Store(str(tmp_path))
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("x")
-    store.put("plain/1", src)
-    assert store.get("plain/1") is not None  # no derivation recorded: key and stage only
-    shutil.copytree(tmp_path / "plain/1", tmp_path / "plain/2")
-    with pytest.raises(CorruptArtifact, match="stored under plain/2 but names plain/1"):
-        store.manifest("plain/2")
+    key = Store.key_for("plain", {"in": 1}, {}, "v")
+    with pytest.raises(ValueError, match="cannot be stored: its meta does not record its inputs"):
+        store.put(key, src)
+    wrong = {"inputs": {"in": 2}, "config": {}, "version": "v"}
+    with pytest.raises(ValueError, match="cannot be stored: its inputs, config and version give"):
+        store.put(key, src, wrong)
+    assert not (tmp_path / "plain").exists()
+    ref = store.put(key, src, {"inputs": {"in": 1}, "config": {}, "version": "v", "note": "x"})
+    assert Store(str(tmp_path)).get(key) == ref
+
+
+# -- 2b. a hostile manifest is corrupt, never a crash; every file served is checked ---------
+
+
+@pytest.mark.parametrize(
+    ("depth", "problem"),
+    [
+        (900, "but its inputs, config and version are nested too deeply to derive a key from"),
+        (100_000, "is not a valid manifest"),  # json.loads itself gives up
+    ],
+)
+def test_a_manifest_nested_too_deeply_is_corrupt_not_a_crash(tmp_path, capsys, depth, problem):
+    _, a, b = _two_artifacts(tmp_path)
+    manifest = json.loads(_manifest_path(tmp_path, a.key).read_text())
+    manifest["meta"]["inputs"] = "DEEP"
+    deep = json.dumps(manifest).replace('"DEEP"', "[" * depth + "]" * depth)
+    _manifest_path(tmp_path, a.key).write_text(deep)
+    store = Store(str(tmp_path))
+    with pytest.raises(CorruptArtifact) as raised:
+        store.manifest(a.key)
+    assert str(raised.value).endswith(problem)
+    assert store.get(a.key) is None  # so the stage recomputes it
+    assert [m["key"] for m in store.manifests()] == [b.key]
+    findings = store.check_integrity()
+    assert [(f.kind, f.key) for f in findings] == [("corrupt", a.key)]
+    assert f"{a.key}/{MANIFEST}" in store.repair(findings)
+    assert cli.main(["verify", "--store", str(tmp_path)]) == 0
+    assert cli.main(["ls", "--store", str(tmp_path)]) == 0
+    assert b.key in capsys.readouterr().out
+
+
+def test_a_second_key_naming_a_verified_hash_has_its_own_files_checked(tmp_path):
+    """Two keys with the same content share a hash: verifying one must not vouch for the
+    other's files (the local store serves each key's own folder)."""
+    store = Store(str(tmp_path))
+    a, _ = store.cached("evaluate", {"checkpoint": "A"}, {}, "v", _files({"s": b"same"}))
+    b, _ = store.cached("evaluate", {"checkpoint": "B"}, {}, "v", _files({"s": b"same"}))
+    assert a.hash == b.hash and store.read_bytes(a, "s") == b"same"
+    next((tmp_path / b.key).glob("*/s")).write_bytes(b"evil")
+    assert store.get(b.key) is None
+    with pytest.raises(CorruptArtifact, match="s does not match its sha256"):
+        store.read_bytes(b, "s")
+    assert store.read_bytes(a, "s") == b"same"
+
+
+@pytest.mark.parametrize("extra", ["chat_template.jinja", "sub/added.json", ".hidden"])
+def test_a_file_its_manifest_does_not_name_makes_a_local_artifact_corrupt(tmp_path, extra):
+    """A local artifact is read as its folder: an added chat_template.jinja would change the
+    prompts of every later run served from it."""
+    _, a, b = _two_artifacts(tmp_path)
+    added = next((tmp_path / a.key).glob("*/s")).parent / extra
+    added.parent.mkdir(parents=True, exist_ok=True)
+    added.write_text("{{ 'forged' }}")
+    fresh = Store(str(tmp_path))
+    message = f"{a.key}: holds files its manifest does not name: {extra}"
+    with pytest.raises(CorruptArtifact) as raised:
+        fresh.local_dir(a)
+    assert str(raised.value) == message
+    assert fresh.get(a.key) is None
+    findings = fresh.check_integrity()
+    assert [(f.kind, f.key, f.problem) for f in findings] == [("corrupt", a.key, message)]
+    fresh.repair(findings)
+    assert not added.exists() and fresh.get(b.key) == b
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("created", None),
+        ("created", 5),
+        ("files", {"s": "not an entry"}),
+        ("files", {"s": {"sha256": "0" * 64}}),
+        ("files", {"s": {"sha256": "0" * 64, "size": "1"}}),
+        ("files", {"s": {"sha256": "0" * 64, "size": 1, "extra": []}}),
+    ],
+)
+def test_a_manifest_field_that_ls_and_verify_read_is_checked(tmp_path, capsys, field, value):
+    """`ls` sorted on `created` and summed the sizes, unchecked: one bad manifest crashed it."""
+    _, a, b = _two_artifacts(tmp_path)
+    manifest = json.loads(_manifest_path(tmp_path, a.key).read_text())
+    manifest[field] = value
+    if value is None:
+        del manifest[field]
+    _manifest_path(tmp_path, a.key).write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifact, match="not a valid manifest"):
+        Store(str(tmp_path)).manifest(a.key)
+    assert cli.main(["ls", "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert b.key in out and a.key not in out
+    assert cli.main(["verify", "--store", str(tmp_path)]) == 1
+    assert f"{a.key}: {MANIFEST} is not a valid manifest" in capsys.readouterr().out
 
 
 # -- 4. a store that does not exist; keys too long ------------------------------------------
@@ -322,13 +439,17 @@ def test_a_missing_local_store_is_an_error_not_an_empty_store(tmp_path):
 def test_a_key_too_long_for_a_file_system_is_a_clear_error(tmp_path):
     store = Store(str(tmp_path))
     with pytest.raises(
-        ValueError, match=r"is too long \(5006 characters\): a key has at most 1024"
+        ValueError, match=r"is too long \(5006 bytes in UTF-8\): a key has at most 1024 bytes"
     ):
         store.manifest("stage/" + "a" * 5000)
-    with pytest.raises(ValueError, match="at most 255 bytes between two '/'"):
+    multibyte = "/".join(["é" * 100] * 6)  # 605 characters, 1205 bytes: too long for S3
+    with pytest.raises(ValueError, match=r"too long \(1205 bytes in UTF-8\)"):
+        store.manifest(multibyte)
+    with pytest.raises(ValueError, match="and at most 255 between two '/'"):
         check_key("stage/" + "é" * 200)  # 400 bytes in 200 characters
     assert store.manifest("stage/" + "a" * 250) is None
     assert check_key("/".join(["a" * 200] * 5)) is not None
+    assert check_key("/".join(["é" * 100] * 5)) is not None  # 1004 bytes
 
 
 # -- 3. credentials never appear --------------------------------------------------------------
@@ -341,10 +462,52 @@ def test_a_key_too_long_for_a_file_system_is_a_clear_error(tmp_path):
         ("store s3://AKIAX:secret@bucket/p failed", "store s3://***@bucket/p failed"),
         ("http://user:pa%40ss@127.0.0.1:9000/b", "http://***@127.0.0.1:9000/b"),
         ("https://ghp_token123@github.com/org/repo", "https://***@github.com/org/repo"),
-        ("gcs://a:b@bkt/x and abfs://k@acct/c", "gcs://***@bkt/x and abfs://***@acct/c"),
+        ("gcs://a:b@bkt/x and gs://tok@bkt/y", "gcs://***@bkt/x and gs://***@bkt/y"),
         ('"endpoint_url": "http://u:p@h:1"', '"endpoint_url": "http://***@h:1"'),
         ("env_s3://k:s@b", "env_s3://***@b"),
+        ("S3A://KEY:s@b/x", "S3A://***@b/x"),
+        ("s3://:secret@b", "s3://***@b"),
+        # a password holding '@' or characters a URL should not hold raw: masked whole
+        ("s3://KEY:SEC@RET@bucket/x", "s3://***@bucket/x"),
+        ("s3://KEY:SEC@RET@bucket/model@v1", "s3://***@bucket/model@v1"),
+        ("s3://tok@en@bucket/x", "s3://***@bucket/x"),
+        *[(f"s3://KEY:SE{c}CRET@bucket/x", "s3://***@bucket/x") for c in '"<>`\\{}|^'],
+        # credentials in the query (or the fragment): presigned S3 and GCS, Azure SAS, OAuth
+        (
+            "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIAX%2F2024"
+            "&X-Amz-Security-Token=tok&X-Amz-Signature=abc123",
+            "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Credential=***"
+            "&X-Amz-Security-Token=***&X-Amz-Signature=***",
+        ),
+        (
+            "https://a.blob.core.windows.net/c/f?sv=2022&sig=Zm9v%3D",
+            "https://a.blob.core.windows.net/c/f?sv=2022&sig=***",
+        ),
+        ("https://h/x?token=abc&n=1", "https://h/x?token=***&n=1"),
+        ("https://h/x?access_token=abc#frag", "https://h/x?access_token=***#frag"),
+        ("https://h/cb#access_token=abc", "https://h/cb#access_token=***"),
+        ("https://h/x?user=me&password=hunter2", "https://h/x?user=me&password=***"),
+        ("https://h/x?X%2DAmz%2DSignature=abc", "https://h/x?X%2DAmz%2DSignature=***"),
+        ("https://h/x?a=1?apikey=abc", "https://h/x?a=1?apikey=***"),
+        (
+            "https://h/x?GoogleAccessId=me&Signature=abc",
+            "https://h/x?GoogleAccessId=me&Signature=***",
+        ),
+        # no credential: left alone, and check_url accepts them
+        (
+            "abfs://container@account.dfs.core.windows.net/path",
+            "abfs://container@account.dfs.core.windows.net/path",
+        ),
+        (
+            "az://container@account/p and wasbs://c@a.blob.core.windows.net/p",
+            "az://container@account/p and wasbs://c@a.blob.core.windows.net/p",
+        ),
+        (
+            "https://h/x?author=me&revision=main&sv=2022",
+            "https://h/x?author=me&revision=main&sv=2022",
+        ),
         ("s3://bucket/model@v1", "s3://bucket/model@v1"),
+        ("s3://bucket/a:b@c", "s3://bucket/a:b@c"),
         ("hf://org/model@main", "hf://org/model@main"),
         ("http://host:9000/path", "http://host:9000/path"),
         ("file:///tmp/a@b", "file:///tmp/a@b"),
@@ -352,7 +515,7 @@ def test_a_key_too_long_for_a_file_system_is_a_clear_error(tmp_path):
         ("org/model@0123abc", "org/model@0123abc"),
     ],
 )
-def test_redact_hides_the_userinfo_of_any_url(text, expected):
+def test_redact_and_check_url_agree_on_every_form_of_url_credential(text, expected):
     assert redact(text) == expected
     if expected == text:
         assert check_url(text, "URL") == text
@@ -362,11 +525,90 @@ def test_redact_hides_the_userinfo_of_any_url(text, expected):
         assert redact(text) in str(raised.value)
 
 
-def test_redact_is_linear_on_hostile_text():
+def test_a_url_checked_on_its_own_is_masked_up_to_its_last_at():
+    """Whitespace in a password ends a URL in free text, not in a URL that is checked."""
+    for url in ("s3://KEY:SE CRET@bucket/x", "s3://KEY:SE\tC@R\nET@bucket/x"):
+        with pytest.raises(ValueError) as raised:
+            check_url(url, "store URL")
+        assert str(raised.value).startswith("store URL 's3://***@bucket/x' holds credentials")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "masked"),
+    [
+        ("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG", True),
+        ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE", True),
+        ("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEJr//////////", True),
+        ("HF_TOKEN", "old-style-token-0123", True),
+        ("HUGGING_FACE_HUB_TOKEN", "another-token-4567", True),
+        ("MY_SERVICE_PASSWORD", "s3cr3t-pass-word", True),
+        ("PREFECT_API_KEY", "pnu_abcdefghijkl", True),
+        ("AZURE_STORAGE_SAS_TOKEN", "sv=2022&sig=abcd", True),
+        ("DB_SECRET", "short", False),  # under 8 characters: too common to mask
+        ("AWS_REGION", "eu-central-1", False),  # not a secret's name
+    ],
+)
+def test_redact_masks_every_secret_named_variable_of_the_environment(
+    monkeypatch, name, value, masked
+):
+    monkeypatch.setenv(name, value)
+    text = f"failed with {value} in it"
+    assert redact(text) == ("failed with *** in it" if masked else text)
+
+
+def test_redact_masks_bearer_and_hugging_face_tokens_and_storage_options():
+    token = "hf_" + "aB3" * 11
+    assert redact(f"Authorization: Bearer {token}") == "Authorization: Bearer ***"
+    assert redact(f"401 for {token}.") == "401 for hf_***."
+    assert redact("the hf_transfer option") == "the hf_transfer option"
+    options = {"client_kwargs": {"aws_secret_access_key": URL_SECRET}, "anon": "no-anon-here"}
+    assert redact(f"x {URL_SECRET} no-anon-here", options) == "x *** no-anon-here"
+
+
+HOSTILE = {  # 100 KB each, the shapes that make a backtracking search quadratic
+    "schemes": "a://" * 25_000 + "@",
+    "scheme characters": "a." * 50_000,
+    "colons": "s3://k" + ":" * 100_000 + "@",
+    "ats and slashes": "s3://k:" + "@/" * 50_000,
+    "query separators": "s3://b/?" + "&a" * 50_000,
+    "long query names": "s3://b/?" + ("a" * 127 + "&") * 780,
+    "question marks": "s3://b/" + "?" * 100_000,
+    "bearers": "bearer " * 14_000,
+    "hf prefixes": "hf_" * 33_000,
+    "many URLs": "s3://k:s@b " * 9_000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_redact_and_check_url_are_linear_on_hostile_text(name):
+    text = HOSTILE[name]
     started = time.perf_counter()
-    assert redact("a://" * 5000 + "@").endswith("a://***@")
-    assert redact("a." * 50000) == "a." * 50000
-    assert time.perf_counter() - started < 5  # quadratic backtracking took minutes
+    redact(text)
+    with contextlib.suppress(ValueError):
+        check_url(text, "URL")
+    assert time.perf_counter() - started < 2  # measured 0.02 s; quadratic takes minutes
+
+
+def test_every_regex_of_the_code_compiles_on_python_3_10():
+    """requires-python is >=3.10: no possessive quantifier nor atomic group (3.11 syntax)."""
+    parser = getattr(re, "_parser", None) or importlib.import_module("sre_parse")
+    patterns = [
+        (path.name, node.args[0].value)
+        for folder in ("unlearning_audit", "tasks", "flows")
+        for path in sorted((ROOT / folder).glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "re"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ]
+    assert len(patterns) > 10
+    for where, pattern in patterns:
+        parsed = repr(parser.parse(pattern).data)
+        assert "POSSESSIVE_REPEAT" not in parsed and "ATOMIC_GROUP" not in parsed, where
 
 
 def test_a_url_with_credentials_is_refused_everywhere(tmp_path, monkeypatch):

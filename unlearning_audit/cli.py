@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, get_args
 
@@ -701,13 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse and run. Bad input (a ValueError or an invalid configuration), an
     unreachable or damaged store and a file that cannot be written end as one ``error:``
-    message naming the problem, exit code 2; anything else is an internal error, shown as one
-    line (exit code 1) with its traceback only under --debug. No message carries a credential.
+    message naming the problem, exit code 2; anything else is an internal error, one line and
+    exit code 1. Under --debug (or $UNLEARNING_AUDIT_DEBUG set, to anything but 0 or false) an
+    internal error prints its traceback instead, and an OSError its traceback too. Every message
+    and traceback is printed through store.redact.
     """
     if argv is None:  # run as the program: SIGINT/SIGTERM exit 130/143 in order; stale temp go
         start_cli()
     args = build_parser().parse_args(argv)
-    debug = args.debug or bool(os.environ.get(DEBUG_ENV))
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
     try:
         code = args.func(args)
     except ValidationError as exc:
@@ -721,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         if debug:
-            raise
+            _complain(traceback.format_exc())
         where = f": {exc.filename}" if exc.filename else ""
         _complain(f"error: {exc.strerror or exc}{where}")
         return 2
@@ -730,17 +733,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if debug:
-            raise
-        _complain(
-            f"internal error: {type(exc).__name__}: {exc}\n"
-            "(rerun with --debug for the traceback, and please report it)"
-        )
+            _complain(traceback.format_exc())
+        else:
+            _complain(
+                f"internal error: {type(exc).__name__}: {exc}\n"
+                "(rerun with --debug for the traceback, and please report it)"
+            )
         return 1
     return code or 0  # a command may return its own exit code (verify: 1 on a failed check)
 
 
 def _complain(message: str) -> None:
-    """Print a message to stderr with every credential of the environment masked."""
+    """Print a message (or a traceback) to stderr with its credentials masked (store.redact)."""
     print(redact(message), file=sys.stderr)
 
 

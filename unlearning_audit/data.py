@@ -15,7 +15,6 @@ import io
 import json
 import os
 import random
-import re
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ from . import scratch
 from .config import DataConfig
 from .corpus import Fact
 from .prompts import Encoded, Renderer
-from .store import digest, file_kind
+from .store import digest, file_kind, redact
 
 SETS = ("forget", "retain", "unrelated", "forget_a", "forget_b")
 FORMAT = "format.json"
@@ -541,7 +540,7 @@ def _dataset_records(source: str) -> tuple[Records, list[str]]:
             rows = ds.to_list()
             del ds
     except Exception as exc:  # datasets raises many kinds (network, hub, files, schema)
-        return [], [f"data source {scrub(source)!r} could not be loaded: {_reason(exc)}"]
+        return [], [f"data source {redact(source)!r} could not be loaded: {_reason(exc)}"]
     finally:
         if not quiet:
             datasets.enable_progress_bars()
@@ -554,7 +553,7 @@ def _first_line(text: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    """An exception and its root cause, one line each, with no secret from the environment."""
+    """An exception and its root cause, one line each, credentials masked (store.redact)."""
     root, seen = exc, {id(exc)}
     while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
         root = nxt
@@ -562,28 +561,7 @@ def _reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {_first_line(str(exc))}"
     if root is not exc and str(root) != str(exc):
         text += f" (caused by {type(root).__name__}: {_first_line(str(root))})"
-    return scrub(text)
-
-
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|COOKIE", re.IGNORECASE)
-
-
-def scrub(text: str) -> str:
-    """``text`` without credentials: the values of secret-looking environment variables and
-    the Hugging Face token, URL passwords, token query parameters, bearer and hf_ tokens."""
-    secrets = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6}
-    try:
-        from huggingface_hub import get_token
-
-        secrets.add(get_token() or "")
-    except Exception:  # no hub client, or no token: nothing more to hide
-        pass
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    text = re.sub(r"://[^/\s:@]+:[^/\s@]+@", "://***@", text)
-    text = re.sub(r"(?i)([?&](?:token|key|sig|signature|access_token)=)[^&\s]+", r"\1***", text)
-    text = re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text)
-    return re.sub(r"\bhf_[A-Za-z0-9]{8,}", "hf_***", text)
+    return redact(text)
 
 
 # -- the sets ---------------------------------------------------------------------------------

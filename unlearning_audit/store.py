@@ -18,14 +18,17 @@ manifest stays and the second writer removes its own copy; a manifest whose arti
 verification is replaced by the next writer. ``check_integrity`` hashes every artifact and lists
 those that fail, and the writer folders killed writers left; ``repair`` removes them (the CLI's
 ``verify [--repair]``). Keys never leave the root: ``..`` parts and absolute paths are refused,
-and so are keys too long for a file system (over 1024 characters, or a part over 255 bytes).
+and so are keys too long for S3 or a file system (over 1024 bytes in UTF-8, or a part over 255).
 
-A manifest names its own key and stage, and (for every artifact ``cached`` made) the inputs,
-config and code version its key was derived from. A manifest is refused as corrupt, so the stage
-that needs it recomputes it and ``verify`` lists it, where the key it names is not the key it is
-stored under, where its stage differs, or where its recorded inputs, config and version do not
-derive that key: an artifact moved, copied or swapped to another key is caught, even with its
-``key`` field edited to match its new place.
+A manifest names its own key and stage, and the inputs, config and code version its key was
+derived from (``cached`` records them; ``put`` refuses a meta without them). A manifest is
+refused as corrupt, so the stage that needs it recomputes it and ``verify`` lists it, where the
+key it names is not the key it is stored under, where its stage differs, or where its inputs,
+config and version are missing or do not derive that key: an artifact moved, copied or swapped
+to another key is caught, even with its ``key`` field edited to match its new place. A local
+artifact is read as its data folder, so a file there that its manifest does not name makes it
+corrupt too. A manifest nested too deeply to parse or to derive a key from is corrupt, not a
+crash.
 
 What this does not guarantee. The store signs nothing: the hashes prove that files match their
 manifest and that a manifest belongs to its key, not who wrote them. Anyone who can write to a
@@ -40,8 +43,13 @@ environment variables or an AWS profile) is read through a local cache keyed by 
 verifying an artifact downloads it once, hashing as it goes, and every later read on this machine
 is local. Transient errors (connection refused, timeouts) are retried with backoff, a bounded
 number of times. Credentials never appear in a URL: a URL that holds them
-(``s3://KEY:SECRET@bucket``, ``https://token@host``) is refused (``check_url``), and every message,
-log line and exception of the store passes through ``redact``.
+(``s3://KEY:SECRET@bucket``, ``https://token@host``, ``?X-Amz-Signature=...``) is refused
+(``check_url``). The store's own exceptions (CorruptArtifact, StoreUnavailable, and the
+ValueErrors naming its URL) and its log lines pass through ``redact``, and a cause whose text
+holds a credential is not chained to them. Errors of the filesystem that no retry cures (a
+missing object, access denied) propagate as the filesystem raised them, unredacted, for callers
+to tell apart; the command line prints every message, and under ``--debug`` every traceback,
+through ``redact``.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
+from urllib.parse import unquote
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -72,21 +81,24 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 22
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-_SECRET_WORDS = ("key", "secret", "token", "password")
+# A name (of an environment variable, storage option or URL query parameter) whose value is a
+# credential: AWS_SECRET_ACCESS_KEY, HF_TOKEN, X-Amz-Signature, an Azure SAS ``sig``...
+_SECRET_NAME = re.compile(
+    r"token|secret|passw|key|credential|signature|cookie|auth(?!or)|^sig$", re.IGNORECASE
+)
+_MIN_SECRET = 8  # characters: shorter values under secret names are too common to mask
+_NAMED_USER = ("abfs", "abfss", "az", "adl", "wasb", "wasbs")  # user part: a container's name
 _MAX_DELAY = 60.0  # seconds between two attempts, at most
 _WRITER = re.compile(r"^[0-9a-f]{12}$")  # a writer folder's name: put's uuid4().hex[:12]
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-_MAX_KEY = 1024  # characters in a key, at most (S3's limit on a whole object key, in bytes)
+_MAX_KEY = 1024  # bytes in a key, at most (S3's limit on a whole object key)
 _MAX_PART = 255  # bytes in one part of a key, at most (a file name on common file systems)
-# The userinfo of a URL, whatever its scheme: ``scheme://user:password@`` or ``scheme://token@``.
-# The user part stops at "/" (so a path holding "@", e.g. ``s3://bucket/model@v1``, is not read
-# as userinfo); the password part may hold "/" and "+", as raw AWS secrets do. Bounded lengths
-# and possessive quantifiers keep the search linear in the text, whatever the text.
-_USERINFO = re.compile(
-    r"([A-Za-z][A-Za-z0-9+.\-]{0,31}://)"
-    r"[^\s/?#@:\"<>`\\]{0,4096}+(?::[^\s@\"<>`\\]{0,4096}+)?@"
-)
+# A URL in free text, up to the first whitespace; a query parameter in it; a bearer token; a
+# Hugging Face token. Each match is bounded or consumes what it scans: the search is linear.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{0,31}://\S*")
+_PARAM = re.compile(r"([?&#])([^=&#?\s]{1,128})=([^&#?\s]+)")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)\S+")
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 _DERIVATION = ("inputs", "config", "version")  # what Store.cached records of a key's origin
 T = TypeVar("T")
 
@@ -139,10 +151,10 @@ def check_key(key: str) -> str:
     parts = key.replace("\\", "/").split("/")
     if not key or key.startswith(("/", "\\", "~")) or _DRIVE.match(key):
         raise ValueError(f"{key!r} is empty or an absolute path; give a path inside the store")
-    if len(key) > _MAX_KEY or any(len(part.encode()) > _MAX_PART for part in parts):
+    if len(key.encode()) > _MAX_KEY or any(len(part.encode()) > _MAX_PART for part in parts):
         raise ValueError(
-            f"{key[:40]!r}... is too long ({len(key)} characters): a key has at most {_MAX_KEY} "
-            f"characters, and at most {_MAX_PART} bytes between two '/'"
+            f"{key[:40]!r}... is too long ({len(key.encode())} bytes in UTF-8): a key has at most "
+            f"{_MAX_KEY} bytes, and at most {_MAX_PART} between two '/'"
         )
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"{key!r} has an empty, '.' or '..' part, which could leave the store")
@@ -181,19 +193,61 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None):
 
 
 def check_url(url: str, what: str) -> str:
-    """``url``, unless it holds credentials (``scheme://user:password@host``,
-    ``scheme://token@host``, any scheme): then a ValueError naming ``what``, with the URL redacted.
+    """``url``, unless it holds credentials: then a ValueError naming ``what``, with the URL
+    redacted. Credentials are a password (``scheme://user:password@host``, any scheme), a user
+    part (``https://token@host``; except for the Azure schemes, where it names a container:
+    ``abfs://container@account``) and the value of a query parameter with a secret's name
+    (``?X-Amz-Signature=``, ``?sig=``, ``?access_token=``); see _mask_url.
 
     A URL is kept in Prefect's database (flow run parameters), in logs and in tracebacks, so a
     secret in it would leak everywhere; credentials belong in the environment or a profile.
     """
-    if "@" in str(url) and _USERINFO.search(str(url)):
+    masked = _mask_url(url)
+    if masked != url:
         raise ValueError(
-            f"{what} {redact(str(url))!r} holds credentials; give them through the environment "
+            f"{what} {redact(masked)!r} holds credentials; give them through the environment "
             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the service's own variables) or an "
             "AWS profile (AWS_PROFILE), never in the URL"
         )
     return url
+
+
+def _mask_url(url: str) -> str:
+    """``url`` with its credentials (see check_url) as ***: the whole userinfo, up to its last
+    '@', and each secret query value. Not a URL (no ``://``): ``url`` as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = _userinfo_end(scheme, rest)
+    return f"{scheme}://{'***@' if end else ''}{_PARAM.sub(_mask_param, rest[end:])}"
+
+
+def _userinfo_end(scheme: str, rest: str) -> int:
+    """Where the userinfo of a URL that holds a credential ends in ``rest`` (the URL after its
+    ``scheme://``): just past its last '@'; 0 where it holds none.
+
+    The userinfo runs to the last '@' before the host ends (at the first '/', '?' or '#' after
+    the first '@'), so a password may hold '@', '/' (raw AWS secrets do), quotes, backslashes
+    (and, in a URL checked on its own, spaces). ``urlsplit`` ends the host at the first '/', so
+    it reads ``s3://KEY:a/b@bucket`` as host ``KEY`` on port ``a``; here a ':' before the first
+    '@' starts a password whatever follows, so ``http://host:9000/path@v1`` reads as one too
+    (refused and masked, never leaked). A user part holding '/', '?' or '#' is a path, a query
+    or a fragment (``s3://bucket/x@v1``).
+    """
+    first = rest.find("@")
+    user, colon, _ = rest[: max(first, 0)].partition(":")
+    if first < 0 or any(c in user for c in "/?#"):
+        return 0
+    if not colon and scheme.lower() in _NAMED_USER:
+        return 0
+    host_end = min((i for c in "/?#" if (i := rest.find(c, first)) >= 0), default=len(rest))
+    return rest.rfind("@", 0, host_end) + 1
+
+
+def _mask_param(match: re.Match[str]) -> str:
+    """A query parameter (``_PARAM``) with its value as *** where its name is a secret's."""
+    sep, name, _ = match.groups()
+    return f"{sep}{name}=***" if _SECRET_NAME.search(unquote(name)) else match.group()
 
 
 def _check_option_urls(options: Mapping[str, Any], where: str = "storage option") -> None:
@@ -206,14 +260,18 @@ def _check_option_urls(options: Mapping[str, Any], where: str = "storage option"
 
 
 def redact(text: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """``text`` with the userinfo of every URL in it (``scheme://***@host``) and every credential
-    of the environment or of ``storage_options`` as ***."""
-    if "@" in text:
-        text = _USERINFO.sub(r"\1***@", text)
-    for secret in [os.environ.get(name) for name in _SECRET_ENV] + _secrets(storage_options):
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+    """``text`` with every credential in it as ***: the value of each environment variable and
+    storage option with a secret's name (holding TOKEN, SECRET, PASSW, KEY, CREDENTIAL...:
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, HF_TOKEN) of at least 8 characters; in each URL,
+    the userinfo and secret query values (see check_url); bearer tokens; Hugging Face tokens
+    (``hf_...``, wherever they came from). The one masking function of the package."""
+    named = [v for k, v in os.environ.items() if _SECRET_NAME.search(k)]
+    secrets = {s for s in named + _secrets(storage_options) if len(s) >= _MIN_SECRET}
+    for secret in sorted(secrets, key=len, reverse=True):  # a longer one may hold a shorter one
+        text = text.replace(secret, "***")
+    text = _URL.sub(lambda m: _mask_url(m.group()), text)
+    text = _BEARER.sub(r"\1***", text)
+    return _HF_TOKEN.sub("hf_***", text)
 
 
 def _cause(exc: BaseException, storage_options: Mapping[str, Any] | None = None):
@@ -224,12 +282,12 @@ def _cause(exc: BaseException, storage_options: Mapping[str, Any] | None = None)
 
 
 def _secrets(options: Mapping[str, Any] | None) -> list[str]:
-    """String values under credential-like names (key, secret, token, password), nested too."""
+    """String values under secret names (see _SECRET_NAME), nested too."""
     found = []
     for name, value in (options or {}).items():
         if isinstance(value, Mapping):
             found += _secrets(value)
-        elif isinstance(value, str) and any(w in name.lower() for w in _SECRET_WORDS):
+        elif isinstance(value, str) and _SECRET_NAME.search(name):
             found.append(value)
     return found
 
@@ -309,9 +367,9 @@ def _check_manifest(ref: ArtifactRef, manifest: dict | None) -> dict:
 
 def _check_location(key: str, manifest: dict) -> None:
     """Raise CorruptArtifact unless the manifest belongs where it lies: the key and stage it
-    names are ``key``'s, and where it records the inputs, config and code version of its stage
-    (every artifact Store.cached made does), they derive ``key``. An artifact copied, moved or
-    swapped to another key fails here, with its ``key`` field edited to match or not."""
+    names are ``key``'s, and the inputs, config and code version of its stage that it records
+    derive ``key``. An artifact copied, moved or swapped to another key fails here, with its
+    ``key`` field edited to match or not, and with its derivation edited or removed."""
     named, stage = manifest["key"], key.split("/", 1)[0]
     if named != key:
         raise CorruptArtifact(f"{key}: {MANIFEST} is stored under {key} but names {named}")
@@ -319,21 +377,34 @@ def _check_location(key: str, manifest: dict) -> None:
         raise CorruptArtifact(
             f"{key}: {MANIFEST} is stored under stage {stage} but names stage {manifest['stage']}"
         )
-    meta = manifest["meta"]
-    recorded = [name for name in _DERIVATION if name in meta]
-    if not recorded:
-        return  # written by put alone, not by cached: nothing to derive the key from
-    if len(recorded) < len(_DERIVATION):
-        raise CorruptArtifact(
-            f"{key}: {MANIFEST} records only {', '.join(recorded)} of the inputs, config and "
-            "version its key derives from"
-        )
-    derived = Store.key_for(stage, meta["inputs"], meta["config"], meta["version"])
+    if problem := _derivation_problem(key, manifest["meta"]):
+        raise CorruptArtifact(f"{key}: {MANIFEST} is stored under {key} but {problem}")
+
+
+def _derivation_problem(key: str, meta: Mapping[str, Any]) -> str | None:
+    """Why ``meta`` does not derive ``key`` (it lacks the inputs, config or version of the key's
+    stage, or they give another key), or None where it does. Every artifact comes from
+    Store.cached, which records them; put refuses a meta without them."""
+    if missing := [name for name in _DERIVATION if name not in meta]:
+        return f"its meta does not record its {', '.join(missing)}"
+    stage = key.split("/", 1)[0]
+    try:
+        derived = Store.key_for(stage, meta["inputs"], meta["config"], meta["version"])
+    except RecursionError:
+        return "its inputs, config and version are nested too deeply to derive a key from"
     if derived != key:
-        raise CorruptArtifact(
-            f"{key}: {MANIFEST} is stored under {key} but its inputs, config and version give "
-            f"{derived}"
-        )
+        return f"its inputs, config and version give {derived}"
+    return None
+
+
+def _is_entry(entry: Any) -> bool:
+    """Whether a manifest's file entry is what put writes: a sha256 and a size, nothing else."""
+    return (
+        isinstance(entry, dict)
+        and entry.keys() == {"sha256", "size"}
+        and isinstance(entry["sha256"], str)
+        and type(entry["size"]) is int
+    )
 
 
 def _expect_sha256(key: str, name: str, entry: dict, actual: str) -> None:
@@ -368,7 +439,7 @@ class Store:
         self.backoff = float(os.environ.get("UNLEARNING_AUDIT_STORE_BACKOFF", "1"))
         part_mb = os.environ.get("UNLEARNING_AUDIT_PART_SIZE_MB")
         self.part_size = int(float(part_mb) * 2**20) if part_mb else None
-        self._verified: set[str] = set()
+        self._verified: set[tuple[str, str, str]] = set()  # (key, data folder, hash)
 
     def __repr__(self) -> str:
         return f"Store({self._redact(self.url)!r})"
@@ -382,7 +453,9 @@ class Store:
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         """``call()``, retried with exponential backoff while it fails with a transient error.
 
-        Raises StoreUnavailable, naming the operation, once every attempt has failed.
+        Raises StoreUnavailable, naming the operation, once every attempt has failed, redacted
+        and chained to its cause only where the cause's text holds no credential. Any other
+        error propagates unchanged (callers tell FileNotFoundError apart): see the module doc.
         """
         attempt = 1
         while True:
@@ -468,9 +541,10 @@ class Store:
     def manifest(self, key: str) -> dict | None:
         """The artifact's manifest, or None where it has none (absent or incomplete).
 
-        A manifest that is not a JSON object with a hash, a data folder, a file list, its key,
-        stage and meta raises CorruptArtifact; so does one that does not belong to ``key`` (see
-        _check_location). A key that would leave the store raises ValueError (see check_key).
+        A manifest that is not a JSON object with a hash, a data folder, a file list (each
+        file's sha256 and size), its key, stage, creation time and meta raises CorruptArtifact;
+        so does one that does not belong to ``key`` (see _check_location). A key that would
+        leave the store raises ValueError (see check_key).
         """
         manifest = self._parsed_manifest(key)
         if manifest is not None:
@@ -486,15 +560,17 @@ class Store:
             return None
         try:
             manifest = json.loads(raw)
-            valid = isinstance(manifest["files"], dict) and manifest["hash"] and manifest["data"]
-            valid = valid and all(isinstance(manifest[f], str) for f in ("key", "stage", "hash"))
+            fields = ("key", "stage", "hash", "data", "created")
+            valid = all(isinstance(manifest[f], str) for f in fields) and manifest["hash"]
             valid = valid and isinstance(manifest["meta"], dict)
+            valid = valid and isinstance(manifest["files"], dict)
+            valid = valid and all(_is_entry(entry) for entry in manifest["files"].values())
             # the data folder and file names must stay inside the artifact: a tampered manifest
             # in a shared bucket must not read or write outside the store or the local cache
             valid = valid and _WRITER.match(manifest["data"])
             for name in manifest["files"] if valid else ():
                 check_key(name)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # or nested too deeply
             valid = False
         if not valid:
             raise CorruptArtifact(f"{key}: {MANIFEST} is not a valid manifest")
@@ -520,20 +596,30 @@ class Store:
     def verify(self, ref: ArtifactRef, manifest: dict | None = None) -> None:
         """Check every file of the artifact against its manifest; raise CorruptArtifact if not.
 
-        A remote artifact is verified by downloading it into the local cache (see local_dir).
+        A remote artifact is verified by downloading it into the local cache (see local_dir). An
+        artifact is verified once per process: its key, data folder and hash are remembered, so
+        another key whose manifest names the same hash has its own files checked.
         """
-        if ref.hash in self._verified:
-            return
         manifest = _check_manifest(ref, manifest or self.manifest(ref.key))
+        seen = (ref.key, manifest["data"], ref.hash)
+        if seen in self._verified:
+            return
         if self.local:
             self._check_files(ref.key, manifest)
         else:
             self._cached_copy(ref, manifest)
-        self._verified.add(ref.hash)
+        self._verified.add(seen)
 
     def _check_files(self, key: str, manifest: dict) -> None:
         """Hash every file of an artifact where it lies (a remote one streamed, never cached);
-        raise CorruptArtifact at the first that is missing or differs from its manifest."""
+        raise CorruptArtifact where its data folder holds a file the manifest does not name (a
+        local artifact is read as its folder: an added chat_template.jinja would change the
+        prompts), or at the first file that is missing or differs from its manifest."""
+        folder = self._path(key, manifest["data"])
+        listed = self._retry(f"listing of {key}/{manifest['data']}", lambda: self.fs.find(folder))
+        if extra := sorted({p[len(folder) + 1 :] for p in listed} - manifest["files"].keys()):
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise CorruptArtifact(f"{key}: holds files its manifest does not name: {shown}")
         for name, entry in manifest["files"].items():
             path = self._path(key, manifest["data"], name)
             try:
@@ -711,8 +797,15 @@ class Store:
     # -- writing ---------------------------------------------------------------------------
 
     def put(self, key: str, src: Path, meta: Mapping[str, Any] | None = None) -> ArtifactRef:
-        """Store the files under local folder ``src`` as the artifact ``key``; see module doc."""
+        """Store the files under local folder ``src`` as the artifact ``key``; see module doc.
+
+        ``meta`` must record the inputs, config and version that derive ``key`` (Store.key_for),
+        else a ValueError: a manifest without them could not be told from one stripped of them
+        to pass for another key's. Store.cached records them.
+        """
         check_key(key)
+        if problem := _derivation_problem(key, meta or {}):
+            raise ValueError(f"{key} cannot be stored: {problem}")
         files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file()}
         entries = {
             name: {"sha256": file_sha256(p), "size": p.stat().st_size} for name, p in files.items()
