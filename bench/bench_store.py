@@ -85,8 +85,9 @@ def measure(open_store: Callable[[Path], Store], src: Path, repeats: int, scratc
     keys: list[str] = []
 
     def write() -> None:
-        keys.append(f"bench/{uuid.uuid4().hex}")
-        writer.put(keys[-1], src)
+        inputs = {"run": uuid.uuid4().hex}
+        keys.append(Store.key_for("bench", inputs, {}, "v"))
+        writer.put(keys[-1], src, {"inputs": inputs, "config": {}, "version": "v"})
 
     write_s = best_time(write, repeats)
     ref = writer.get(keys[-1])

@@ -320,6 +320,10 @@ def test_server_stopped_mid_parquet_upload(audit, s3, tmp_path, monkeypatch):
     assert rerun.result().key == key and _store(tmp_path / "again").get(key) is not None
 
 
+DERIVATION = {"inputs": {}, "config": {}, "version": "v"}  # what derives the keys below
+RACE = Store.key_for("race", {}, {}, "v")
+
+
 def test_transient_outage_is_retried_with_backoff(s3, tmp_path, monkeypatch, caplog):
     """The server comes back while the store waits to retry: the write completes."""
     monkeypatch.setenv("UNLEARNING_AUDIT_STORE_RETRIES", "5")
@@ -338,7 +342,7 @@ def test_transient_outage_is_retried_with_backoff(s3, tmp_path, monkeypatch, cap
     s3.stop()
     try:
         with caplog.at_level(logging.WARNING, logger="unlearning_audit.store"):
-            ref = store.put("retry/1", src)
+            ref = store.put(Store.key_for("retry", {}, {}, "v"), src, DERIVATION)
     finally:
         logging.getLogger("unlearning_audit.store").removeHandler(restart)
     assert s3.running and "failed (EndpointConnectionError" in caplog.text
@@ -363,7 +367,7 @@ def test_racing_writers_of_one_key_leave_one_valid_artifact(s3, tmp_path):
             return commit(path, data)
 
         store._write_atomic = synchronized
-        results[name] = store.put("race/1", src)
+        results[name] = store.put(RACE, src, DERIVATION)
 
     threads = [threading.Thread(target=write, args=(n,)) for n in ("first", "second")]
     for t in threads:
@@ -375,7 +379,7 @@ def test_racing_writers_of_one_key_leave_one_valid_artifact(s3, tmp_path):
     winner = reader.read_bytes(results["first"], "a.txt").decode()
     assert winner in {"written by first", "written by second"}
     reader.fs.invalidate_cache()
-    folders = [p for p in reader.fs.ls(f"{BUCKET}/audits/race/1") if not p.endswith(MANIFEST)]
+    folders = [p for p in reader.fs.ls(f"{BUCKET}/audits/{RACE}") if not p.endswith(MANIFEST)]
     assert len(folders) == 1  # the loser removed its copy
 
 

@@ -707,11 +707,11 @@ def main(argv: list[str] | None = None) -> int:
     internal error prints its traceback instead, and an OSError its traceback too. Every message
     and traceback is printed through store.redact.
     """
-    if argv is None:  # run as the program: SIGINT/SIGTERM exit 130/143 in order; stale temp go
-        start_cli()
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
     try:
+        if argv is None:  # run as the program: SIGINT/SIGTERM exit 130/143; stale folders go
+            start_cli()
         code = args.func(args)
     except ValidationError as exc:
         problems = [

@@ -95,7 +95,7 @@ def install(grace: float | None = None) -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False
     if grace is None:
-        grace = float(os.environ.get(GRACE_ENV) or 5)
+        grace = _grace()
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     for signum in SIGNALS:
@@ -105,6 +105,19 @@ def install(grace: float | None = None) -> bool:
         target=_watch, args=(read_fd, grace), name="unlearning-audit-exit", daemon=True
     ).start()
     return True
+
+
+def _grace() -> float:
+    """$UNLEARNING_AUDIT_EXIT_GRACE in seconds (default 5); a ValueError naming it if it is not
+    a number of seconds."""
+    text = os.environ.get(GRACE_ENV) or "5"
+    try:
+        grace = float(text)
+    except ValueError:
+        grace = -1.0
+    if not 0 <= grace < float("inf"):
+        raise ValueError(f"${GRACE_ENV}={text!r} is not a number of seconds")
+    return grace
 
 
 def start_cli() -> None:
