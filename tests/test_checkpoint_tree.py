@@ -760,6 +760,25 @@ def test_a_malformed_config_or_tokenizer_is_a_problem_line_not_a_traceback(
     assert "\n" not in message  # that problem alone: nothing else fails because of it
 
 
+def test_the_tokenizer_is_loaded_from_an_owned_scratch_folder(folder, tmp_path, monkeypatch):
+    """Owned (scratch.folder): removed afterwards, and after a kill by the next start."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("UNLEARNING_AUDIT_TMP", str(tmp_path / "scratch"))
+    loaded_from, real = [], AutoTokenizer.from_pretrained
+
+    def spy(path, **kwargs):
+        loaded_from.append(Path(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    checkpoints.check_folder(folder)
+    (used,) = loaded_from
+    assert used.parent == tmp_path / "scratch"
+    assert used.name.startswith(f"ua-tokenizer-{os.getpid()}-")
+    assert not used.exists()
+
+
 def test_num_blocks_is_what_config_json_declares(folder, tmp_path):
     assert checkpoints.num_blocks(folder) == 2
     for settings, blocks in (

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import stat
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from . import scratch
 from .store import digest, file_kind, filesystem
 
 log = logging.getLogger(__name__)
@@ -1025,13 +1025,13 @@ def _tokenizer_problems(tree: _Tree, trust_remote_code: bool, load: bool = True)
         return problems
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="ua-tokenizer-") as tmp:
+    with scratch.folder("tokenizer") as tmp:
         try:
             for name in tree.names(*METADATA, *(("*.py",) if trust_remote_code else ())):
-                tree.copy(name, Path(tmp))
+                tree.copy(name, tmp)
             tokenizer = AutoTokenizer.from_pretrained(tmp, trust_remote_code=trust_remote_code)
         except Exception as exc:  # whatever fails here fails on the tokenizer files' content
-            return [f"the tokenizer does not load ({_short(exc).replace(tmp, '.')})"]
+            return [f"the tokenizer does not load ({_short(exc).replace(str(tmp), '.')})"]
     if not getattr(tokenizer, "is_fast", False):
         return [
             f"the tokenizer loads as {type(tokenizer).__name__}, not a fast tokenizer; the audit "
