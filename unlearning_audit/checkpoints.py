@@ -1080,9 +1080,9 @@ def _vocabulary(tree: _Tree) -> dict | None:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{tree.path / 'tokenizer.json'} has no model vocabulary") from exc
     elif "vocab.json" in tree.files | tree.refused.keys():
-        mapping = _json(tree, "vocab.json")
+        mapping = _json_object(tree, "vocab.json")
         if "added_tokens.json" in tree.files | tree.refused.keys():
-            mapping = mapping | _json(tree, "added_tokens.json")
+            mapping = mapping | _json_object(tree, "added_tokens.json")
     else:
         return None
     return {"tokens": len(mapping), "sha256": digest(mapping)}
@@ -1109,6 +1109,17 @@ def _json(tree: _Tree, name: str):
         return tree.json(name)
     except ValueError as exc:
         raise ValueError(f"{tree.path}: {exc}") from exc
+
+
+def _json_object(tree: _Tree, name: str) -> dict:
+    """A JSON file's object (a token-to-id mapping); a ValueError naming the file (with its
+    folder) if it is refused, does not parse, or holds anything else."""
+    value = _json(tree, name)
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{tree.path}: {name} is not a JSON object (it holds a {_json_type(value)})"
+        )
+    return value
 
 
 # -- compatibility ---------------------------------------------------------------------------
