@@ -760,6 +760,24 @@ def test_a_malformed_config_or_tokenizer_is_a_problem_line_not_a_traceback(
     assert "\n" not in message  # that problem alone: nothing else fails because of it
 
 
+@pytest.mark.parametrize(
+    "value", ["/etc/passwd", "../outside/tokenizer.json", "sub/tokenizer.json", "..", "a\\b", 5]
+)
+@pytest.mark.parametrize("key", ["tokenizer_file", "vocab_file", "merges_file", "sp_model_file"])
+def test_a_tokenizer_file_setting_outside_the_folder_is_refused(folder, key, value):
+    """transformers 4 opens a *_file path of tokenizer_config.json as it is given."""
+    _tokenizer_config(**{key: value})(folder)
+    message = _refusal(folder)
+    expected = f"tokenizer_config.json: {key} must be null or a file name in the folder, not "
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_a_tokenizer_file_setting_naming_a_file_in_the_folder_passes(folder):
+    _tokenizer_config(tokenizer_file="tokenizer.json", vocab_file=None)(folder)
+    checkpoints.check_folder(folder)
+
+
 def test_the_tokenizer_is_loaded_from_an_owned_scratch_folder(folder, tmp_path, monkeypatch):
     """Owned (scratch.folder): removed afterwards, and after a kill by the next start."""
     from transformers import AutoTokenizer

@@ -987,7 +987,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 def _tokenizer_problems(tree: _Tree, trust_remote_code: bool, load: bool = True) -> list[str]:
     """What keeps the folder's tokenizer from loading as the audit needs it: none there,
-    tokenizer_config.json asking for remote code (unless trust_remote_code), a tokenizer.json
+    tokenizer_config.json asking for remote code (unless trust_remote_code) or naming a file
+    outside the folder (a path in a ``*_file`` setting), a tokenizer.json
     that is no tokenizer, or a tokenizer that does not load, or loads as a slow one (prompts
     split prompt and answer at character offsets, which only fast tokenizers give).
 
@@ -1006,12 +1007,14 @@ def _tokenizer_problems(tree: _Tree, trust_remote_code: bool, load: bool = True)
             settings, problems = {}, [str(exc)]
         if not isinstance(settings, dict):
             problems.append("tokenizer_config.json is not a JSON object")
-        elif "auto_map" in settings and not trust_remote_code:
-            problems.append(
-                "tokenizer_config.json needs trust_remote_code (auto_map "
-                f"{_keys(settings['auto_map'])}); refused unless explicitly allowed "
-                "(--trust-remote-code)"
-            )
+        else:
+            problems += _file_setting_problems(settings)
+            if "auto_map" in settings and not trust_remote_code:
+                problems.append(
+                    "tokenizer_config.json needs trust_remote_code (auto_map "
+                    f"{_keys(settings['auto_map'])}); refused unless explicitly allowed "
+                    "(--trust-remote-code)"
+                )
     if "tokenizer.json" in tree.files:
         try:
             spec = tree.json("tokenizer.json")
@@ -1038,6 +1041,20 @@ def _tokenizer_problems(tree: _Tree, trust_remote_code: bool, load: bool = True)
             "needs one (it splits prompt and answer at character offsets): give tokenizer.json"
         ]
     return []
+
+
+def _file_setting_problems(settings: dict) -> list[str]:
+    """tokenizer_config.json's file settings (tokenizer_file, vocab_file, merges_file, any
+    ``*_file``) that are neither null nor a file name directly in the folder: transformers 4
+    opens such a path as it is given, outside the folder."""
+    return [
+        f"tokenizer_config.json: {key} must be null or a file name in the folder, not "
+        f"{value!r}; remove it or name the file the folder holds"
+        for key, value in settings.items()
+        if key.endswith("_file")
+        and value is not None
+        and not (isinstance(value, str) and _plain_name(value))
+    ]
 
 
 # -- what checkpoints must share -------------------------------------------------------------
