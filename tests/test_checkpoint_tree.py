@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import archs
 import huggingface_hub.constants
@@ -26,7 +27,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tasks._stage import _retry_condition
 from unlearning_audit import checkpoints, cli, corpus, embedded
+from unlearning_audit.checkpoints import CheckpointChanged
 from unlearning_audit.config import AuditParams, DataConfig, UnlearnConfig
 from unlearning_audit.preflight import preflight
 from unlearning_audit.store import Store
@@ -388,7 +391,7 @@ def test_an_s3_copy_is_what_identity_saw_and_metadata_is_bounded(
     )
     fs.pipe("models/tiny/config.json", b"{}")
     (tmp_path / "b").mkdir()
-    with pytest.raises(ValueError, match=r"config\.json \(ETag differs\)"):
+    with pytest.raises(CheckpointChanged, match=r"config\.json \(ETag differs\)"):
         checkpoints.materialize(spec, tmp_path / "b", expected=known)
     monkeypatch.setattr(checkpoints, "METADATA_LIMIT", 1000)
     (tmp_path / "c").mkdir()
@@ -411,9 +414,13 @@ def test_a_file_changed_between_identity_and_copy_is_refused(folder, tmp_path, c
         (folder / "generation_config.json").unlink()
         expected = "generation_config.json (removed)"
     (tmp_path / "dest").mkdir()
-    with pytest.raises(ValueError, match="changed between its identity and its copy") as info:
+    with pytest.raises(
+        CheckpointChanged, match="changed between its identity and its copy"
+    ) as info:
         checkpoints.materialize(spec, tmp_path / "dest", expected=known)
     assert expected in str(info.value)
+    assert not isinstance(info.value, ValueError)  # not bad input: the fetch stage retries it
+    assert _retry_condition(None, None, SimpleNamespace(data=info.value))
 
 
 def test_the_copy_matches_the_identity_it_is_given(folder, tmp_path):
@@ -423,7 +430,7 @@ def test_the_copy_matches_the_identity_it_is_given(folder, tmp_path):
     dest.mkdir()
     checkpoints.materialize(spec, dest, expected=known)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dest.iterdir()} == known
-    with pytest.raises(ValueError, match=r"config.json \(sha256 differs\)"):
+    with pytest.raises(CheckpointChanged, match=r"config.json \(sha256 differs\)"):
         checkpoints.materialize(spec, tmp_path, expected=known | {"config.json": "0" * 64})
 
 

@@ -64,6 +64,12 @@ _CHUNK = 1 << 22
 Tensors = dict[str, tuple[str, list[int]]]  # a tensor's name: the file holding it, its shape
 
 
+class CheckpointChanged(RuntimeError):
+    """A checkpoint changed between the identity that keys its fetch and its copy, or while it
+    was copied. Not bad input (a ValueError, which no stage retries): a retry cures it once the
+    checkpoint stops changing."""
+
+
 @dataclass(frozen=True)
 class CheckpointSpec:
     """A parsed checkpoint spec (see the module docstring)."""
@@ -369,7 +375,7 @@ def materialize(
     """Copy the checkpoint's weights, config and tokenizer files into ``dest``.
 
     What is copied must be what ``expected`` (the spec's ``identity``, which keys the copy)
-    names: a file changed, added or removed since is refused. A local
+    names: a file changed, added or removed since is refused (CheckpointChanged). A local
     file is hashed as it is copied, from the descriptor it was checked on. Links, FIFOs and the
     like are refused (see _Tree); a hub snapshot's links are followed into its repo's cache only.
 
@@ -430,7 +436,7 @@ def _check_unchanged(
     what: str,
 ) -> None:
     """Refuse a copy that is not what ``expected`` (an identity) named: a file changed, added or
-    removed in between."""
+    removed in between (CheckpointChanged)."""
     named = {n: h for n, h in expected.items() if wanted(n, allow_pickle, trust_remote_code)}
     changed = [
         f"{name} ({what} differs)"
@@ -440,7 +446,7 @@ def _check_unchanged(
     changed += [f"{name} (added)" for name in sorted(copied.keys() - named.keys())]
     changed += [f"{name} (removed)" for name in sorted(named.keys() - copied.keys())]
     if changed:
-        raise ValueError(
+        raise CheckpointChanged(
             f"checkpoint {where}: changed between its identity and its copy: "
             f"{_printable(_some(changed))}; fetch it again once it no longer changes"
         )
