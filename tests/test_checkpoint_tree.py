@@ -134,6 +134,7 @@ def test_a_link_is_refused_by_every_reader(folder, secret, tmp_path, name, targe
     message = _refusal(folder)
     assert f"{name} is a symbolic link (to " in message
     assert "a checkpoint folder must hold its files, not links to them" in message
+    assert "(copy the folder with cp -rL to resolve its links)" in message
     spec = checkpoints.parse(str(folder))
     with pytest.raises(ValueError, match=f"{name} is a symbolic link") as info:
         checkpoints.identity(spec)
@@ -160,12 +161,76 @@ def test_a_file_url_is_read_as_a_local_folder_links_refused(folder, secret, tmp_
     _nothing_secret_in(dest)
 
 
-def test_a_linked_subfolder_is_refused(folder, secret):
-    (folder / "original").symlink_to(secret.parent, target_is_directory=True)
+def _entry(folder: Path, name: str, kind: str, secret: Path) -> socket.socket | None:
+    """Add an entry that is no regular file: a link to the secret, a link to a sibling folder,
+    a FIFO or a socket (returned, to be closed)."""
+    if kind == "link":
+        (folder / name).symlink_to(secret)
+    elif kind == "folder-link":
+        (folder / "checkpoint-500").mkdir()
+        (folder / name).symlink_to("checkpoint-500", target_is_directory=True)
+    elif kind == "fifo":
+        os.mkfifo(folder / name)
+    else:
+        (folder / name).touch()
+        return _socket(folder, name)
+    return None
+
+
+ENTRIES = [  # name, kind, allow_pickle, refused: only entries named like a checkpoint's files
+    ("README.md", "link", False, False),
+    ("latest", "folder-link", False, False),
+    ("logs", "socket", False, False),
+    ("notes", "fifo", False, False),
+    ("pytorch_model.bin", "fifo", False, False),  # pickle weights not allowed: never read
+    ("pytorch_model.bin", "fifo", True, True),
+    ("modeling_evil.py", "link", False, True),  # model code is in every identity
+    ("special_tokens_map.json", "link", False, True),
+    ("model-00002-of-00002.safetensors", "socket", False, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "allow_pickle", "refused"),
+    ENTRIES,
+    ids=[f"{n}-{k}{'-pickle' if p else ''}" for n, k, p, _ in ENTRIES],
+)
+def test_every_reader_refuses_by_one_rule_given_as_a_path_or_a_url(
+    folder, secret, tmp_path, name, kind, allow_pickle, refused
+):
+    """check_folder, identity and materialize agree, for the folder and its file:// URL."""
+    made = _entry(folder, name, kind, secret)
+    calls = {"check_folder": lambda: checkpoints.check_folder(folder, allow_pickle)}
+    for how, spec in (("path", str(folder)), ("url", f"file://{folder}")):
+        parsed = checkpoints.parse(spec)
+        dest = tmp_path / how
+        dest.mkdir()
+        calls[f"identity({how})"] = lambda p=parsed: checkpoints.identity(p, allow_pickle)
+        calls[f"materialize({how})"] = lambda p=parsed, d=dest: checkpoints.materialize(
+            p, d, allow_pickle, expected={} if refused else checkpoints.identity(p, allow_pickle)
+        )
+    try:
+        for run in calls.values():
+            if refused:
+                with pytest.raises(ValueError, match=f"{name} is ") as info:
+                    _within(30, run)
+                _nothing_secret_in(str(info.value))
+            else:
+                _within(30, run)
+    finally:
+        if made is not None:
+            made.close()
+    for how in ("path", "url"):
+        assert name not in {p.name for p in (tmp_path / how).iterdir()}
+        _nothing_secret_in(tmp_path / how)
+
+
+def test_a_linked_subfolder_named_like_a_checkpoint_file_is_refused(folder, secret):
+    (folder / "original").symlink_to(secret.parent, target_is_directory=True)  # never read
     (folder / "model-00001-of-00002.safetensors").symlink_to(secret.parent)
     message = _refusal(folder)
-    assert "original is a symbolic link (to " in message
-    assert "model-00001-of-00002.safetensors is a symbolic link" in message
+    assert "original" not in message
+    assert f"{folder}: model-00001-of-00002.safetensors is a symbolic link (to " in message
 
 
 def test_a_local_hub_snapshot_is_refused_with_the_way_to_give_it(folder, tmp_path):
@@ -273,10 +338,10 @@ def test_a_file_swapped_between_its_check_and_its_open_is_refused(
 
 
 def test_names_are_shown_escaped(folder, secret):
-    (folder / "\x1b[2Jevil").symlink_to(secret)
+    (folder / "\x1b[2Jevil.safetensors").symlink_to(secret)
     message = _refusal(folder)
     assert "\x1b" not in message
-    assert "'\\x1b[2Jevil' is a symbolic link" in message
+    assert "'\\x1b[2Jevil.safetensors' is a symbolic link" in message
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,14 @@ def _patterns(allow_pickle: bool, trust_remote_code: bool = False) -> tuple[str,
     return WEIGHTS + METADATA + (PICKLE_WEIGHTS if allow_pickle else ()) + code
 
 
+def _checkpoint_files(allow_pickle: bool) -> tuple[str, ...]:
+    """The names of the files a checkpoint is made of: those its identity hashes (model code
+    included, whether or not it may run). Every reader refuses an entry so named that is no
+    readable regular file (a link, a FIFO), and no other: the rest of the folder is never read.
+    """
+    return _patterns(allow_pickle, trust_remote_code=True)
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(Path(name).match(p) for p in patterns)
 
@@ -157,7 +165,9 @@ class _Tree:
     (FIFO, socket, device, a folder named like a checkpoint file) is refused without being
     opened, and so is a metadata file over METADATA_LIMIT. A file is opened without following
     links and without blocking, and the open descriptor must be the regular file that was
-    checked: a file swapped for a link or a FIFO after the listing is refused too.
+    checked: a file swapped for a link or a FIFO after the listing is refused too. Readers report
+    the refusals of entries named like a checkpoint's files only (_checkpoint_files): nothing
+    else in the folder is read.
 
     Hard links cannot be told apart from the file they link to: one to a file outside the folder
     reads as a regular file here. Making one needs write access to that file's file system (and,
@@ -189,8 +199,8 @@ class _Tree:
         return sorted(n for n in self.files if _matches(n, patterns))
 
     def refusals(self, *patterns: str) -> list[str]:
-        """Why the entries matching any of ``patterns`` are refused (all of them without)."""
-        return [p for n, p in self.refused.items() if not patterns or _matches(n, patterns)]
+        """Why the entries matching any of ``patterns`` are refused."""
+        return [p for n, p in self.refused.items() if _matches(n, patterns)]
 
     def _target(self, name: str) -> tuple[Path, os.stat_result] | None:
         """The path to open for ``name`` and its status, following a hub link; None for a folder
@@ -203,7 +213,8 @@ class _Tree:
                 if self.repo is None:
                     raise ValueError(
                         f"{shown} is a symbolic link (to {target}); a checkpoint folder must hold "
-                        "its files, not links to them"
+                        "its files, not links to them (copy the folder with cp -rL to resolve "
+                        "its links)"
                     )
                 real = Path(os.path.realpath(path))
                 if not real.is_relative_to(os.path.realpath(self.repo)):
@@ -342,8 +353,8 @@ def identity(spec: CheckpointSpec, allow_pickle: bool = False) -> dict:
     root = _local_root(spec)
     if root is not None:
         tree = _Tree(root)
-        _refuse(root, tree.refusals(*_patterns(allow_pickle, True)))
-        found = {name: tree.sha256(name) for name in tree.names(*_patterns(allow_pickle, True))}
+        _refuse(root, tree.refusals(*_checkpoint_files(allow_pickle)))
+        found = {name: tree.sha256(name) for name in tree.names(*_checkpoint_files(allow_pickle))}
     elif spec.kind == "remote":
         fs, path = filesystem(spec.location)
         fs.invalidate_cache(path)  # a long-lived worker must see the prefix as it is now
@@ -422,8 +433,8 @@ def _copy_local(
 ) -> dict[str, str]:
     """Copy the wanted files of ``folder`` into ``dest``; each copied file's sha256."""
     tree = _Tree(folder, repo)
+    _refuse(folder, tree.refusals(*_checkpoint_files(allow_pickle)))
     patterns = _patterns(allow_pickle, trust_remote_code)
-    _refuse(folder, tree.refusals(*patterns))
     return {name: tree.copy(name, dest) for name in tree.names(*patterns)}
 
 
@@ -460,10 +471,11 @@ def check_folder(folder: Path, allow_pickle: bool = False, trust_remote_code: bo
     one ValueError that names every file at fault.
 
     The folder is an untrusted tree (see _Tree): a link, FIFO, device or oversized metadata file
-    in it is refused. config.json must parse, have the shape transformers expects, name no
-    quantization and need no model code (``auto_map``) unless trust_remote_code; weights must be
-    safetensors (pickle only with allow_pickle, and a warning), each header must parse and each
-    shard of an index exist in the folder. The weights must cover the model config.json
+    named like a checkpoint file is refused (other entries are never read). config.json must
+    parse, have the shape transformers expects, name no quantization and need no model code
+    (``auto_map``) unless trust_remote_code; weights must be safetensors (pickle only with
+    allow_pickle, and a warning), each header must parse and each shard of an index exist in the
+    folder. The weights must cover the model config.json
     describes, and hold nothing else: every parameter present (as transformers renames tensors on
     load), no stray tensor, every shape right. The model is built on the meta device (no memory,
     no weights read), and only once its size is bounded by the weights: a config.json with more
@@ -476,8 +488,8 @@ def check_folder(folder: Path, allow_pickle: bool = False, trust_remote_code: bo
 def _problems(folder: Path, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
     """Everything check_folder refuses in ``folder``, one line each."""
     tree = _Tree(folder)
-    problems = tree.refusals()
-    if tree.refused and _hub_repo(folder) is not None:
+    problems = tree.refusals(*_checkpoint_files(allow_pickle))
+    if problems and _hub_repo(folder) is not None:
         problems.append(
             "the folder is a Hugging Face hub cache snapshot, whose files are links: give the "
             "checkpoint as org/name@<commit> instead"
@@ -739,9 +751,8 @@ def _weights(tree: _Tree, settings: dict, allow_pickle: bool) -> tuple[Tensors, 
 def _no_safetensors(tree: _Tree, allow_pickle: bool) -> list[str]:
     """The problems of a folder without model.safetensors or its index: none but pickle weights
     where those are allowed (with a warning)."""
-    if tree.refusals("pytorch_model*"):
-        return []  # the tree says why
-    pickles = ", ".join(tree.names("pytorch_model*.bin"))
+    present = sorted(tree.files | tree.refused.keys())
+    pickles = ", ".join(n for n in present if _matches(n, ("pytorch_model*.bin",)))
     if not pickles:
         if other := tree.names("*.safetensors"):
             return [
@@ -754,6 +765,8 @@ def _no_safetensors(tree: _Tree, allow_pickle: bool) -> list[str]:
             f"only pickle weights ({pickles}), which can run code when loaded; refused "
             "unless explicitly allowed (--allow-pickle)"
         ]
+    if tree.refusals(*PICKLE_WEIGHTS):
+        return []  # the tree says why
     log.warning(
         "checkpoint %s: pickle weights (%s), unsafe, allowed explicitly", tree.path, pickles
     )
