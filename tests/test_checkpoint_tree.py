@@ -614,6 +614,33 @@ def test_weights_that_do_not_cover_the_model_are_refused(folder, damage, expecte
     assert expected in _refusal(folder)
 
 
+LOADED = [  # the files in the folder, config.json's settings, the file transformers loads
+    ({"model.safetensors", "adapter_model.safetensors"}, {}, "model.safetensors"),
+    (
+        {"model.safetensors.index.json", "model-00001-of-00001.safetensors"},
+        {},
+        "model.safetensors.index.json",
+    ),
+    (
+        {"model.safetensors", "extra.safetensors"},
+        {"transformers_weights": "extra.safetensors"},
+        "extra.safetensors",
+    ),
+    ({"pytorch_model.bin", "adapter_model.safetensors"}, {}, None),
+    ({"pytorch_model-00001-of-00002.bin", "model-00001-of-00002.safetensors"}, {}, None),
+]
+
+
+@pytest.mark.parametrize(("files", "settings", "loaded"), LOADED)
+def test_the_safetensors_transformers_loads_are_told_by_one_rule(tmp_path, files, settings, loaded):
+    """Pickle weights beside a *.safetensors file transformers does not load (an adapter's, a
+    shard without its index) are still the weights: the fetch stage converts them."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"} | settings))
+    for name in files:
+        (tmp_path / name).touch()
+    assert checkpoints.safetensors_weights(tmp_path) == loaded
+
+
 def test_load_refuses_parameters_transformers_reports_missing(folder, monkeypatch):
     """The second line: were a missing tensor to pass check_folder (a rename it cannot follow),
     load refuses what transformers reports missing instead of leaving it random."""

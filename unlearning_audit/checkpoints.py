@@ -703,26 +703,21 @@ def _weights(tree: _Tree, settings: dict, allow_pickle: bool) -> tuple[Tensors, 
             problems.append(f"{index} names shards that are missing: {', '.join(missing)}")
     present = tree.files | tree.refused.keys()
     explicit = settings.get("transformers_weights")
-    if explicit is not None:
-        if not (
-            isinstance(explicit, str)
-            and _plain_name(explicit)
-            and explicit.endswith((".safetensors", ".safetensors.index.json"))
-        ):
-            return {}, [
-                *problems,
-                "config.json: transformers_weights must name a *.safetensors file or index in "
-                f"the folder, not {explicit!r}",
-            ]
-        if explicit not in present:
-            return {}, [*problems, f"config.json: transformers_weights {explicit} is missing"]
-        source = explicit
-    elif "model.safetensors" in present:
-        source = "model.safetensors"
-    elif "model.safetensors.index.json" in present:
-        source = "model.safetensors.index.json"
-    else:
+    if explicit is not None and not (
+        isinstance(explicit, str)
+        and _plain_name(explicit)
+        and explicit.endswith((".safetensors", ".safetensors.index.json"))
+    ):
+        return {}, [
+            *problems,
+            "config.json: transformers_weights must name a *.safetensors file or index in "
+            f"the folder, not {explicit!r}",
+        ]
+    source = _weights_file(settings, present)
+    if source is None:
         return {}, problems + _no_safetensors(tree, allow_pickle)
+    if source not in present:
+        return {}, [*problems, f"config.json: transformers_weights {source} is missing"]
     if source in tree.refused:
         return {}, problems  # the tree says why
     files = shards.get(source, []) if source.endswith(".json") else [source]
@@ -746,6 +741,27 @@ def _weights(tree: _Tree, settings: dict, allow_pickle: bool) -> tuple[Tensors, 
         except ValueError as exc:  # refused when opened
             problems.append(str(exc))
     return tensors, problems
+
+
+def _weights_file(settings: dict, present: set[str]) -> str | None:
+    """The safetensors file or index transformers loads, given config.json's ``settings`` and
+    the names ``present`` in the folder: transformers_weights where config.json names it (there
+    or not), else model.safetensors, else model.safetensors.index.json; None if none of these
+    (pickle weights, or none: other *.safetensors files are not loaded)."""
+    explicit = settings.get("transformers_weights")
+    if isinstance(explicit, str):
+        return explicit
+    names = ("model.safetensors", "model.safetensors.index.json")
+    return next((name for name in names if name in present), None)
+
+
+def safetensors_weights(folder: Path) -> str | None:
+    """The safetensors file or index transformers loads from a checked folder (by the rule
+    check_folder applies), or None where it loads pickle weights: the fetch stage converts
+    those, whatever other *.safetensors file (an adapter's) lies beside them."""
+    tree = _Tree(Path(folder))
+    settings, _ = _config(tree)
+    return _weights_file(settings, tree.files | tree.refused.keys())
 
 
 def _no_safetensors(tree: _Tree, allow_pickle: bool) -> list[str]:
