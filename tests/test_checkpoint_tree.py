@@ -701,18 +701,52 @@ def test_a_config_with_absurdly_many_layers_is_refused_fast(folder, layers):
     ) in message
 
 
+def _empty_tensors(folder: Path, layers: int) -> None:
+    """Two empty tensors per layer under junk names: as many tensors as the layers need to pass
+    a bound by the count of tensors, and no elements."""
+    _save_tensors(
+        folder, {f"model.layers.{i}.{n}": torch.zeros(0) for i in range(layers) for n in "ab"}
+    )
+
+
+def _one_element_tensors(folder: Path, layers: int) -> None:
+    """Every parameter of every layer under its own name, of one element each."""
+    names = [n.removeprefix("model.layers.0.") for n in _tensors(folder) if ".layers.0." in n]
+    _save_tensors(
+        folder, {f"model.layers.{i}.{n}": torch.zeros(1) for i in range(layers) for n in names}
+    )
+
+
+@pytest.mark.parametrize(
+    ("fill", "layers"), [(_empty_tensors, 20000), (_one_element_tensors, 5000)]
+)
+def test_weights_too_small_for_the_model_bound_its_build_whatever_their_count(folder, fill, layers):
+    """Unbounded, the build takes time and memory by the layer (20,000: 35 s and 870 MB)."""
+    _edit_config(folder, num_hidden_layers=layers)
+    fill(folder, layers)
+    started = time.monotonic()
+    message = _refusal(folder)
+    assert time.monotonic() - started < 2
+    assert "config.json describes a model of more than " in message
+    assert " parameter elements, more than the weights (" in message
+    assert "could fill; not built" in message
+
+
 def test_a_model_build_is_bounded_by_the_weights_in_its_own_thread_only():
     built = []
 
     def other_thread():
         built.append(torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(100))))
 
-    with checkpoints._registrations_at_most(50):
+    with checkpoints._bounded_build(50, 10**6):
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
-        with pytest.raises(checkpoints._TooLarge):
+        with pytest.raises(checkpoints._TooLarge, match="more than 50 parameters and modules"):
             torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(100)))
+    too_many = pytest.raises(checkpoints._TooLarge, match="more than 100 parameter elements")
+    with checkpoints._bounded_build(10**6, 100), too_many:
+        torch.nn.Linear(10, 10)
     assert len(built) == 1
     torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(100)))  # the hooks are gone
 

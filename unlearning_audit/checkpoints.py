@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -798,7 +799,8 @@ def _plain_name(name: str) -> bool:
 
 
 class _TooLarge(Exception):
-    """The model config.json describes grew past what the weights could fill."""
+    """The model config.json describes grew past what the weights could fill (the message says
+    which bound it passed)."""
 
 
 def _coverage_problems(config, tensors: Tensors) -> list[str]:
@@ -817,14 +819,14 @@ def _coverage_problems(config, tensors: Tensors) -> list[str]:
 
     if problem := _layer_bound(config, tensors):
         return [problem]
-    limit = 16 * len(tensors) + 4096  # registrations: parameters and modules, many per tensor
+    sizes = [math.prod(shape) for _, shape in tensors.values()]
     try:
-        with torch.device("meta"), _registrations_at_most(limit):
+        with torch.device("meta"), _bounded_build(*_build_bounds(sizes)):
             model = AutoModelForCausalLM.from_config(config)
-    except _TooLarge:
+    except _TooLarge as exc:
         return [
-            f"config.json describes a model of more than {limit} parameters and modules, far "
-            f"more than the {len(tensors)} tensors of the weights could fill; not built"
+            f"config.json describes {exc}, more than the weights ({len(tensors)} tensors of "
+            f"{sum(sizes)} elements) could fill; not built"
         ]
     except Exception as exc:  # whatever fails here fails on config.json's content
         return [f"config.json does not describe a causal LM transformers can build ({_short(exc)})"]
@@ -885,26 +887,45 @@ def _blocks(tensors: Tensors) -> tuple[str | None, set[int]]:
     return container, found[container]
 
 
+def _build_bounds(sizes: list[int]) -> tuple[int, int]:
+    """How many parameters and modules, and how many parameter elements, building the model
+    described by weights of tensors of ``sizes`` elements may register: many registrations per
+    tensor (a module holds a few tensors, and some hold none); the weights' elements, plus twice
+    the largest tensor's (an output layer tied to the embeddings is built untied, then
+    registered again when tied) and a little more (parameters a model may leave out of its
+    file). Both bounds hold whatever the tensors are named: a file of many empty tensors bounds
+    the model by its elements, none."""
+    return 16 * len(sizes) + 4096, sum(sizes) + 2 * max(sizes) + 4096
+
+
 @contextmanager
-def _registrations_at_most(limit: int) -> Iterator[None]:
-    """Abort a model build in this thread (_TooLarge) once it has registered more than ``limit``
-    parameters and submodules; other threads' models are left alone."""
+def _bounded_build(registrations: int, elements: int) -> Iterator[None]:
+    """Abort a model build in this thread (_TooLarge) once it has registered more than
+    ``registrations`` parameters and submodules, or parameters of more than ``elements``
+    elements in all (counted free on the meta device, where each module costs memory and time
+    though its parameters take none); other threads' models are left alone."""
     from torch.nn.modules.module import (
         register_module_module_registration_hook,
         register_module_parameter_registration_hook,
     )
 
-    me, count = threading.get_ident(), [0]
+    me, built = threading.get_ident(), {"registrations": 0, "elements": 0}
 
-    def hook(module, name, value):
-        if threading.get_ident() == me:
-            count[0] += 1
-            if count[0] > limit:
-                raise _TooLarge(limit)
+    def count(added: int) -> None:
+        if threading.get_ident() != me:
+            return
+        built["registrations"] += 1
+        built["elements"] += added
+        if built["registrations"] > registrations:
+            raise _TooLarge(f"a model of more than {registrations} parameters and modules")
+        if built["elements"] > elements:
+            raise _TooLarge(f"a model of more than {elements} parameter elements")
 
     handles = [
-        register_module_parameter_registration_hook(hook),
-        register_module_module_registration_hook(hook),
+        register_module_parameter_registration_hook(
+            lambda module, name, value: count(0 if value is None else value.numel())
+        ),
+        register_module_module_registration_hook(lambda module, name, value: count(0)),
     ]
     try:
         yield
