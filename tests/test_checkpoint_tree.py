@@ -465,6 +465,69 @@ def test_an_s3_copy_is_what_identity_saw_and_metadata_is_bounded(
     assert list((tmp_path / "c").iterdir()) == []  # refused before anything is downloaded
 
 
+def test_an_s3_file_overwritten_while_it_is_copied_is_refused(
+    s3_server, folder, tmp_path, monkeypatch
+):
+    """The ETag listed before the download must still be the object's once it is copied."""
+    from unlearning_audit.store import filesystem
+
+    fs, _ = filesystem("s3://overwritten")
+    fs.mkdir("overwritten")
+    for path in folder.iterdir():
+        fs.put_file(str(path), f"overwritten/tiny/{path.name}")
+    spec = checkpoints.parse("s3://overwritten/tiny")
+    known = checkpoints.identity(spec)
+    opened = fs.open
+
+    def overwrite_then_open(remote, mode="rb", **kwargs):
+        if remote.endswith("/config.json"):  # the same size, other bytes
+            fs.pipe_file(remote, fs.cat_file(remote)[::-1])
+        return opened(remote, mode, **kwargs)
+
+    monkeypatch.setattr(fs, "open", overwrite_then_open)
+    with pytest.raises(CheckpointChanged, match=r"config\.json changed while it was copied"):
+        checkpoints.materialize(spec, tmp_path, expected=known)
+
+
+@pytest.fixture
+def memory(folder, tmp_path):
+    """The checkpoint on a backend that lists no ETag (fsspec's memory file system)."""
+    from unlearning_audit.store import filesystem
+
+    fs, root = filesystem(f"memory://{tmp_path.name}/tiny")
+    for path in folder.iterdir():
+        fs.pipe_file(f"{root}/{path.name}", path.read_bytes())
+    yield fs, root
+    fs.rm(root, recursive=True)
+
+
+def test_a_checkpoint_without_etags_is_known_by_its_hashes(memory, folder, tmp_path):
+    fs, root = memory
+    spec = checkpoints.parse(f"memory://{root.strip('/')}")
+    known = checkpoints.identity(spec)
+    assert known == checkpoints.identity(checkpoints.parse(str(folder)))  # not size and mtime
+    (tmp_path / "a").mkdir()
+    checkpoints.materialize(spec, tmp_path / "a", expected=known)
+    config = fs.cat_file(f"{root}/config.json")
+    fs.pipe_file(f"{root}/config.json", config[::-1])  # the same size, other bytes
+    (tmp_path / "b").mkdir()
+    with pytest.raises(CheckpointChanged, match=r"config\.json \(sha256 differs\)"):
+        checkpoints.materialize(spec, tmp_path / "b", expected=known)
+
+
+@pytest.mark.parametrize("key", ["ETag", "etag", "Etag"])
+def test_a_remote_etag_is_read_however_its_backend_spells_it(memory, key, monkeypatch):
+    fs, root = memory
+    listed = fs.ls
+
+    def with_etags(path, detail=True, **kwargs):
+        return [i | {key: f'"{i["name"]}-v1"'} for i in listed(path, detail=True, **kwargs)]
+
+    monkeypatch.setattr(fs, "ls", with_etags)
+    known = checkpoints.identity(checkpoints.parse(f"memory://{root.strip('/')}"))
+    assert known["config.json"] == f'"{root}/config.json-v1"'
+
+
 @pytest.mark.parametrize("change", ["changed", "added", "removed"])
 def test_a_file_changed_between_identity_and_copy_is_refused(folder, tmp_path, change):
     spec = checkpoints.parse(str(folder))

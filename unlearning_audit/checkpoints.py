@@ -277,20 +277,28 @@ class _Tree:
 
     def copy(self, name: str, dest: Path) -> str:
         """Copy ``name`` into ``dest`` from the descriptor it was checked on; the copy's sha256."""
-        h = hashlib.sha256()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-        with self.open(name) as src, os.fdopen(os.open(dest / name, flags, 0o644), "wb") as out:
-            while chunk := src.read(_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-        return h.hexdigest()
+        with self.open(name) as src, _create(dest / name) as out:
+            return _pipe(src, out)
 
     def sha256(self, name: str) -> str:
-        h = hashlib.sha256()
         with self.open(name) as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
+            return _pipe(f)
+
+
+def _pipe(src: IO[bytes], out: IO[bytes] | None = None) -> str:
+    """The sha256 of what ``src`` holds, read in chunks (and written to ``out`` if given)."""
+    h = hashlib.sha256()
+    while chunk := src.read(_CHUNK):
+        h.update(chunk)
+        if out is not None:
+            out.write(chunk)
+    return h.hexdigest()
+
+
+def _create(path: Path) -> IO[bytes]:
+    """``path`` created (or emptied) for writing, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
 
 
 def _shown(name: str) -> str:
@@ -347,8 +355,9 @@ def _local_root(spec: CheckpointSpec) -> Path | None:
 
 def identity(spec: CheckpointSpec, allow_pickle: bool = False) -> dict:
     """What a checkpoint's content is known by before it is copied: the sha256 of every file
-    that may be copied (model code included) of a local folder (or file:// URL), the ETag (else
-    size and mtime) of every such remote object, or the hub commit of a pinned spec.
+    that may be copied (model code included) of a local folder (or file:// URL), the ETag of
+    every such remote object (its sha256, read whole, where the backend gives no ETag: a size
+    and mtime do not tell content), or the hub commit of a pinned spec.
 
     ``materialize`` checks that what it copies is still this."""
     root = _local_root(spec)
@@ -358,10 +367,9 @@ def identity(spec: CheckpointSpec, allow_pickle: bool = False) -> dict:
         found = {name: tree.sha256(name) for name in tree.names(*_checkpoint_files(allow_pickle))}
     elif spec.kind == "remote":
         fs, path = filesystem(spec.location)
-        fs.invalidate_cache(path)  # a long-lived worker must see the prefix as it is now
         found = {
-            name: str(i.get("ETag") or (i["size"], i.get("mtime")))
-            for name, i in _listing(fs, path).items()
+            name: _etag(info) or _remote_sha256(fs, info["name"])
+            for name, info in _listing(fs, path).items()
             if wanted(name, allow_pickle, True)
         }
     else:
@@ -370,10 +378,34 @@ def identity(spec: CheckpointSpec, allow_pickle: bool = False) -> dict:
 
 
 def _listing(fs, path: str) -> dict[str, dict]:
-    """The files directly under a remote prefix, by name."""
+    """The files directly under a remote prefix, by name, as they are now (a long-lived worker's
+    cached listing is dropped first)."""
+    fs.invalidate_cache(path)
     return {
         i["name"].rsplit("/", 1)[-1]: i for i in fs.ls(path, detail=True) if i["type"] == "file"
     }
+
+
+def _etag(info: dict) -> str | None:
+    """A listed remote file's ETag, however its backend spells the key (s3fs ETag, gcsfs and
+    adlfs etag); None where it gives none."""
+    return next((str(v) for k, v in info.items() if k.lower() == "etag" and v), None)
+
+
+def _version(info: dict) -> str:
+    """What a listed remote file's version is known by: its ETag, else its size and mtime."""
+    return _etag(info) or str((info.get("size"), info.get("mtime")))
+
+
+def _remote_sha256(fs, remote: str, dest: Path | None = None) -> str:
+    """The sha256 of a remote file, read in chunks (and written to ``dest`` if given). On S3 the
+    reads are conditional on the ETag the listing gave (s3fs sends If-Match): a file replaced
+    since fails to read (FileExpired)."""
+    with fs.open(remote, "rb") as src:
+        if dest is None:
+            return _pipe(src)
+        with _create(dest) as out:
+            return _pipe(src, out)
 
 
 def materialize(
@@ -388,8 +420,10 @@ def materialize(
 
     What is copied must be what ``expected`` (the spec's ``identity``, which keys the copy)
     names: a file changed, added or removed since is refused (CheckpointChanged). A local
-    file is hashed as it is copied, from the descriptor it was checked on. Links, FIFOs and the
-    like are refused (see _Tree); a hub snapshot's links are followed into its repo's cache only.
+    file is hashed as it is copied, from the descriptor it was checked on; a remote one as it
+    is downloaded, and the prefix is listed again afterwards: a file listed otherwise then
+    changed while it was copied, and is refused too. Links, FIFOs and the like are refused (see
+    _Tree); a hub snapshot's links are followed into its repo's cache only.
 
     Returns provenance: for the hub, the commit the files came from (give a pinned spec).
     """
@@ -403,12 +437,13 @@ def materialize(
         _check_unchanged(root, copied, expected, allow_pickle, trust_remote_code, "sha256")
         return {}
     fs, path = filesystem(spec.location)
-    fs.invalidate_cache(path)
     listed = _listing(fs, path)
     if not listed:
         raise ValueError(f"checkpoint {spec.location!r} is empty or does not exist")
     take = {n: i for n, i in listed.items() if wanted(n, allow_pickle, trust_remote_code)}
-    seen = {n: str(i.get("ETag") or (i["size"], i.get("mtime"))) for n, i in take.items()}
+    # before anything is downloaded, what the listing tells: names, and ETags where there are
+    # some (a file without one is checked by its hash once copied)
+    seen = {n: _etag(i) or expected.get(n, "") for n, i in take.items()}
     _check_unchanged(spec.location, seen, expected, allow_pickle, trust_remote_code, "ETag")
     problems = []
     for name, info in sorted(take.items()):
@@ -417,12 +452,31 @@ def materialize(
         except ValueError as exc:
             problems.append(str(exc))
     _refuse(spec.location, problems)
-    for name, info in sorted(take.items()):
-        fs.get_file(f"{path}/{name}", str(dest / name))
-        if info.get("size") is not None and (dest / name).stat().st_size != info["size"]:
-            problems.append(f"{name} changed while it was copied (size)")
-    _refuse(spec.location, problems)
+    hashed = {n: _remote_sha256(fs, i["name"], dest / n) for n, i in sorted(take.items())}
+    _check_copied_as_listed(spec.location, take, _listing(fs, path), dest)
+    copied = {n: _etag(i) or hashed[n] for n, i in take.items()}
+    _check_unchanged(spec.location, copied, expected, allow_pickle, trust_remote_code, "sha256")
     return {}
+
+
+def _check_copied_as_listed(
+    where: str, listed: dict[str, dict], now: dict[str, dict], dest: Path
+) -> None:
+    """Refuse a remote copy (CheckpointChanged) of files that are listed otherwise once copied
+    (``now``: another ETag, or size and mtime, or gone) or whose copy's size is not the one
+    listed: the bytes downloaded may not be the version the listing named."""
+    moved = [
+        name
+        for name, info in sorted(listed.items())
+        if name not in now
+        or _version(now[name]) != _version(info)
+        or info.get("size") not in (None, (dest / name).stat().st_size)
+    ]
+    if moved:
+        raise CheckpointChanged(
+            f"checkpoint {where}: {_printable(_some(moved))} changed while it was copied; "
+            "fetch it again once it no longer changes"
+        )
 
 
 def _copy_local(
