@@ -458,7 +458,7 @@ def test_an_s3_copy_is_what_identity_saw_and_metadata_is_bounded(
     (tmp_path / "b").mkdir()
     with pytest.raises(CheckpointChanged, match=r"config\.json \(ETag differs\)"):
         checkpoints.materialize(spec, tmp_path / "b", expected=known)
-    monkeypatch.setattr(checkpoints, "METADATA_LIMIT", 1000)
+    monkeypatch.setattr(checkpoints.tree, "METADATA_LIMIT", 1000)
     (tmp_path / "c").mkdir()
     with pytest.raises(ValueError, match=r"tokenizer\.json is [0-9.]+ MiB, over the 0 MiB limit"):
         checkpoints.materialize(spec, tmp_path / "c", expected=checkpoints.identity(spec))
@@ -708,7 +708,7 @@ def test_load_refuses_parameters_transformers_reports_missing(folder, monkeypatc
     """The second line: were a missing tensor to pass check_folder (a rename it cannot follow),
     load refuses what transformers reports missing instead of leaving it random."""
     _missing_norm(folder)
-    monkeypatch.setattr(checkpoints, "_coverage_problems", lambda config, tensors: [])
+    monkeypatch.setattr(checkpoints.checks, "_coverage_problems", lambda config, tensors: [])
     checkpoints.check_folder(folder)
     with pytest.raises(ValueError) as info:
         checkpoints.load(folder)
