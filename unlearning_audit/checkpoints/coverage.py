@@ -103,8 +103,8 @@ def _build_bounds(sizes: list[int]) -> tuple[int, int]:
     tensor (a module holds a few tensors, and some hold none); the weights' elements, plus twice
     the largest tensor's (an output layer tied to the embeddings is built untied, then
     registered again when tied) and a little more (parameters a model may leave out of its
-    file). Both bounds hold whatever the tensors are named: a file of many empty tensors bounds
-    the model by its elements, none."""
+    file). Both hold whatever the tensors are named, and the second however many there are:
+    a file listing many empty tensors bounds the model to its elements, none."""
     return 16 * len(sizes) + 4096, sum(sizes) + 2 * max(sizes) + 4096
 
 
