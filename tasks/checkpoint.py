@@ -61,7 +61,7 @@ def fetch_checkpoint(
             pinned, out, allow_pickle, trust_remote_code, expected=content
         )
         checkpoints.check_folder(out, allow_pickle, trust_remote_code)
-        if allow_pickle and not any(out.glob("*.safetensors")):
+        if allow_pickle and checkpoints.safetensors_weights(out) is None:
             model, tokenizer = checkpoints.load(
                 out, allow_pickle=True, trust_remote_code=trust_remote_code
             )

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import archs
 import huggingface_hub.constants
@@ -26,7 +27,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tasks._stage import _retry_condition
 from unlearning_audit import checkpoints, cli, corpus, embedded
+from unlearning_audit.checkpoints import CheckpointChanged
 from unlearning_audit.config import AuditParams, DataConfig, UnlearnConfig
 from unlearning_audit.preflight import preflight
 from unlearning_audit.store import Store
@@ -131,6 +134,7 @@ def test_a_link_is_refused_by_every_reader(folder, secret, tmp_path, name, targe
     message = _refusal(folder)
     assert f"{name} is a symbolic link (to " in message
     assert "a checkpoint folder must hold its files, not links to them" in message
+    assert "(copy the folder with cp -rL to resolve its links)" in message
     spec = checkpoints.parse(str(folder))
     with pytest.raises(ValueError, match=f"{name} is a symbolic link") as info:
         checkpoints.identity(spec)
@@ -157,12 +161,76 @@ def test_a_file_url_is_read_as_a_local_folder_links_refused(folder, secret, tmp_
     _nothing_secret_in(dest)
 
 
-def test_a_linked_subfolder_is_refused(folder, secret):
-    (folder / "original").symlink_to(secret.parent, target_is_directory=True)
+def _entry(folder: Path, name: str, kind: str, secret: Path) -> socket.socket | None:
+    """Add an entry that is no regular file: a link to the secret, a link to a sibling folder,
+    a FIFO or a socket (returned, to be closed)."""
+    if kind == "link":
+        (folder / name).symlink_to(secret)
+    elif kind == "folder-link":
+        (folder / "checkpoint-500").mkdir()
+        (folder / name).symlink_to("checkpoint-500", target_is_directory=True)
+    elif kind == "fifo":
+        os.mkfifo(folder / name)
+    else:
+        (folder / name).touch()
+        return _socket(folder, name)
+    return None
+
+
+ENTRIES = [  # name, kind, allow_pickle, refused: only entries named like a checkpoint's files
+    ("README.md", "link", False, False),
+    ("latest", "folder-link", False, False),
+    ("logs", "socket", False, False),
+    ("notes", "fifo", False, False),
+    ("pytorch_model.bin", "fifo", False, False),  # pickle weights not allowed: never read
+    ("pytorch_model.bin", "fifo", True, True),
+    ("modeling_evil.py", "link", False, True),  # model code is in every identity
+    ("special_tokens_map.json", "link", False, True),
+    ("model-00002-of-00002.safetensors", "socket", False, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "allow_pickle", "refused"),
+    ENTRIES,
+    ids=[f"{n}-{k}{'-pickle' if p else ''}" for n, k, p, _ in ENTRIES],
+)
+def test_every_reader_refuses_by_one_rule_given_as_a_path_or_a_url(
+    folder, secret, tmp_path, name, kind, allow_pickle, refused
+):
+    """check_folder, identity and materialize agree, for the folder and its file:// URL."""
+    made = _entry(folder, name, kind, secret)
+    calls = {"check_folder": lambda: checkpoints.check_folder(folder, allow_pickle)}
+    for how, spec in (("path", str(folder)), ("url", f"file://{folder}")):
+        parsed = checkpoints.parse(spec)
+        dest = tmp_path / how
+        dest.mkdir()
+        calls[f"identity({how})"] = lambda p=parsed: checkpoints.identity(p, allow_pickle)
+        calls[f"materialize({how})"] = lambda p=parsed, d=dest: checkpoints.materialize(
+            p, d, allow_pickle, expected={} if refused else checkpoints.identity(p, allow_pickle)
+        )
+    try:
+        for run in calls.values():
+            if refused:
+                with pytest.raises(ValueError, match=f"{name} is ") as info:
+                    _within(30, run)
+                _nothing_secret_in(str(info.value))
+            else:
+                _within(30, run)
+    finally:
+        if made is not None:
+            made.close()
+    for how in ("path", "url"):
+        assert name not in {p.name for p in (tmp_path / how).iterdir()}
+        _nothing_secret_in(tmp_path / how)
+
+
+def test_a_linked_subfolder_named_like_a_checkpoint_file_is_refused(folder, secret):
+    (folder / "original").symlink_to(secret.parent, target_is_directory=True)  # never read
     (folder / "model-00001-of-00002.safetensors").symlink_to(secret.parent)
     message = _refusal(folder)
-    assert "original is a symbolic link (to " in message
-    assert "model-00001-of-00002.safetensors is a symbolic link" in message
+    assert "original" not in message
+    assert f"{folder}: model-00001-of-00002.safetensors is a symbolic link (to " in message
 
 
 def test_a_local_hub_snapshot_is_refused_with_the_way_to_give_it(folder, tmp_path):
@@ -270,10 +338,10 @@ def test_a_file_swapped_between_its_check_and_its_open_is_refused(
 
 
 def test_names_are_shown_escaped(folder, secret):
-    (folder / "\x1b[2Jevil").symlink_to(secret)
+    (folder / "\x1b[2Jevil.safetensors").symlink_to(secret)
     message = _refusal(folder)
     assert "\x1b" not in message
-    assert "'\\x1b[2Jevil' is a symbolic link" in message
+    assert "'\\x1b[2Jevil.safetensors' is a symbolic link" in message
 
 
 @pytest.mark.parametrize(
@@ -388,13 +456,76 @@ def test_an_s3_copy_is_what_identity_saw_and_metadata_is_bounded(
     )
     fs.pipe("models/tiny/config.json", b"{}")
     (tmp_path / "b").mkdir()
-    with pytest.raises(ValueError, match=r"config\.json \(ETag differs\)"):
+    with pytest.raises(CheckpointChanged, match=r"config\.json \(ETag differs\)"):
         checkpoints.materialize(spec, tmp_path / "b", expected=known)
-    monkeypatch.setattr(checkpoints, "METADATA_LIMIT", 1000)
+    monkeypatch.setattr(checkpoints.tree, "METADATA_LIMIT", 1000)
     (tmp_path / "c").mkdir()
     with pytest.raises(ValueError, match=r"tokenizer\.json is [0-9.]+ MiB, over the 0 MiB limit"):
         checkpoints.materialize(spec, tmp_path / "c", expected=checkpoints.identity(spec))
     assert list((tmp_path / "c").iterdir()) == []  # refused before anything is downloaded
+
+
+def test_an_s3_file_overwritten_while_it_is_copied_is_refused(
+    s3_server, folder, tmp_path, monkeypatch
+):
+    """The ETag listed before the download must still be the object's once it is copied."""
+    from unlearning_audit.store import filesystem
+
+    fs, _ = filesystem("s3://overwritten")
+    fs.mkdir("overwritten")
+    for path in folder.iterdir():
+        fs.put_file(str(path), f"overwritten/tiny/{path.name}")
+    spec = checkpoints.parse("s3://overwritten/tiny")
+    known = checkpoints.identity(spec)
+    opened = fs.open
+
+    def overwrite_then_open(remote, mode="rb", **kwargs):
+        if remote.endswith("/config.json"):  # the same size, other bytes
+            fs.pipe_file(remote, fs.cat_file(remote)[::-1])
+        return opened(remote, mode, **kwargs)
+
+    monkeypatch.setattr(fs, "open", overwrite_then_open)
+    with pytest.raises(CheckpointChanged, match=r"config\.json changed while it was copied"):
+        checkpoints.materialize(spec, tmp_path, expected=known)
+
+
+@pytest.fixture
+def memory(folder, tmp_path):
+    """The checkpoint on a backend that lists no ETag (fsspec's memory file system)."""
+    from unlearning_audit.store import filesystem
+
+    fs, root = filesystem(f"memory://{tmp_path.name}/tiny")
+    for path in folder.iterdir():
+        fs.pipe_file(f"{root}/{path.name}", path.read_bytes())
+    yield fs, root
+    fs.rm(root, recursive=True)
+
+
+def test_a_checkpoint_without_etags_is_known_by_its_hashes(memory, folder, tmp_path):
+    fs, root = memory
+    spec = checkpoints.parse(f"memory://{root.strip('/')}")
+    known = checkpoints.identity(spec)
+    assert known == checkpoints.identity(checkpoints.parse(str(folder)))  # not size and mtime
+    (tmp_path / "a").mkdir()
+    checkpoints.materialize(spec, tmp_path / "a", expected=known)
+    config = fs.cat_file(f"{root}/config.json")
+    fs.pipe_file(f"{root}/config.json", config[::-1])  # the same size, other bytes
+    (tmp_path / "b").mkdir()
+    with pytest.raises(CheckpointChanged, match=r"config\.json \(sha256 differs\)"):
+        checkpoints.materialize(spec, tmp_path / "b", expected=known)
+
+
+@pytest.mark.parametrize("key", ["ETag", "etag", "Etag"])
+def test_a_remote_etag_is_read_however_its_backend_spells_it(memory, key, monkeypatch):
+    fs, root = memory
+    listed = fs.ls
+
+    def with_etags(path, detail=True, **kwargs):
+        return [i | {key: f'"{i["name"]}-v1"'} for i in listed(path, detail=True, **kwargs)]
+
+    monkeypatch.setattr(fs, "ls", with_etags)
+    known = checkpoints.identity(checkpoints.parse(f"memory://{root.strip('/')}"))
+    assert known["config.json"] == f'"{root}/config.json-v1"'
 
 
 @pytest.mark.parametrize("change", ["changed", "added", "removed"])
@@ -411,9 +542,13 @@ def test_a_file_changed_between_identity_and_copy_is_refused(folder, tmp_path, c
         (folder / "generation_config.json").unlink()
         expected = "generation_config.json (removed)"
     (tmp_path / "dest").mkdir()
-    with pytest.raises(ValueError, match="changed between its identity and its copy") as info:
+    with pytest.raises(
+        CheckpointChanged, match="changed between its identity and its copy"
+    ) as info:
         checkpoints.materialize(spec, tmp_path / "dest", expected=known)
     assert expected in str(info.value)
+    assert not isinstance(info.value, ValueError)  # not bad input: the fetch stage retries it
+    assert _retry_condition(None, None, SimpleNamespace(data=info.value))
 
 
 def test_the_copy_matches_the_identity_it_is_given(folder, tmp_path):
@@ -423,7 +558,7 @@ def test_the_copy_matches_the_identity_it_is_given(folder, tmp_path):
     dest.mkdir()
     checkpoints.materialize(spec, dest, expected=known)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dest.iterdir()} == known
-    with pytest.raises(ValueError, match=r"config.json \(sha256 differs\)"):
+    with pytest.raises(CheckpointChanged, match=r"config.json \(sha256 differs\)"):
         checkpoints.materialize(spec, tmp_path, expected=known | {"config.json": "0" * 64})
 
 
@@ -542,11 +677,38 @@ def test_weights_that_do_not_cover_the_model_are_refused(folder, damage, expecte
     assert expected in _refusal(folder)
 
 
+LOADED = [  # the files in the folder, config.json's settings, the file transformers loads
+    ({"model.safetensors", "adapter_model.safetensors"}, {}, "model.safetensors"),
+    (
+        {"model.safetensors.index.json", "model-00001-of-00001.safetensors"},
+        {},
+        "model.safetensors.index.json",
+    ),
+    (
+        {"model.safetensors", "extra.safetensors"},
+        {"transformers_weights": "extra.safetensors"},
+        "extra.safetensors",
+    ),
+    ({"pytorch_model.bin", "adapter_model.safetensors"}, {}, None),
+    ({"pytorch_model-00001-of-00002.bin", "model-00001-of-00002.safetensors"}, {}, None),
+]
+
+
+@pytest.mark.parametrize(("files", "settings", "loaded"), LOADED)
+def test_the_safetensors_transformers_loads_are_told_by_one_rule(tmp_path, files, settings, loaded):
+    """Pickle weights beside a *.safetensors file transformers does not load (an adapter's, a
+    shard without its index) are still the weights: the fetch stage converts them."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"} | settings))
+    for name in files:
+        (tmp_path / name).touch()
+    assert checkpoints.safetensors_weights(tmp_path) == loaded
+
+
 def test_load_refuses_parameters_transformers_reports_missing(folder, monkeypatch):
     """The second line: were a missing tensor to pass check_folder (a rename it cannot follow),
     load refuses what transformers reports missing instead of leaving it random."""
     _missing_norm(folder)
-    monkeypatch.setattr(checkpoints, "_coverage_problems", lambda config, tensors: [])
+    monkeypatch.setattr(checkpoints.checks, "_coverage_problems", lambda config, tensors: [])
     checkpoints.check_folder(folder)
     with pytest.raises(ValueError) as info:
         checkpoints.load(folder)
@@ -602,18 +764,52 @@ def test_a_config_with_absurdly_many_layers_is_refused_fast(folder, layers):
     ) in message
 
 
+def _empty_tensors(folder: Path, layers: int) -> None:
+    """Two empty tensors per layer under junk names: as many tensors as the layers need to pass
+    a bound by the count of tensors, and no elements."""
+    _save_tensors(
+        folder, {f"model.layers.{i}.{n}": torch.zeros(0) for i in range(layers) for n in "ab"}
+    )
+
+
+def _one_element_tensors(folder: Path, layers: int) -> None:
+    """Every parameter of every layer under its own name, of one element each."""
+    names = [n.removeprefix("model.layers.0.") for n in _tensors(folder) if ".layers.0." in n]
+    _save_tensors(
+        folder, {f"model.layers.{i}.{n}": torch.zeros(1) for i in range(layers) for n in names}
+    )
+
+
+@pytest.mark.parametrize(
+    ("fill", "layers"), [(_empty_tensors, 20000), (_one_element_tensors, 5000)]
+)
+def test_weights_too_small_for_the_model_bound_its_build_whatever_their_count(folder, fill, layers):
+    """Unbounded, the build takes time and memory by the layer (20,000: 35 s and 870 MB)."""
+    _edit_config(folder, num_hidden_layers=layers)
+    fill(folder, layers)
+    started = time.monotonic()
+    message = _refusal(folder)
+    assert time.monotonic() - started < 2
+    assert "config.json describes a model of more than " in message
+    assert " parameter elements, more than the weights (" in message
+    assert "could fill; not built" in message
+
+
 def test_a_model_build_is_bounded_by_the_weights_in_its_own_thread_only():
     built = []
 
     def other_thread():
         built.append(torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(100))))
 
-    with checkpoints._registrations_at_most(50):
+    with checkpoints._bounded_build(50, 10**6):
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
-        with pytest.raises(checkpoints._TooLarge):
+        with pytest.raises(checkpoints._TooLarge, match="more than 50 parameters and modules"):
             torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(100)))
+    too_many = pytest.raises(checkpoints._TooLarge, match="more than 100 parameter elements")
+    with checkpoints._bounded_build(10**6, 100), too_many:
+        torch.nn.Linear(10, 10)
     assert len(built) == 1
     torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(100)))  # the hooks are gone
 
@@ -758,6 +954,43 @@ def test_a_malformed_config_or_tokenizer_is_a_problem_line_not_a_traceback(
     message = _refusal(folder)
     assert expected in message
     assert "\n" not in message  # that problem alone: nothing else fails because of it
+
+
+@pytest.mark.parametrize(
+    "value", ["/etc/passwd", "../outside/tokenizer.json", "sub/tokenizer.json", "..", "a\\b", 5]
+)
+@pytest.mark.parametrize("key", ["tokenizer_file", "vocab_file", "merges_file", "sp_model_file"])
+def test_a_tokenizer_file_setting_outside_the_folder_is_refused(folder, key, value):
+    """transformers 4 opens a *_file path of tokenizer_config.json as it is given."""
+    _tokenizer_config(**{key: value})(folder)
+    message = _refusal(folder)
+    expected = f"tokenizer_config.json: {key} must be null or a file name in the folder, not "
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_a_tokenizer_file_setting_naming_a_file_in_the_folder_passes(folder):
+    _tokenizer_config(tokenizer_file="tokenizer.json", vocab_file=None)(folder)
+    checkpoints.check_folder(folder)
+
+
+def test_the_tokenizer_is_loaded_from_an_owned_scratch_folder(folder, tmp_path, monkeypatch):
+    """Owned (scratch.folder): removed afterwards, and after a kill by the next start."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("UNLEARNING_AUDIT_TMP", str(tmp_path / "scratch"))
+    loaded_from, real = [], AutoTokenizer.from_pretrained
+
+    def spy(path, **kwargs):
+        loaded_from.append(Path(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    checkpoints.check_folder(folder)
+    (used,) = loaded_from
+    assert used.parent == tmp_path / "scratch"
+    assert used.name.startswith(f"ua-tokenizer-{os.getpid()}-")
+    assert not used.exists()
 
 
 def test_num_blocks_is_what_config_json_declares(folder, tmp_path):

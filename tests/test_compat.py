@@ -9,6 +9,7 @@ Every checkpoint here is a tiny random one of a real architecture, built locally
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import archs
@@ -113,6 +114,20 @@ def test_chat_template_is_named(folders):
     assert checkpoints.compatibility_problems(swapped) == [
         "unlearned vs original: chat templates differ (unlearned has none)"
     ]
+
+
+@pytest.mark.parametrize("name", ["vocab.json", "added_tokens.json"])
+@pytest.mark.parametrize("content", ["[]", '"tokens"', "5", "null"])
+def test_a_vocabulary_file_of_the_wrong_json_type_is_named(folders, tmp_path, name, content):
+    """Without tokenizer.json the vocabulary is read from vocab.json and added_tokens.json."""
+    folder = Path(shutil.copytree(folders["original"], tmp_path / "slow"))
+    (folder / "tokenizer.json").unlink()
+    (folder / "vocab.json").write_text('{"a": 0, "b": 1}')
+    (folder / name).write_text(content)
+    with pytest.raises(ValueError, match=f"^{folder}: {name} is not a JSON object"):
+        checkpoints.describe(folder)
+    with pytest.raises(ValueError, match=f"{name} is not a JSON object"):
+        checkpoints.compatibility_problems({"original": folders["original"], "unlearned": folder})
 
 
 def test_preflight_names_every_mismatch_of_local_folders_at_once(folders, data_files, tmp_path):

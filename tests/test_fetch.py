@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -18,6 +19,7 @@ import pytest
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from prefect import flow
+from safetensors.torch import load_file, save_file
 
 from tasks.checkpoint import fetch_checkpoint
 from unlearning_audit import checkpoints, corpus, embedded
@@ -74,8 +76,10 @@ def hub(tmp_path_factory, model_folder):
 
 
 @flow
-def _fetch(store: str, spec: str, config) -> ArtifactRef:
-    return fetch_checkpoint(store, spec, config, return_state=True).result()
+def _fetch(store: str, spec: str, config, allow_pickle: bool = False) -> ArtifactRef:
+    return fetch_checkpoint(
+        store, spec, config, allow_pickle=allow_pickle, return_state=True
+    ).result()
 
 
 def test_folder_and_hub_revision_give_one_content_hash_and_record_the_source(
@@ -116,3 +120,22 @@ def test_unknown_revision_offline_fails_clearly(prefect_server, tiny, tmp_path, 
     assert state.is_failed()
     with pytest.raises(LocalEntryNotFoundError, match="cached snapshot"):
         state.result()
+
+
+def test_pickle_weights_beside_another_safetensors_file_are_stored_as_safetensors(
+    prefect_server, tiny, tmp_path, model_folder
+):
+    """With allow_pickle, pickle weights are converted whatever other *.safetensors file lies
+    beside them (an adapter's, which transformers does not load), so later stages load them
+    without allow_pickle."""
+    folder = Path(shutil.copytree(model_folder, tmp_path / "pickled"))
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    save_file({"lora_A.weight": torch.zeros(2, 2)}, folder / "adapter_model.safetensors")
+    store = Store(str(tmp_path / "store"))
+    ref = _fetch(store.url, str(folder), tiny, allow_pickle=True)
+    files = set(store.manifest(ref.key)["files"])
+    assert "model.safetensors" in files
+    assert not {f for f in files if f.startswith("pytorch_model")}
+    model, _ = checkpoints.load(store.local_dir(ref))
+    assert model.config.num_hidden_layers == tiny.layers

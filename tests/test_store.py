@@ -136,3 +136,19 @@ def test_a_manifest_pointing_outside_the_store_is_corrupt(tmp_path, field, value
     with pytest.raises(CorruptArtifact, match="not a valid manifest"):
         Store(str(tmp_path)).manifest(ref.key)
     assert Store(str(tmp_path)).get(ref.key) is None
+
+
+def test_the_code_version_of_a_package_covers_every_module_in_it(tmp_path, monkeypatch):
+    """A package (unlearning_audit.checkpoints) is versioned by all of its modules' source."""
+    import importlib
+
+    from unlearning_audit.store import code_version
+
+    for name, value in (("v1", 1), ("v2", 2)):
+        (tmp_path / name / "inner").mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("from .inner.part import X\n")
+        (tmp_path / name / "inner" / "__init__.py").write_text("")
+        (tmp_path / name / "inner" / "part.py").write_text(f"X = {value}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    v1, v2 = importlib.import_module("v1"), importlib.import_module("v2")
+    assert code_version(v1) != code_version(v2)

@@ -967,7 +967,8 @@ def _publish(tmp: Path, target: Path) -> None:
 
 
 def code_version(*modules) -> str:
-    """A digest of the source of the modules a stage's result depends on.
+    """A digest of the source of the modules a stage's result depends on (of a package: of every
+    module in it, not its __init__ alone).
 
     Part of every artifact key, so changed code never serves a result computed by the old code.
     Each module's source is read once per process, so a file edited while a run goes on cannot
@@ -980,4 +981,7 @@ def code_version(*modules) -> str:
 def _source_digest(module) -> str:
     import inspect
 
+    if hasattr(module, "__path__"):
+        root = Path(module.__path__[0])
+        return digest({str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.py"))})
     return digest(inspect.getsource(module))

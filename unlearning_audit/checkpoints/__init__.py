@@ -1,0 +1,129 @@
+"""Checkpoints: where they come from, how they are checked, loaded and saved.
+
+A checkpoint spec is one of:
+
+* ``embedded``: the built-in tiny model (built by the fetch stage, see embedded.py);
+* a local folder holding a Hugging Face causal LM;
+* ``s3://bucket/prefix`` (or any fsspec URL) holding the same files;
+* a hub id pinned to a revision, ``org/name@revision`` (resolved to its commit; works offline
+  from the local Hugging Face cache with HF_HUB_OFFLINE=1).
+
+A fetched checkpoint is known by its content: ``identity`` names what it is before it is copied
+(file hashes, S3 ETags, or the hub commit) and ``materialize`` copies exactly that: a file that
+changed in between is refused.
+
+Untrusted by default: weights load from safetensors only, and a config or tokenizer that needs
+``trust_remote_code`` is refused; both can be allowed explicitly. A checkpoint folder is an
+untrusted tree: every reader here (identity, materialize, check_folder, describe) reads only
+regular files directly inside it, never through a link (a hub snapshot's links into its own
+repo's blobs excepted), never a FIFO or device, and small files only up to METADATA_LIMIT.
+
+The modules, one concern each: ``tree`` (the untrusted folder reader, and which names are a
+checkpoint's files), ``fetch`` (parse, pin, identity, materialize), ``checks`` (check_folder,
+config.json), ``weights`` (which weights transformers loads), ``coverage`` (do they cover the
+model), ``tokenizer`` (does it load), ``compat`` (describe, compatibility_problems), ``problems``
+(how problems are told); load and save are here. A module's settings are read where they are
+defined (a test sets ``checkpoints.tree.METADATA_LIMIT``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .checks import check_folder, num_blocks, safetensors_weights
+from .compat import compatibility_problems, describe
+from .coverage import _bounded_build, _TooLarge
+from .fetch import (
+    EMBEDDED,
+    CheckpointChanged,
+    CheckpointSpec,
+    identity,
+    materialize,
+    parse,
+    pin,
+)
+from .problems import _refuse, _some
+from .tree import METADATA, METADATA_LIMIT, PICKLE_WEIGHTS, WEIGHTS, _Tree, wanted
+
+__all__ = [
+    "EMBEDDED",
+    "METADATA",
+    "METADATA_LIMIT",
+    "PICKLE_WEIGHTS",
+    "WEIGHTS",
+    "CheckpointChanged",
+    "CheckpointSpec",
+    "_TooLarge",
+    "_Tree",
+    "_bounded_build",
+    "check_folder",
+    "compatibility_problems",
+    "describe",
+    "identity",
+    "load",
+    "materialize",
+    "num_blocks",
+    "parse",
+    "pin",
+    "safetensors_weights",
+    "save",
+    "wanted",
+]
+
+log = logging.getLogger(__name__)
+
+
+# -- loading and saving ----------------------------------------------------------------------
+
+
+def load(folder: Path, device=None, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """The model (eval mode, on ``device``) and tokenizer saved in ``folder``, once check_folder
+    passes; a ValueError naming the parameters if transformers still reports some missing from
+    the weights (ones it would fill with random values: a rename check_folder cannot follow,
+    model code, or pickle weights, whose names it does not read)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    check_folder(folder, allow_pickle, trust_remote_code)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder,
+        use_safetensors=not allow_pickle or None,
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
+    )
+    _refuse(folder, _loading_problems(model, info))
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _loading_problems(model, info: dict) -> list[str]:
+    """Parameters transformers left unloaded (its missing keys, after ties and the keys the
+    model declares ignorable); buffers are the model's own to compute, not reported."""
+    missing = []
+    for key in sorted(info.get("missing_keys") or ()):
+        try:
+            model.get_parameter(key)
+        except AttributeError:
+            continue
+        missing.append(key)
+    problems = []
+    if missing:
+        problems.append(
+            "the weights leave parameters of the model config.json describes unset (transformers "
+            f"would fill them with random values): {_some(missing)}"
+        )
+    if mismatched := sorted(str(k[0]) for k in info.get("mismatched_keys") or ()):
+        problems.append(f"tensors of the wrong shape: {_some(mismatched)}")
+    if unexpected := sorted(info.get("unexpected_keys") or ()):
+        log.warning("checkpoint tensors transformers did not load: %s", _some(unexpected))
+    return problems
+
+
+def save(model, tokenizer, folder: Path) -> None:
+    """Save weights as safetensors, with config and tokenizer."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
