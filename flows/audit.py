@@ -76,6 +76,7 @@ def _relearn_all(
                 keep_checkpoint=keep and src == "forget" and k == 0,
                 generate=params.thresholds.metric == "rouge_l",
                 trust_remote_code=params.trust_remote_code,
+                precision=params.precision,
             )
             for k, seed in enumerate(relearning.seeds(params.seed, params.relearn.seeds))
         ]
@@ -199,7 +200,14 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
                 "method": cfg.method,
                 "lr": cfg.lr,
                 "checkpoint": unlearn(
-                    store, checkpoint, data_ref, cfg, params.seed, dev, trust_remote_code=trust
+                    store,
+                    checkpoint,
+                    data_ref,
+                    cfg,
+                    params.seed,
+                    dev,
+                    trust_remote_code=trust,
+                    precision=params.precision,
                 ),
             }
             for cfg in params.methods

@@ -44,9 +44,11 @@ def evaluate(
             )
             for name, rows in sets.items()
         }
-        write_json(out / SCORES, {**scores, "format": fmt.name})
+        dtype = str(model.dtype)  # the checkpoint's own (checkpoints.load)
+        write_json(out / SCORES, {**scores, "format": fmt.name, "dtype": dtype})
         return {
             "format": fmt.name,
+            "dtype": dtype,
             **quantized,
             **{name: round(v["exact_match"], 4) for name, v in scores.items() if v["n"]},
         }

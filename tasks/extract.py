@@ -43,7 +43,7 @@ def extract(
         with StageProgress("extract activations") as progress:
             summary = activations.extract(model, fmt, chosen, out, layer_indices, progress=progress)
         write_json(out / SUMMARY, summary)
-        return summary
+        return {**summary, "model_dtype": str(model.dtype)}
 
     return cached_stage(
         store,

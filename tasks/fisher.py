@@ -46,6 +46,7 @@ def fisher(
             s, checkpoint, data_ref, runtime.setup(0, device), trust_remote_code=trust_remote_code
         )
         rows = data.sample(sets[probe_set], max_rows)
+        meta = {"probe_set": probe_set, "rows": len(rows), "dtype": str(model.dtype)}
         dev = next(model.parameters()).device
         batches = (
             {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
@@ -55,9 +56,9 @@ def fisher(
             values = fisher_mod.fisher_diagonal(model, batches)
         except fisher_mod.UnsupportedModel as err:
             save_file({}, out / FISHER, metadata={"skipped": str(err)})
-            return {"probe_set": probe_set, "rows": len(rows), "skipped": str(err)}
+            return {**meta, "skipped": str(err)}
         save_file({f"layer.{layer}": v.contiguous() for layer, v in values.items()}, out / FISHER)
-        return {"probe_set": probe_set, "rows": len(rows)}
+        return meta
 
     return cached_stage(
         store,

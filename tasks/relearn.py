@@ -17,7 +17,7 @@ from unlearning_audit import (
     runtime,
     training,
 )
-from unlearning_audit.config import RelearnConfig, RelearnSource
+from unlearning_audit.config import Precision, RelearnConfig, RelearnSource
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 CURVE = "relearn.json"
@@ -36,13 +36,16 @@ def relearn(
     keep_checkpoint: bool = True,
     generate: bool = False,
     trust_remote_code: bool = False,
+    precision: Precision = "auto",
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
     ``seed``; the recovery curve scores at most ``max_rows`` rows per set, like the evaluate
     stage. The relearned checkpoint is stored only with ``keep_checkpoint``; with ``generate``,
-    facts also carry ROUGE-L of greedy generations (when the verdict reads it). The
-    checkpoint's own model code runs only with ``trust_remote_code`` (the audit's parameter;
-    nothing in the store can grant it)."""
+    facts also carry ROUGE-L of greedy generations (when the verdict reads it). Trains in
+    ``precision`` (resolved on this machine's device, and part of the stage's key); the
+    relearned checkpoint keeps its dtype. The checkpoint's own model code runs only with
+    ``trust_remote_code`` (the audit's parameter; nothing in the store can grant it)."""
+    precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
         model, fmt, sets, cap = load_inputs(
@@ -54,12 +57,27 @@ def relearn(
         )
         with StageProgress(f"relearn from {source}") as progress:
             log = relearning.relearn(
-                model, fmt, sets, source, cfg, seed, progress, max_rows, cap if generate else 0
+                model,
+                fmt,
+                sets,
+                source,
+                cfg,
+                seed,
+                progress,
+                max_rows,
+                cap if generate else 0,
+                precision,
             )
         if keep_checkpoint:
             checkpoints.save(model, fmt.tokenizer, out)
         write_json(out / CURVE, log)
-        return {"source": source, "steps": log["steps"], "lr": log["lr"]}
+        return {
+            "source": source,
+            "steps": log["steps"],
+            "lr": log["lr"],
+            "precision": precision,
+            "dtype": str(model.dtype),
+        }
 
     return cached_stage(
         store,
@@ -70,6 +88,7 @@ def relearn(
             "max_rows": max_rows,
             "keep_checkpoint": keep_checkpoint,
             "generate": generate,
+            "precision": precision,
         },
         code_version(relearning, training, data, evaluation, prompts),
         build,

@@ -18,7 +18,7 @@ from pydantic_core import to_jsonable_python
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.evaluate import SCORES
 from tasks.metrics import TABLE
-from tasks.relearn import read_curves
+from tasks.relearn import CURVE, read_curves
 from tasks.verdict import VERDICT, read_probes
 from unlearning_audit import plots, relearning, stats, study
 from unlearning_audit import report as report_mod
@@ -68,6 +68,19 @@ def load_run(store: Store, run: dict) -> dict:
     }
 
 
+def read_precision(store: Store, runs: list[dict]) -> dict[str, list[str]]:
+    """How the audit's models computed, from the stages' stored outputs: the precision each
+    run's relearning trained in (its unlearning's too: one audit setting) and the dtypes of the
+    original and the unlearned checkpoints, as their evaluations ran them."""
+    evaluations = [runs[0]["original_eval"], *(run["unlearned_eval"] for run in runs)]
+    return {
+        "training": sorted(
+            {store.read_json(run["relearned"]["forget"][0], CURVE)["precision"] for run in runs}
+        ),
+        "dtypes": sorted({store.read_json(ref, SCORES)["dtype"] for ref in evaluations}),
+    }
+
+
 @task(name="report", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[ArtifactRef]]):
     """Write report.md, report.html and summary.json for the audit, and the report inputs
@@ -84,6 +97,7 @@ def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[Ar
                 "metric": judged["metric"],
                 "prompt_format": judged["prompt_format"],
                 "control_curves": curves,
+                "precision": read_precision(s, runs),
             },
             "runs": loaded,
             "references": to_jsonable_python({"runs": runs, "control": control}),

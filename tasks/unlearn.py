@@ -16,7 +16,7 @@ from unlearning_audit import (
     training,
     unlearning,
 )
-from unlearning_audit.config import UnlearnConfig
+from unlearning_audit.config import Precision, UnlearnConfig
 from unlearning_audit.store import ArtifactRef, code_version
 
 
@@ -29,11 +29,15 @@ def unlearn(
     seed: int = 0,
     device: str = "auto",
     trust_remote_code: bool = False,
+    precision: Precision = "auto",
 ):
     """Run one unlearning method; stores the unlearned checkpoint and its training log.
 
-    The checkpoint's own model code runs only with ``trust_remote_code`` (the audit's
-    parameter; nothing in the store can grant it)."""
+    Trains in ``precision`` (resolved on this machine's device, and part of the stage's key),
+    and stores the checkpoint in the original's dtype. The checkpoint's own model code runs
+    only with ``trust_remote_code`` (the audit's parameter; nothing in the store can grant
+    it)."""
+    precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
         model, fmt, sets, _ = load_inputs(
@@ -44,20 +48,22 @@ def unlearn(
             trust_remote_code=trust_remote_code,
         )
         with StageProgress(f"unlearn {cfg.label}") as progress:
-            log = unlearning.unlearn(model, fmt, sets, cfg, seed, progress)
+            log = unlearning.unlearn(model, fmt, sets, cfg, seed, progress, precision)
         checkpoints.save(model, fmt.tokenizer, out)
         write_json(out / "unlearn.json", log)
         return {
             "steps": log["steps"],
             "lr": log["lr"],
             "stopped_early": log["stopped_early"],
+            "precision": precision,
+            "dtype": str(model.dtype),
         }
 
     return cached_stage(
         store,
         "unlearn",
         {"checkpoint": checkpoint, "data": data_ref, "seed": seed},
-        config,
+        {**config.model_dump(), "precision": precision},
         code_version(unlearning, training, data, evaluation, prompts),
         build,
         batch=config,

@@ -211,7 +211,7 @@ def test_every_flag_sets_its_field(tmp_path):
         *("--steps", "20", "--relearn-lr", "2e-5", "--budget", "0.5", "--seeds", "2"),
         *("--score", "rouge_l", "--no-fisher", "--no-probes", "--quantization", "4", "3"),
         *("--quantize-embeddings", "--store", "s", "--device", "cpu", "--name", "n"),
-        *("--allow-pickle", "--trust-remote-code"),
+        *("--precision", "bf16", "--allow-pickle", "--trust-remote-code"),
     )
     assert params.data.forget == f"{tofu}/forget05.json"
     assert params.data.retain == f"{tofu}/retain95.json"
@@ -241,6 +241,7 @@ def test_every_flag_sets_its_field(tmp_path):
         quantize_embeddings=True,
         store="s",
         device="cpu",
+        precision="bf16",
         name="n",
         allow_pickle=True,
         trust_remote_code=True,
@@ -322,7 +323,7 @@ def test_invalid_flag_values_are_reported_together(capsys, tmp_path):
         *("audit", "--original", "embedded", "--store", str(tmp_path / "store")),
         *("--score", "nonsense", "--method", "GA", "--steps", "0", "--budget", "-1"),
         *("--seeds", "0", "--tofu", str(tmp_path), "--tofu-split", "forget07"),
-        *("--prompt-format", "{answer} {question}", "--max-rows", "0"),
+        *("--prompt-format", "{answer} {question}", "--max-rows", "0", "--precision", "fp16"),
     )
     assert code == 2 and err.startswith("invalid configuration:")
     for field in (
@@ -333,6 +334,7 @@ def test_invalid_flag_values_are_reported_together(capsys, tmp_path):
         "data.tofu_split",
         "data.prompt_format",
         "data.eval_max_rows",
+        "precision",
     ):
         assert f"\n  - {field}: " in err, field
     assert "'exact_match'" in err and "{question} must come before {answer}" in err
@@ -403,5 +405,6 @@ def test_audit_help_lists_every_flag(capsys):
         "--no-quantization",
         "--quantize-embeddings",
         "--no-control",
+        "--precision {auto,fp32,bf16-mixed,bf16}",
     ):
         assert flag in out, flag

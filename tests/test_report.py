@@ -26,9 +26,16 @@ from flows.audit import audit_checkpoint
 from tasks import report as report_tasks
 from tasks._progress import StageProgress
 from tasks.report import publish
-from unlearning_audit import cli, plots
+from unlearning_audit import cli, plots, runtime
 from unlearning_audit.config import METRIC_NAMES, AuditParams, StudyParams, UnlearnConfig
-from unlearning_audit.report import INPUTS, REPORT_HTML, REPORT_MD, render, two_decimals
+from unlearning_audit.report import (
+    INPUTS,
+    PRECISION_NAMES,
+    REPORT_HTML,
+    REPORT_MD,
+    render,
+    two_decimals,
+)
 from unlearning_audit.store import ArtifactRef, Store
 
 # recovery curves, CKA, PCA similarity, PCA shift, Fisher, linear probes, weight change
@@ -187,6 +194,11 @@ def test_report_states_the_metric_the_format_and_every_score(audit):
     assert "answers are short (median at most 4 words)" in md
     assert "- prompt format the model saw: template 'Q: {question}\\nA: {answer}'" in md
     assert "- held-out = half B of the forget set's groups, relearned on half A" in md
+    training = PRECISION_NAMES[runtime.resolve_precision("auto")]  # fp32 on a CPU
+    assert (
+        f"- precision: unlearning and relearning in {training}; checkpoints in float32, each "
+        "evaluated in its own dtype" in md
+    )
     assert (
         "| run | forget exact match: orig / unl / relearned | retain exact match: orig / unl |"
         in md

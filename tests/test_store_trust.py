@@ -266,7 +266,11 @@ def test_every_stage_shape_of_inputs_and_config_recomputes_to_its_key(tmp_path):
     ref = ArtifactRef(key="checkpoint/abc", hash="f" * 64)
     relearn_config = RelearnConfig()
     cases = [
-        ("unlearn", {"checkpoint": ref, "data": ref, "seed": 3}, UnlearnConfig(method="NPO")),
+        (
+            "unlearn",
+            {"checkpoint": ref, "data": ref, "seed": 3},
+            {**UnlearnConfig(method="NPO").model_dump(), "precision": "bf16-mixed"},
+        ),
         (
             "relearn",
             {"checkpoint": ref, "data": ref, "source": "forget", "seed": 0},
@@ -275,6 +279,7 @@ def test_every_stage_shape_of_inputs_and_config_recomputes_to_its_key(tmp_path):
                 "max_rows": 200,
                 "keep_checkpoint": True,
                 "generate": False,
+                "precision": "fp32",
             },
         ),
         (

@@ -25,6 +25,7 @@ from .config import (
     AuditParams,
     DataConfig,
     Metric,
+    Precision,
     RelearnConfig,
     StudyParams,
     TofuSplit,
@@ -167,6 +168,7 @@ AUDIT_FLAGS = (
     "no_control",
     "store",
     "device",
+    "precision",
     "name",
     "fisher",
     "probes",
@@ -608,6 +610,12 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", metavar="FILE", help="JSON file of audit parameters")
     run.add_argument("--store", help="artifact store URL (default ./audit-store)")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    run.add_argument(
+        "--precision",
+        metavar="{" + ",".join(get_args(Precision)) + "}",
+        help="how unlearning and relearning train: fp32, bf16-mixed (fp32 master weights, bf16 "
+        "autocast), bf16 (pure, lossy); default auto: bf16-mixed on a GPU with bf16, else fp32",
+    )
     run.add_argument("--name", help="a label for the audit")
     run.add_argument(
         "--allow-pickle", action="store_const", const=True, help="allow pickle weights (unsafe)"

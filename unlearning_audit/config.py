@@ -26,6 +26,7 @@ from .store import check_key, check_url
 METHODS = ("GA", "GA+GD", "GA+KL", "NPO", "NPO+KL", "RLabel")
 Domain = Literal["text", "code", "math"]
 RelearnSource = Literal["forget", "forget-half", "retain", "unrelated"]
+Precision = Literal["auto", "fp32", "bf16-mixed", "bf16"]
 
 
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -414,6 +415,15 @@ class AuditParams(_Config):
 
     seed: Seed = Field(0, description="Seed of every stochastic stage.")
     device: Device = Field("auto", description="auto, cpu, mps, cuda or cuda:N.")
+    precision: Precision = Field(
+        "auto",
+        description="How the training stages (unlearning, relearning, the control's too) "
+        "compute: fp32; bf16-mixed (fp32 master weights and optimizer state, forward passes "
+        "under bf16 autocast); bf16 (pure bf16 weights and AdamW state: lossy, most updates at "
+        "a 7B model's learning rate round away); auto: bf16-mixed on a CUDA GPU that computes "
+        "in bf16, else fp32. Trained checkpoints are stored in their original's dtype; "
+        "evaluation, extraction and Fisher run in each checkpoint's own dtype.",
+    )
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights. Unsafe.")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     store: Location | None = Field(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoints, data, prompts
+from . import checkpoints, data, prompts, runtime
 from .config import DEFAULT_METHODS, AuditParams
 from .store import Store, default_store_url
 
@@ -65,7 +65,9 @@ def preflight(params: AuditParams) -> str:
                 problems += _rendering_problems(params, sound["original"], sets)
         except ValueError as exc:
             problems.append(f"data: {exc}")
-    problems += _device_problems(params.device) + _layer_problems(params) + _lora_problems(params)
+    # the precision is checked on a device this machine has
+    problems += _device_problems(params.device) or _precision_problems(params)
+    problems += _layer_problems(params) + _lora_problems(params)
     if (
         params.unlearned is None
         and params.original != checkpoints.EMBEDDED
@@ -154,6 +156,17 @@ def _device_problems(device: str) -> list[str]:
     if device == "mps" and not torch.backends.mps.is_available():
         return ["device: 'mps' was asked for, but torch sees no MPS device"]
     return []
+
+
+def _precision_problems(params: AuditParams) -> list[str]:
+    """bf16 asked for (bf16 or bf16-mixed) on a device that does not compute in it."""
+    device = runtime.resolve_device(params.device)
+    if params.precision not in ("bf16", "bf16-mixed") or runtime.supports_bf16(device):
+        return []
+    return [
+        f"precision: {params.precision!r} was asked for, but {device} does not compute in "
+        "bfloat16 (a CUDA GPU needs compute capability 8.0, Ampere, or later); use fp32 or auto"
+    ]
 
 
 def _lora_problems(params: AuditParams) -> list[str]:

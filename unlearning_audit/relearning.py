@@ -56,6 +56,7 @@ def relearn(
     progress: Callable[[int, int], None] | None = None,
     max_rows: int | None = None,
     generate: int = 0,
+    precision: str = "fp32",
 ) -> dict:
     """Relearn ``model`` in place from ``source``; returns the recovery curve and the budget.
 
@@ -64,7 +65,8 @@ def relearn(
     seeded sample the evaluate stage scores).
     With ``generate`` (a cap on new tokens), facts also carry ROUGE-L of greedy generations.
     ``progress(step, steps)`` follows the training loop; an unset learning rate is the model's
-    default (training.default_lr).
+    default (training.default_lr). The model trains in ``precision`` (training.fit): the curve's
+    step 0 scores it in its own dtype, later steps in the training dtype.
     """
     train_rows = sets[TRAIN_SET[source]]
     if not train_rows:
@@ -111,9 +113,17 @@ def relearn(
         record,
         progress=progress,
         micro_batches=config.micro_batches,
+        precision=precision,
     )
     examples = steps * config.batch_size
-    return {"source": source, "steps": steps, "examples": examples, "lr": lr, "curve": curve}
+    return {
+        "source": source,
+        "steps": steps,
+        "examples": examples,
+        "lr": lr,
+        "precision": precision,
+        "curve": curve,
+    }
 
 
 def mean_curve(curves: list[list[dict]], metric: str) -> list[dict]:

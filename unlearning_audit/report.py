@@ -151,14 +151,36 @@ def markdown(audit: dict, runs: list[dict]) -> str:
 
 def setup_lines(audit: dict) -> list[str]:
     """The audit's setup, one line each, near the top of the report: the data, budget and
-    control; the verdict's metric and why; the prompt format; the held-out half."""
+    control; the verdict's metric and why; the prompt format; the held-out half; the
+    precision."""
     return [
         f"forget domain: {audit['domain']}; relearning budget: {audit['budget']:g} x "
         f"|forget| examples; control: {audit['control'] or 'none'}",
         metric_line(audit["metric"], audit["thresholds"]["metric"]),
         f"prompt format the model saw: {format_name(audit['prompt_format'])}",
         heldout_line(audit["heldout"]),
+        precision_line(audit.get("precision")),
     ]
+
+
+PRECISION_NAMES = {
+    "fp32": "fp32",
+    "bf16-mixed": "bf16-mixed (fp32 master weights and optimizer state, bf16 autocast)",
+    "bf16": "pure bf16 (lossy: small updates round away)",
+}
+
+
+def precision_line(precision: dict | None) -> str:
+    """How the models computed: the training stages' precision and the dtypes of the audited
+    checkpoints, each evaluated in its own; "not recorded" for reports that predate it."""
+    if precision is None:
+        return "precision: not recorded"
+    training = ", ".join(PRECISION_NAMES[p] for p in precision["training"])
+    dtypes = ", ".join(d.removeprefix("torch.") for d in precision["dtypes"])
+    return (
+        f"precision: unlearning and relearning in {training}; checkpoints in {dtypes}, "
+        "each evaluated in its own dtype"
+    )
 
 
 def metric_line(metric: str, setting: str) -> str:

@@ -1,4 +1,4 @@
-"""Process-wide compute settings: device, torch threads and seeds, set deliberately.
+"""Process-wide compute settings: device, precision, torch threads and seeds, set deliberately.
 
 Two torch threads on a shared 2-core machine ran 30x slower in one trial here, so the thread count
 (torch's, and the BLAS and OpenMP pools numpy and scikit-learn use) defaults to half the cores
@@ -45,6 +45,35 @@ def setup(seed: int, device: str = "auto") -> torch.device:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+    return resolve_device(device)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The device ``device`` names; auto: the CUDA GPU where torch sees one, else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16: a CUDA GPU of compute capability 8.0 or more
+    (older ones only emulate it, slowly), or a CPU or MPS device whose matrix products autocast
+    to bfloat16 (the CPU's do in torch 2)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            x = torch.ones(2, 2, device=device)
+            return (x @ x).dtype == torch.bfloat16
+    except RuntimeError:
+        return False
+
+
+def resolve_precision(precision: str, device: str = "auto") -> str:
+    """The precision the training stages run in on ``device`` (a device name, as in setup):
+    auto is bf16-mixed on a CUDA GPU that computes in bf16 (half the activation memory, fast
+    matrix units), else fp32 (CPU runs, the embedded model's included, compute as before)."""
+    if precision != "auto":
+        return precision
+    resolved = resolve_device(device)
+    return "bf16-mixed" if resolved.type == "cuda" and supports_bf16(resolved) else "fp32"

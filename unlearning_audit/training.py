@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,12 @@ def split(batch: Batch | dict[str, Batch], parts: int) -> list:
     return [{key: chunks[key][i] for key in batch} | whole for i in range(parts)]
 
 
+def weight_dtype(own: torch.dtype, precision: str) -> torch.dtype:
+    """The dtype a weight stored in ``own`` trains in, and so its AdamW state: bf16 for pure
+    bf16, else at least fp32 (bf16-mixed's master weights; a float64 weight stays float64)."""
+    return torch.bfloat16 if precision == "bf16" else torch.promote_types(own, torch.float32)
+
+
 def fit(
     model,
     loss_fn: Callable[[object, dict], torch.Tensor],
@@ -103,6 +110,7 @@ def fit(
     warmup: int = 0,
     progress: Callable[[int, int], None] | None = None,
     micro_batches: int = 1,
+    precision: str = "fp32",
 ) -> list[float]:
     """AdamW on ``loss_fn(model, batch)`` for up to ``steps`` steps; returns the loss per step.
 
@@ -111,33 +119,54 @@ def fit(
     steps)`` is called after each step too, for progress bars (an early stop ends below steps).
     ``micro_batches`` > 1 accumulates each step's gradient over that many parts of its batch
     (:func:`split`): the same step in less memory.
+
+    ``precision`` (fp32, bf16-mixed or bf16; runtime.resolve_precision resolves auto) sets the
+    dtype the weights train in (:func:`weight_dtype`); bf16-mixed computes each loss under bf16
+    autocast. Pure bf16 loses most updates: at lr 1e-5 a step moves a weight of 0.02 by less
+    than half its bf16 spacing, so it rounds back. ``stop`` and ``progress`` see the weights in
+    the training dtype; after training every parameter is back in its own dtype (a bf16
+    checkpoint is saved as bf16).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0
+    own = [(p, p.dtype) for p in model.parameters()]
+    params = [p for p, _ in own if p.requires_grad]
+    autocast = partial(
+        torch.autocast,
+        params[0].device.type,
+        dtype=torch.bfloat16,
+        enabled=precision == "bf16-mixed",
     )
-    model.train()
     losses = []
-    for step in range(1, steps + 1):
-        loss = 0.0
-        for part in split(next(batches), micro_batches):
-            part_loss = loss_fn(model, part)
-            part_loss.backward()
-            loss += part_loss.item()
-        if not math.isfinite(loss):
-            raise Diverged(
-                f"training diverged: the loss is {loss} at step {step} of {steps} "
-                f"(learning rate {lr:g}); lower the learning rate"
-            )
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-        if progress is not None:
-            progress(step, steps)
-        if stop is not None and stop(step):
-            break
+    try:
+        for p, dtype in own:
+            p.data = p.data.to(weight_dtype(dtype, precision))
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0
+        )
+        model.train()
+        for step in range(1, steps + 1):
+            loss = 0.0
+            for part in split(next(batches), micro_batches):
+                with autocast():
+                    part_loss = loss_fn(model, part)
+                part_loss.backward()
+                loss += part_loss.item()
+            if not math.isfinite(loss):
+                raise Diverged(
+                    f"training diverged: the loss is {loss} at step {step} of {steps} "
+                    f"(learning rate {lr:g}); lower the learning rate"
+                )
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            if progress is not None:
+                progress(step, steps)
+            if stop is not None and stop(step):
+                break
+    finally:
+        for p, dtype in own:
+            p.data = p.data.to(dtype)
     model.eval()
     return losses

@@ -128,6 +128,7 @@ def unlearn(
     config: UnlearnConfig,
     seed: int,
     progress: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Unlearn ``sets['forget']`` from ``model`` in place; returns the training log.
 
@@ -135,7 +136,8 @@ def unlearn(
     forget score falls below it (exact match, or for long answers answer-token accuracy:
     evaluation.default_metric, where exact match would read 0 from the first check).
     ``progress(step, steps)`` follows the training loop. An unset learning rate is the model's
-    default (training.default_lr).
+    default (training.default_lr). The model trains in ``precision`` (training.fit) and ends
+    in its own dtype; the frozen reference (NPO, KL) stays in that dtype.
     """
     reference = make_reference(model, config)
     forget_rows = relabel(sets["forget"], seed) if config.method == "RLabel" else sets["forget"]
@@ -175,6 +177,7 @@ def unlearn(
         collapsed,
         progress=progress,
         micro_batches=config.micro_batches,
+        precision=precision,
     )
     if config.lora_rank:
         trainable.merge_and_unload()
@@ -183,6 +186,7 @@ def unlearn(
     return {
         "steps": len(losses),
         "lr": lr,
+        "precision": precision,
         "losses": losses,
         "checks": checks,
         "stopped_early": len(losses) < config.steps,

@@ -81,7 +81,11 @@ def load(folder: Path, device=None, allow_pickle: bool = False, trust_remote_cod
     """The model (eval mode, on ``device``) and tokenizer saved in ``folder``, once check_folder
     passes; a ValueError naming the parameters if transformers still reports some missing from
     the weights (ones it would fill with random values: a rename check_folder cannot follow,
-    model code, or pickle weights, whose names it does not read)."""
+    model code, or pickle weights, whose names it does not read).
+
+    The weights load in the checkpoint's own dtype (``dtype="auto"``: config.json's, else the
+    weights'), asked for explicitly: transformers 4 loads in float32 by default, doubling a
+    bf16 model's memory. Training stages change the dtype for training (training.fit)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -89,6 +93,7 @@ def load(folder: Path, device=None, allow_pickle: bool = False, trust_remote_cod
     check_folder(folder, allow_pickle, trust_remote_code)
     model, info = AutoModelForCausalLM.from_pretrained(
         folder,
+        dtype="auto",
         use_safetensors=not allow_pickle or None,
         trust_remote_code=trust_remote_code,
         output_loading_info=True,
