@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 
 import archs
 import pytest
@@ -75,6 +76,11 @@ def _stage(task, *args, **kwargs) -> ArtifactRef:
     return out if isinstance(out, ArtifactRef) else out.data
 
 
+def _copy(folder):
+    """A store build that copies ``folder``'s files."""
+    return lambda out: shutil.copytree(folder, out, dirs_exist_ok=True) and None
+
+
 def test_stages_run_in_the_checkpoints_dtype_and_record_it(folders, tmp_path, monkeypatch):
     """Evaluation runs a bf16 checkpoint in bf16 and an fp32 one in fp32; unlearning stores a
     bf16 checkpoint in bf16; each manifest records the dtype (and the training precision);
@@ -85,7 +91,10 @@ def test_stages_run_in_the_checkpoints_dtype_and_record_it(folders, tmp_path, mo
     store = Store(url)
     config = DataConfig(forget=str(root / "forget.json"), retain=str(root / "retain.json"))
     data_ref = _stage(prepare_data, url, config, EmbeddedConfig())
-    ckpt = {dtype: store.put(f"checkpoint/{dtype}", root / dtype) for dtype in ("bf16", "fp32")}
+    ckpt = {
+        dtype: store.cached("checkpoint", {"dtype": dtype}, {}, "v", _copy(root / dtype))[0]
+        for dtype in ("bf16", "fp32")
+    }
     for dtype, name in (("bf16", "torch.bfloat16"), ("fp32", "torch.float32")):
         ref = _stage(evaluate, url, ckpt[dtype], data_ref, max_rows=4, device="cpu")
         assert store.manifest(ref.key)["meta"]["dtype"] == name
