@@ -1,8 +1,9 @@
 """The metrics stage: compare two models' stored activations (and weights), layer by layer,
 into one long-format table (metric, layer, probe_set, value) that the verdict and report read.
 
-Each layer's two activation files are read once, into memory (PCA needs whole layers); CKA
-runs its streaming accumulator over them block by block, so it adds O(d^2) memory.
+Each layer's two activation files are read once, into memory (PCA needs whole layers). CKA takes
+the cheaper route for the layer's shape (n x n kernels for probe sets smaller than the width,
+else the O(d^2) accumulator).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..activations import layer_path, read_layer
-from .cka import CKAAccumulator
+from .cka import cka_moments
 from .fisher import fisher_summary, fisher_weighted_distance
 from .pca import pca_distance, pca_shift, pca_similarity
 from .weights import weight_change
@@ -31,11 +32,10 @@ SCHEMA = pa.schema(
 
 def cka_values(X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
     """Biased and (from 4 rows) debiased linear CKA of paired activations, in one pass."""
-    acc = CKAAccumulator(X.shape[1], Y.shape[1], debiased=True)
-    acc.update(X, Y)
-    values = {"cka": acc.result(debiased=False)}
-    if acc.n >= 4:
-        values["cka_debiased"] = acc.result()
+    moments = cka_moments(X, Y)
+    values = {"cka": moments.cka()}
+    if moments.n >= 4:
+        values["cka_debiased"] = moments.cka(debiased=True)
     return values
 
 
