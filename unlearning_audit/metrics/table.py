@@ -3,7 +3,8 @@ into one long-format table (metric, layer, probe_set, value) that the verdict an
 
 Each layer's two activation files are read once, into memory (PCA needs whole layers). CKA takes
 the cheaper route for the layer's shape (n x n kernels for probe sets smaller than the width,
-else the O(d^2) accumulator).
+else the O(d^2) accumulator), and each model's activations are fitted by PCA once per layer,
+every PCA view read off the two fits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 from ..activations import layer_path, read_layer
 from .cka import cka_moments
 from .fisher import fisher_summary, fisher_weighted_distance
-from .pca import pca_distance, pca_shift, pca_similarity
+from .pca import pca_metrics
 from .weights import weight_change
 
 SCHEMA = pa.schema(
@@ -50,10 +51,7 @@ def activation_rows(
             Y = read_layer(layer_path(y_folder, probe_set, layer))
             values = {
                 **cka_values(X, Y),
-                "pca_similarity": pca_similarity(X, Y, k=1),
-                f"pca_similarity_top{k}": pca_similarity(X, Y, k=k),
-                "pca_distance": pca_distance(X, Y, k=k),
-                **{f"pca_{name}": v for name, v in pca_shift(X, Y, k=k).items()},
+                **{f"pca_{name}": v for name, v in pca_metrics(X, Y, k).items()},
             }
             rows += [
                 {"metric": m, "layer": layer, "probe_set": probe_set, "value": float(v)}
