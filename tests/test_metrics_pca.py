@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from unlearning_audit.metrics import (
+    linear_cka,
     mean_pca_distance,
     pca_distance,
     pca_metrics,
     pca_shift,
     pca_similarity,
+    table,
 )
 from unlearning_audit.metrics.pca import fit_pca
 
@@ -152,6 +154,20 @@ def test_one_fit_per_set_gives_the_old_six_fit_values(n: int, d: int, k: int) ->
         **pca_shift(X, Y, k=k),
     }
     assert views == pytest.approx(single, rel=1e-12, abs=1e-12)
+
+
+def test_a_layers_table_values_equal_the_old_route_in_the_old_order() -> None:
+    """The metrics table's values for one layer of float32 activations (n < d: the Gram and SVD
+    routes) against feature-space CKA and the separate covariance fits, to 1e-6."""
+    X, Y = wide_pair(5, 40, 96)
+    old = {
+        "cka": linear_cka(X, Y, method="features"),
+        "cka_debiased": linear_cka(X, Y, debiased=True, method="features"),
+        **{f"pca_{name}": value for name, value in covariance_views(X, Y, 2).items()},
+    }
+    values = table.layer_values(X, Y, k=2)
+    assert list(values) == list(old)
+    assert values == pytest.approx(old, rel=1e-6, abs=1e-6)
 
 
 @pytest.mark.parametrize(

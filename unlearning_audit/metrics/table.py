@@ -40,22 +40,25 @@ def cka_values(X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
     return values
 
 
+def layer_values(X: np.ndarray, Y: np.ndarray, k: int = 2) -> dict[str, float]:
+    """One layer's CKA (biased, debiased), PCA similarity (PC1, top-k), PCA distance and shift,
+    named and ordered as in the table."""
+    pca = pca_metrics(X, Y, k)
+    return {**cka_values(X, Y), **{f"pca_{name}": v for name, v in pca.items()}}
+
+
 def activation_rows(
     x_folder: Path, y_folder: Path, probe_sets: list[str], layers: list[int], k: int = 2
 ) -> list[dict]:
-    """CKA (biased, debiased), PCA similarity (PC1, top-k), PCA shift and distance per layer."""
+    """:func:`layer_values` of every probe set and layer, as table rows."""
     rows = []
     for probe_set in probe_sets:
         for layer in layers:
             X = read_layer(layer_path(x_folder, probe_set, layer))
             Y = read_layer(layer_path(y_folder, probe_set, layer))
-            values = {
-                **cka_values(X, Y),
-                **{f"pca_{name}": v for name, v in pca_metrics(X, Y, k).items()},
-            }
             rows += [
                 {"metric": m, "layer": layer, "probe_set": probe_set, "value": float(v)}
-                for m, v in values.items()
+                for m, v in layer_values(X, Y, k).items()
             ]
     return rows
 
