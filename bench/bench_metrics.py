@@ -1,31 +1,46 @@
 """Benchmarks of unlearning_audit.metrics, each side by side with the naive route, in one run.
 
     python bench/bench_metrics.py [--quick] [--device cpu|cuda] [--model-size 0.9m|100m]
+                                  [--only cka|width|fisher]
 
 Prints a Markdown table. ``ratio`` is baseline / ours for times (above 1: ours is faster) and
 ours at the larger n / ours at the smaller n for memory (1: flat in n). CKA runs on the CPU
 (numpy); ``--device`` moves only the Fisher comparison. BLAS and torch use ``--threads`` threads
 (default 1: two threads oversubscribe a shared 2-core machine). Not part of CI.
+
+``width``: the metrics stage's activation metrics at a 7B model's width (issue 15: 33 layers of
+d = 4096, 200 rows per probe set, random float32 activations in Parquet) against the
+implementation it replaced, kept here as the reference (:func:`reference_values`: feature-space
+CKA and six eigendecompositions of the d x d covariance per layer). The reference costs about a
+minute per layer at d = 4096, so it runs on ``--reference-layers`` layers, which give its time
+per layer and the values compared; the old stage's time is that per layer times the layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from threadpoolctl import threadpool_limits
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearning_audit.metrics import CKAAccumulator, fisher_diagonal, layer_parameters
+from unlearning_audit import activations
+from unlearning_audit.metrics import CKAAccumulator, fisher_diagonal, layer_parameters, table
 
 Batch = tuple[np.ndarray, np.ndarray]
+T = TypeVar("T")
 
 MODELS = {
     "0.9m": {
@@ -57,12 +72,15 @@ class Sizes:
     memory_ns: tuple[int, int]
     gram_n: int
     repeats: int
+    width_d: int
+    width_layers: int
+    layer_ds: tuple[int, ...]
 
     @classmethod
     def pick(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(8192, 256, 1024, (4096, 16384), 2000, 3)
-        return cls(50_000, 1024, 4096, (16_384, 65_536), 20_000, 2)
+            return cls(8192, 256, 1024, (4096, 16384), 2000, 3, 512, 5, (256,))
+        return cls(50_000, 1024, 4096, (16_384, 65_536), 20_000, 2, 4096, 33, (1024, 2048))
 
 
 @dataclass(frozen=True)
@@ -128,7 +146,7 @@ def gram_cka(X: np.ndarray, Y: np.ndarray) -> float:
     return dot(K, L) / np.sqrt(dot(K, K) * dot(L, L))
 
 
-def measure(run: Callable[[], float]) -> tuple[float, float, int]:
+def measure(run: Callable[[], T]) -> tuple[T, float, int]:
     """(result, wall seconds, peak traced bytes) of one call; numpy reports its buffers to
     tracemalloc, so the peak counts every array the call allocates."""
     tracemalloc.start()
@@ -224,6 +242,134 @@ def bench_gram(sizes: Sizes) -> list[Row]:
                 ">= 20",
                 f"abs diff {abs(ours_value - base_value):.1e}; "
                 f"flops ratio n/(2d) = {n / (2 * d):.1f}",
+            )
+        )
+    return result
+
+
+WIDTH_ROWS, WIDTH_SETS, WIDTH_K = 200, ("forget", "retain"), 2
+
+
+def reference_fit(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The PCA fit replaced: eigendecomposition of the full d x d covariance (mean, (d, k)
+    components oriented with the largest loading positive, variances)."""
+    n = X.shape[0]
+    mean = X.mean(axis=0, dtype=np.float64)
+    centred = np.subtract(X, mean, dtype=np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / (n - 1))
+    top = np.argsort(eigenvalues)[::-1][:k]
+    components = eigenvectors[:, top]
+    largest = np.abs(components).argmax(axis=0)
+    components *= np.sign(components[largest, np.arange(k)])
+    return mean, components, np.clip(eigenvalues[top], 0.0, None)
+
+
+def reference_values(X: np.ndarray, Y: np.ndarray, k: int) -> dict[str, float]:
+    """One layer's activation metrics as the metrics stage computed them before issue 15:
+    feature-space CKA, then pca_similarity (k = 1, then k), pca_distance and pca_shift, each
+    fitting its own PCA (six fits)."""
+    accumulator = CKAAccumulator(X.shape[1], Y.shape[1], debiased=True)
+    accumulator.update(X, Y)
+    values = {"cka": accumulator.result(debiased=False), "cka_debiased": accumulator.result()}
+    for name, rank in (("pca_similarity", 1), (f"pca_similarity_top{k}", k)):
+        ux, uy = reference_fit(X, rank)[1], reference_fit(Y, rank)[1]
+        values[name] = float(np.clip(np.linalg.svd(ux.T @ uy, compute_uv=False), 0, 1).mean())
+    offset = Y.mean(axis=0, dtype=np.float64) - X.mean(axis=0, dtype=np.float64)
+    _, components, variances = reference_fit(X, k)
+    values["pca_distance"] = float(np.linalg.norm(offset @ components) / np.sqrt(variances.sum()))
+    _, components, variances = reference_fit(X, k)
+    shifts = offset @ components
+    for c, (shift, variance) in enumerate(zip(shifts, variances, strict=True), start=1):
+        values[f"pca_shift_pc{c}"] = float(shift)
+        values[f"pca_shift_pc{c}_norm"] = float(shift / np.sqrt(variance))
+    return values
+
+
+def wide_layer(rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's paired float32 activations: X with a decaying spectrum around a random
+    centroid, Y = X plus a rank-one edit, a mean shift and noise (O(n d) to make)."""
+    X = rng.standard_normal((WIDTH_ROWS, d)) * np.geomspace(3.0, 0.05, d) + rng.normal(size=d)
+    edit = (X @ rng.normal(size=d) / np.sqrt(d))[:, None] * rng.normal(size=d) * 0.3
+    Y = X + edit + 0.05 + 0.1 * rng.standard_normal((WIDTH_ROWS, d))
+    return X.astype(np.float32), Y.astype(np.float32)
+
+
+def write_layers(folders: tuple[Path, Path], d: int, layers: int) -> None:
+    """Random activations of every probe set and layer, as the extract stage stores them."""
+    rng = np.random.default_rng(0)
+    schema = activations.activation_schema(d, "float32", per_token=False)
+    for probe_set in WIDTH_SETS:
+        for layer in range(layers):
+            for folder, values in zip(folders, wide_layer(rng, d), strict=True):
+                path = activations.layer_path(folder, probe_set, layer)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                column = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), d)
+                rows = pa.array(np.arange(WIDTH_ROWS))
+                pq.write_table(pa.Table.from_arrays([rows, column], schema=schema), path)
+
+
+def value_diff(ours: dict[str, float], reference: dict[str, float]) -> tuple[float, float]:
+    """(max abs diff, max rel diff) over the reference's metrics; the names must match."""
+    if list(ours) != list(reference):
+        raise AssertionError(f"metrics differ: {list(ours)} vs {list(reference)}")
+    diffs = [abs(ours[m] - v) for m, v in reference.items()]
+    rels = [diff / max(abs(v), 1e-12) for diff, v in zip(diffs, reference.values(), strict=True)]
+    return max(diffs), max(rels)
+
+
+def bench_width(sizes: Sizes, reference_layers: int) -> list[Row]:
+    """The metrics stage's activation metrics (table.activation_rows, Parquet reads included)
+    at d = ``width_d`` against the reference on ``reference_layers`` of its layers; then one
+    layer in memory at each smaller width of ``layer_ds``."""
+    d, layers = sizes.width_d, sizes.width_layers
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = (Path(tmp) / "x", Path(tmp) / "y")
+        write_layers(folders, d, layers)
+        start = time.perf_counter()
+        rows = table.activation_rows(*folders, list(WIDTH_SETS), list(range(layers)), WIDTH_K)
+        ours = time.perf_counter() - start
+        checked = [(probe_set, layer) for probe_set in WIDTH_SETS for layer in range(layers)]
+        diffs, spent = [], 0.0
+        for probe_set, layer in checked[:reference_layers]:
+            X, Y = (
+                activations.read_layer(activations.layer_path(f, probe_set, layer)) for f in folders
+            )
+            start = time.perf_counter()
+            reference = reference_values(X, Y, WIDTH_K)
+            spent += time.perf_counter() - start
+            mine = {
+                r["metric"]: r["value"]
+                for r in rows
+                if (r["probe_set"], r["layer"]) == (probe_set, layer)
+            }
+            diffs.append(value_diff(mine, reference))
+    per_layer, count = spent / len(diffs), len(checked)
+    result = [
+        Row(
+            f"metrics stage, activation metrics: {layers} layers x {len(WIDTH_SETS)} probe sets, "
+            f"n={WIDTH_ROWS}, d={d}, float32 Parquet",
+            f"{ours:.1f} s",
+            f"{per_layer * count:.0f} s (est.: {per_layer:.1f} s/layer x {count})",
+            per_layer * count / ours,
+            "< 30 s",
+            f"{len(diffs)} layer(s) against the reference: max abs diff "
+            f"{max(a for a, _ in diffs):.1e}, max rel diff {max(r for _, r in diffs):.1e}",
+        )
+    ]
+    rng = np.random.default_rng(1)
+    for width in sizes.layer_ds:
+        X, Y = wide_layer(rng, width)
+        mine, ours, ours_peak = measure(lambda X=X, Y=Y: table.layer_values(X, Y, WIDTH_K))
+        reference, base, base_peak = measure(lambda X=X, Y=Y: reference_values(X, Y, WIDTH_K))
+        diff, rel = value_diff(mine, reference)
+        result.append(
+            Row(
+                f"the same, one layer in memory, n={WIDTH_ROWS}, d={width}",
+                f"{ours:.2f} s, {ours_peak / 2**20:.0f} MiB",
+                f"{base:.2f} s, {base_peak / 2**20:.0f} MiB",
+                base / ours,
+                "info",
+                f"max abs diff {diff:.1e}, max rel diff {rel:.1e}",
             )
         )
     return result
@@ -349,7 +495,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model-size", default="0.9m", choices=sorted(MODELS))
     parser.add_argument("--threads", type=int, default=1, help="BLAS and torch threads")
-    parser.add_argument("--only", choices=["cka", "fisher"], help="run one group of benchmarks")
+    parser.add_argument(
+        "--only", choices=["cka", "width", "fisher"], help="run one group of benchmarks"
+    )
+    parser.add_argument(
+        "--reference-layers",
+        type=int,
+        default=1,
+        help="layers the width benchmark's reference runs on (about a minute each at d=4096)",
+    )
     args = parser.parse_args()
     sizes = Sizes.pick(args.quick)
     torch.set_num_threads(args.threads)
@@ -358,6 +512,7 @@ def main() -> None:
         ("cka", "streaming", lambda: bench_streaming(sizes)),
         ("cka", "memory", lambda: [bench_memory(sizes)]),
         ("cka", "gram", lambda: bench_gram(sizes)),
+        ("width", "7B width", lambda: bench_width(sizes, args.reference_layers)),
     ]
     stages += [
         ("fisher", attention, partial(bench_fisher, sizes, args.model_size, args.device, attention))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import archs
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from unlearning_audit import activations, corpus, data, embedded, prompts
+from unlearning_audit import activations, corpus, data, embedded, layers, prompts
+
+ROWS = [
+    {"question": "Where was Ada Quill born?", "answer": "Bergen"},
+    {"question": "What did Ada Quill write in the year she moved to the coast?", "answer": "A"},
+    {"question": "Which prize?", "answer": "Booker"},
+    {"question": "Who taught Ada Quill to sail, and where?", "answer": "Her aunt, in Bergen"},
+    {"question": "When?", "answer": "1901"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +67,65 @@ def test_per_token_rows_cover_every_real_token_and_no_pad(small, tmp_path):
     assert np.bincount(table.column("row").to_numpy()).tolist() == lengths
     assert activations.read_layer(activations.layer_path(tmp_path, "probe", 2)).dtype == np.float16
     assert not (tmp_path / "probe" / "layer=1.parquet").exists()
+
+
+def pooled_after_the_pass(net, fmt, rows, chosen, per_token, batch_size):
+    """The extraction before the hooks pooled: every chosen layer's full output kept through the
+    pass, then stacked (L, b, t, d) and pooled."""
+    modules = [net.get_input_embeddings(), *layers.decoder_blocks(net)[1]]
+    outputs = {}
+
+    def keep(layer):
+        def hook(module, args, output):
+            outputs[layer] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [modules[layer].register_forward_hook(keep(layer)) for layer in chosen]
+    parts = {layer: [] for layer in chosen}
+    try:
+        for chunk in data.chunks(rows, batch_size):
+            batch = data.prompt_batch(fmt, chunk)
+            mask = batch["attention_mask"]
+            with torch.no_grad():
+                net(input_ids=batch["input_ids"], attention_mask=mask)
+            hidden = torch.stack([outputs[layer] for layer in chosen]).float()
+            if per_token:
+                values = hidden[:, mask.bool()]
+            else:
+                m = mask[None, :, :, None].to(hidden.dtype)
+                values = (hidden * m).sum(2) / m.sum(2).clamp(min=1)
+            for layer, value in zip(chosen, values.numpy(), strict=True):
+                parts[layer].append(value)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: np.concatenate(part) for layer, part in parts.items()}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_pooling_in_the_hooks_stores_what_pooling_after_the_pass_stored(arch, per_token, tmp_path):
+    """Each hook pools its layer at once instead of keeping it until the pass ends: the stored
+    values are bit for bit those of the old path (block outputs as tensors or tuples, GPT-2's
+    and OPT's own embeddings), with padding in every batch but the last."""
+    tok = archs.tokenizer([r["question"] + " " + r["answer"] for r in ROWS] * 3)
+    net, fmt = archs.model(arch, tok), prompts.renderer(tok)
+    activations.extract(
+        net,
+        fmt,
+        {"probe": ROWS},
+        tmp_path,
+        layers=[0, 1, 2],
+        per_token=per_token,
+        batch_size=2,
+        flush_rows=3,
+    )
+    expected = pooled_after_the_pass(net, fmt, ROWS, [0, 1, 2], per_token, batch_size=2)
+    for layer in (0, 1, 2):
+        stored = activations.read_layer(activations.layer_path(tmp_path, "probe", layer))
+        np.testing.assert_array_equal(stored, expected[layer])
 
 
 def test_streamed_batches_equal_the_whole_file(small, tmp_path):

@@ -1,18 +1,25 @@
-"""Linear CKA: streaming against in-memory, against the Gram-matrix definitions, invariances."""
+"""Linear CKA: streaming against in-memory, the feature and Gram routes against each other and
+against the Gram-matrix definitions, invariances."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from unlearning_audit.metrics import CKAAccumulator, cka, linear_cka
+from unlearning_audit.metrics import CKAAccumulator, cka, cka_moments, linear_cka
+
+METHODS = ("features", "gram")
 
 
-def related_pair(seed: int, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+def related_pair(
+    seed: int, n: int = 60, dims: tuple[int, int] = (9, 7)
+) -> tuple[np.ndarray, np.ndarray]:
     """Paired activations with shared structure, non-zero means and different widths."""
     rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n, 9)) * rng.uniform(0.5, 3.0, size=9) + 4.0
-    Y = X[:, :6] @ rng.normal(size=(6, 7)) + rng.normal(size=(n, 7)) - 2.0
+    dx, dy = dims
+    X = rng.normal(size=(n, dx)) * rng.uniform(0.5, 3.0, size=dx) + 4.0
+    shared = min(6, dx)
+    Y = X[:, :shared] @ rng.normal(size=(shared, dy)) + rng.normal(size=(n, dy)) - 2.0
     return X, Y
 
 
@@ -62,11 +69,34 @@ def test_large_offsets_cost_no_precision_in_streaming(debiased: bool) -> None:
     assert accumulator.result() == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("debiased", [False, True])
-@pytest.mark.parametrize("seed", [1, 2])
-def test_equals_gram_matrix_definition(debiased: bool, seed: int) -> None:
-    X, Y = related_pair(seed)
-    assert linear_cka(X, Y, debiased=debiased) == pytest.approx(gram_cka(X, Y, debiased), rel=1e-9)
+@pytest.mark.parametrize(("seed", "n", "dims"), [(1, 60, (9, 7)), (2, 12, (40, 30))])
+def test_equals_gram_matrix_definition(
+    method: str, debiased: bool, seed: int, n: int, dims: tuple[int, int]
+) -> None:
+    X, Y = related_pair(seed, n, dims)
+    assert linear_cka(X, Y, debiased, method) == pytest.approx(gram_cka(X, Y, debiased), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_feature_and_gram_routes_agree_at_any_shape(seed: int) -> None:
+    """Random shapes on both sides of n = d, in float64 and in float32 (the feature route's
+    float32 products against the Gram route's float64)."""
+    rng = np.random.default_rng(200 + seed)
+    n, dx, dy = rng.integers(5, 80, size=3)
+    X, Y = related_pair(seed, n, (dx, dy))
+    for dtype, rel in ((np.float64, 1e-9), (np.float32, 1e-6)):
+        features = cka_moments(X.astype(dtype), Y.astype(dtype), "features")
+        gram = cka_moments(X.astype(dtype), Y.astype(dtype), "gram")
+        for debiased in (False, True):
+            assert gram.cka(debiased) == pytest.approx(features.cka(debiased), rel=rel)
+
+
+@pytest.mark.parametrize(("n", "route"), [(30, "gram"), (40, "features"), (60, "features")])
+def test_auto_takes_the_gram_route_below_both_widths(n: int, route: str) -> None:
+    X, Y = related_pair(13, n, (50, 40))
+    assert cka_moments(X, Y) == cka_moments(X, Y, route)
 
 
 def test_debiased_differs_from_biased() -> None:
@@ -74,17 +104,20 @@ def test_debiased_differs_from_biased() -> None:
     assert abs(linear_cka(X, Y, debiased=True) - linear_cka(X, Y)) > 1e-3
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("debiased", [False, True])
-def test_self_similarity_and_invariances(debiased: bool) -> None:
-    X, _ = related_pair(4)
+@pytest.mark.parametrize(("n", "dims"), [(60, (9, 7)), (12, (40, 30))])
+def test_self_similarity_and_invariances(
+    method: str, debiased: bool, n: int, dims: tuple[int, int]
+) -> None:
+    X, Y = related_pair(4, n, dims)
     rng = np.random.default_rng(4)
-    rotation, _ = np.linalg.qr(rng.normal(size=(9, 9)))
-    assert linear_cka(X, X, debiased=debiased) == pytest.approx(1.0, rel=1e-12)
-    assert linear_cka(X, X @ rotation, debiased=debiased) == pytest.approx(1.0, rel=1e-10)
-    assert linear_cka(X, 7.5 * X + 3.0, debiased=debiased) == pytest.approx(1.0, rel=1e-10)
-    _, Y = related_pair(4)
-    assert linear_cka(X, 0.01 * Y @ np.eye(7)[::-1], debiased=debiased) == pytest.approx(
-        linear_cka(X, Y, debiased=debiased), rel=1e-10
+    rotation, _ = np.linalg.qr(rng.normal(size=(dims[0], dims[0])))
+    assert linear_cka(X, X, debiased, method) == pytest.approx(1.0, rel=1e-12)
+    assert linear_cka(X, X @ rotation, debiased, method) == pytest.approx(1.0, rel=1e-10)
+    assert linear_cka(X, 7.5 * X + 3.0, debiased, method) == pytest.approx(1.0, rel=1e-10)
+    assert linear_cka(X, 0.01 * Y[:, ::-1], debiased, method) == pytest.approx(
+        linear_cka(X, Y, debiased, method), rel=1e-10
     )
 
 
@@ -156,6 +189,7 @@ def test_one_debiased_pass_gives_both_values() -> None:
         biased.result(debiased=True)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     ("X", "Y", "debiased", "message"),
     [
@@ -169,10 +203,15 @@ def test_one_debiased_pass_gives_both_values() -> None:
     ],
 )
 def test_bad_input_is_refused_with_the_problem_named(
-    X: np.ndarray, Y: np.ndarray, debiased: bool, message: str
+    method: str, X: np.ndarray, Y: np.ndarray, debiased: bool, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        linear_cka(X, Y, debiased=debiased)
+        linear_cka(X, Y, debiased, method)
+
+
+def test_an_unknown_method_is_named() -> None:
+    with pytest.raises(ValueError, match="method must be 'auto', 'features' or 'gram', got 'svd'"):
+        linear_cka(np.eye(5), np.eye(5), method="svd")
 
 
 def test_accumulator_refuses_batches_of_the_wrong_width() -> None:

@@ -3,7 +3,8 @@
 One forward pass per batch captures every selected layer through forward hooks: layer 0 is the
 token embeddings, layer i the residual stream after decoder block i - 1 (layers.py). Inputs are
 the prompts only (never the answer, which a probe would otherwise read off). Pooling is a mean
-over real tokens (padding excluded), or ``per_token`` keeps one row per real token.
+over real tokens (padding excluded), or ``per_token`` keeps one row per real token; each hook
+pools its layer's output at once, so the pass holds only what is stored.
 
 Each (probe set, layer) is one Parquet file, ``<set>/layer=<i>.parquet``, written batch by
 batch: an ``activation`` fixed-size-list float column (float32 or float16, zstd, byte-stream-split,
@@ -49,23 +50,38 @@ def layer_path(folder: Path, probe_set: str, layer: int) -> Path:
 
 
 class _Capture:
-    """Forward hooks that keep the output of the embeddings and of chosen decoder blocks."""
+    """Forward hooks on the embeddings and on chosen decoder blocks that pool each output as it
+    is made (:func:`_pool`), so a forward pass never holds every layer's full (batch, tokens, d)
+    states: set ``mask`` to the batch's attention mask before the pass."""
 
-    def __init__(self, model, layers: list[int]):
+    def __init__(self, model, layers: list[int], per_token: bool):
         _, blocks = decoder_blocks(model)
+        self.per_token = per_token
+        self.mask: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
         modules = {0: model.get_input_embeddings()} | {i + 1: b for i, b in enumerate(blocks)}
         self.handles = [modules[layer].register_forward_hook(self._hook(layer)) for layer in layers]
 
     def _hook(self, layer: int):
         def keep(module, args, output):
-            self.outputs[layer] = output[0] if isinstance(output, tuple) else output
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.outputs[layer] = _pool(hidden, self.mask, self.per_token)
 
         return keep
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """One layer's (b, t, d) states as stored, in float32: the mean over real tokens (b, d), pads
+    excluded, or with ``per_token`` the real tokens' rows in order (tokens, d)."""
+    hidden = hidden.float()
+    if per_token:
+        return hidden[mask.bool()]
+    m = mask[:, :, None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 class LayerWriters:
@@ -175,7 +191,7 @@ def extract(
     schema = activation_schema(dim, dtype, per_token)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     device = next(model.parameters()).device
-    capture = _Capture(model, chosen)
+    capture = _Capture(model, chosen, per_token)
     counts = {}
     total, done = sum(math.ceil(len(rows) / batch_size) for rows in sets.values()), 0
     try:
@@ -185,7 +201,7 @@ def extract(
                 start = 0
                 for rows_chunk in chunks(rows, batch_size):
                     batch = prompt_batch(fmt, rows_chunk)
-                    mask = batch["attention_mask"].to(device)
+                    capture.mask = mask = batch["attention_mask"].to(device)
                     model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
                     index = np.arange(start, start + len(rows_chunk))
                     keys, values = _batch(capture.outputs, chosen, mask, index, per_token)
@@ -203,19 +219,16 @@ def extract(
 
 
 def _batch(outputs, layers, mask, index, per_token) -> tuple[list[pa.Array], dict]:
-    """Key columns and per-layer values of one batch, with one device-to-host copy for all
-    layers: mean-pooled over real tokens, or every real token."""
-    hidden = torch.stack([outputs[layer] for layer in layers]).float()  # (L, b, t, d)
+    """Key columns and per-layer values of one batch from the hooks' pooled outputs, with one
+    device-to-host copy for all layers."""
+    values = torch.stack([outputs[layer] for layer in layers]).cpu().numpy()  # (L, rows, d)
     if per_token:
         keep = mask.bool().cpu().numpy()
-        values = hidden[:, mask.bool()].cpu().numpy()  # (L, tokens, d)
         keys = [
             pa.array(np.repeat(index, keep.sum(1))),
             pa.array(np.nonzero(keep)[1].astype(np.int32)),
         ]
     else:
-        m = mask[None, :, :, None].to(hidden.dtype)
-        values = ((hidden * m).sum(2) / m.sum(2).clamp(min=1)).cpu().numpy()  # (L, b, d)
         keys = [pa.array(index)]
     return keys, dict(zip(layers, values, strict=True))
 

@@ -1,4 +1,5 @@
-"""Linear CKA between two models' activations, streamed with O(d^2) memory.
+"""Linear CKA between two models' activations: streamed with O(d^2) memory, or through the
+n x n kernels when there are fewer rows than features.
 
 X holds the original model's activations and Y the candidate's, one row per probe sample, rows
 paired. Linear CKA in feature space (Kornblith et al. 2019) is
@@ -6,7 +7,10 @@ paired. Linear CKA in feature space (Kornblith et al. 2019) is
     CKA(X, Y) = ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F),    Xc = X - mean(X),
 
 which equals HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) for the linear Gram matrices K = X X^T and
-L = Y Y^T, without ever forming an n x n matrix.
+L = Y Y^T. The feature route (:class:`CKAAccumulator`) forms the d x d products, O(n d^2), and
+streams; the Gram route forms the centred n x n kernels, O(n^2 d), and needs the whole arrays:
+the cheaper when n < d (a probe set of 200 rows at width 4096 is about 20x less work). Both reduce
+to the same statistics (:class:`CKAMoments`), from which one code computes the value.
 
 Biased CKA is inflated at small n (independent Gaussians read about 0.2 at n = 32), so the
 debiased variant replaces each HSIC by the unbiased estimator of Song et al. (2007):
@@ -23,17 +27,22 @@ Then tr(K~ L~) = ||Xc^T Yc||_F^2 - a.b, 1^T K~ 1 = -sum(a), 1^T K~ L~ 1 = a.b, a
 
 which needs, besides the cross-products, only the row squared norms of the centred data.
 
-Precision: products are formed block by block (at most ``BLOCK_ROWS`` rows) and summed into
+Precision: the Gram route centres by the exact column means and computes in float64. The feature
+route forms its products block by block (at most ``BLOCK_ROWS`` rows) and summed into
 float64 state. When X and Y are both float32 or float16 (stored activations are float32), a block
 is formed in float32, which takes half the time of float64; anything else is formed in float64.
 Rounding errors of float32 blocks are random in sign and the rows are near-centred by the shift,
 so CKA agrees with float64 arithmetic to 1e-7 relative or better (tests/test_metrics_cka.py;
 bench/bench_metrics.py prints the difference at n = 50,000). A block whose mean lies farther from
 the shift than its spread (a first batch unlike the rest) would lose digits when the moments are
-centred, so such a block is formed in float64 instead.
+centred, so such a block is formed in float64 instead. The two routes agree to 1e-7 or better on
+float32 activations (bench/bench_metrics.py, ``--only width``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -41,6 +50,8 @@ from numpy.typing import ArrayLike
 BLOCK_ROWS = 4096
 """Rows per product block: bounds float32 rounding (errors grow with the summed length) and the
 temporary memory of one update, whatever the batch size."""
+
+Method = Literal["auto", "features", "gram"]
 
 
 def as_matrix(array: ArrayLike, name: str) -> np.ndarray:
@@ -92,6 +103,50 @@ def check_paired(
             kind = "NaN" if np.isnan(matrix).any() else "infinity"
             raise ValueError(f"{name} contains {kind}")
     return X, Y
+
+
+@dataclass(frozen=True)
+class CKAMoments:
+    """What linear CKA reads from paired data centred by its column means, Xc and Yc (n rows),
+    whichever route formed it (module doc).
+
+    ``cross`` = ||Xc^T Yc||_F^2 = tr(K L), ``self_x`` = ||Xc^T Xc||_F^2 = tr(K K), ``self_y``
+    = ||Yc^T Yc||_F^2 = tr(L L), with the centred linear kernels K = Xc Xc^T and L = Yc Yc^T;
+    ``norms`` = (sum a, sum b, a.a, b.b, a.b) of the centred rows' squared norms
+    a_i = ||Xc_i||^2 and b_i = ||Yc_i||^2, which only the debiased value needs (None when they
+    were not gathered).
+    """
+
+    n: int
+    cross: float
+    self_x: float
+    self_y: float
+    norms: tuple[float, float, float, float, float] | None = None
+
+    def cka(self, debiased: bool = False) -> float:
+        """Linear CKA, biased or (from 4 rows, with ``norms``) debiased."""
+        if debiased and self.norms is None:
+            raise ValueError(
+                "these moments hold no row norms (an accumulator built with debiased=False): "
+                "build it with debiased=True to read both values"
+            )
+        # 2 rows to centre; 4 for the unbiased estimator, which divides by n - 3
+        check_rows(self.n, 4 if debiased else 2, "debiased CKA" if debiased else "CKA")
+        hxy, hxx, hyy = self.cross, self.self_x, self.self_y
+        if debiased:
+            sum_a, sum_b, aa, bb, ab = self.norms
+            hxy = _unbiased_hsic(hxy, sum_a, sum_b, ab, self.n)
+            hxx = _unbiased_hsic(hxx, sum_a, sum_a, aa, self.n)
+            hyy = _unbiased_hsic(hyy, sum_b, sum_b, bb, self.n)
+        for value, name in ((hxx, "X"), (hyy, "Y")):
+            if value <= 0:
+                raise ValueError(
+                    f"debiased CKA is undefined: the unbiased HSIC of {name} with itself is not "
+                    "positive (too few rows, or nearly constant rows)"
+                    if debiased
+                    else f"CKA is undefined: {name} has no variance (all rows are equal)"
+                )
+        return float(hxy / np.sqrt(hxx * hyy))
 
 
 class CKAAccumulator:
@@ -166,39 +221,30 @@ class CKAAccumulator:
     def result(self, debiased: bool | None = None) -> float:
         """Linear CKA of all rows seen so far: debiased if so constructed, unless ``debiased``
         says otherwise (debiased=True needs an accumulator constructed with debiased=True)."""
-        debiased = self.debiased if debiased is None else debiased
-        if debiased and not self.debiased:
-            raise ValueError(
-                "this accumulator was built with debiased=False, so it holds no row norms: "
-                "build it with debiased=True to read both values"
-            )
-        # 2 rows to centre; 4 for the unbiased estimator, which divides by n - 3
-        check_rows(self.n, 4 if debiased else 2, "debiased CKA" if debiased else "CKA")
+        return self.moments().cka(self.debiased if debiased is None else debiased)
+
+    def moments(self) -> CKAMoments:
+        """The centred statistics of all rows seen so far, from the raw moments (the row norms'
+        only when constructed with debiased=True)."""
+        check_rows(self.n, 2, "CKA")  # the means divide by n
         n = self.n
         mx, my = self._sum_x / n, self._sum_y / n
         cxy = self._xty - n * np.outer(mx, my)
         cxx = self._xtx - n * np.outer(mx, mx)
         cyy = self._yty - n * np.outer(my, my)
         hxy, hxx, hyy = (float(np.vdot(c, c)) for c in (cxy, cxx, cyy))
-        if debiased:
-            sum_a, sum_b, aa, bb, ab = self._norm_sums
-            (xt_a, xt_b), (yt_a, yt_b) = self._xt_ab.T, self._yt_ab.T
-            a_c, b_c = np.trace(cxx), np.trace(cyy)
-            ab_c = _centred_norm_product(ab, yt_a, xt_b, sum_a, sum_b, self._xty, mx, my, n)
-            aa_c = _centred_norm_product(aa, xt_a, xt_a, sum_a, sum_a, self._xtx, mx, mx, n)
-            bb_c = _centred_norm_product(bb, yt_b, yt_b, sum_b, sum_b, self._yty, my, my, n)
-            hxy = _unbiased_hsic(hxy, a_c, b_c, ab_c, n)
-            hxx = _unbiased_hsic(hxx, a_c, a_c, aa_c, n)
-            hyy = _unbiased_hsic(hyy, b_c, b_c, bb_c, n)
-        for value, name in ((hxx, "X"), (hyy, "Y")):
-            if value <= 0:
-                raise ValueError(
-                    f"debiased CKA is undefined: the unbiased HSIC of {name} with itself is not "
-                    "positive (too few rows, or nearly constant rows)"
-                    if debiased
-                    else f"CKA is undefined: {name} has no variance (all rows are equal)"
-                )
-        return float(hxy / np.sqrt(hxx * hyy))
+        if not self.debiased:
+            return CKAMoments(n, hxy, hxx, hyy)
+        sum_a, sum_b, aa, bb, ab = self._norm_sums
+        (xt_a, xt_b), (yt_a, yt_b) = self._xt_ab.T, self._yt_ab.T
+        norms = (
+            float(np.trace(cxx)),
+            float(np.trace(cyy)),
+            _centred_norm_product(aa, xt_a, xt_a, sum_a, sum_a, self._xtx, mx, mx, n),
+            _centred_norm_product(bb, yt_b, yt_b, sum_b, sum_b, self._yty, my, my, n),
+            _centred_norm_product(ab, yt_a, xt_b, sum_a, sum_b, self._xty, mx, my, n),
+        )
+        return CKAMoments(n, hxy, hxx, hyy, norms)
 
 
 def _off_centre(block: np.ndarray) -> bool:
@@ -243,13 +289,51 @@ def _unbiased_hsic(cross: float, sum_a: float, sum_b: float, ab: float, n: int) 
     return cross + sum_a * sum_b / ((n - 1) * (n - 2)) - n / (n - 2) * ab
 
 
-def linear_cka(X: ArrayLike, Y: ArrayLike, debiased: bool = False) -> float:
-    """Linear CKA of paired activations X (n, d_x) and Y (n, d_y), in float64.
+def cka_moments(X: ArrayLike, Y: ArrayLike, method: Method = "auto") -> CKAMoments:
+    """The CKA statistics of paired activations X (n, d_x) and Y (n, d_y), in one pass that
+    gives both the biased and the debiased value (``.cka(debiased)``).
 
-    One pass of :class:`CKAAccumulator` over the whole arrays, so in-memory and streamed values
-    come from the same code. ``debiased`` uses the unbiased HSIC estimator (needs n >= 4).
+    ``method``: ``"features"``, one :class:`CKAAccumulator` pass over the whole arrays (the
+    d x d products, O(n d^2), in the inputs' precision as streamed); ``"gram"``, the centred
+    n x n kernels in float64 (O(n^2 d)); ``"auto"``, the Gram route when n is below both widths
+    (then each n x n product costs less than any d x d one), else the feature route.
     """
-    X, Y = as_matrix(X, "X"), as_matrix(Y, "Y")
-    accumulator = CKAAccumulator(X.shape[1], Y.shape[1], debiased=debiased)
+    X, Y = check_paired(X, Y, min_rows=2, what="CKA")
+    if method not in ("auto", "features", "gram"):
+        raise ValueError(f"method must be 'auto', 'features' or 'gram', got {method!r}")
+    if method == "gram" or (method == "auto" and X.shape[0] < min(X.shape[1], Y.shape[1])):
+        return _gram_moments(X, Y)
+    accumulator = CKAAccumulator(X.shape[1], Y.shape[1], debiased=True)
     accumulator.update(X, Y)
-    return accumulator.result()
+    return accumulator.moments()
+
+
+def linear_cka(
+    X: ArrayLike, Y: ArrayLike, debiased: bool = False, method: Method = "auto"
+) -> float:
+    """Linear CKA of paired activations X (n, d_x) and Y (n, d_y), in float64 state.
+
+    ``debiased`` uses the unbiased HSIC estimator (needs n >= 4); ``method`` picks the route
+    (:func:`cka_moments`); every route gives the same value.
+    """
+    return cka_moments(X, Y, method).cka(debiased)
+
+
+def _gram_moments(X: np.ndarray, Y: np.ndarray) -> CKAMoments:
+    """CKA statistics from the centred linear kernels K = Xc Xc^T and L = Yc Yc^T, float64:
+    tr(K L) = ||Xc^T Yc||_F^2, and the row squared norms are the kernels' diagonals."""
+    K, L = _centred_gram(X), _centred_gram(Y)
+    a, b = np.diag(K), np.diag(L)
+    return CKAMoments(
+        n=X.shape[0],
+        cross=float(np.vdot(K, L)),
+        self_x=float(np.vdot(K, K)),
+        self_y=float(np.vdot(L, L)),
+        norms=(float(a.sum()), float(b.sum()), float(a @ a), float(b @ b), float(a @ b)),
+    )
+
+
+def _centred_gram(A: np.ndarray) -> np.ndarray:
+    """Xc Xc^T for the column-centred rows of A, in float64."""
+    centred = np.subtract(A, A.mean(axis=0, dtype=np.float64), dtype=np.float64)
+    return centred @ centred.T

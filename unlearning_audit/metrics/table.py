@@ -1,8 +1,10 @@
 """The metrics stage: compare two models' stored activations (and weights), layer by layer,
 into one long-format table (metric, layer, probe_set, value) that the verdict and report read.
 
-Each layer's two activation files are read once, into memory (PCA needs whole layers); CKA
-runs its streaming accumulator over them block by block, so it adds O(d^2) memory.
+Each layer's two activation files are read once, into memory (PCA needs whole layers). CKA takes
+the cheaper route for the layer's shape (n x n kernels for probe sets smaller than the width,
+else the O(d^2) accumulator), and each model's activations are fitted by PCA once per layer,
+every PCA view read off the two fits.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..activations import layer_path, read_layer
-from .cka import CKAAccumulator
+from .cka import cka_moments
 from .fisher import fisher_summary, fisher_weighted_distance
-from .pca import pca_distance, pca_shift, pca_similarity
+from .pca import pca_metrics
 from .weights import weight_change
 
 SCHEMA = pa.schema(
@@ -31,33 +33,32 @@ SCHEMA = pa.schema(
 
 def cka_values(X: np.ndarray, Y: np.ndarray) -> dict[str, float]:
     """Biased and (from 4 rows) debiased linear CKA of paired activations, in one pass."""
-    acc = CKAAccumulator(X.shape[1], Y.shape[1], debiased=True)
-    acc.update(X, Y)
-    values = {"cka": acc.result(debiased=False)}
-    if acc.n >= 4:
-        values["cka_debiased"] = acc.result()
+    moments = cka_moments(X, Y)
+    values = {"cka": moments.cka()}
+    if moments.n >= 4:
+        values["cka_debiased"] = moments.cka(debiased=True)
     return values
+
+
+def layer_values(X: np.ndarray, Y: np.ndarray, k: int = 2) -> dict[str, float]:
+    """One layer's CKA (biased, debiased), PCA similarity (PC1, top-k), PCA distance and shift,
+    named and ordered as in the table."""
+    pca = pca_metrics(X, Y, k)
+    return {**cka_values(X, Y), **{f"pca_{name}": v for name, v in pca.items()}}
 
 
 def activation_rows(
     x_folder: Path, y_folder: Path, probe_sets: list[str], layers: list[int], k: int = 2
 ) -> list[dict]:
-    """CKA (biased, debiased), PCA similarity (PC1, top-k), PCA shift and distance per layer."""
+    """:func:`layer_values` of every probe set and layer, as table rows."""
     rows = []
     for probe_set in probe_sets:
         for layer in layers:
             X = read_layer(layer_path(x_folder, probe_set, layer))
             Y = read_layer(layer_path(y_folder, probe_set, layer))
-            values = {
-                **cka_values(X, Y),
-                "pca_similarity": pca_similarity(X, Y, k=1),
-                f"pca_similarity_top{k}": pca_similarity(X, Y, k=k),
-                "pca_distance": pca_distance(X, Y, k=k),
-                **{f"pca_{name}": v for name, v in pca_shift(X, Y, k=k).items()},
-            }
             rows += [
                 {"metric": m, "layer": layer, "probe_set": probe_set, "value": float(v)}
-                for m, v in values.items()
+                for m, v in layer_values(X, Y, k).items()
             ]
     return rows
 
