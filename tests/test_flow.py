@@ -112,6 +112,28 @@ def test_identical_rerun_is_served_from_cache(first_run, params):
     assert min(timings) < 0.1 * first_seconds, (timings, first_seconds)
 
 
+def test_a_cached_rerun_hashes_no_file_twice(first_run, params, monkeypatch):
+    """Every stage verifies the artifacts it reads (the checkpoints above all), each through its
+    own Store: a file is still read and hashed once per process, not once per stage."""
+    from collections import Counter
+
+    from unlearning_audit import store
+
+    hashed = Counter()
+
+    def counting(f):
+        hashed[str(f.name)] += 1
+        return original(f)
+
+    original = store._stream_sha256
+    monkeypatch.setattr(store, "_stream_sha256", counting)
+    monkeypatch.setattr(store, "_HASHED", {})  # as in a fresh process
+    audit_checkpoint(params)
+    weights = [p for p in hashed if p.endswith("model.safetensors")]
+    assert len(weights) >= 3  # the original, its control and the unlearned model at least
+    assert max(hashed.values()) == 1, hashed.most_common(3)
+
+
 def test_threshold_change_reruns_only_verdict_and_report(first_run, params):
     changed = params.model_copy(
         update={"thresholds": Thresholds(forgotten=0.3, control_margin=0.05)}

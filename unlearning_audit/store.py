@@ -11,8 +11,9 @@ Layout of one artifact::
 
 Writes never rename data: the files go to a fresh writer folder, then the manifest (the file
 list with each file's sha256 and size) is written in one put. A reader trusts only manifests, and
-checks every file's hash before using it, so an interrupted write leaves nothing that reads as
-complete and a corrupted object is found, not used. The manifest is created exclusively (a local
+checks every file's hash before using it (a local file once per process while it stays
+unchanged: remembered_sha256), so an interrupted write leaves nothing that reads as complete and
+a corrupted object is found, not used. The manifest is created exclusively (a local
 hard link, an S3 conditional PUT with If-None-Match), so of two writers of one key the first
 manifest stays and the second writer removes its own copy; a manifest whose artifact fails
 verification is replaced by the next writer. ``check_integrity`` hashes every artifact and lists
@@ -63,6 +64,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -329,6 +331,26 @@ def file_sha256(path: Path) -> str:
     """sha256 hex of a local file, read in chunks."""
     with open(path, "rb") as f:
         return _stream_sha256(f)
+
+
+_HASHED: dict[tuple, str] = {}
+"""sha256 of local files this process hashed, by path and what a change to the file would
+change: inode, size, modification and status-change times (no call sets ctime back)."""
+_HASHED_LOCK = threading.Lock()
+
+
+def remembered_sha256(path: str) -> str:
+    """sha256 of a local file, hashed once per process while it stays unchanged: every stage
+    of an audit verifies the checkpoints it reads, and a 7B checkpoint is 15 GB of reading."""
+    info = os.stat(path)
+    state = (path, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    with _HASHED_LOCK:
+        known = _HASHED.get(state)
+    if known is None:
+        known = file_sha256(Path(path))
+        with _HASHED_LOCK:
+            _HASHED[state] = known
+    return known
 
 
 def _stream_sha256(f: IO[bytes]) -> str:
@@ -605,16 +627,19 @@ class Store:
         if seen in self._verified:
             return
         if self.local:
-            self._check_files(ref.key, manifest)
+            self._check_files(ref.key, manifest, remembered=True)
         else:
             self._cached_copy(ref, manifest)
         self._verified.add(seen)
 
-    def _check_files(self, key: str, manifest: dict) -> None:
-        """Hash every file of an artifact where it lies (a remote one streamed, never cached);
-        raise CorruptArtifact where its data folder holds a file the manifest does not name (a
-        local artifact is read as its folder: an added chat_template.jinja would change the
-        prompts), or at the first file that is missing or differs from its manifest."""
+    def _check_files(self, key: str, manifest: dict, remembered: bool = False) -> None:
+        """Hash every file of an artifact where it lies (a remote one streamed, never cached;
+        with ``remembered``, a local file this process hashed and that has not changed since is
+        not read again: see remembered_sha256); raise CorruptArtifact where its data folder
+        holds a file the manifest does not name (a local artifact is read as its folder: an
+        added chat_template.jinja would change the prompts), or at the first file that is
+        missing or differs from its manifest."""
+        digest_of = remembered_sha256 if remembered and self.local else self._sha256
         folder = self._path(key, manifest["data"])
         listed = self._retry(f"listing of {key}/{manifest['data']}", lambda: self.fs.find(folder))
         if extra := sorted({p[len(folder) + 1 :] for p in listed} - manifest["files"].keys()):
@@ -623,7 +648,7 @@ class Store:
         for name, entry in manifest["files"].items():
             path = self._path(key, manifest["data"], name)
             try:
-                actual = self._retry(f"read of {key}/{name}", lambda p=path: self._sha256(p))
+                actual = self._retry(f"read of {key}/{name}", lambda p=path: digest_of(p))
             except FileNotFoundError as exc:
                 raise CorruptArtifact(f"{key}: {name} is missing") from exc
             _expect_sha256(key, name, entry, actual)
