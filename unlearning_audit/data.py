@@ -205,11 +205,7 @@ def _label(value, column: str) -> tuple[str, str | None]:
         return str(value), None
     if not isinstance(value, str):
         return "", f"{column!r} is {_describe(value)}, not a string or an integer"
-    if not value.strip():
-        return "", f"{column!r} is empty"
-    if not _valid_unicode(value):
-        return "", f"{column!r} is not valid Unicode (it holds an unpaired surrogate)"
-    return value, None
+    return _text(value, column)  # a string: the same checks as a question's
 
 
 def _valid_unicode(text: str) -> bool:

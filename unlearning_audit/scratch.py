@@ -120,15 +120,15 @@ def folder(stage: str, parent: str | Path | None = None) -> Iterator[Path]:
 
 
 def mkdtemp(parent: str | Path, prefix: str = PART_PREFIX) -> Path:
-    """Like ``tempfile.mkdtemp``: a new folder ``<prefix><pid>-<random>`` in ``parent`` for the
-    caller to move into place or remove. The lock that marks it as this process's is held until
-    the folder is gone from that name (moved or removed: checked at the next call) or the
-    process ends."""
+    """Like ``tempfile.mkdtemp``: a new folder ``<prefix><pid>-<random>`` in ``parent`` (made if
+    missing) for the caller to move into place or remove. The lock that marks it as this
+    process's is held until the folder is gone from that name (moved or removed: checked at the
+    next call) or the process ends."""
     with _held_lock:
         gone = [p for p in _held if not os.path.lexists(p)]
     for p in gone:
         _release(p)
-    return _create(Path(parent), prefix)
+    return _create(_ensure(Path(parent)), prefix)
 
 
 def remove_all() -> list[str]:

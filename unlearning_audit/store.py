@@ -675,7 +675,7 @@ class Store:
         target = self.cache_dir / ref.hash
         if target.exists():
             return target
-        tmp = scratch.mkdtemp(_ensure(self.cache_dir), prefix=".part-")
+        tmp = scratch.mkdtemp(self.cache_dir)
         try:
             for name, entry in manifest["files"].items():
                 dest = tmp / name
@@ -903,7 +903,7 @@ class Store:
         """Keep a copy of a remote artifact just written in the cache: this machine has it."""
         if self.local or (self.cache_dir / ref.hash).exists():
             return
-        tmp = scratch.mkdtemp(_ensure(self.cache_dir), prefix=".part-")
+        tmp = scratch.mkdtemp(self.cache_dir)
         try:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             _publish(tmp, self.cache_dir / ref.hash)
@@ -978,11 +978,6 @@ def _mtime(info: Mapping[str, Any]) -> float:
 def _protocols(fs) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _publish(tmp: Path, target: Path) -> None:
