@@ -20,6 +20,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ValidationError
 
 from .config import (
+    DEFAULT_METHODS,
     METHODS,
     METRIC_NAMES,
     AuditParams,
@@ -176,6 +177,11 @@ AUDIT_FLAGS = (
     "quantize_embeddings",
     "allow_pickle",
     "trust_remote_code",
+    "gradient_checkpointing",
+    "gpus",
+    "keep_relearned",
+    "fisher_layers",
+    "fisher_batch_size",
 )
 """The audit flags that set an AuditParams field of their own name."""
 SECTION_FLAGS = {
@@ -192,7 +198,7 @@ SECTION_FLAGS = {
         "separator": "separator",
         "max_rows": "eval_max_rows",
     },
-    "relearn": {"relearn_lr": "lr", "budget": "budget", "seeds": "seeds"},
+    "relearn": {"relearn_lr": "lr", "budget": "budget", "seeds": "seeds", "lora": "lora_rank"},
     "thresholds": {"score": "metric"},
 }
 """The audit flags that set a field of a nested config: section -> {flag's dest: field}."""
@@ -254,6 +260,11 @@ def audit_params(args: argparse.Namespace) -> AuditParams:
         if given:
             params[section] = _merge(base.get(section, {}), given)
     methods = _methods(args, base, params.get("unlearned"))
+    if args.lora is not None and params.get("unlearned") is None:
+        methods = [
+            {**m, "lora_rank": args.lora} if isinstance(m, dict) else m
+            for m in (methods or [m.model_dump() for m in DEFAULT_METHODS])
+        ]
     if methods is not None:
         params["methods"] = methods
     return AuditParams.model_validate(params)
@@ -604,6 +615,41 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         action="store_const",
         const=True,
         help="quantize the embeddings and the LM head too",
+    )
+
+    scale = audit.add_argument_group("large models (README, 'Large models')")
+    scale.add_argument(
+        "--lora",
+        type=int,
+        metavar="RANK",
+        help="train LoRA adapters of this rank in every unlearning and relearning run",
+    )
+    scale.add_argument(
+        "--gradient-checkpointing",
+        action="store_const",
+        const=True,
+        help="recompute activations in the backward pass (less memory, more compute)",
+    )
+    scale.add_argument("--gpus", type=int, metavar="N", help="GPUs each stage uses (default 1)")
+    scale.add_argument(
+        "--fisher-layers",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="compute the Fisher of these blocks only (default all)",
+    )
+    scale.add_argument(
+        "--fisher-batch-size",
+        type=int,
+        metavar="N",
+        help=f"samples per per-sample-gradient pass of the Fisher (default "
+        f"{_default(AuditParams, 'fisher_batch_size')})",
+    )
+    scale.add_argument(
+        "--keep-relearned",
+        action="store_const",
+        const=True,
+        help="store the relearned checkpoints too (default: only what the report reads)",
     )
 
     run = audit.add_argument_group("run")

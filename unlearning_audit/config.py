@@ -268,6 +268,12 @@ class RelearnConfig(_Batched):
     lr: Rate | None = Field(None, description=LR)
     batch_size: PositiveInt = 8
     micro_batches: MicroBatches = 1
+    lora_rank: int | None = Field(
+        None,
+        gt=0,
+        description="Relearn (the candidate and the control alike) by training a LoRA adapter "
+        "of this rank (peft) instead of every weight: far less memory for large models.",
+    )
     seeds: int = Field(
         3,
         ge=1,
@@ -424,6 +430,36 @@ class AuditParams(_Config):
         "in bf16, else fp32. Trained checkpoints are stored in their original's dtype; "
         "evaluation, extraction and Fisher run in each checkpoint's own dtype.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in the backward pass of the training "
+        "stages: their activation memory shrinks to about one block's, for about a third more "
+        "compute.",
+    )
+    gpus: PositiveInt = Field(
+        1,
+        le=64,
+        description="GPUs one stage uses: training and Fisher stages shard the model across "
+        "them (FSDP), inference stages split it across them (device_map).",
+    )
+    fisher_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Blocks whose Fisher is computed (0: the embeddings, i: block i); "
+        "default all. Fewer layers: less memory and time.",
+    )
+    fisher_batch_size: PositiveInt = Field(
+        16,
+        le=1024,
+        description="Samples per per-sample-gradient pass of the Fisher stage (memory: this "
+        "many copies of the chosen layers' gradients); halved on out-of-memory, values "
+        "unchanged.",
+    )
+    keep_relearned: bool = Field(
+        False,
+        description="Store the relearned checkpoint (one per unlearned model). Off: only its "
+        "recovery curves, per-fact scores, activations and weight change are stored.",
+    )
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights. Unsafe.")
     trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
     store: Location | None = Field(
@@ -431,7 +467,7 @@ class AuditParams(_Config):
     )
     name: str | None = Field(None, description="A label for this audit in reports and listings.")
 
-    @field_validator("layers")
+    @field_validator("layers", "fisher_layers")
     @classmethod
     def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
         return value if value is None else sorted(set(value))
