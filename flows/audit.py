@@ -77,6 +77,7 @@ def _relearn_all(
                 generate=params.thresholds.metric == "rouge_l",
                 trust_remote_code=params.trust_remote_code,
                 precision=params.precision,
+                gradient_checkpointing=params.gradient_checkpointing,
             )
             for k, seed in enumerate(relearning.seeds(params.seed, params.relearn.seeds))
         ]
@@ -208,6 +209,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
                     dev,
                     trust_remote_code=trust,
                     precision=params.precision,
+                    gradient_checkpointing=params.gradient_checkpointing,
                 ),
             }
             for cfg in params.methods

@@ -31,8 +31,8 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from unlearning_audit import checkpoints, data, prompts, scratch
-from unlearning_audit.store import ArtifactRef, Store, code_version
+from unlearning_audit import adapters, checkpoints, data, prompts, scratch
+from unlearning_audit.store import ArtifactRef, CorruptArtifact, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
 FAULTS_ENV = "UNLEARNING_AUDIT_FAULTS"
@@ -281,13 +281,41 @@ def _run_on_pool(pool: str):
 
 
 def load_model(store: Store, ref: ArtifactRef, device, *, trust_remote_code: bool = False):
-    """The model and tokenizer of a checkpoint artifact (already checked when fetched).
+    """The model and tokenizer of a checkpoint artifact (already checked when fetched), or of
+    an adapter artifact: its base checkpoint (the stage input it was trained from, which the
+    artifact's key derives from) with the adapter merged in.
 
     The checkpoint's own model code runs only with ``trust_remote_code``, which comes from the
     current run's parameters (the stage task's, passed by the flow from the audit's), never
     from the store: a manifest's meta is covered by no hash, and whoever can write to a shared
     store could otherwise make a later audit run code it was not allowed to."""
-    return checkpoints.load(store.local_dir(ref), device, trust_remote_code=trust_remote_code)
+    folder = store.local_dir(ref)
+    if not adapters.is_adapter(folder):
+        return checkpoints.load(folder, device, trust_remote_code=trust_remote_code)
+    base = ArtifactRef.model_validate_json((folder / BASE).read_bytes())
+    if base.hash != store.manifest(ref.key)["meta"]["inputs"]["checkpoint"]:
+        raise CorruptArtifact(
+            f"{ref.key}: {BASE} names another base than the one it was trained on"
+        )
+    model, tokenizer = load_model(store, base, device, trust_remote_code=trust_remote_code)
+    return adapters.apply(model, folder), tokenizer
+
+
+BASE = "base.json"
+"""The checkpoint an adapter artifact adapts: the training stage's input (its key and hash; the
+hash is also the artifact's recorded input, which derives its key)."""
+
+
+def save_trained(
+    model, tokenizer, adapter: adapters.Adapter | None, base: ArtifactRef, out: Path
+) -> None:
+    """Store what a training stage made from ``base``: its LoRA adapter alone where it trained
+    one (loading merges it into ``base``), else the whole checkpoint."""
+    if adapter is None:
+        checkpoints.save(model, tokenizer, out)
+        return
+    adapter.save(out)
+    (out / BASE).write_text(base.model_dump_json())
 
 
 def load_sets(store: Store, ref: ArtifactRef) -> dict[str, list[dict]]:

@@ -7,9 +7,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import StageProgress
-from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from tasks._stage import cached_stage, gpu_options, load_inputs, save_trained, write_json
 from unlearning_audit import (
-    checkpoints,
+    adapters,
     data,
     evaluation,
     prompts,
@@ -37,14 +37,17 @@ def relearn(
     generate: bool = False,
     trust_remote_code: bool = False,
     precision: Precision = "auto",
+    gradient_checkpointing: bool = False,
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
     ``seed``; the recovery curve scores at most ``max_rows`` rows per set, like the evaluate
     stage. The relearned checkpoint is stored only with ``keep_checkpoint``; with ``generate``,
     facts also carry ROUGE-L of greedy generations (when the verdict reads it). Trains in
     ``precision`` (resolved on this machine's device, and part of the stage's key); the
-    relearned checkpoint keeps its dtype. The checkpoint's own model code runs only with
-    ``trust_remote_code`` (the audit's parameter; nothing in the store can grant it)."""
+    relearned checkpoint keeps its dtype (with LoRA, the adapter alone is stored: see
+    save_trained). The checkpoint's own model code runs only with ``trust_remote_code`` (the
+    audit's parameter; nothing in the store can grant it). ``gradient_checkpointing`` changes
+    memory, not results: not part of the key."""
     precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
@@ -67,9 +70,11 @@ def relearn(
                 max_rows,
                 cap if generate else 0,
                 precision,
+                gradient_checkpointing,
             )
+        adapter = log.pop("adapter")
         if keep_checkpoint:
-            checkpoints.save(model, fmt.tokenizer, out)
+            save_trained(model, fmt.tokenizer, adapter, checkpoint, out)
         write_json(out / CURVE, log)
         return {
             "source": source,
@@ -90,7 +95,7 @@ def relearn(
             "generate": generate,
             "precision": precision,
         },
-        code_version(relearning, training, data, evaluation, prompts),
+        code_version(relearning, training, adapters, data, evaluation, prompts),
         build,
         batch=config,
     )

@@ -6,9 +6,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import StageProgress
-from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from tasks._stage import cached_stage, gpu_options, load_inputs, save_trained, write_json
 from unlearning_audit import (
-    checkpoints,
+    adapters,
     data,
     evaluation,
     prompts,
@@ -30,13 +30,15 @@ def unlearn(
     device: str = "auto",
     trust_remote_code: bool = False,
     precision: Precision = "auto",
+    gradient_checkpointing: bool = False,
 ):
-    """Run one unlearning method; stores the unlearned checkpoint and its training log.
+    """Run one unlearning method; stores the unlearned checkpoint (with LoRA, the adapter
+    alone: see save_trained) and its training log.
 
     Trains in ``precision`` (resolved on this machine's device, and part of the stage's key),
     and stores the checkpoint in the original's dtype. The checkpoint's own model code runs
     only with ``trust_remote_code`` (the audit's parameter; nothing in the store can grant
-    it)."""
+    it). ``gradient_checkpointing`` changes memory, not results: not part of the key."""
     precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
@@ -48,8 +50,10 @@ def unlearn(
             trust_remote_code=trust_remote_code,
         )
         with StageProgress(f"unlearn {cfg.label}") as progress:
-            log = unlearning.unlearn(model, fmt, sets, cfg, seed, progress, precision)
-        checkpoints.save(model, fmt.tokenizer, out)
+            log = unlearning.unlearn(
+                model, fmt, sets, cfg, seed, progress, precision, gradient_checkpointing
+            )
+        save_trained(model, fmt.tokenizer, log.pop("adapter"), checkpoint, out)
         write_json(out / "unlearn.json", log)
         return {
             "steps": log["steps"],
@@ -64,7 +68,7 @@ def unlearn(
         "unlearn",
         {"checkpoint": checkpoint, "data": data_ref, "seed": seed},
         {**config.model_dump(), "precision": precision},
-        code_version(unlearning, training, data, evaluation, prompts),
+        code_version(unlearning, training, adapters, data, evaluation, prompts),
         build,
         batch=config,
     )

@@ -68,6 +68,7 @@ def preflight(params: AuditParams) -> str:
     # the precision is checked on a device this machine has
     problems += _device_problems(params.device) or _precision_problems(params)
     problems += _layer_problems(params) + _lora_problems(params)
+    problems += _checkpointing_problems(params, sound.get("original"))
     if (
         params.unlearned is None
         and params.original != checkpoints.EMBEDDED
@@ -170,16 +171,31 @@ def _precision_problems(params: AuditParams) -> list[str]:
 
 
 def _lora_problems(params: AuditParams) -> list[str]:
-    """LoRA asked for (a method's lora_rank) without peft installed."""
+    """LoRA asked for (a method's or relearning's lora_rank) without peft installed."""
     import importlib.util
 
     lora = [m.label for m in params.methods if m.lora_rank] if params.unlearned is None else []
+    lora += ["relearning"] if params.relearn.lora_rank else []
     if lora and importlib.util.find_spec("peft") is None:
         return [
-            f"methods: {', '.join(lora)} train LoRA adapters (lora_rank), which needs peft: "
+            f"lora_rank: {', '.join(lora)} train LoRA adapters, which needs peft: "
             "pip install 'unlearning-audit[lora]'"
         ]
     return []
+
+
+def _checkpointing_problems(params: AuditParams, original: Path | None) -> list[str]:
+    """Gradient checkpointing asked for on a local original whose transformers model class
+    does not support it (the embedded Llama does; remote code is judged when it loads)."""
+    if not params.gradient_checkpointing or original is None or params.trust_remote_code:
+        return []
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(original)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if model_class is None or model_class.supports_gradient_checkpointing:
+        return []  # an unknown class is the compatibility check's to report
+    return [f"gradient_checkpointing: {model_class.__name__} does not support it; leave it off"]
 
 
 def _layer_problems(params: AuditParams) -> list[str]:

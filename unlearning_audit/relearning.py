@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from . import data, training
+from . import adapters, data, training
 from .config import RelearnConfig, RelearnSource
 from .evaluation import GENERATED, SCORES, score_rows
 from .prompts import Renderer
@@ -57,8 +57,11 @@ def relearn(
     max_rows: int | None = None,
     generate: int = 0,
     precision: str = "fp32",
+    checkpointing: bool = False,
 ) -> dict:
-    """Relearn ``model`` in place from ``source``; returns the recovery curve and the budget.
+    """Relearn ``model`` in place from ``source``; returns the recovery curve and the budget,
+    with the trained LoRA adapter under ``adapter`` where ``config.lora_rank`` asks for one
+    (merged into ``model`` afterwards; None for full training).
 
     The curve holds, at each curve step, under ``facts`` every fact's scores on the forget set
     and on both halves, on at most ``max_rows`` rows of each (the same
@@ -67,6 +70,7 @@ def relearn(
     ``progress(step, steps)`` follows the training loop; an unset learning rate is the model's
     default (training.default_lr). The model trains in ``precision`` (training.fit): the curve's
     step 0 scores it in its own dtype, later steps in the training dtype.
+    ``checkpointing``: gradient checkpointing (training.fit).
     """
     train_rows = sets[TRAIN_SET[source]]
     if not train_rows:
@@ -81,11 +85,12 @@ def relearn(
     names = (*SCORES, GENERATED) if generate else SCORES
     lr = config.lr or training.default_lr(model)
     curve = []
+    trainable = adapters.wrap(model, config.lora_rank)
 
     def record(step: int) -> bool:
         if step in marks:
             # the halves are parts of the forget set: the union is scored once
-            scores = score_rows(model, fmt, union, generate=generate)
+            scores = score_rows(trainable, fmt, union, generate=generate)
             at = {r["id"]: i for i, r in enumerate(union)}
             facts = {
                 name: {
@@ -95,7 +100,7 @@ def relearn(
                 for name, rows in probes.items()
             }
             curve.append({"step": step, "examples": step * config.batch_size, "facts": facts})
-            model.train()
+            trainable.train()
         return False
 
     record(0)
@@ -105,7 +110,7 @@ def relearn(
         for rows in data.shuffled_batches(train_rows, config.batch_size, seed)
     )
     training.fit(
-        model,
+        trainable,
         training.mean_nll,
         batches,
         steps,
@@ -114,9 +119,11 @@ def relearn(
         progress=progress,
         micro_batches=config.micro_batches,
         precision=precision,
+        checkpointing=checkpointing,
     )
     examples = steps * config.batch_size
     return {
+        "adapter": adapters.detach(trainable) if trainable is not model else None,
         "source": source,
         "steps": steps,
         "examples": examples,

@@ -93,10 +93,36 @@ def split(batch: Batch | dict[str, Batch], parts: int) -> list:
     return [{key: chunks[key][i] for key in batch} | whole for i in range(parts)]
 
 
-def weight_dtype(own: torch.dtype, precision: str) -> torch.dtype:
+def weight_dtype(own: torch.dtype, precision: str, trains: bool = True) -> torch.dtype:
     """The dtype a weight stored in ``own`` trains in, and so its AdamW state: bf16 for pure
-    bf16, else at least fp32 (bf16-mixed's master weights; a float64 weight stays float64)."""
+    bf16, else at least fp32 (bf16-mixed's master weights; a float64 weight stays float64).
+    A frozen weight (LoRA's base, a head-only edit's body) stays in ``own`` under bf16-mixed,
+    where autocast computes with it as it is: fp32 master copies are for updates."""
+    if not trains and precision == "bf16-mixed":
+        return own
     return torch.bfloat16 if precision == "bf16" else torch.promote_types(own, torch.float32)
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    """Switch non-reentrant gradient checkpointing on or off, under transformers 5's name
+    (activation checkpointing) where the model has it, else 4's."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+            model.activation_checkpointing_enable(**kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def check_checkpointing(model) -> None:
+    """Refuse gradient checkpointing for a model whose code does not support it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        name = type(model).__name__
+        raise ValueError(f"{name} does not support gradient checkpointing: leave it off")
 
 
 def fit(
@@ -111,6 +137,7 @@ def fit(
     progress: Callable[[int, int], None] | None = None,
     micro_batches: int = 1,
     precision: str = "fp32",
+    checkpointing: bool = False,
 ) -> list[float]:
     """AdamW on ``loss_fn(model, batch)`` for up to ``steps`` steps; returns the loss per step.
 
@@ -126,6 +153,9 @@ def fit(
     than half its bf16 spacing, so it rounds back. ``stop`` and ``progress`` see the weights in
     the training dtype; after training every parameter is back in its own dtype (a bf16
     checkpoint is saved as bf16).
+
+    ``checkpointing`` recomputes each block's activations in the backward pass (transformers'
+    gradient checkpointing, non-reentrant): the same gradients in less activation memory.
     """
     own = [(p, p.dtype) for p in model.parameters()]
     params = [p for p, _ in own if p.requires_grad]
@@ -136,9 +166,12 @@ def fit(
         enabled=precision == "bf16-mixed",
     )
     losses = []
+    if checkpointing:
+        check_checkpointing(model)
+        _set_checkpointing(model, True)
     try:
         for p, dtype in own:
-            p.data = p.data.to(weight_dtype(dtype, precision))
+            p.data = p.data.to(weight_dtype(dtype, precision, p.requires_grad))
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0
@@ -168,5 +201,7 @@ def fit(
     finally:
         for p, dtype in own:
             p.data = p.data.to(dtype)
+        if checkpointing:
+            _set_checkpointing(model, False)
     model.eval()
     return losses

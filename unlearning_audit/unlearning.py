@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import data, training
+from . import adapters, data, training
 from .config import UnlearnConfig
 from .data import IGNORE
 from .evaluation import default_metric, evaluate
@@ -93,11 +93,14 @@ def needs_reference(config: UnlearnConfig) -> bool:
     return config.method.startswith("NPO") or config.method.endswith("+KL")
 
 
-def make_reference(model, config: UnlearnConfig):
-    """A frozen copy of the original model where the method needs one, else None."""
+def make_reference(trainable, config: UnlearnConfig):
+    """The frozen original where the method needs one, else None: for a LoRA-wrapped model its
+    own base with the adapters disabled (no copy), else a frozen copy."""
     if not needs_reference(config):
         return None
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    if adapters.is_wrapped(trainable):
+        return adapters.Frozen(trainable)
+    return copy.deepcopy(trainable).eval().requires_grad_(False)
 
 
 def relabel(rows: list[dict], seed: int) -> list[dict]:
@@ -129,17 +132,22 @@ def unlearn(
     seed: int,
     progress: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
+    checkpointing: bool = False,
 ) -> dict:
-    """Unlearn ``sets['forget']`` from ``model`` in place; returns the training log.
+    """Unlearn ``sets['forget']`` from ``model`` in place; returns the training log, with the
+    trained LoRA adapter under ``adapter`` (adapters.Adapter; None for full training).
 
     With ``stop_at_forget_em`` set, training stops at collapse: at the first check where the
     forget score falls below it (exact match, or for long answers answer-token accuracy:
     evaluation.default_metric, where exact match would read 0 from the first check).
     ``progress(step, steps)`` follows the training loop. An unset learning rate is the model's
     default (training.default_lr). The model trains in ``precision`` (training.fit) and ends
-    in its own dtype; the frozen reference (NPO, KL) stays in that dtype.
+    in its own dtype; the frozen reference (NPO, KL) stays in that dtype. With ``lora_rank``
+    only an adapter trains and is merged into ``model`` afterwards; the reference is the same
+    weights with the adapter disabled. ``checkpointing``: gradient checkpointing (training.fit).
     """
-    reference = make_reference(model, config)
+    trainable = adapters.wrap(model, config.lora_rank)
+    reference = make_reference(trainable, config)
     forget_rows = relabel(sets["forget"], seed) if config.method == "RLabel" else sets["forget"]
     forget = data.shuffled_batches(forget_rows, config.batch_size, seed)
     retain = data.shuffled_batches(sets["retain"], config.batch_size, seed + 1)
@@ -163,7 +171,6 @@ def unlearn(
         checks.append({"step": step, f"forget_{stop_metric}": score})
         return score < config.stop_at_forget_em
 
-    trainable = _with_lora(model, config.lora_rank)
     if config.head_only:
         _freeze_body(model)
     loss = method_loss(config)
@@ -178,12 +185,13 @@ def unlearn(
         progress=progress,
         micro_batches=config.micro_batches,
         precision=precision,
+        checkpointing=checkpointing,
     )
-    if config.lora_rank:
-        trainable.merge_and_unload()
+    adapter = adapters.detach(trainable) if trainable is not model else None
     for p in model.parameters():
         p.requires_grad_(True)
     return {
+        "adapter": adapter,
         "steps": len(losses),
         "lr": lr,
         "precision": precision,
@@ -198,14 +206,3 @@ def _freeze_body(model) -> None:
     head = {id(p) for p in model.get_output_embeddings().parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in head)
-
-
-def _with_lora(model, rank: int | None):
-    """The model itself, or a peft LoRA wrapper on all its linear layers."""
-    if not rank:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(
-        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-    )
