@@ -32,8 +32,9 @@ CHROMIUM_FLAGS = (
 )
 
 
-def render_png(html: Path, png: Path, width: int = 1400, height: int = 6000) -> None:
-    """Screenshot ``html`` (a local file) into ``png`` at ``width`` x ``height`` CSS pixels."""
+def render_png(html: Path | str, png: Path, width: int = 1400, height: int = 6000) -> None:
+    """Screenshot ``html`` (a local file, or a URL) into ``png`` at ``width`` x ``height`` CSS
+    pixels."""
     chromium = shutil.which("chromium")
     if chromium is None:
         raise RuntimeError("chromium is not installed (Debian: apt-get install chromium)")
@@ -45,7 +46,7 @@ def render_png(html: Path, png: Path, width: int = 1400, height: int = 6000) -> 
                 f"--user-data-dir={profile}",
                 f"--screenshot={png.resolve()}",
                 f"--window-size={width},{height}",
-                html.resolve().as_uri(),
+                html.resolve().as_uri() if isinstance(html, Path) else html,
             ],
             check=True,
             capture_output=True,

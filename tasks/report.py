@@ -4,6 +4,7 @@ and the Prefect artifacts that show them in the UI."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from prefect import task
@@ -20,7 +21,7 @@ from tasks.evaluate import SCORES
 from tasks.metrics import TABLE
 from tasks.relearn import CURVE, read_curves
 from tasks.verdict import VERDICT, read_probes
-from unlearning_audit import plots, relearning, stats, study
+from unlearning_audit import plots, relearning, report_links, stats, study
 from unlearning_audit import report as report_mod
 from unlearning_audit.config import METRIC_NAMES, StudyParams
 from unlearning_audit.metrics import table
@@ -136,12 +137,13 @@ def publish(
     html_file: str = HTML,
 ) -> dict:
     """Show a stored report in Prefect: a table artifact of its rows, the Markdown, and a link
-    to the HTML report; return its rows and where the reports are."""
+    to the HTML report that a browser opens (report_links.report_link: the stack's report
+    server, a presigned S3 URL, or a local file); return its rows and where the reports are."""
     s = Store(store)
     rows = s.read_json(report_ref, table_file)
     location = stored_file(s, report_ref, report_file)
     html_location = stored_file(s, report_ref, html_file)
-    link = Path(html_location).as_uri() if s.local else html_location
+    link = report_links.report_link(s, report_ref, html_file, dict(os.environ))
     create_table_artifact(rows, key=f"{key}-verdict", description=f"Report at {location}")
     create_markdown_artifact(
         s.read_bytes(report_ref, report_file).decode(),

@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import time
+import urllib.request
 from uuid import UUID
 
 import pytest
+from matplotlib import image
 from prefect import get_client
+from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
@@ -36,6 +41,7 @@ from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
+from test_report import MIN_STD, _screenshot_module
 
 from flows.audit import audit_checkpoint
 from flows.dispatch import resolve, typed
@@ -70,8 +76,15 @@ def faults(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, faults):
-    """Server, `gpu` and `cpu` pools, the deployments of deployments/prefect.yaml, workers."""
+def store_url(tmp_path_factory) -> str:
+    """The store of the module's audits, whose reports the stack serves."""
+    return str(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, faults, store_url):
+    """Server, `gpu` and `cpu` pools, the deployments of deployments/prefect.yaml, workers, and
+    the read-only report server of the module's store."""
     env = {
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -82,7 +95,7 @@ def stack(tmp_path_factory, faults):
     }
     home = tmp_path_factory.mktemp("prefect-home")
     with (
-        LocalStack(port=_free_port(), gpus=0, home=home, env=env) as running,
+        LocalStack(port=_free_port(), gpus=0, home=home, env=env, store=store_url) as running,
         temporary_settings({PREFECT_API_URL: running.api_url}),
     ):
         yield running
@@ -95,12 +108,12 @@ def stack(tmp_path_factory, faults):
 
 
 @pytest.fixture(scope="module")
-def base(tiny, tmp_path_factory) -> AuditParams:
+def base(tiny, store_url) -> AuditParams:
     """The tiny audit: one GA run of 10 steps, relearning on the forget set under one seed; no
     control, Fisher or probes."""
     return AuditParams(
         embedded=tiny,
-        store=str(tmp_path_factory.mktemp("store")),
+        store=store_url,
         methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
         relearn=RelearnConfig(sources=["forget"], seeds=1),
         data=DataConfig(eval_max_rows=40),
@@ -263,6 +276,31 @@ def test_deployed_audit_completes_with_verdict_and_artifacts(clean):
     assert row["regime"] == verdict["regime"]
 
 
+def test_the_report_link_opens_over_http(clean, stack, tmp_path):
+    """The audit's HTML report link is the stack's report server (not a file:// URI a browser
+    refuses): fetched, it is the stored report; rendered in headless Chromium, it paints."""
+    with get_client(sync_client=True) as client:
+        (link,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[clean["run"].id]),
+                key=ArtifactFilterKey(any_=["audit-html"]),
+            )
+        )
+    url = link.data
+    assert url.startswith(f"{stack.reports_url}/report/"), url
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        served = answer.read()
+    key = url[len(stack.reports_url) + 1 :].rsplit("/", 1)[0]
+    store = Store(clean["params"].store)
+    ref = ArtifactRef(key=key, hash=store.manifest(key)["hash"])
+    assert served == store.read_bytes(ref, report_mod.REPORT_HTML)
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    shot = tmp_path / "report.png"
+    _screenshot_module().render_png(url, shot, 1000, 1400)
+    assert image.imread(shot)[..., :3].std() > MIN_STD
+
+
 def test_gpu_stages_ran_as_flow_runs_on_the_gpu_pool(clean):
     assert clean["run"].work_pool_name == "cpu"
     stages = clean["stages"]
@@ -335,3 +373,22 @@ def test_stage_flow_runs_only_stage_tasks():
     parameters = {"checkpoint": {"key": "k", "hash": "h"}, "max_rows": 3}
     typed_parameters = typed(resolve("tasks.evaluate:evaluate"), parameters)
     assert typed_parameters == {"checkpoint": ArtifactRef(key="k", hash="h"), "max_rows": 3}
+
+
+def test_a_restart_keeps_deployments_set_through_the_api(stack):
+    """What the docs tell a team to do in the UI (set the watch's source, switch its schedule
+    on) survives a restart's deploy step; a deployment deleted is registered again, alone."""
+    with get_client(sync_client=True) as client:
+        watch = client.read_deployment_by_name("watch/watch")
+        client.update_deployment(watch.id, DeploymentUpdate(parameters={"source": "s3://b/ckpts"}))
+        (schedule,) = watch.schedules
+        client.update_deployment_schedule(watch.id, schedule.id, active=True)
+        assert stack.deploy() == []  # what `unlearning-audit server` runs at each start
+        kept = client.read_deployment_by_name("watch/watch")
+        assert kept.parameters == {"source": "s3://b/ckpts"}
+        assert [s.active for s in kept.schedules] == [True]
+        client.delete_deployment(watch.id)
+        assert stack.deploy() == ["watch"]
+        again = client.read_deployment_by_name("watch/watch")
+        assert again.parameters == {"source": "checkpoints"}  # the file's, as on a first start
+        assert [s.active for s in again.schedules] == [False]

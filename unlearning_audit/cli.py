@@ -430,7 +430,16 @@ def cmd_server(args: argparse.Namespace) -> None:
     """Start a local Prefect server, work pools, workers and the deployments; Ctrl-C stops all."""
     from .server import LocalStack, serve
 
-    serve(LocalStack(port=args.port, gpus=args.gpus, home=args.home))
+    if args.store:
+        Store(args.store).check_readable()  # a mistyped store would serve nothing
+    stack = LocalStack(
+        port=args.port,
+        gpus=args.gpus,
+        home=args.home,
+        store=args.store,
+        reports_port=args.reports_port,
+    )
+    serve(stack)
 
 
 def _unescape(text: str) -> str:
@@ -747,6 +756,16 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default 4200)")
     server.add_argument("--gpus", type=int, help="GPU workers and GPU-stage limit (default: all)")
     server.add_argument("--home", type=Path, help="PREFECT_HOME (default: Prefect's own)")
+    server.add_argument(
+        "--store",
+        help="the store whose reports are served over HTTP (default: the default store)",
+    )
+    server.add_argument(
+        "--reports-port",
+        type=int,
+        default=4201,
+        help="port of the read-only report server (default 4201; 0: any free port)",
+    )
     server.set_defaults(func=cmd_server)
     for command in sub.choices.values():  # --debug after the command too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)

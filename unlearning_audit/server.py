@@ -17,9 +17,12 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from . import report_links
 from .runtime import PREFECT_ENV
+from .store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -46,7 +49,9 @@ class LocalStack:
     at a time) serve the `gpu` pool, whose concurrency limit is ``gpus`` too; with no GPU, one
     worker runs the GPU stages on the CPU; ``gpus`` defaults to the GPUs torch sees. ``env`` is
     added to every process's environment; ``home`` is PREFECT_HOME (the SQLite database, results
-    and logs), default Prefect's own.
+    and logs), default Prefect's own. The reports of ``store`` (default: the default store),
+    when local, are served read-only over HTTP on ``host:reports_port`` (0: a free port), and
+    the workers link report artifacts there (report_links).
     """
 
     port: int = 4200
@@ -54,8 +59,11 @@ class LocalStack:
     gpus: int | None = None
     home: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    store: str | None = None
+    reports_port: int = 0
     logs: Path = field(init=False)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    reports: ThreadingHTTPServer | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.gpus is None:
@@ -94,12 +102,32 @@ class LocalStack:
         self.stop()
 
     def start(self, timeout: float = 180) -> None:
-        """Server, pools, workers, then deployments; a failed step raises."""
+        """Server, report server, pools, workers, then the missing deployments; a failed step
+        raises."""
         self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
         self.wait_healthy(timeout)
+        self.serve_reports()
         self.create_pools()
         self.start_workers()  # they start while the deployments register
         self.deploy()
+
+    @property
+    def reports_url(self) -> str | None:
+        """Where the reports are served, once started (None for a remote store)."""
+        return f"http://{self.host}:{self.reports.server_port}" if self.reports else None
+
+    def serve_reports(self) -> None:
+        """Serve a local store's reports (a remote store's links are presigned) and tell every
+        process of the stack started from now on where."""
+        store = Store(self.store)
+        if not store.local:
+            return
+        self.reports = report_links.serve(store.url, self.host, self.reports_port)
+        self.env = {
+            **self.env,
+            report_links.URL_ENV: self.reports_url,
+            report_links.STORE_ENV: store.url,
+        }
 
     def _spawn(self, name: str, *args: str, **env: str) -> None:
         with open(self.logs / f"{name}.log", "wb") as log:  # the child keeps its own copy
@@ -156,13 +184,21 @@ class LocalStack:
                 except ObjectAlreadyExists:
                     client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limits[name]))
 
-    def deploy(self) -> None:
-        """Register every deployment of deployments/prefect.yaml (from the repository root)."""
+    def deploy(self) -> list[str]:
+        """Register the deployments of deployments/prefect.yaml that the server lacks (from the
+        repository root); return their names. A deployment the server has keeps everything set
+        through the UI or the API (parameters, schedules and whether they are active, ...): a
+        restart never undoes it. To reset one to the file, delete it and restart, or run
+        `prefect deploy` by hand."""
+        missing = [name for name in declared_deployments() if name not in self.deployments()]
+        if not missing:
+            return []
+        names = [arg for name in missing for arg in ("--name", name)]
         command = [
             _prefect(),
             "--no-prompt",
             "deploy",
-            "--all",
+            *names,
             "--prefect-file",
             str(PREFECT_YAML),
         ]
@@ -172,6 +208,14 @@ class LocalStack:
         (self.logs / "deploy.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
             raise RuntimeError(f"prefect deploy failed:\n{(done.stdout + done.stderr)[-4000:]}")
+        return missing
+
+    def deployments(self) -> set[str]:
+        """The names of the deployments the server has."""
+        from prefect.client.orchestration import SyncPrefectClient
+
+        with SyncPrefectClient(self.api_url) as client:
+            return {deployment.name for deployment in client.read_deployments()}
 
     def start_workers(self) -> None:
         """One `cpu` worker, and a `gpu` worker per GPU (one on a machine without GPUs)."""
@@ -195,6 +239,17 @@ class LocalStack:
         terminate(workers, grace)
         terminate([proc for name, proc in self.processes.items() if name == "server"], grace)
         self.processes.clear()
+        if self.reports is not None:
+            self.reports.shutdown()
+            self.reports.server_close()
+            self.reports = None
+
+
+def declared_deployments() -> list[str]:
+    """The deployment names deployments/prefect.yaml declares."""
+    import yaml
+
+    return [d["name"] for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]]
 
 
 def terminate(procs: list[subprocess.Popen], grace: float) -> None:
@@ -232,6 +287,8 @@ def serve(stack: LocalStack) -> None:
     try:
         with stack:
             print(f"Prefect UI: {stack.ui_url}  (API {stack.api_url}; logs in {stack.logs})")
+            if stack.reports_url:
+                print(f"reports of {stack.store or 'the default store'}: {stack.reports_url}")
             print("work pools: gpu, cpu; deployments from deployments/prefect.yaml. Ctrl-C stops.")
             while stack.running():
                 time.sleep(1)

@@ -1,0 +1,115 @@
+"""Links to stored reports that a browser opens: a read-only HTTP server for a local store's
+reports, and presigned URLs for an S3 store.
+
+A browser refuses a ``file://`` link from a web page (the Prefect UI's artifacts), and the file
+exists on one machine only. `unlearning-audit server` serves the reports of its store over HTTP
+and tells its workers where ($UNLEARNING_AUDIT_REPORT_URL for the store in
+$UNLEARNING_AUDIT_REPORT_STORE); a report on an S3 store links to a presigned URL, valid for a
+week. The server answers GET and HEAD for ``/<stage>/<digest>/<file>`` of the report and study
+stages only, and only for a file the artifact's verified manifest names: no listing, no other
+artifact (checkpoints, data), nothing outside the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .store import ArtifactRef, CorruptArtifact, Store, check_key
+
+URL_ENV = "UNLEARNING_AUDIT_REPORT_URL"
+STORE_ENV = "UNLEARNING_AUDIT_REPORT_STORE"
+SERVED_STAGES = ("report", "study")
+PRESIGNED_SECONDS = 7 * 24 * 3600  # S3's longest presigned URL (signature version 4)
+
+
+def report_link(store: Store, ref: ArtifactRef, name: str, environ: dict[str, str]) -> str:
+    """A URL of one file of a stored report that a browser opens: the report server's where it
+    serves ``store`` (``environ`` names it), a presigned URL on S3, else a ``file://`` URI (a
+    local run, read on this machine)."""
+    data = store.manifest(ref.key)["data"]
+    if store.local and environ.get(URL_ENV) and _same_store(environ.get(STORE_ENV), store):
+        return f"{environ[URL_ENV].rstrip('/')}/{ref.key}/{name}"
+    if store.local:
+        return Path(store.root, ref.key, data, name).resolve().as_uri()
+    path = f"{store.root.rstrip('/')}/{ref.key}/{data}/{name}"
+    try:
+        return store.fs.sign(path, expiration=PRESIGNED_SECONDS)
+    except NotImplementedError:  # a filesystem that cannot sign: its own URL
+        return f"{store.url.rstrip('/')}/{ref.key}/{data}/{name}"
+
+
+def _same_store(served: str | None, store: Store) -> bool:
+    """Whether the served store is ``store``'s folder (however either URL names it)."""
+    if not served:
+        return False
+    other = Store(served)
+    return other.local and Path(other.root).resolve() == Path(store.root).resolve()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET and HEAD of a stored report's files (see the module docstring)."""
+
+    store_url: str  # set on the subclass serve() makes
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
+        found = self._file()
+        if found is None:
+            self.send_error(HTTPStatus.NOT_FOUND, "no such report file")
+            return
+        name, content = found
+        kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        self.send_response(HTTPStatus.OK)
+        self.send_header(
+            "Content-Type", kind + ("; charset=utf-8" if kind.startswith("text") else "")
+        )
+        self.send_header("Content-Length", str(len(content)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if body:
+            self.wfile.write(content)
+
+    def _file(self) -> tuple[str, bytes] | None:
+        """The name and bytes of the stored file the request names, its artifact verified and
+        the bytes read checked against its manifest; None for anything else."""
+        parts = self.path.split("?", 1)[0].strip("/").split("/")
+        if len(parts) != 3 or parts[0] not in SERVED_STAGES:
+            return None
+        key, name = "/".join(parts[:2]), parts[2]
+        store = Store(self.store_url)  # verified afresh: a file changed since is refused
+        try:
+            check_key(key)
+            ref = store.get(key)
+            entry = store.manifest(key)["files"].get(name) if ref is not None else None
+            if entry is None:
+                return None
+            content = (store.local_dir(ref) / name).read_bytes()
+        except (ValueError, CorruptArtifact, OSError):
+            return None
+        return (name, content) if hashlib.sha256(content).hexdigest() == entry["sha256"] else None
+
+    def log_message(self, format: str, *args) -> None:
+        """Quiet: a browser's requests are not the stack's news."""
+
+
+def serve(store_url: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """Serve the reports of the local store at ``store_url`` on ``host:port`` (0: a free port)
+    from a daemon thread; ``shutdown()`` stops it. A remote store needs no server (presigned
+    URLs), so it is refused."""
+    store = Store(store_url)
+    if not store.local:
+        raise ValueError(f"{store.url}: only a local store's reports are served over HTTP")
+    handler = type("ReportHandler", (_Handler,), {"store_url": store.url})
+    server = ThreadingHTTPServer((host, port), handler)
+    threading.Thread(target=server.serve_forever, name="report-server", daemon=True).start()
+    return server
