@@ -144,7 +144,11 @@ def publish(
     location = stored_file(s, report_ref, report_file)
     html_location = stored_file(s, report_ref, html_file)
     link = report_links.report_link(s, report_ref, html_file, dict(os.environ))
-    create_table_artifact(rows, key=f"{key}-verdict", description=f"Report at {location}")
+    create_table_artifact(
+        [report_mod.summary_cells(row) for row in rows],
+        key=f"{key}-verdict",
+        description=f"Report at {location}",
+    )
     create_markdown_artifact(
         s.read_bytes(report_ref, report_file).decode(),
         key=f"{key}-report",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import json
 import re
 import shutil
 from html import escape
@@ -37,6 +38,7 @@ from unlearning_audit.report import (
     two_decimals,
 )
 from unlearning_audit.store import ArtifactRef, Store
+from unlearning_audit.verdict import REGIMES
 
 # recovery curves, CKA, PCA similarity, PCA shift, Fisher, linear probes, weight change
 EXPECTED_FIGURES = 7
@@ -111,6 +113,10 @@ def test_prefect_artifacts_verdict_link_and_progress(audit):
         }
     keyed = {a.key: a for a in artifacts if a.key}
     assert {"audit-verdict", "audit-report", "audit-html"} <= set(keyed)
+    (row,) = json.loads(keyed["audit-verdict"].data)
+    assert next(iter(row)) == "regime" and row["regime"] in REGIMES  # leads with the regime
+    values = " ".join(v for k, v in row.items() if k not in ("run", "headline"))
+    assert not re.search(r"\d\.\d{4}", values), row  # rounded, no raw floats
     (url,) = re.findall(r"\((file://[^)]+)\)", keyed["audit-html"].data)
     assert url == Path(state.result()["html_file"]).as_uri()
     done = {a.task_run_id: a.data for a in artifacts if a.type == "progress"}

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ValidationError
 from .config import (
     DEFAULT_METHODS,
     METHODS,
-    METRIC_NAMES,
     AuditParams,
     DataConfig,
     Metric,
@@ -34,7 +33,7 @@ from .config import (
 )
 from .interrupts import start_cli
 from .local_prefect import LocalAPI
-from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, advantage_cell, format_p, two_decimals
+from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, summary_cells
 from .runtime import PREFECT_ENV
 from .store import (
     ArtifactRef,
@@ -62,27 +61,10 @@ def _prefect_env(*preload: str) -> LocalAPI:
 def format_table(rows: list[dict]) -> str:
     """The summary table: one line per unlearning run (with its domain in a study), scores in
     the verdict's metric, the advantage over the control with its interval on the look the
-    regime rests on, and the regime."""
-    study = bool(rows) and "domain" in rows[0]
-    metric = rows[0]["metric"] if rows else "exact_match"
-    header = ["run", f"forget {METRIC_NAMES[metric]} (orig/unl/rel)", "retain (orig/unl)"]
-    header += ["advantage [interval] (look)", "p", "mean CKA", "regime"]
-    header = (["domain"] if study else []) + header
-    lines = []
-    for r in rows:
-        line = [
-            r["label"],
-            " / ".join(
-                two_decimals(r[k])
-                for k in ("forget_original", "forget_unlearned", "forget_relearned")
-            ),
-            f"{two_decimals(r['retain_original'])} / {two_decimals(r['retain_unlearned'])}",
-            advantage_cell(r),
-            format_p(r["p"]),
-            f"{r['mean_cka']:.3f}",
-            r["regime"],
-        ]
-        lines.append(([r["domain"]] if study else []) + line)
+    regime rests on, and the regime (report.summary_cells, the regime last)."""
+    cells = [summary_cells(r) for r in rows]  # an audit has at least one run
+    header = [k for k in cells[0] if k not in ("regime", "headline")] + ["regime"]
+    lines = [[c[k] for k in header] for c in cells]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(

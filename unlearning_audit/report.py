@@ -277,6 +277,27 @@ def _verdict_table(runs: list[dict], metric: str) -> tuple[list[str], list[list]
     return header, rows
 
 
+def summary_cells(row: dict) -> dict[str, str]:
+    """One summary row (summary_row's keys) as the cells of a table, formatted, led by the
+    regime: what the Prefect verdict artifact shows, and the CLI's table in its own order
+    (scores to two decimals, the advantage with its interval and look, p as format_p)."""
+    cells = {"regime": row["regime"]}
+    cells |= {"domain": row["domain"]} if "domain" in row else {}
+    scores = ("forget_original", "forget_unlearned", "forget_relearned")
+    return cells | {
+        "run": row["label"],
+        f"forget {METRIC_NAMES[row['metric']]} (orig/unl/rel)": " / ".join(
+            two_decimals(row[k]) for k in scores
+        ),
+        "retain (orig/unl)": f"{two_decimals(row['retain_original'])} / "
+        f"{two_decimals(row['retain_unlearned'])}",
+        "advantage [interval] (look)": advantage_cell(row),
+        "p": format_p(row["p"]),
+        "mean CKA": f"{row['mean_cka']:.3f}",
+        "headline": row["headline"],
+    }
+
+
 def advantage_cell(row: dict) -> str:
     """ "+0.21 [+0.12, +0.30] (heldout)", or n/a where no look was judged."""
     if row["advantage"] is None:
