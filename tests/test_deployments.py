@@ -34,6 +34,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
@@ -47,6 +49,7 @@ from flows.audit import audit_checkpoint
 from flows.dispatch import resolve, typed
 from tasks._stage import StageRunFailed, gpu_options
 from tasks.verdict import VERDICT
+from unlearning_audit import automations
 from unlearning_audit import report as report_mod
 from unlearning_audit.config import AuditParams, DataConfig, RelearnConfig, UnlearnConfig
 from unlearning_audit.server import LocalStack
@@ -286,7 +289,7 @@ def test_the_report_link_opens_over_http(clean, stack, tmp_path):
                 key=ArtifactFilterKey(any_=["audit-html"]),
             )
         )
-    url = link.data
+    (url,) = re.findall(r"\((http://[^)]+)\)", link.data)  # a Markdown link
     assert url.startswith(f"{stack.reports_url}/report/"), url
     with urllib.request.urlopen(url, timeout=30) as answer:
         served = answer.read()
@@ -392,3 +395,52 @@ def test_a_restart_keeps_deployments_set_through_the_api(stack):
         again = client.read_deployment_by_name("watch/watch")
         assert again.parameters == {"source": "checkpoints"}  # the file's, as on a first start
         assert [s.active for s in again.schedules] == [False]
+
+
+def test_the_shipped_automations_exist(stack):
+    with get_client(sync_client=True) as client:
+        for name in (automations.ZOMBIE, automations.FAILED):
+            assert client.read_automations_by_name(name), name
+        audit = client.read_deployment_by_name("audit-checkpoint/audit")
+    assert audit.concurrency_limit == 1  # the gpu pool's limit on a machine without GPUs
+
+
+def test_a_failed_audit_is_notified(failed, stack):
+    """The failed audit's notification reaches the stack's listener (no --notify-url)."""
+    log = stack.logs / "notifications.log"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if log.exists() and failed["run"].name in log.read_text():
+            break
+        time.sleep(1)
+    text = log.read_text() if log.exists() else ""
+    assert f"audit {failed['run'].name} ended Failed" in text, text
+
+
+def test_a_stack_stopped_mid_stage_restarts_with_no_run_left_running(stack, clean, base):
+    """Stopped while a GPU stage runs, the stack marks the audit and its stage Crashed (so the
+    UI offers Retry and the pool slot frees); restarted, nothing is left Running or Pending and
+    a new audit runs at once."""
+    interrupted = run_deployment(
+        "audit-checkpoint/audit",
+        parameters={"params": _relearning_at(base, 4e-3).model_dump(mode="json")},
+        timeout=0,
+    )
+    deadline = time.monotonic() + 300
+    while not any(s.state.is_running() for s in _stage_runs(interrupted.id)):
+        assert time.monotonic() < deadline, "no stage started running"
+        time.sleep(0.5)
+    stack.stop()
+    stack.start()
+    live = FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING])
+    with get_client(sync_client=True) as client:
+        left = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=live))
+        )
+        assert left == [], [(r.name, r.state.name) for r in left]
+        assert client.read_flow_run(interrupted.id).state.is_crashed()
+    assert any(s.state.is_crashed() for s in _stage_runs(interrupted.id))
+    start = time.perf_counter()
+    again = _deployed_audit(clean["params"])  # every stage stored: starts and ends at once
+    assert again.state.is_completed(), again.state.message
+    assert time.perf_counter() - start < 120

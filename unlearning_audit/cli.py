@@ -420,6 +420,8 @@ def cmd_server(args: argparse.Namespace) -> None:
         home=args.home,
         store=args.store,
         reports_port=args.reports_port,
+        notify_url=args.notify_url,
+        audit_limit=args.audit_limit,
     )
     serve(stack)
 
@@ -747,6 +749,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4201,
         help="port of the read-only report server (default 4201; 0: any free port)",
+    )
+    server.add_argument(
+        "--notify-url",
+        help="webhook a failed audit is notified to (JSON {'text': ...}: Slack and most chat "
+        "tools); default: printed here and logged",
+    )
+    server.add_argument(
+        "--audit-limit",
+        type=int,
+        help="audits that run at once (default: the gpu pool's limit), set when the audit "
+        "deployment is first registered",
     )
     server.set_defaults(func=cmd_server)
     for command in sub.choices.values():  # --debug after the command too

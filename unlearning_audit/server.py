@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from . import report_links
+from . import automations, report_links
 from .runtime import PREFECT_ENV
 from .store import Store
 
@@ -33,6 +33,8 @@ DEFAULT_ENV = {
     **PREFECT_ENV,
     "PREFECT_WORKER_QUERY_SECONDS": "2",
     "UNLEARNING_AUDIT_DISPATCH_POLL": "1",
+    # flow runs send heartbeats, so the silent-run automation can mark dead ones Crashed
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(automations.HEARTBEAT_SECONDS),
 }
 
 
@@ -51,7 +53,10 @@ class LocalStack:
     added to every process's environment; ``home`` is PREFECT_HOME (the SQLite database, results
     and logs), default Prefect's own. The reports of ``store`` (default: the default store),
     when local, are served read-only over HTTP on ``host:reports_port`` (0: a free port), and
-    the workers link report artifacts there (report_links).
+    the workers link report artifacts there (report_links). A failed audit is notified to
+    ``notify_url``, else on this process's console (automations). At most ``audit_limit``
+    audits run at once (default: the gpu pool's limit), set when the `audit` deployment is
+    registered.
     """
 
     port: int = 4200
@@ -61,9 +66,12 @@ class LocalStack:
     env: dict[str, str] = field(default_factory=dict)
     store: str | None = None
     reports_port: int = 0
+    notify_url: str | None = None
+    audit_limit: int | None = None
     logs: Path = field(init=False)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     reports: ThreadingHTTPServer | None = field(default=None, init=False)
+    listener: ThreadingHTTPServer | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.gpus is None:
@@ -106,10 +114,13 @@ class LocalStack:
         raises."""
         self._spawn("server", "server", "start", "--host", self.host, "--port", str(self.port))
         self.wait_healthy(timeout)
+        self.crash_orphans()  # runs left by a stack that was killed outright
         self.serve_reports()
         self.create_pools()
+        self.create_automations()
         self.start_workers()  # they start while the deployments register
-        self.deploy()
+        if "audit" in self.deploy():
+            self.limit_audits()
 
     @property
     def reports_url(self) -> str | None:
@@ -234,15 +245,64 @@ class LocalStack:
         return all(proc.poll() is None for proc in self.processes.values())
 
     def stop(self, grace: float = 15) -> None:
-        """Stop the workers together, then the server (see ``terminate``)."""
+        """Stop the workers together (their flow runs with them), mark the runs they left
+        Crashed, then stop the server (see ``terminate``) and the report and notification
+        servers."""
         workers = [proc for name, proc in self.processes.items() if name != "server"]
         terminate(workers, grace)
+        server = self.processes.get("server")
+        if server is not None and server.poll() is None:
+            self.crash_orphans()
         terminate([proc for name, proc in self.processes.items() if name == "server"], grace)
         self.processes.clear()
-        if self.reports is not None:
-            self.reports.shutdown()
-            self.reports.server_close()
-            self.reports = None
+        for http in (self.reports, self.listener):
+            if http is not None:
+                http.shutdown()
+                http.server_close()
+        self.reports = self.listener = None
+
+    def crash_orphans(self) -> list[str]:
+        """Mark Crashed every flow run the server holds as Pending, Running or Cancelling: with
+        the stack's workers stopped (or never started since a restart), no process runs them.
+        Crashed frees their pool and deployment slots, and the UI offers Retry, which resumes
+        at the first stage not stored. Returns their names."""
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Crashed
+
+        live = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+        state = FlowRunFilterState(type=FlowRunFilterStateType(any_=live))
+        message = "the stack stopped while this run was in flight; retry it to resume"
+        with SyncPrefectClient(self.api_url) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=state))
+            for run in runs:
+                client.set_flow_run_state(run.id, Crashed(message=message))
+        return [run.name for run in runs]
+
+    def create_automations(self) -> None:
+        """The shipped automations (automations.py); notifications go to ``notify_url``, else
+        to a listener printing them here and logging them to ``notifications.log``."""
+        target = self.notify_url
+        if target is None:
+            self.listener = automations.listen(self.logs / "notifications.log", self.host)
+            target = f"http://{self.host}:{self.listener.server_port}/"
+        automations.ensure(self.api_url, target)
+
+    def limit_audits(self) -> None:
+        """At most ``audit_limit`` audit runs at once (default: the gpu pool's limit); set on
+        the `audit` deployment when it is registered, a value changed in the UI kept after."""
+        from prefect.client.orchestration import SyncPrefectClient
+        from prefect.client.schemas.actions import DeploymentUpdate
+
+        limit = self.audit_limit or max(self.gpus, 1)
+        with SyncPrefectClient(self.api_url) as client:
+            audit = client.read_deployment_by_name("audit-checkpoint/audit")
+            client.update_deployment(audit.id, DeploymentUpdate(concurrency_limit=limit))
 
 
 def declared_deployments() -> list[str]:
