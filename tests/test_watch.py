@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import archs
 import fsspec
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.filters import (
+    ArtifactCollectionFilter,
+    ArtifactCollectionFilterKey,
+    DeploymentFilter,
+    DeploymentFilterId,
+)
 from prefect.deployments import run_deployment
+from prefect.states import Crashed, Failed, Pending, Running
 
 from flows.watch import audit_key, list_checkpoints, watch
-from unlearning_audit.config import AuditParams
+from unlearning_audit.config import AuditParams, DataConfig, UnlearnConfig
 
 
 def _checkpoint(folder: Path, weights: bytes = b"w") -> Path:
@@ -82,11 +91,13 @@ def test_unknown_source_is_an_error():
 
 @pytest.fixture
 def audit_deployment(prefect_server) -> str:
-    """An `audit` deployment with no work pool: its runs are created and wait, never run."""
+    """An `audit` deployment of its own (the server is the session's) with no work pool: its
+    runs are created and wait, never run."""
+    name = f"watched-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow_from_name("audit-checkpoint")
-        client.create_deployment(flow_id=flow_id, name="watched", enforce_parameter_schema=False)
-    return "audit-checkpoint/watched"
+        client.create_deployment(flow_id=flow_id, name=name, enforce_parameter_schema=False)
+    return f"audit-checkpoint/{name}"
 
 
 def _audits(name: str) -> list:
@@ -97,21 +108,89 @@ def _audits(name: str) -> list:
         )
 
 
-def test_two_watch_runs_start_each_audit_once(audit_deployment, tmp_path):
-    a, b = _checkpoint(tmp_path / "a"), _checkpoint(tmp_path / "b")
-    params = AuditParams(name="watched")
-    first = watch(str(tmp_path), params=params, deployment=audit_deployment)
-    second = watch(str(tmp_path), params=params, deployment=audit_deployment)
+def _real_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama checkpoint an audit can start from (preflight reads and renders it)."""
+    tok = archs.tokenizer(["Who wrote Q0?", "Who wrote R?", "A", "B"])
+    return archs.save(archs.model("llama", tok, seed), tok, folder)
+
+
+@pytest.fixture
+def template(data_files, tmp_path) -> AuditParams:
+    """A valid audit template for a user checkpoint: data, a method, a store."""
+    return AuditParams(
+        name="watched",
+        data=DataConfig(forget=data_files["forget"], retain=data_files["retain"]),
+        methods=[UnlearnConfig(method="GA", lr=1e-5, steps=1)],
+        store=str(tmp_path / "store"),
+    )
+
+
+def test_two_watch_runs_start_each_audit_once(audit_deployment, template, tmp_path):
+    source = tmp_path / "checkpoints"
+    a, b = _real_checkpoint(source / "a"), _real_checkpoint(source / "b", 1)
+    first = watch(str(source), params=template, deployment=audit_deployment)
+    second = watch(str(source), params=template, deployment=audit_deployment)
     runs = _audits(audit_deployment)
     assert len(first) == 2 and second == []
     assert len(runs) == 2
     assert {r.parameters["params"]["original"] for r in runs} == {str(a), str(b)}
     assert {r.idempotency_key for r in runs} == {s["key"] for s in first}
+    assert {s["action"] for s in first} == {"started"}
     # two watch runs at once both try to start it: the key makes it the same run
     again = run_deployment(audit_deployment, idempotency_key=first[0]["key"], timeout=0)
     assert str(again.id) == first[0]["flow_run"]
 
-    c = _checkpoint(tmp_path / "c")
-    (third,) = watch(str(tmp_path), params=params, deployment=audit_deployment)
+    c = _real_checkpoint(source / "c", 2)
+    (third,) = watch(str(source), params=template, deployment=audit_deployment)
     assert third["checkpoint"] == str(c)
     assert len(_audits(audit_deployment)) == 3
+
+
+def test_an_invalid_template_fails_the_watch_and_starts_nothing(audit_deployment, tmp_path):
+    """The default template has no data for a user checkpoint: every audit would fail at once,
+    so none starts and the watch run fails, naming the problem per checkpoint."""
+    source = tmp_path / "checkpoints"
+    _real_checkpoint(source / "a")
+    state = watch(
+        str(source),
+        params=AuditParams(store=str(tmp_path / "store")),
+        deployment=audit_deployment,
+        return_state=True,
+    )
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "1 audit(s) not started" in message
+    assert "needs forget and retain sources" in message
+    assert _audits(audit_deployment) == []
+
+
+def test_failed_audits_are_retried_up_to_a_limit(audit_deployment, template, tmp_path):
+    """A failed audit is retried (AwaitingRetry, as the UI's Retry), a crashed one too; one
+    that ran more than max_retries times is left alone. The watch's table artifact links each
+    audit it started or retried."""
+    source = tmp_path / "checkpoints"
+    _real_checkpoint(source / "a")
+    (started,) = watch(str(source), params=template, deployment=audit_deployment)
+    with get_client(sync_client=True) as client:
+        for state in (Pending(), Running(), Failed(message="a stage failed")):
+            client.set_flow_run_state(started["flow_run"], state)
+    (retried,) = watch(str(source), params=template, deployment=audit_deployment)
+    assert (retried["action"], retried["flow_run"]) == ("retried", started["flow_run"])
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(started["flow_run"])
+        assert run.state.name == "AwaitingRetry"
+        for state in (Pending(), Running(), Crashed(message="worker lost")):
+            client.set_flow_run_state(run.id, state)
+        assert client.read_flow_run(run.id).run_count == 2
+    assert watch(str(source), params=template, deployment=audit_deployment, max_retries=1) == []
+    state = watch(str(source), params=template, deployment=audit_deployment, return_state=True)
+    (again,) = state.result()
+    assert again["action"] == "retried"
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(
+                key=ArtifactCollectionFilterKey(any_=["watch"])
+            )
+        )[0]
+    (row,) = json.loads(artifact.data)
+    assert row["flow_run"] == started["flow_run"] and row["flow_run"] in row["link"]

@@ -96,6 +96,7 @@ def ensure(api_url: str, notify_url: str) -> list[str]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     block = CustomWebhookNotificationBlock(
+        name="unlearning-audit",
         url=notify_url,
         json_data={"text": "{{subject}}\n{{body}}"},
         allow_private_urls=True,  # the stack's own listener is on 127.0.0.1
