@@ -245,6 +245,21 @@ def test_pools_deployments_and_run_form(stack):
     assert default["methods"]  # a default_factory field gets its value in the form too
     fields = schema["definitions"]["AuditParams"]["properties"]
     assert fields["original"]["default"] == "embedded" and fields["original"]["description"]
+    undescribed = [
+        f"{name}.{field}"
+        for name, definition in schema["definitions"].items()
+        for field, spec in definition.get("properties", {}).items()
+        if not spec.get("description")
+    ]
+    assert undescribed == []  # every field of the run form says what it is
+    method = schema["definitions"]["UnlearnConfig"]["properties"]["method"]
+    assert method["enum"] == ["GA", "GA+GD", "GA+KL", "NPO", "NPO+KL", "RLabel"]  # a choice
+    assert fields["device"]["examples"][0] == "auto" and fields["device"]["pattern"]
+    # the server checks a run's parameters against the form's schema: an unknown method or
+    # device is refused when the run is created, not on a worker
+    for bad in ({"methods": [{"method": "GAX"}]}, {"device": "tpu"}):
+        with pytest.raises(Exception, match=r"(?i)validation"):
+            run_deployment("audit-checkpoint/audit", parameters={"params": bad}, timeout=0)
 
 
 def test_deployed_audit_completes_with_verdict_and_artifacts(clean):

@@ -12,10 +12,12 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PositiveInt,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -44,8 +46,35 @@ def _known_device(value: str) -> str:
     return value
 
 
-Device = Annotated[str, AfterValidator(_known_device)]
+Device = Annotated[
+    str,
+    AfterValidator(_known_device),
+    # the pattern and examples are the run form's: it refuses an unknown device before a run
+    # starts, and offers the usual ones
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": f"^({DEVICE.pattern})$",
+            "examples": ["auto", "cpu", "cuda", "cuda:0", "mps"],
+        }
+    ),
+]
 """A device torch knows: auto, cpu, mps, cuda or cuda:N."""
+
+
+def _canonical_method(value: object) -> object:
+    """A method name as METHODS spells it, whatever its case, with _ for + (``npo_kl``)."""
+    if not isinstance(value, str):
+        return value
+    names = {m.lower(): m for m in METHODS}
+    canonical = names.get(value.strip().lower().replace("_", "+"))
+    if canonical is None:
+        raise ValueError(f"unknown method {value!r}; known methods: {', '.join(METHODS)}")
+    return canonical
+
+
+Method = Annotated[Literal[METHODS], BeforeValidator(_canonical_method)]
+"""An unlearning method: a choice in the run form, read in any case (``npo+kl``, ``NPO_KL``)."""
 
 
 def _no_credentials(value: str, info: ValidationInfo) -> str:
@@ -71,13 +100,13 @@ class EmbeddedConfig(_Config):
     operands: PositiveInt = Field(24, description="Left operands (math domain), 5 sums each.")
     forget_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each domain to forget.")
     vocab_size: PositiveInt = Field(1024, description="BPE vocabulary size.")
-    hidden_size: PositiveInt = 128
-    intermediate_size: PositiveInt = 352
+    hidden_size: PositiveInt = Field(128, description="Width of the residual stream.")
+    intermediate_size: PositiveInt = Field(352, description="Width of each block's MLP.")
     layers: PositiveInt = Field(4, description="Decoder blocks.")
-    heads: PositiveInt = 4
+    heads: PositiveInt = Field(4, description="Attention heads per block.")
     lr: Rate = Field(2e-3, description="Pretraining learning rate.")
     warmup: int = Field(50, ge=0, description="Pretraining warm-up steps.")
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = Field(64, description="Pretraining rows per step.")
     max_steps: Steps = Field(2000, description="Give up (error) past this many steps.")
     eval_every: PositiveInt = Field(50, description="Steps between checks of the targets.")
     target_exact_match: float = Field(0.85, ge=0, le=1, description="Stop once forget EM >= it.")
@@ -119,8 +148,8 @@ class DataConfig(_Config):
         "sets forget, retain (the split's) and group (authors: every 20 rows).",
     )
     tofu_split: TofuSplit = Field("forget10", description="TOFU's forget split (with tofu).")
-    question_column: str = "question"
-    answer_column: str = "answer"
+    question_column: str = Field("question", description="The rows' question field.")
+    answer_column: str = Field("answer", description="The rows' answer field.")
     group: str | None = Field(
         None,
         description="External data: the column grouping facts (an author, a topic), or "
@@ -198,7 +227,7 @@ class _Batched(_Config):
 class UnlearnConfig(_Batched):
     """One unlearning run: a method and its hyperparameters."""
 
-    method: str = Field("GA", description=f"One of {', '.join(METHODS)}.")
+    method: Method = Field("GA", description="The unlearning method (DESIGN.md).")
     lr: Rate | None = Field(None, description=LR)
     steps: Steps = Field(60, description="Optimiser steps (upper bound with early stop).")
     batch_size: PositiveInt = Field(16, description="Forget (and retain) rows per step.")
@@ -219,15 +248,6 @@ class UnlearnConfig(_Batched):
         description="Train the LM head alone, the body frozen: a shallow edit that hides the "
         "answers and keeps the knowledge (the known-reversible calibration audit).",
     )
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        names = {m.lower(): m for m in METHODS}
-        canonical = names.get(value.strip().lower().replace("_", "+"))
-        if canonical is None:
-            raise ValueError(f"unknown method {value!r}; known methods: {', '.join(METHODS)}")
-        return canonical
 
     @property
     def label(self) -> str:
@@ -266,7 +286,7 @@ class RelearnConfig(_Batched):
         return list(dict.fromkeys(value))
 
     lr: Rate | None = Field(None, description=LR)
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = Field(8, description="Rows per relearning step.")
     micro_batches: MicroBatches = 1
     lora_rank: int | None = Field(
         None,
@@ -388,10 +408,20 @@ class AuditParams(_Config):
     methods: list[UnlearnConfig] = Field(
         default_factory=lambda: list(DEFAULT_METHODS), description="Unlearning runs."
     )
-    data: DataConfig = Field(default_factory=DataConfig)
-    relearn: RelearnConfig = Field(default_factory=RelearnConfig)
-    thresholds: Thresholds = Field(default_factory=Thresholds)
-    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="The facts: forget, retain and unrelated sets, and their prompt format.",
+    )
+    relearn: RelearnConfig = Field(
+        default_factory=RelearnConfig, description="The relearning attack."
+    )
+    thresholds: Thresholds = Field(
+        default_factory=Thresholds, description="The verdict's metric, thresholds and statistics."
+    )
+    embedded: EmbeddedConfig = Field(
+        default_factory=EmbeddedConfig,
+        description="The built-in tiny model (used when original is `embedded`).",
+    )
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         min_length=1,
