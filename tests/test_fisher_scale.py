@@ -83,9 +83,10 @@ def test_one_sample_out_of_memory_says_what_one_sample_needs() -> None:
         fisher_diagonal(limited(model, 0), batches(), layers=[2], passes=SamplesPerPass(4))
     assert raised.value.parameters == chosen and raised.value.bytes == 8 * chosen
     assert f"the chosen layers hold {chosen:,} parameters" in str(raised.value)
-    assert f"about {8 * chosen / 2**30:.2f} GiB per sample (parameters x 4 bytes x 2)" in str(
+    assert f"about {8 * chosen / 2**20:.2f} MiB per sample (parameters x 4 bytes x 2)" in str(
         raised.value
     )
+    assert "about 52.15 GiB per sample" in str(SampleDoesNotFit(7 * 10**9))  # a 7B model's
 
 
 # -- the stage: layers in the key, batch size not; the fallback's manifest; skipping --------
@@ -179,7 +180,7 @@ def test_one_sample_out_of_memory_is_a_skipped_artifact_with_the_reason(stages) 
     reason = store.manifest(ref.key)["meta"]["skipped"]
     model, *_ = load_inputs(store, stages["plain"], stages["data"], "cpu")
     embedding = model.get_input_embeddings().weight.numel()
-    assert f"about {bytes_per_sample(embedding) / 2**30:.2f} GiB per sample" in reason
+    assert f"about {bytes_per_sample(embedding) / 2**20:.2f} MiB per sample" in reason
     for setting in ("--fisher-layers", "--gpus", "--no-fisher"):
         assert setting in reason
     audit = {"fisher": {"layers": [0]}}

@@ -66,10 +66,15 @@ class SampleDoesNotFit(RuntimeError):
     def __init__(self, parameters: int):
         self.parameters = parameters
         self.bytes = bytes_per_sample(parameters)
+        size = (
+            f"{self.bytes / 2**30:.2f} GiB"
+            if self.bytes >= 2**30
+            else f"{self.bytes / 2**20:.2f} MiB"
+        )
         super().__init__(
             f"one sample's per-sample gradients do not fit in memory: the chosen layers hold "
-            f"{parameters:,} parameters, about {self.bytes / 2**30:.2f} GiB per sample "
-            "(parameters x 4 bytes x 2), beside the model and the float32 sums"
+            f"{parameters:,} parameters, about {size} per sample (parameters x 4 bytes x 2), "
+            "beside the model and the float32 sums"
         )
 
 
