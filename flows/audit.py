@@ -85,6 +85,33 @@ def _relearn_all(
     }
 
 
+def _fisher(
+    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, model: str
+) -> dict:
+    """One checkpoint's Fisher as the metrics and the report read it: ``ref``, its artifact
+    (None with the Fisher off, or where the stage failed after its retries), and on a failure
+    ``failed``, why. A failed Fisher does not stop the audit: it goes on without the Fisher of
+    this ``model``, with a warning, and the report says so."""
+    if not params.fisher:
+        return {"ref": None}
+    state = fisher(
+        store,
+        checkpoint,
+        data_ref,
+        layers=params.fisher_layers,
+        batch_size=params.fisher_batch_size,
+        device=params.device,
+        trust_remote_code=params.trust_remote_code,
+        return_state=True,
+    )
+    if state.is_completed():
+        return {"ref": state.result()}
+    get_run_logger().warning(
+        "the Fisher of the %s model failed; the audit goes on without it: %s", model, state.message
+    )
+    return {"ref": None, "failed": state.message}
+
+
 def audit_run(
     store: str,
     params: AuditParams,
@@ -116,6 +143,10 @@ def audit_run(
         )
         for bits in params.quantization_bits
     }
+    fishers = {
+        "original": original["fisher"],
+        "unlearned": _fisher(store, params, unlearned, data_ref, candidate["label"]),
+    }
     probed = None
     if params.probes:
         probed = {"original": original["probe"]} | {
@@ -125,6 +156,7 @@ def audit_run(
     return {
         **{k: candidate[k] for k in ("label", "method", "lr")},
         "relearned": relearned,
+        "fisher": fishers,
         "original_eval": original["eval"],
         "unlearned_eval": unlearned_eval,
         "metrics_unlearned": metrics(
@@ -133,10 +165,8 @@ def audit_run(
             unlearned,
             original["acts"],
             acts["unlearned"],
-            original["fisher"],
-            fisher(store, unlearned, data_ref, device=dev, trust_remote_code=trust)
-            if params.fisher
-            else None,
+            fishers["original"]["ref"],
+            fishers["unlearned"]["ref"],
             trust_remote_code=trust,
         ),
         "metrics_relearned": metrics(
@@ -185,9 +215,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         "acts": extract(
             store, checkpoint, data_ref, params.layers, rows, dev, trust_remote_code=trust
         ),
-        "fisher": fisher(store, checkpoint, data_ref, device=dev, trust_remote_code=trust)
-        if params.fisher
-        else None,
+        "fisher": _fisher(store, params, checkpoint, data_ref, "original"),
     }
     if params.probes:
         original["probe"] = probe(store, data_ref, checkpoint, original["acts"], rows, params.seed)
@@ -228,6 +256,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         "would put a group's facts on both sides",
         "thresholds": params.thresholds.model_dump(),
         "control": params.control or ("embedded never-learned" if control else None),
+        "fisher": {"layers": params.fisher_layers} if params.fisher else None,
     }
     report_ref = report(store, audit, runs, control_runs)
     return {**publish(store, report_ref), "report_ref": report_ref.model_dump()}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
@@ -12,13 +15,30 @@ from unlearning_audit.metrics import fisher as fisher_mod
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 FISHER = "fisher.safetensors"
+STORED_DTYPE = torch.bfloat16
+"""The stored values' dtype: half the bytes of float32 with its exponent range, so values as
+small as a large model's Fisher holds (1e-20 and below) keep their magnitude, where float16
+(smallest subnormal about 6e-8) would flush them to zero; each value rounds by at most 2^-8
+(0.4%) of itself."""
+HELP = (
+    "what helps: fewer layers (--fisher-layers; fisher_layers), more GPUs (--gpus), or no "
+    "Fisher (--no-fisher)"
+)
+"""The settings that let a Fisher whose one sample does not fit run (or not be asked for)."""
 
 
-def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, object]:
-    """The stored per-layer Fisher tensors, keyed by layer index; none where the stage skipped
-    (the metrics stage then adds no Fisher rows)."""
+def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, torch.Tensor]:
+    """The stored per-layer Fisher tensors as float32, keyed by layer index; none where the
+    stage skipped (the metrics stage then adds no Fisher rows)."""
     tensors = load_file(store.local_dir(ref) / FISHER)
-    return {int(name.removeprefix("layer.")): value for name, value in tensors.items()}
+    return {int(name.removeprefix("layer.")): value.float() for name, value in tensors.items()}
+
+
+def _skipped(out: Path, meta: dict, reason: str) -> dict:
+    """A skipped stage's artifact: no tensors, ``reason`` in the file's metadata and in the
+    manifest's meta (``skipped``)."""
+    save_file({}, out / FISHER, metadata={"skipped": reason})
+    return {**meta, "skipped": reason}
 
 
 @task(name="fisher", cache_policy=NO_CACHE, **gpu_options())
@@ -28,17 +48,22 @@ def fisher(
     data_ref: ArtifactRef,
     probe_set: str = "forget",
     max_rows: int = 200,
+    layers: list[int] | None = None,
     batch_size: int = 16,
     device: str = "auto",
     trust_remote_code: bool = False,
 ):
-    """Per-sample-gradient diagonal Fisher of every layer, on one probe set.
+    """Per-sample-gradient diagonal Fisher of the chosen ``layers`` (None: all), on one probe
+    set, stored in bfloat16 (STORED_DTYPE).
 
-    ``batch_size`` only trades memory for speed; the values do not depend on it. A model that
-    gives no per-sample gradients (fisher.UnsupportedModel) is skipped, not failed: the artifact
-    then holds no tensors, its reason in the file's metadata and the manifest (``skipped``).
-    The checkpoint's own model code runs only with ``trust_remote_code`` (the audit's
-    parameter; nothing in the store can grant it).
+    ``batch_size`` samples go through one per-sample-gradient pass; out of memory, the pass size
+    halves (down to one sample) and the stage goes on, the size that fitted in the manifest
+    (``samples_per_pass``). The values do not depend on it, so it is no part of the key. A
+    model that gives no per-sample gradients (fisher.UnsupportedModel), or whose one sample
+    does not fit (fisher.SampleDoesNotFit), is skipped, not failed: the artifact then holds no
+    tensors, its reason in the file's metadata and the manifest (``skipped``). The checkpoint's
+    own model code runs only with ``trust_remote_code`` (the audit's parameter; nothing in the
+    store can grant it).
     """
 
     def build(s, out):
@@ -46,25 +71,35 @@ def fisher(
             s, checkpoint, data_ref, runtime.setup(0, device), trust_remote_code=trust_remote_code
         )
         rows = data.sample(sets[probe_set], max_rows)
-        meta = {"probe_set": probe_set, "rows": len(rows), "dtype": str(model.dtype)}
+        meta = {
+            "probe_set": probe_set,
+            "rows": len(rows),
+            "layers": layers,
+            "dtype": str(model.dtype),
+            "stored_dtype": str(STORED_DTYPE),
+            "batch_size": batch_size,
+        }
         dev = next(model.parameters()).device
         batches = (
             {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
             for chunk in data.chunks(rows, batch_size)
         )
+        passes = fisher_mod.SamplesPerPass(batch_size)
         try:
-            values = fisher_mod.fisher_diagonal(model, batches)
+            values = fisher_mod.fisher_diagonal(model, batches, layers, passes)
         except fisher_mod.UnsupportedModel as err:
-            save_file({}, out / FISHER, metadata={"skipped": str(err)})
-            return {**meta, "skipped": str(err)}
-        save_file({f"layer.{layer}": v.contiguous() for layer, v in values.items()}, out / FISHER)
-        return meta
+            return _skipped(out, meta, str(err))
+        except fisher_mod.SampleDoesNotFit as err:
+            return _skipped(out, meta, f"{err}; {HELP}")
+        stored = {f"layer.{layer}": v.to(STORED_DTYPE).contiguous() for layer, v in values.items()}
+        save_file(stored, out / FISHER)
+        return {**meta, "samples_per_pass": passes.size, "oom_halvings": passes.halvings}
 
     return cached_stage(
         store,
         "fisher",
         {"checkpoint": checkpoint, "data": data_ref},
-        {"probe_set": probe_set, "max_rows": max_rows},
+        {"probe_set": probe_set, "max_rows": max_rows, "layers": layers},
         code_version(fisher_mod, data, prompts),
         build,
     )

@@ -18,6 +18,7 @@ from pydantic_core import to_jsonable_python
 
 from tasks._stage import CPU_OPTIONS, cached_stage, write_json
 from tasks.evaluate import SCORES
+from tasks.fisher import STORED_DTYPE
 from tasks.metrics import TABLE
 from tasks.relearn import CURVE, read_curves
 from tasks.verdict import VERDICT, read_probes
@@ -82,6 +83,23 @@ def read_precision(store: Store, runs: list[dict]) -> dict[str, list[str]]:
     }
 
 
+def fisher_status(store: Store, audit: dict, runs: list[dict]) -> dict | None:
+    """The Fisher as the report states it: None where it was off; else its layers, the stored
+    dtype and, by model (the original, each run's label), why one has none: its stage skipped
+    (the reason its manifest records) or failed after its retries (the audit went on)."""
+    if audit["fisher"] is None:
+        return None
+    outcomes = {"original": runs[0]["fisher"]["original"]}
+    outcomes |= {run["label"]: run["fisher"]["unlearned"] for run in runs}
+    missing = {}
+    for model, outcome in outcomes.items():
+        if "failed" in outcome:
+            missing[model] = f"failed, the audit went on without it ({outcome['failed']})"
+        elif reason := store.manifest(outcome["ref"].key)["meta"].get("skipped"):
+            missing[model] = f"skipped ({reason})"
+    return {**audit["fisher"], "stored_dtype": str(STORED_DTYPE), "missing": missing}
+
+
 @task(name="report", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[ArtifactRef]]):
     """Write report.md, report.html and summary.json for the audit, and the report inputs
@@ -99,6 +117,7 @@ def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[Ar
                 "prompt_format": judged["prompt_format"],
                 "control_curves": curves,
                 "precision": read_precision(s, runs),
+                "fisher": fisher_status(s, audit, runs),
             },
             "runs": loaded,
             "references": to_jsonable_python({"runs": runs, "control": control}),

@@ -44,6 +44,22 @@ def tiny() -> EmbeddedConfig:
     return TINY
 
 
+@pytest.fixture(scope="session")
+def small_audit(tiny):
+    """The smallest audit with every kind of stage: one method, relearning on the forget set,
+    Fisher; no control model, probes or quantization. Tests set its store and name."""
+    from unlearning_audit.config import AuditParams, RelearnConfig, UnlearnConfig
+
+    return AuditParams(
+        embedded=tiny,
+        methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
+        relearn=RelearnConfig(sources=["forget"], seeds=1),
+        no_control=True,
+        probes=False,
+        quantization_bits=[],
+    )
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module's per-sample gradients: two oversubscribe a 2-core machine

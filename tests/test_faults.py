@@ -36,7 +36,7 @@ from tasks._stage import FAULTS_ENV
 from tasks.extract import extract
 from tasks.metrics import TABLE
 from unlearning_audit import cli
-from unlearning_audit.config import AuditParams, RelearnConfig, UnlearnConfig
+from unlearning_audit.config import AuditParams
 from unlearning_audit.metrics import table
 from unlearning_audit.store import MANIFEST, ArtifactRef, Store, filesystem
 
@@ -71,18 +71,9 @@ worker()
 
 
 @pytest.fixture(scope="module")
-def params(tiny) -> AuditParams:
-    """The smallest audit with every kind of stage: one method, relearning on the forget set,
-    Fisher; no control model, probes or quantization."""
-    return AuditParams(
-        embedded=tiny,
-        methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
-        relearn=RelearnConfig(sources=["forget"], seeds=1),
-        no_control=True,
-        probes=False,
-        quantization_bits=[],
-        name="faults",
-    )
+def params(small_audit) -> AuditParams:
+    """The smallest audit with every kind of stage (conftest.small_audit), named."""
+    return small_audit.model_copy(update={"name": "faults"})
 
 
 @pytest.fixture(scope="module")

@@ -629,7 +629,8 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         nargs="+",
         metavar="L",
-        help="compute the Fisher of these blocks only (default all)",
+        help="compute the Fisher of these layers only (0: embeddings, i: block i, L+1: final "
+        "norm and head; default all)",
     )
     scale.add_argument(
         "--fisher-batch-size",

@@ -475,8 +475,8 @@ class AuditParams(_Config):
     fisher_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         min_length=1,
-        description="Blocks whose Fisher is computed (0: the embeddings, i: block i); "
-        "default all. Fewer layers: less memory and time.",
+        description="Layers whose Fisher is computed (0: the embeddings, i: block i, L + 1: "
+        "the final norm and head of L blocks); default all. Fewer layers: less memory and time.",
     )
     fisher_batch_size: PositiveInt = Field(
         16,

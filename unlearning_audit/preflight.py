@@ -199,12 +199,16 @@ def _checkpointing_problems(params: AuditParams, original: Path | None) -> list[
 
 
 def _layer_problems(params: AuditParams) -> list[str]:
-    """Activation layers that the original model does not have (0 = embeddings, i = block i-1).
+    """Activation layers (0 = embeddings, i = block i-1) and Fisher layers (parameter layers:
+    also L + 1, the final norm and head) that the original model of L blocks does not have.
 
     Read from a local folder's config.json (checkpoints.num_blocks, as untrusted as the rest
-    of the folder); a remote or hub original is checked when the extract stage loads it.
+    of the folder); a remote or hub original is checked when the extract or Fisher stage loads
+    it.
     """
-    if params.layers is None:
+    asked = {"layers": (params.layers, 0), "fisher_layers": (params.fisher_layers, 1)}
+    asked = {field: pair for field, pair in asked.items() if pair[0] is not None}
+    if not asked:
         return []
     if params.original == checkpoints.EMBEDDED:
         blocks = params.embedded.layers
@@ -215,5 +219,9 @@ def _layer_problems(params: AuditParams) -> list[str]:
             return []  # check_folder reports what is wrong with config.json
         if blocks is None:
             return []
-    bad = [layer for layer in params.layers if not 0 <= layer <= blocks]
-    return [f"layers: {bad} do not exist; the model has layers 0 to {blocks}"] if bad else []
+    problems = []
+    for field, (layers, beyond) in asked.items():
+        last = blocks + beyond
+        if bad := [layer for layer in layers if not 0 <= layer <= last]:
+            problems.append(f"{field}: {bad} do not exist; the model has layers 0 to {last}")
+    return problems

@@ -152,7 +152,7 @@ def markdown(audit: dict, runs: list[dict]) -> str:
 def setup_lines(audit: dict) -> list[str]:
     """The audit's setup, one line each, near the top of the report: the data, budget and
     control; the verdict's metric and why; the prompt format; the held-out half; the
-    precision."""
+    precision; the Fisher."""
     return [
         f"forget domain: {audit['domain']}; relearning budget: {audit['budget']:g} x "
         f"|forget| examples; control: {audit['control'] or 'none'}",
@@ -160,7 +160,27 @@ def setup_lines(audit: dict) -> list[str]:
         f"prompt format the model saw: {format_name(audit['prompt_format'])}",
         heldout_line(audit["heldout"]),
         precision_line(audit.get("precision")),
+        fisher_line(audit),
     ]
+
+
+def fisher_line(audit: dict) -> str:
+    """What the Fisher measured (its layers, the dtype it is stored in), and which models have
+    none and why (its stage skipped or failed); "off" without it; "not recorded" for reports
+    that predate the line."""
+    if "fisher" not in audit:
+        return "Fisher: not recorded"
+    fisher = audit["fisher"]
+    if fisher is None:
+        return "Fisher: off (--no-fisher)"
+    layers = fisher["layers"]
+    chosen = "every layer" if layers is None else "layers " + ", ".join(map(str, layers))
+    line = (
+        f"Fisher: diagonal empirical Fisher on the forget set, {chosen}, stored in "
+        f"{fisher['stored_dtype'].removeprefix('torch.')}"
+    )
+    missing = "; ".join(f"{model}: {why}" for model, why in fisher["missing"].items())
+    return f"{line}; none for {missing}" if missing else line
 
 
 PRECISION_NAMES = {

@@ -25,14 +25,19 @@ precision. A model that still cannot run under these transforms (remote code wit
 control flow, a forward without ``inputs_embeds``) raises :class:`UnsupportedModel`, found on a
 two-token sample before any real batch.
 
-Memory: the per-sample gradients of a batch take batch size x parameters (of the chosen layers)
-values, so size batches (or restrict ``layers``) to fit.
+Memory: the per-sample gradients of a pass take samples x parameters (of the chosen layers)
+values. With a :class:`SamplesPerPass`, each batch runs in passes of at most that many samples,
+and an out-of-memory error in a pass halves the size and runs the pass again, keeping what earlier
+passes summed (a pass adds to the sums only once all of its squares are computed), so the
+values do not depend on the size but for float rounding. One sample that still does not fit
+raises :class:`SampleDoesNotFit`, with the memory one sample needs (:func:`bytes_per_sample`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,10 +60,46 @@ class UnsupportedModel(ValueError):
     """The model gives no per-sample gradients under ``torch.func`` (see the module doc)."""
 
 
+class SampleDoesNotFit(RuntimeError):
+    """One sample's per-sample gradients ran out of memory: no pass size can help."""
+
+    def __init__(self, parameters: int):
+        self.parameters = parameters
+        self.bytes = bytes_per_sample(parameters)
+        size = (
+            f"{self.bytes / 2**30:.2f} GiB"
+            if self.bytes >= 2**30
+            else f"{self.bytes / 2**20:.2f} MiB"
+        )
+        super().__init__(
+            f"one sample's per-sample gradients do not fit in memory: the chosen layers hold "
+            f"{parameters:,} parameters, about {size} per sample (parameters x 4 bytes x 2), "
+            "beside the model and the float32 sums"
+        )
+
+
+@dataclass
+class SamplesPerPass:
+    """At most ``size`` samples per vmapped pass; :func:`fisher_diagonal` halves ``size`` on
+    out-of-memory and leaves it there, so the caller learns the size that fitted (and how many
+    times it was halved)."""
+
+    size: int
+    halvings: int = 0
+
+
+def bytes_per_sample(parameters: int) -> int:
+    """Rough memory of one sample's pass over ``parameters`` parameters: its gradient and the
+    float32 square of it (4 bytes each, the gradient's at most, so 2 x 4 bytes a parameter);
+    the backward pass's activations come on top but grow with tokens, not parameters."""
+    return 2 * 4 * parameters
+
+
 def fisher_diagonal(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     layers: Iterable[int] | None = None,
+    passes: SamplesPerPass | None = None,
 ) -> dict[int, torch.Tensor]:
     """Diagonal empirical Fisher per layer: {layer: flat float32 CPU tensor}.
 
@@ -67,9 +108,12 @@ def fisher_diagonal(
     on the left or the right); every sample counts in the mean, also one without answer tokens
     (its gradient is zero). Each layer's values are its parameters' Fisher values flattened and
     concatenated in :func:`layer_parameters` order; ``layers`` restricts (and speeds up) the
-    computation to those layer indices. The model runs in eval mode (no dropout) with eager
+    computation to those layer indices. Without ``passes`` each batch runs in one pass and an
+    out-of-memory error is raised; with it, passes take at most ``passes.size`` samples, halved
+    on out-of-memory (see the module doc). The model runs in eval mode (no dropout) with eager
     attention, and gets its mode and attention back afterwards. Raises
-    :class:`UnsupportedModel` for a model that cannot run under ``torch.func``.
+    :class:`UnsupportedModel` for a model that cannot run under ``torch.func``, and
+    :class:`SampleDoesNotFit` when one sample runs out of memory.
     """
     groups = layer_parameters(model)
     chosen = select_layers(groups, layers)
@@ -86,9 +130,7 @@ def fisher_diagonal(
             _check_supported(model, per_sample_grads, params, frozen)
             for batch in batches:
                 input_ids, labels = _prepare_batch(batch, like.device)
-                grads = per_sample_grads(params, frozen, input_ids, labels)
-                for name, g in grads.items():
-                    sums[name] += g.to(sums[name].dtype).square_().sum(dim=0)
+                _add_batch(per_sample_grads, params, frozen, input_ids, labels, sums, passes)
                 n_samples += input_ids.shape[0]
     finally:
         model.train(was_training)
@@ -102,17 +144,76 @@ def fisher_diagonal(
     }
 
 
+def _add_batch(
+    per_sample_grads: Callable[..., Tensors],
+    params: Tensors,
+    frozen: Tensors,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    sums: Tensors,
+    passes: SamplesPerPass | None,
+) -> None:
+    """Add one batch's squared per-sample gradients to ``sums``: in one pass without
+    ``passes``, else in passes of at most ``passes.size`` samples, halved on out-of-memory."""
+    start = 0
+    while start < len(input_ids):
+        rows = slice(start, start + passes.size if passes else None)
+        try:
+            squares = _squared_gradients(
+                per_sample_grads, params, frozen, input_ids[rows], labels[rows], sums
+            )
+        except torch.cuda.OutOfMemoryError:
+            if passes is None:
+                raise
+            _halve(passes, params)
+            continue  # the failed pass's memory is freed with its exception, here
+        for name, square in squares.items():
+            sums[name] += square
+        start += len(input_ids[rows])
+
+
+def _squared_gradients(
+    per_sample_grads: Callable[..., Tensors],
+    params: Tensors,
+    frozen: Tensors,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    sums: Tensors,
+) -> Tensors:
+    """One pass: each parameter's per-sample gradients squared and summed over the samples, in
+    the dtype of its running sum; each gradient freed once squared. Nothing is added to
+    ``sums`` here, so a pass that runs out of memory leaves them as they were."""
+    grads = per_sample_grads(params, frozen, input_ids, labels)
+    return {
+        name: grads.pop(name).to(total.dtype).square_().sum(dim=0) for name, total in sums.items()
+    }
+
+
+def _halve(passes: SamplesPerPass, params: Tensors) -> None:
+    """After a pass ran out of memory: half as many samples per pass from now on; a
+    :class:`SampleDoesNotFit` if it had one sample."""
+    if passes.size == 1:
+        raise SampleDoesNotFit(_count(params))
+    passes.size, passes.halvings = passes.size // 2, passes.halvings + 1
+
+
+def _count(params: Tensors) -> int:
+    """The number of parameters (values) in ``params``."""
+    return sum(p.numel() for p in params.values())
+
+
 def _check_supported(
     model: nn.Module, per_sample_grads: Callable[..., Tensors], params: Tensors, frozen: Tensors
 ) -> None:
     """Run the per-sample gradient on one two-token sample; a failure there is the model's
-    (its code under ``torch.func``), not the data's, and raises :class:`UnsupportedModel`."""
+    (its code under ``torch.func``), not the data's, and raises :class:`UnsupportedModel`;
+    running out of memory there raises :class:`SampleDoesNotFit`."""
     like = next(iter(params.values()))
     tokens = torch.zeros(1, 2, dtype=torch.long, device=like.device)
     try:
         per_sample_grads(params, frozen, tokens, tokens)
-    except torch.cuda.OutOfMemoryError:
-        raise
+    except torch.cuda.OutOfMemoryError as err:
+        raise SampleDoesNotFit(_count(params)) from err
     except Exception as err:
         raise UnsupportedModel(
             f"{type(model).__name__} gives no per-sample gradients under torch.func "

@@ -73,7 +73,10 @@ def weight_rows(original, candidate) -> list[dict]:
 
 def fisher_rows(fisher0: dict, fisher: dict, original, candidate) -> list[dict]:
     """Per layer on the forget set: the candidate's Fisher mean and quantiles, the ratio of its
-    mean to the original's, and the original-Fisher-weighted distance of the weights."""
+    mean to the original's, and the original-Fisher-weighted distance of the weights; none
+    where either Fisher is empty (its stage skipped: a ratio needs both)."""
+    if not fisher0 or not fisher:
+        return []
     summary = fisher_summary(fisher, reference=fisher0)
     distance = fisher_weighted_distance(fisher0, candidate, original)
     rows = []
