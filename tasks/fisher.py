@@ -58,10 +58,12 @@ def fisher(
 
     ``batch_size`` samples go through one per-sample-gradient pass; out of memory, the pass size
     halves (down to one sample) and the stage goes on, the size that fitted in the manifest
-    (``samples_per_pass``). The values do not depend on it, so it is no part of the key. A
-    model that gives no per-sample gradients (fisher.UnsupportedModel), or whose one sample
-    does not fit (fisher.SampleDoesNotFit), is skipped, not failed: the artifact then holds no
-    tensors, its reason in the file's metadata and the manifest (``skipped``). The checkpoint's
+    (``samples_per_pass``). The values do not depend on it, so it is no part of the key. One
+    sample that does not fit (fisher.SampleDoesNotFit) fails the stage at once, naming the
+    memory it needs and the settings that help; nothing is stored, so more memory computes it
+    later. A model that gives no per-sample gradients (fisher.UnsupportedModel) is skipped:
+    the artifact holds no tensors, its reason in the file's metadata and the manifest
+    (``skipped``). The checkpoint's
     own model code runs only with ``trust_remote_code`` (the audit's parameter; nothing in the
     store can grant it).
     """
@@ -90,7 +92,9 @@ def fisher(
         except fisher_mod.UnsupportedModel as err:
             return _skipped(out, meta, str(err))
         except fisher_mod.SampleDoesNotFit as err:
-            return _skipped(out, meta, f"{err}; {HELP}")
+            # a failure, not a stored skip: with more memory or GPUs the same key must compute;
+            # a ValueError, so not retried (the flow goes on without this Fisher)
+            raise ValueError(f"{err}; {HELP}") from err
         stored = {f"layer.{layer}": v.to(STORED_DTYPE).contiguous() for layer, v in values.items()}
         save_file(stored, out / FISHER)
         return {**meta, "samples_per_pass": passes.size, "oom_halvings": passes.halvings}
