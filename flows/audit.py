@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from tasks._progress import StageProgress
 from tasks.checkpoint import check_compatible, fetch_checkpoint
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
@@ -193,19 +194,9 @@ def audit_run(
     }
 
 
-@flow(name="audit-checkpoint")
-def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
-    """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?"""
-    store = preflight(params)
-    for warning in warnings(params):
-        get_run_logger().warning(warning)
-    params = params.with_default_lrs()
-    data_ref = prepare_data(store, params.data, params.embedded)
-    control_fetch = _control(store, params)
-    checkpoint = _fetch(store, params, params.original)
-    given = _fetch(store, params, params.unlearned) if params.unlearned is not None else None
-    control = control_fetch.result() if control_fetch is not None else None
-    check_compatible(store, {"original": checkpoint, "unlearned": given, "control": control})
+def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
+    """The original's evaluation (refused before any training where it does not know the
+    facts), activations, Fisher and probes."""
     rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
     original_eval = evaluate(store, checkpoint, data_ref, rows, dev, trust_remote_code=trust)
     check_known(store, data_ref, original_eval, params.thresholds)  # before any training
@@ -219,32 +210,40 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     }
     if params.probes:
         original["probe"] = probe(store, data_ref, checkpoint, original["acts"], rows, params.seed)
-    control_runs = _relearn_all(store, params, control, data_ref, keep=False) if control else {}
+    return original
+
+
+def _candidates(
+    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, given
+) -> list[dict]:
+    """The unlearned checkpoints to judge: the given one (mode b), or one per method."""
     if given is not None:
-        candidates = [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]
-    else:
-        candidates = [
-            {
-                "label": cfg.label,
-                "method": cfg.method,
-                "lr": cfg.lr,
-                "checkpoint": unlearn(
-                    store,
-                    checkpoint,
-                    data_ref,
-                    cfg,
-                    params.seed,
-                    dev,
-                    trust_remote_code=trust,
-                    precision=params.precision,
-                    gradient_checkpointing=params.gradient_checkpointing,
-                ),
-            }
-            for cfg in params.methods
-        ]
-    runs = [audit_run(store, params, data_ref, original, c, control_runs) for c in candidates]
+        return [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]
+    return [
+        {
+            "label": cfg.label,
+            "method": cfg.method,
+            "lr": cfg.lr,
+            "checkpoint": unlearn(
+                store,
+                checkpoint,
+                data_ref,
+                cfg,
+                params.seed,
+                params.device,
+                trust_remote_code=params.trust_remote_code,
+                precision=params.precision,
+                gradient_checkpointing=params.gradient_checkpointing,
+            ),
+        }
+        for cfg in params.methods
+    ]
+
+
+def _described(params: AuditParams, control) -> dict:
+    """What the report says of the audit itself."""
     domain = params.data.domain if not params.data.external else "external data"
-    audit = {
+    return {
         "name": params.name or f"{params.original} ({domain})",
         "original": params.original,
         "unlearned": params.unlearned,
@@ -258,5 +257,37 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         "control": params.control or ("embedded never-learned" if control else None),
         "fisher": {"layers": params.fisher_layers} if params.fisher else None,
     }
-    report_ref = report(store, audit, runs, control_runs)
-    return {**publish(store, report_ref), "report_ref": report_ref.model_dump()}
+
+
+@flow(name="audit-checkpoint")
+def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
+    """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?
+
+    The run's own progress artifact advances at each milestone: the models fetched (or the
+    embedded ones built), the original measured, the control relearned, each unlearned model
+    judged, the report."""
+    store = preflight(params)
+    for warning in warnings(params):
+        get_run_logger().warning(warning)
+    params = params.with_default_lrs()
+    judged = 1 if params.unlearned is not None else len(params.methods)
+    milestones = 4 + judged
+    with StageProgress("audit") as progress:
+        data_ref = prepare_data(store, params.data, params.embedded)
+        control_fetch = _control(store, params)
+        checkpoint = _fetch(store, params, params.original)
+        given = _fetch(store, params, params.unlearned) if params.unlearned is not None else None
+        control = control_fetch.result() if control_fetch is not None else None
+        check_compatible(store, {"original": checkpoint, "unlearned": given, "control": control})
+        progress(1, milestones)
+        original = _original(store, params, checkpoint, data_ref)
+        progress(2, milestones)
+        control_runs = _relearn_all(store, params, control, data_ref, keep=False) if control else {}
+        progress(3, milestones)
+        runs = []
+        for candidate in _candidates(store, params, checkpoint, data_ref, given):
+            runs.append(audit_run(store, params, data_ref, original, candidate, control_runs))
+            progress(3 + len(runs), milestones)
+        report_ref = report(store, _described(params, control), runs, control_runs)
+        published = publish(store, report_ref)
+    return {**published, "report_ref": report_ref.model_dump()}

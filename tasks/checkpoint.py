@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks._progress import StageProgress
 from tasks._stage import CPU_OPTIONS, cached_stage, gpu_options, write_json
 from unlearning_audit import checkpoints, corpus, data, embedded, evaluation, runtime, training
 from unlearning_audit.config import EmbeddedConfig
@@ -22,7 +23,9 @@ GPU = gpu_options()
 
 
 def _build_embedded(out: Path, config: EmbeddedConfig, control: bool, variant: int) -> dict:
-    model, tokenizer, log = embedded.build(config, control, variant)
+    name = "pretrain the never-learned control" if control else "pretrain the embedded model"
+    with StageProgress(name) as progress:
+        model, tokenizer, log = embedded.build(config, control, variant, progress)
     checkpoints.save(model, tokenizer, out)
     write_json(out / "pretrain.json", log)
     return {"source": "embedded-control" if control else "embedded", "steps": log["steps"]}

@@ -120,9 +120,10 @@ def test_prefect_artifacts_verdict_link_and_progress(audit):
     (url,) = re.findall(r"\((file://[^)]+)\)", keyed["audit-html"].data)
     assert url == Path(state.result()["html_file"]).as_uri()
     done = {a.task_run_id: a.data for a in artifacts if a.type == "progress"}
-    for stage in ("unlearn", "relearn", "extract"):
+    for stage in ("fetch-checkpoint", "unlearn", "relearn", "extract"):  # the build's too
         runs = [task_run for task_run, name in names.items() if name == stage]
         assert runs and all(done.get(run) == 100 for run in runs), stage
+    assert done[None] == 100  # the audit's own run: its progress across the stages
 
 
 def test_report_rebuilds_from_the_store_alone(audit, tmp_path, monkeypatch, capsys):

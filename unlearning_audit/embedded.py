@@ -14,7 +14,7 @@ and Fisher tell them apart.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -71,9 +71,11 @@ def pretrain(
     target_rows: list[dict],
     config: EmbeddedConfig,
     seed: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train on ``train_rows`` (in an order drawn from ``seed``, default the config's) until
-    ``target_rows`` meet the config's targets.
+    ``target_rows`` meet the config's targets. ``progress(step, max_steps)`` follows the
+    training loop (it stops at the targets, usually well before max_steps).
 
     Checks every ``eval_every`` steps; raises RuntimeError if ``max_steps`` pass first, so a
     model that cannot show forgetting is never handed on.
@@ -110,6 +112,7 @@ def pretrain(
         config.lr,
         reached,
         warmup=config.warmup,
+        progress=progress,
     )
     if not history or not reached_targets(history[-1], config):
         raise RuntimeError(
@@ -127,14 +130,19 @@ def reached_targets(scores: dict, config: EmbeddedConfig) -> bool:
     )
 
 
-def build(config: EmbeddedConfig, control: bool = False, variant: int = 0):
+def build(
+    config: EmbeddedConfig,
+    control: bool = False,
+    variant: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+):
     """The embedded model (or, with ``control``, its never-learned control), pretrained.
 
     Safe to call from two threads at once (the audit builds the model and its control side by
     side, one core each).
     ``variant`` > 0 draws another initialisation and data order from the same corpus: a second
     never-learned model, the known answer of a calibration audit. Returns the model, its
-    tokenizer and the pretraining log.
+    tokenizer and the pretraining log. ``progress`` follows pretraining (see pretrain).
     """
     seed = config.seed + 1000 * variant
     facts, forget = corpus.embedded(config)
@@ -148,5 +156,5 @@ def build(config: EmbeddedConfig, control: bool = False, variant: int = 0):
     with runtime.SEEDING:  # torch's generator is global: no other seeding in between
         runtime.setup(seed, "cpu")
         model = build_model(tokenizer, config)
-    log = pretrain(model, tokenizer, train, data.sample(target, 400), config, seed)
+    log = pretrain(model, tokenizer, train, data.sample(target, 400), config, seed, progress)
     return model, tokenizer, log
