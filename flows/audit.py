@@ -12,6 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from tasks._progress import StageProgress
+from tasks._stage import ref_of
 from tasks.checkpoint import check_compatible, fetch_checkpoint
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
@@ -290,4 +291,4 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
             progress(3 + len(runs), milestones)
         report_ref = report(store, _described(params, control), runs, control_runs)
         published = publish(store, report_ref)
-    return {**published, "report_ref": report_ref.model_dump()}
+    return {**published, "report_ref": ref_of(report_ref).model_dump()}

@@ -26,7 +26,7 @@ from uuid import UUID
 import torch
 from prefect import get_client, get_run_logger
 from prefect.context import TaskRunContext
-from prefect.states import Completed
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
@@ -122,6 +122,13 @@ def cached_stage(
         return Completed(name="Cached", message=f"served from the store: {ref.key}", data=ref)
     logger.info("%s: computed and stored (%s)", stage, ref.key)
     return ref
+
+
+def ref_of(called: ArtifactRef | State) -> ArtifactRef:
+    """The artifact a stage task call gave: a stage served from the store returns its Completed
+    ("Cached") state, which a flow passes on to tasks as it is (Prefect resolves it) but must
+    resolve itself to read."""
+    return called.result() if isinstance(called, State) else called
 
 
 @functools.cache

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import (
@@ -28,7 +27,7 @@ from unlearning_audit.config import METRIC_NAMES, StudyParams
 from unlearning_audit.metrics import table
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
-REPORT, HTML, SUMMARY = report_mod.REPORT_MD, report_mod.REPORT_HTML, "summary.json"
+REPORT, HTML, SUMMARY = report_mod.REPORT_MD, report_mod.REPORT_HTML, report_mod.SUMMARY_JSON
 
 
 def read_curve(store: Store, refs: list[ArtifactRef], metric: str) -> list[dict]:
@@ -138,14 +137,6 @@ def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[Ar
     )
 
 
-def stored_file(store: Store, ref: ArtifactRef, name: str) -> str:
-    """Where one file of a stored artifact is: a local path, or the store's URL of it."""
-    data = store.manifest(ref.key)["data"]
-    if store.local:
-        return str(Path(store.root, ref.key, data, name).resolve())
-    return f"{store.url.rstrip('/')}/{ref.key}/{data}/{name}"
-
-
 @task(name="publish", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def publish(
     store: str,
@@ -159,9 +150,8 @@ def publish(
     to the HTML report that a browser opens (report_links.report_link: the stack's report
     server, a presigned S3 URL, or a local file); return its rows and where the reports are."""
     s = Store(store)
-    rows = s.read_json(report_ref, table_file)
-    location = stored_file(s, report_ref, report_file)
-    html_location = stored_file(s, report_ref, html_file)
+    found = report_links.published(s, report_ref, table_file, report_file, html_file)
+    rows, location, html_location = found["rows"], found["report_file"], found["html_file"]
     link = report_links.report_link(s, report_ref, html_file, dict(os.environ))
     create_table_artifact(
         [report_mod.summary_cells(row) for row in rows],
@@ -179,7 +169,7 @@ def publish(
         key=f"{key}-html",
         description=f"Self-contained HTML report with figures, stored at {html_location}",
     )
-    return {"rows": rows, "report_file": location, "html_file": html_location}
+    return found
 
 
 STUDY_MD, STUDY_TABLE, STUDY_HTML = "study.md", "study.json", "study.html"

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import archs
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.audit import audit_checkpoint
-from unlearning_audit.config import AuditParams, Thresholds, UnlearnConfig
+from unlearning_audit import audit_index
+from unlearning_audit.config import AuditParams, DataConfig, Thresholds, UnlearnConfig
 from unlearning_audit.report import SUMMARY_KEYS
 from unlearning_audit.verdict import REGIMES
 
@@ -186,3 +193,65 @@ def test_cli_json_rows_have_exactly_the_demo_keys(first_run, tmp_path, capsys):
     assert list(row) == list(SUMMARY_KEYS)
     printed = capsys.readouterr().out
     assert row["regime"] in printed and "report:" in printed
+
+
+def _cli_audit(config: Path) -> tuple[str, float]:
+    """`unlearning-audit audit` in a fresh process with no Prefect server configured; its
+    output and wall time."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = [str(Path(sys.executable).with_name("unlearning-audit")), "audit"]
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*command, "--original", "embedded", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout, time.perf_counter() - start
+
+
+def test_a_cli_rerun_is_answered_from_the_audit_index(first_run, params, tmp_path):
+    """The CLI indexes an audit it ran; a rerun with every input unchanged prints the same table
+    from the stored report without starting Prefect (README: about 3 s on an idle machine,
+    most of it importing torch and transformers)."""
+    config = tmp_path / "audit.json"
+    config.write_text(params.model_dump_json())
+    first, cold = _cli_audit(config)  # every stage cached, through a temporary Prefect API
+    again, warm = _cli_audit(config)
+    print(f"CLI audit with every stage stored: {cold:.1f} s; answered from the index: {warm:.1f} s")
+    assert "Prefect not started" not in first and "Prefect not started" in again
+    table = first[first.index("run ") :]
+    assert table in again  # the same rows, report and HTML report
+    assert warm < cold / 2
+
+
+def test_the_audit_identity_follows_every_input(tmp_path, data_files):
+    """A checkpoint's byte, a data row, a parameter: each gives another identity."""
+    tok = archs.tokenizer(["Who wrote Q0?", "Who wrote R?", "A", "B"])
+    folder = archs.save(archs.model("llama", tok), tok, tmp_path / "ckpt")
+    params = AuditParams(
+        original=str(folder),
+        data=DataConfig(forget=data_files["forget"], retain=data_files["retain"]),
+        methods=[UnlearnConfig(method="GA", lr=1e-5, steps=1)],
+        store=str(tmp_path / "store"),
+    )
+    base = audit_index.identity(params)
+    assert audit_index.identity(params) == base
+    assert audit_index.identity(params.model_copy(update={"store": "elsewhere"})) == base
+    assert audit_index.identity(params.model_copy(update={"seed": 1})) != base
+    weights = folder / "model.safetensors"
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 1
+    weights.write_bytes(bytes(content))
+    changed_weights = audit_index.identity(params)
+    assert changed_weights["checkpoints"] != base["checkpoints"]
+    rows = json.loads(Path(data_files["retain"]).read_text())
+    edited = tmp_path / "retain.json"
+    edited.write_text(json.dumps([{**rows[0], "answer": "C"}]))
+    other_data = params.model_copy(
+        update={"data": params.data.model_copy(update={"retain": str(edited)})}
+    )
+    assert audit_index.identity(other_data)["data"] != changed_weights["data"]

@@ -19,6 +19,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from . import audit_index, report_links
 from .config import (
     DEFAULT_METHODS,
     METHODS,
@@ -32,7 +33,7 @@ from .config import (
     UnlearnConfig,
 )
 from .interrupts import start_cli
-from .local_prefect import LocalAPI
+from .local_prefect import LocalAPI, server_configured
 from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, summary_cells
 from .runtime import PREFECT_ENV
 from .store import (
@@ -112,11 +113,23 @@ def _run_audit(params: AuditParams, json_path: str | None) -> None:
     for line in warnings(params):  # before preflight, so they show even when it refuses
         print(f"warning: {line}", file=sys.stderr)
     _check_output_file(json_path, "--json")
-    preflight(params)  # fail fast, before Prefect starts
-    with _prefect_env("flows.audit"):
+    url = preflight(params)  # fail fast, before Prefect starts
+    store = Store(url)
+    api = _prefect_env("flows.audit")
+    # with a server configured the run goes through it, to be recorded there
+    audit = None if server_configured() else audit_index.identity(params)
+    report = audit_index.find(store, audit) if audit else None
+    if report is not None:
+        print(f"every input is unchanged: the stored report {report.key} (Prefect not started)")
+        _finish(report_links.published(store, report), json_path)
+        return
+    with api:
         from flows.audit import audit_checkpoint
 
-        _finish(audit_checkpoint(params), json_path)
+        result = audit_checkpoint(params)
+    if audit is not None:
+        audit_index.record(store, audit, ArtifactRef.model_validate(result["report_ref"]))
+    _finish(result, json_path)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -180,6 +180,12 @@ def kill_all() -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def server_configured() -> bool:
+    """Whether runs go to a configured Prefect server (where they are recorded), not to a
+    temporary one this process would start."""
+    return not _needed()
+
+
 def _needed() -> bool:
     """No server configured, and Prefect allowed to start a temporary one."""
     if os.environ.get("PREFECT_API_URL"):

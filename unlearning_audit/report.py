@@ -841,6 +841,8 @@ def study_html(rows: list[dict], thresholds: dict, found: list[dict] | None = No
 # -- stored inputs and the rebuild --------------------------------------------------------------
 
 REPORT_MD, REPORT_HTML, INPUTS = "report.md", "report.html", "report-inputs.json"
+SUMMARY_JSON = "summary.json"
+"""The summary rows (summary_row) of an audit's report artifact."""
 
 
 def render(inputs: dict) -> dict[str, str]:

@@ -19,12 +19,37 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from .report import REPORT_HTML, REPORT_MD, SUMMARY_JSON
 from .store import ArtifactRef, CorruptArtifact, Store, check_key
 
 URL_ENV = "UNLEARNING_AUDIT_REPORT_URL"
 STORE_ENV = "UNLEARNING_AUDIT_REPORT_STORE"
 SERVED_STAGES = ("report", "study")
 PRESIGNED_SECONDS = 7 * 24 * 3600  # S3's longest presigned URL (signature version 4)
+
+
+def stored_file(store: Store, ref: ArtifactRef, name: str) -> str:
+    """Where one file of a stored artifact is: a local path, or the store's URL of it."""
+    data = store.manifest(ref.key)["data"]
+    if store.local:
+        return str(Path(store.root, ref.key, data, name).resolve())
+    return f"{store.url.rstrip('/')}/{ref.key}/{data}/{name}"
+
+
+def published(
+    store: Store,
+    ref: ArtifactRef,
+    table_file: str = SUMMARY_JSON,
+    report_file: str = REPORT_MD,
+    html_file: str = REPORT_HTML,
+) -> dict:
+    """A stored report as a run returns it: its summary rows, and where its Markdown and HTML
+    reports are."""
+    return {
+        "rows": store.read_json(ref, table_file),
+        "report_file": stored_file(store, ref, report_file),
+        "html_file": stored_file(store, ref, html_file),
+    }
 
 
 def report_link(store: Store, ref: ArtifactRef, name: str, environ: dict[str, str]) -> str:
