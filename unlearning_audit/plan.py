@@ -21,7 +21,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import AuditParams, RelearnConfig, UnlearnConfig
@@ -56,6 +56,8 @@ class ModelShape:
     """The sum of in + out features over the linear layers LoRA adapts ("all-linear": every
     one but the LM head); rank r adds r x lora_dims parameters."""
     largest_matrix: int
+    positions: int
+    """The longest sequence the model takes (max_position_embeddings; 0 if it states none)."""
     """Elements of the largest weight matrix (a quantization's temporary copies are its)."""
     layer_parameters: dict[int, int] = field(default_factory=dict)
     """Parameters per layer (0 embeddings, i block i - 1, L + 1 final norm and head)."""
@@ -87,6 +89,7 @@ def shape_of(config) -> ModelShape:
         heads=text.num_attention_heads,
         lora_dims=sum(sum(m.weight.shape) for m in linear),
         largest_matrix=max(p.numel() for p in model.parameters() if p.ndim == 2),
+        positions=getattr(text, "max_position_embeddings", None) or 0,
         layer_parameters={
             layer: sum(p.numel() for _, p in params)
             for layer, params in layer_parameters(model).items()
@@ -111,6 +114,58 @@ def sequence_length(fmt, sets: dict[str, list[dict]]) -> int:
         if rows
         for e in fmt.encode(rows)
     )
+
+
+def original_shape(params: AuditParams) -> tuple[ModelShape, Path | None]:
+    """The original's ModelShape and its local folder (None for the embedded model, sized from
+    params.embedded); a ValueError for a remote original (an s3:// or hub checkpoint), whose
+    config.json is read once it is fetched, and for a folder check_folder refuses."""
+    from . import checkpoints, embedded
+
+    if params.original == checkpoints.EMBEDDED:
+        return shape_of(embedded.model_config(params.embedded, params.embedded.vocab_size)), None
+    spec = checkpoints.parse(params.original)
+    if spec.kind != "local":
+        raise ValueError(
+            f"the plan reads the original's config.json from a local folder; {params.original!r} "
+            "is fetched by the audit (fetch it, or give its local copy, to plan)"
+        )
+    folder = Path(spec.location)
+    checkpoints.check_folder(folder, params.allow_pickle, params.trust_remote_code)
+    return shape_of_folder(folder, params.trust_remote_code), folder
+
+
+def audit_sequence(
+    params: AuditParams, shape: ModelShape, folder: Path | None, sets: dict | None
+) -> int:
+    """Tokens per row the audit's stages pad to: the longest row of ``sets`` rendered by the
+    local original's tokenizer in the audit's prompt format, else DEFAULT_SEQUENCE (at most
+    the model's positions)."""
+    if folder is None or sets is None:
+        return min(DEFAULT_SEQUENCE, shape.positions or DEFAULT_SEQUENCE)
+    from transformers import AutoTokenizer
+
+    from . import prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=params.trust_remote_code)
+    fmt = prompts.renderer(tokenizer, params.data.prompt_format, params.data.separator)
+    return sequence_length(fmt, sets)
+
+
+def plan_audit(params: AuditParams, sets: dict[str, list[dict]] | None = None) -> Plan:
+    """The plan of the audit ``params`` describes, without loading a weight: the original's
+    shape (original_shape), rows rendered from ``sets`` (audit_sequence), the precision the
+    training stages resolve to and the memory of the device they run on (device_budget)."""
+    from . import runtime
+
+    shape, folder = original_shape(params)
+    seq = audit_sequence(params, shape, folder, sets)
+    precision = runtime.resolve_precision(params.precision, params.device)
+    estimate = plan(params, shape, seq, precision, device_budget(params.device))
+    if not estimate.too_large():
+        return estimate
+    fitting = fitting_settings(params, shape, seq, precision, estimate.budget)
+    return replace(estimate, fitting=tuple(fitting))
 
 
 # -- memory per stage -----------------------------------------------------------------------
@@ -283,7 +338,7 @@ def unlearn_estimate(
 
     return train_estimate(
         shape,
-        f"unlearn {config.method}",
+        f"unlearn {config.label}",
         math.ceil(config.batch_size / config.micro_batches),
         seq,
         compute,
@@ -414,6 +469,8 @@ class Plan:
     precision: str
     sequence: int
     parameters: int
+    fitting: tuple[str, ...] = ()
+    """Settings under which every stage would fit the budget, where some stage does not."""
 
     def too_large(self) -> list[StageEstimate]:
         """The stages whose peak exceeds the device budget."""
@@ -423,19 +480,43 @@ class Plan:
 
     def table(self) -> str:
         """The plan as a text table: each stage's peak per device and the budget it is held to,
-        then the store's footprint."""
-        held = f"{_size(self.budget)} per device" if self.budget else "not enforced"
+        then the store's footprint, and the settings that would fit where a stage does not."""
+        held = f"{_size(self.budget)} per device" if self.budget else "not enforced (CPU)"
+        size = (
+            f"{self.parameters / 1e9:.2f}B"
+            if self.parameters >= 1e9
+            else (f"{self.parameters / 1e6:.1f}M")
+        )
+        width = max(len(s.stage) for s in self.stages)
         lines = [
-            f"model: {self.parameters / 1e9:.3g}B parameters; training in {self.precision}; "
-            f"{self.sequence} tokens per row; device memory: {held}",
-            f"{'stage':<22} {'GPUs':>4} {'peak/device':>12}  fits",
+            f"model: {size} parameters; training in {self.precision}; {self.sequence} tokens "
+            f"per row; device memory: {held}",
+            f"{'stage':<{width}}  {'GPUs':>4}  {'peak/device':>11}  fits",
         ]
         for s in self.stages:
             fits = "-" if self.budget is None else ("yes" if s.peak <= self.budget else "NO")
-            lines.append(f"{s.stage:<22} {s.devices:>4} {_size(s.peak):>12}  {fits}")
+            lines.append(f"{s.stage:<{width}}  {s.devices:>4}  {_size(s.peak):>11}  {fits}")
         kinds = ", ".join(f"{k} {_size(v)}" for k, v in self.store.items() if v)
         lines.append(f"store: {_size(sum(self.store.values()))} ({kinds})")
+        if self.too_large():
+            lines.append(f"settings that would fit: {self._fits()}")
         return "\n".join(lines)
+
+    def _fits(self) -> str:
+        """The settings that would fit, or what was tried."""
+        return "; ".join(self.fitting) or (
+            "none of --lora 16, --gradient-checkpointing, micro-batches of one row, "
+            "--fisher-batch-size 1, --precision bf16, --gpus up to 8, or their lossless "
+            "one-GPU combinations"
+        )
+
+    def problems(self) -> list[str]:
+        """A line per stage that does not fit the budget, naming the settings that would."""
+        return [
+            f"memory: {s.stage} needs about {_size(s.peak)} per device, more than the "
+            f"{_size(self.budget)} a device has; settings that would fit: {self._fits()}"
+            for s in self.too_large()
+        ]
 
 
 def plan(
@@ -458,15 +539,21 @@ def plan(
 
 
 def fitting_settings(
-    params: AuditParams, shape: ModelShape, seq: int, precision: str, budget: int
+    params: AuditParams,
+    shape: ModelShape,
+    seq: int,
+    precision: str,
+    budget: int,
+    stage: str = "",
 ) -> list[str]:
-    """The settings (flags) under which every stage fits ``budget``, found by estimating the
-    audit again: each of SETTINGS alone that fits, and the smallest combination of the lossless
-    one-GPU settings that fits (the first in SETTINGS' order among the smallest); empty if
-    nothing does."""
+    """The settings (flags) under which every stage (or every stage whose name starts with
+    ``stage``) fits ``budget``, found by estimating the audit again: each of SETTINGS alone
+    that fits, else the smallest combination of the lossless one-GPU settings that fits (the
+    first in SETTINGS' order among the smallest); empty if nothing does."""
 
     def fits(audit: AuditParams, resolved: str) -> bool:
-        return not plan(audit, shape, seq, resolved, budget).too_large()
+        over = plan(audit, shape, seq, resolved, budget).too_large()
+        return not [s for s in over if s.stage.startswith(stage)]
 
     found = [flag for flag, change, lossy in SETTINGS if fits(change(params), lossy or precision)]
     lossless = [(f, c) for f, c, lossy in SETTINGS if not lossy and not f.startswith("--gpus")]
@@ -480,6 +567,43 @@ def fitting_settings(
             if fits(combined, precision):
                 return [*found, " ".join(flag for flag, _ in combination)]
     return found
+
+
+def stage_note(
+    stage: str, config: dict, batch, shape: ModelShape, seq: int, budget: int | None
+) -> str:
+    """The estimate of one stage run (its stage name, the config it is stored under and its
+    training config ``batch``, if any) and, against ``budget``, the settings under which it
+    would fit; for an out-of-memory error. The config's precision, gradient_checkpointing,
+    gpus, batch_size and layers are read where it holds them (defaults otherwise)."""
+    params = _stage_audit(stage, config, batch)
+    precision = config.get("precision", "fp32")
+    estimate = plan(params, shape, seq, precision, budget)
+    ran = next(s for s in estimate.stages if s.stage.startswith(stage))
+    parts = ", ".join(f"{k} {_size(v)}" for k, v in ran.parts.items())
+    note = f"estimated peak {_size(ran.peak)} per device ({parts}; {seq} tokens per row)"
+    if budget is None:
+        return note
+    fitting = fitting_settings(params, shape, seq, precision, budget, stage)
+    return f"{note}; device memory {_size(budget)}; settings that would fit: " + (
+        "; ".join(fitting) or "none tried alone or combined"
+    )
+
+
+def _stage_audit(stage: str, config: dict, batch) -> AuditParams:
+    """An audit whose ``stage`` runs as the stored ``config`` and ``batch`` describe."""
+    common = {key: config[key] for key in ("gradient_checkpointing", "gpus") if key in config}
+    if stage == "unlearn":
+        return AuditParams(methods=[batch], **common)
+    if stage == "relearn":
+        return AuditParams(relearn=batch, **common)
+    if stage == "fisher":
+        return AuditParams(
+            fisher_batch_size=config.get("batch_size", 16),
+            fisher_layers=config.get("layers"),
+            **common,
+        )
+    return AuditParams(**common)
 
 
 def _lora(params: AuditParams) -> AuditParams:
@@ -559,4 +683,4 @@ def _size(value: int | None) -> str:
     """Bytes in GiB (or MiB below one GiB)."""
     if value is None:
         return "-"
-    return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.0f} MiB"
+    return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.1f} MiB"
