@@ -2,14 +2,18 @@
 and bench/bench_scale.py.
 
 The measure is the stage's extra peak resident memory over the loaded model: the process loads
-the checkpoint, runs one warm-up forward pass (thread pools and allocator arenas take their
-memory then), reads VmRSS, resets the peak (writing 5 to /proc/self/clear_refs sets VmHWM to
-the current RSS: Linux 4.0 and later), runs the stage and reads VmHWM. Unlike ru_maxrss, whose
-peak includes importing torch and loading the model and cannot be reset, this isolates the
-stage; glibc returns large blocks (over 32 MiB by default mmap'd) to the system when freed, so
-the high-water mark follows the tensors alive at once.
+the checkpoint, warms up on two rows (a forward pass, and an extraction to Parquet: thread
+pools, allocator arenas and Arrow's memory pool take their memory then, whatever the model's
+size), reads VmRSS, resets the peak (writing 5 to /proc/self/clear_refs sets VmHWM to the
+current RSS: Linux 4.0 and later), runs the stage and reads VmHWM. Unlike ru_maxrss, whose peak
+includes importing torch and loading the model and cannot be reset, this isolates the stage.
+glibc serves large blocks with mmap (above a threshold that starts at 128 KiB and adapts up to
+32 MiB) and unmaps them when freed, so the high-water mark follows the tensors alive at once.
 
     python tests/peak_memory.py FOLDER STAGE '{"batch_size": 8, ...}'   (prints JSON)
+
+Options: batch_size (8), steps (3), precision (fp32), lora_rank (none), rows per set (32),
+repeat (3: each question repeated, for longer rows), layers (Fisher: all).
 """
 
 from __future__ import annotations
@@ -124,17 +128,21 @@ def _run(folder: Path, stage: str, options: dict) -> dict:
     sets = probe_sets(options.get("rows", 32), options.get("repeat", 3))
     batch = options.get("batch_size", 8)
     precision = options.get("precision", "fp32")
-    with torch.no_grad():
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         score_rows(model, fmt, sets["forget"][:2])
+        activations.extract(model, fmt, {"forget": sets["forget"][:2]}, Path(tmp))
     gc.collect()
     base = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
+    steps, lora = options.get("steps", 3), options.get("lora_rank")
     if stage in ("GA", "NPO+KL"):
-        cfg = UnlearnConfig(method=stage, lr=1e-5, steps=options.get("steps", 3), batch_size=batch)
+        cfg = UnlearnConfig(method=stage, lr=1e-5, steps=steps, batch_size=batch, lora_rank=lora)
         unl.unlearn(model, fmt, sets, cfg, 0, precision=precision)
     elif stage == "relearn":
-        cfg = RelearnConfig(lr=1e-5, batch_size=batch, budget=options.get("steps", 3) * batch / 32)
+        cfg = RelearnConfig(
+            lr=1e-5, batch_size=batch, budget=steps * batch / len(sets["forget"]), lora_rank=lora
+        )
         relearning.relearn(model, fmt, sets, "forget", cfg, 0, None, 32, 0, precision)
     elif stage == "fisher":
         batches = (data.train_batch(fmt, c) for c in data.chunks(sets["forget"][:batch], batch))

@@ -549,23 +549,26 @@ def fitting_settings(
     """The settings (flags) under which every stage (or every stage whose name starts with
     ``stage``) fits ``budget``, found by estimating the audit again: each of SETTINGS alone
     that fits, else the smallest combination of the lossless one-GPU settings that fits (the
-    first in SETTINGS' order among the smallest); empty if nothing does."""
+    first in SETTINGS' order among the smallest), else the fewest GPUs with such a
+    combination; empty if nothing does."""
 
     def fits(audit: AuditParams, resolved: str) -> bool:
         over = plan(audit, shape, seq, resolved, budget).too_large()
         return not [s for s in over if s.stage.startswith(stage)]
 
     found = [flag for flag, change, lossy in SETTINGS if fits(change(params), lossy or precision)]
-    lossless = [(f, c) for f, c, lossy in SETTINGS if not lossy and not f.startswith("--gpus")]
+    gpus = [(f, c) for f, c, _ in SETTINGS if f.startswith("--gpus")]
+    lossless = [(f, c) for f, c, lossy in SETTINGS if not lossy and (f, c) not in gpus]
     if any(flag in found for flag, _ in lossless):
         return found
-    for size in range(2, len(lossless) + 1):
-        for combination in itertools.combinations(lossless, size):
-            combined = params
-            for _, change in combination:
-                combined = change(combined)
-            if fits(combined, precision):
-                return [*found, " ".join(flag for flag, _ in combination)]
+    for more in [[], *([g] for g in gpus)]:
+        for size in range(1 if more else 2, len(lossless) + 1):
+            for combination in itertools.combinations(lossless, size):
+                combined = params
+                for _, change in (*more, *combination):
+                    combined = change(combined)
+                if fits(combined, precision):
+                    return [*found, " ".join(flag for flag, _ in (*more, *combination))]
     return found
 
 
