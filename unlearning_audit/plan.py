@@ -4,10 +4,10 @@ loaded (preflight refuses what cannot fit; ``unlearning-audit audit ... --plan``
 
 The model is built on the meta device (no memory) for its shapes: parameters, the linear
 layers LoRA adapts, each layer's parameters (the Fisher's), hidden size, blocks, vocabulary.
-Every figure is a sum of counted tensors, one function per concern, each saying what it counts.
-They are estimates: conservative sums of what is alive at a stage's peak, without allocator
-slack or framework workspaces; tests/test_plan.py holds them to within 30% of peaks measured on
-CPU, and bench/bench_scale.py measures more.
+Every figure is a sum of counted tensors, one function per concern, each saying what it counts:
+what is alive at a stage's peak, without allocator slack, the CUDA context or library
+workspaces. tests/test_plan.py holds them to within 30% of a peak measured on CPU, and
+bench/bench_scale.py measures each stage (bench/results/cpu_scale.md).
 
 Peaks are per device: with ``gpus`` > 1, training and Fisher stages shard their weights and
 training state across the GPUs (FSDP) and give each a share of the batch; inference stages
@@ -21,7 +21,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import AuditParams, RelearnConfig, UnlearnConfig
@@ -56,10 +56,10 @@ class ModelShape:
     """The sum of in + out features over the linear layers LoRA adapts ("all-linear": every
     one but the LM head); rank r adds r x lora_dims parameters."""
     largest_matrix: int
+    """Elements of the largest weight matrix (a quantization's temporary copies are its)."""
     positions: int
     """The longest sequence the model takes (max_position_embeddings; 0 if it states none)."""
-    """Elements of the largest weight matrix (a quantization's temporary copies are its)."""
-    layer_parameters: dict[int, int] = field(default_factory=dict)
+    layer_parameters: dict[int, int]
     """Parameters per layer (0 embeddings, i block i - 1, L + 1 final norm and head)."""
 
 
@@ -248,7 +248,9 @@ def inference_activations(
     return block + tokens * shape.vocab * logit_bytes
 
 
-def evaluate_estimate(shape: ModelShape, seq: int, gpus: int = 1, bits: int | None = None):
+def evaluate_estimate(
+    shape: ModelShape, seq: int, gpus: int = 1, bits: int | None = None
+) -> StageEstimate:
     """The evaluate stage: the weights (split across ``gpus``) and a batch's forward pass; with
     ``bits``, RTN quantization first (fp32 temporaries of the largest matrix: its float copy,
     scaled and rounded values)."""
@@ -298,33 +300,35 @@ def train_estimate(
     reference: bool = False,
     forwards: int = 1,
     eval_rows: int = 0,
+    accumulating: bool = False,
 ) -> StageEstimate:
-    """A training stage: the trained weights with their training state (training_bytes; with
-    LoRA the frozen base in its dtype and the adapters, r x lora_dims parameters, trained), a
-    frozen reference copy where the method needs one (none with LoRA: the base with its
-    adapters disabled is the reference), and the larger of ``forwards`` forward passes with
-    gradients of ``rows`` rows per micro-batch (GD and KL add the retain batch's) and the
-    no-grad evaluations of ``eval_rows`` rows it runs between steps (relearning's curve, an
-    early-stop check), in the training dtype beside the training state. With several GPUs,
+    """A training stage's peak: the trained parameters' weights, AdamW moments and autocast
+    copies (training_bytes less the gradient; with LoRA the frozen base in its dtype and the
+    adapters, r x lora_dims parameters, trained), a frozen reference copy where the method needs
+    one (none with LoRA: the base with its adapters disabled is the reference), and the largest
+    of three moments: the backward pass, where the gradients fill in as the saved activations of
+    ``forwards`` passes of ``rows`` rows (GD and KL add the retain batch's) are freed, so the
+    larger of the two counts (both while ``accumulating`` micro-batches: the gradients of the
+    earlier ones stay); and the no-grad evaluations of ``eval_rows`` rows between steps
+    (relearning's curve, an early-stop check), after the gradients are freed. With several GPUs,
     weights and state are sharded across them and each takes a share of the rows."""
     gpus, precision = compute.gpus, compute.precision
-    per_param = training_bytes(precision, shape.dtype_bytes)
-    if lora_rank:
-        parts = {
-            "weights": shape.parameters * shape.dtype_bytes // gpus,
-            "training state": lora_rank * shape.lora_dims * per_param // gpus,
-        }
-    else:
-        parts = {"weights and training state": shape.parameters * per_param // gpus}
+    trained = lora_rank * shape.lora_dims if lora_rank else shape.parameters
+    gradient = 2 if precision == "bf16" else max(shape.dtype_bytes, 4)
+    state = trained * (training_bytes(precision, shape.dtype_bytes) - gradient) // gpus
+    parts = {"weights": shape.parameters * shape.dtype_bytes // gpus} if lora_rank else {}
+    parts["trained weights and optimizer state"] = state
     if reference and not lora_rank:
         parts["reference"] = shape.parameters * shape.dtype_bytes // gpus
     value_bytes = activation_bytes(precision, shape.dtype_bytes)
     share = math.ceil(rows / gpus)
     step = forwards * forward_activations(shape, share, seq, value_bytes, compute.checkpointing)
+    gradients = trained * gradient // gpus
+    backward = step + gradients if accumulating else max(step, gradients)
     check = inference_activations(
         shape, math.ceil(eval_rows / gpus), seq, value_bytes, value_bytes + 8
     )
-    parts["activations"] = max(step, check)
+    parts["gradients and activations"] = max(backward, check)
     return StageEstimate(name, gpus, parts)
 
 
@@ -346,6 +350,7 @@ def unlearn_estimate(
         reference=needs_reference(config),
         forwards=2 if "+" in config.method else 1,
         eval_rows=0 if config.stop_at_forget_em is None else EVAL_BATCH,
+        accumulating=config.micro_batches > 1,
     )
 
 
@@ -360,7 +365,16 @@ def relearn_estimate(
     """A relearning run: one batch of batch_size / micro_batches rows per forward pass, and
     its recovery curve's evaluations (batches of at most EVAL_BATCH rows)."""
     rows = math.ceil(config.batch_size / config.micro_batches)
-    return train_estimate(shape, name, rows, seq, compute, config.lora_rank, eval_rows=eval_rows)
+    return train_estimate(
+        shape,
+        name,
+        rows,
+        seq,
+        compute,
+        config.lora_rank,
+        eval_rows=eval_rows,
+        accumulating=config.micro_batches > 1,
+    )
 
 
 def fisher_parameters(shape: ModelShape, layers: list[int] | None) -> int:
