@@ -495,7 +495,7 @@ class Plan:
     def table(self) -> str:
         """The plan as a text table: each stage's peak per device and the budget it is held to,
         then the store's footprint, and the settings that would fit where a stage does not."""
-        held = f"{_size(self.budget)} per device" if self.budget else "not enforced (CPU)"
+        held = f"{_size(self.budget)} per device" if self.budget else "not enforced (no GPU)"
         size = (
             f"{self.parameters / 1e9:.2f}B"
             if self.parameters >= 1e9
