@@ -55,6 +55,13 @@ class StageRunFailed(RuntimeError):
         return type(self), (str(self), self.crashed)
 
 
+class OutOfMemory(ValueError):
+    """An out-of-memory error that splitting batches cannot help (the batch is already split
+    into one-row micro-batches, or the stage has no batch to split); its message carries the
+    stage's memory estimate and the settings that would fit (plan.py). A ValueError, so the
+    task's retries do not rerun it: it would run out of memory the same way."""
+
+
 def _retry_condition(task, task_run, state) -> bool:
     """Retry any failure except bad input (a ValueError: a retry would fail the same way, after
     loading everything again) and a dispatched stage run that failed after its own retries."""
@@ -114,8 +121,13 @@ def cached_stage(
         return _run_on_pool(pool)
     name = _stage_name(stage)
     _clean_stale_once()
+    note = functools.partial(_memory_note, store, stage, inputs, config)
     ref, cached = store.cached(
-        stage, inputs, config, version, lambda out: _guarded_build(name, build, batch, store, out)
+        stage,
+        inputs,
+        config,
+        version,
+        lambda out: _guarded_build(name, build, batch, store, out, note),
     )
     if cached:
         logger.info("%s: served from the store (%s)", stage, ref.key)
@@ -155,6 +167,7 @@ def _guarded_build(
     batch: BaseModel | None,
     store: Store,
     out: Path,
+    note: Callable[[BaseModel | None], str],
 ) -> Mapping[str, Any] | None:
     """Run ``build``, injecting a planned fault first; on out-of-memory, split each step's
     batch into twice as many micro-batches and rebuild.
@@ -162,8 +175,10 @@ def _guarded_build(
     Gradient accumulation keeps every step's rows and loss (training.split), so the result is
     the requested config's, up to float rounding, and is stored under its key; the manifest
     records ``oom_micro_batches``. At most $UNLEARNING_AUDIT_OOM_SPLITS (default 3) doublings,
-    and never more micro-batches than rows. Anything else, or an OOM that splitting cannot
-    help, is raised for the task's retries.
+    and never more micro-batches than rows. An OOM that splitting cannot help (one-row
+    micro-batches already, or no batch) fails at once as OutOfMemory, with ``note(batch)``:
+    the stage's estimate and the settings that would fit. Anything else, and an OOM past the
+    doublings, is raised for the task's retries.
     """
     limit = int(os.environ.get(OOM_SPLITS_ENV, "3"))
     current, doublings = batch, 0
@@ -176,10 +191,10 @@ def _guarded_build(
             if current is batch:
                 return meta
             return {**meta, "oom_micro_batches": current.micro_batches}
-        except torch.cuda.OutOfMemoryError:
-            if current is None or doublings >= limit:
-                raise
-            if current.micro_batches >= current.batch_size:
+        except torch.cuda.OutOfMemoryError as exc:
+            if current is None or current.micro_batches >= current.batch_size:
+                raise OutOfMemory(f"{name}: {exc}; splitting cannot help: {note(current)}") from exc
+            if doublings >= limit:
                 raise
         parts = min(2 * current.micro_batches, current.batch_size)
         get_run_logger().warning(
@@ -191,6 +206,29 @@ def _guarded_build(
         )
         current, doublings = current.model_copy(update={"micro_batches": parts}), doublings + 1
         _release_memory(out)
+
+
+def _memory_note(
+    store: Store, stage: str, inputs: Mapping[str, Any], config: Any, batch: BaseModel | None
+) -> str:
+    """The stage's memory estimate (plan.stage_note) for an out-of-memory message, read from its
+    checkpoint's config.json and its data's longest rendered row; what prevents one, if
+    anything does (a stage without a checkpoint, a config that cannot be read)."""
+    from transformers import AutoTokenizer
+
+    from unlearning_audit import plan
+
+    checkpoint, data_ref = inputs.get("checkpoint"), inputs.get("data")
+    if not isinstance(config, Mapping) or checkpoint is None or data_ref is None:
+        return f"no memory estimate for the {stage} stage"
+    try:
+        folder = store.local_dir(checkpoint)
+        shape = plan.shape_of_folder(folder)
+        fmt = _renderer(store, data_ref, AutoTokenizer.from_pretrained(folder))
+        seq = plan.sequence_length(fmt, load_sets(store, data_ref))
+        return plan.stage_note(stage, dict(config), batch, shape, seq, plan.device_budget("auto"))
+    except (ValueError, OSError) as exc:
+        return f"no memory estimate ({exc})"
 
 
 def _release_memory(out: Path) -> None:
@@ -342,9 +380,15 @@ def load_inputs(
     (one rendering for every stage), the probe sets, and the data's generation cap. The
     checkpoint's own model code runs only with ``trust_remote_code`` (see load_model)."""
     model, tokenizer = load_model(store, checkpoint, device, trust_remote_code=trust_remote_code)
+    fmt = _renderer(store, data_ref, tokenizer)
+    cap = store.read_json(data_ref, data.FORMAT)["max_new_tokens"]
+    return model, fmt, load_sets(store, data_ref), cap
+
+
+def _renderer(store: Store, data_ref: ArtifactRef, tokenizer) -> prompts.Renderer:
+    """The audit's prompt format (the data artifact's) for ``tokenizer``."""
     spec = store.read_json(data_ref, data.FORMAT)
-    fmt = prompts.renderer(tokenizer, spec["prompt_format"], spec["separator"])
-    return model, fmt, load_sets(store, data_ref), spec["max_new_tokens"]
+    return prompts.renderer(tokenizer, spec["prompt_format"], spec["separator"])
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -267,7 +267,20 @@ def audit_params(args: argparse.Namespace) -> AuditParams:
 
 def cmd_audit(args: argparse.Namespace) -> None:
     """Audit a checkpoint: run methods on it, or judge an already-unlearned one."""
-    _run_audit(audit_params(args), args.json)
+    params = audit_params(args)
+    if args.plan:
+        _print_plan(params)
+        return
+    _run_audit(params, args.json)
+
+
+def _print_plan(params: AuditParams) -> None:
+    """Print the audit's memory and store estimate (plan.py): the original's config.json and
+    the data (for the rows' length) are read, no model is loaded and nothing runs."""
+    from . import data, plan
+
+    sets = data.external_sets(params.data) if params.data.external else None
+    print(plan.plan_audit(params, sets).table())
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -680,6 +693,12 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         help="allow model code shipped with the checkpoint (unsafe)",
     )
     run.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
+    run.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each stage's estimated peak memory per device and the store's footprint, "
+        "then exit without running anything",
+    )
     audit.set_defaults(func=cmd_audit)
 
 

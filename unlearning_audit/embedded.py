@@ -48,19 +48,29 @@ def train_tokenizer(facts: Sequence[Fact], vocab_size: int) -> PreTrainedTokeniz
 def build_model(tokenizer: PreTrainedTokenizerFast, config: EmbeddedConfig) -> LlamaForCausalLM:
     """A freshly initialised tiny Llama sized by ``config``."""
     return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.layers,
-            num_attention_heads=config.heads,
-            num_key_value_heads=config.heads,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
+        model_config(
+            config,
+            len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
+    )
+
+
+def model_config(config: EmbeddedConfig, vocab_size: int, **token_ids: int) -> LlamaConfig:
+    """The Llama config of the embedded model of ``config`` with a tokenizer of
+    ``vocab_size`` tokens (and its special ``token_ids``); plan.py sizes it before building."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        **token_ids,
     )
 
 

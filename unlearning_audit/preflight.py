@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoints, data, prompts, runtime
+from . import checkpoints, data, plan, prompts, runtime
 from .config import DEFAULT_METHODS, AuditParams
 from .store import Store, default_store_url
 
@@ -56,6 +56,7 @@ def preflight(params: AuditParams) -> str:
         and not Path(source).expanduser().exists()
     ]
     problems += [f"data.{role}: file {sources[role]!r} does not exist" for role in missing]
+    sets = None
     if sources["forget"] is not None and sources["retain"] is not None and not missing:
         try:
             sets = data.external_sets(params.data)
@@ -80,6 +81,8 @@ def preflight(params: AuditParams) -> str:
         )
     if not params.methods and params.unlearned is None:
         problems.append("methods: give at least one unlearning method, or an unlearned checkpoint")
+    if not problems:  # the plan reads a sound original and data
+        problems += _memory_problems(params, sets)
     url = params.store or default_store_url()
     try:
         Store(url).check_writable()
@@ -140,6 +143,19 @@ def _rendering_problems(
     except ValueError as exc:
         return [f"prompt format {params.data.prompt_format!r}: {exc}"]
     return []
+
+
+def _memory_problems(params: AuditParams, sets: dict[str, list[dict]] | None) -> list[str]:
+    """Stages whose estimated peak (plan.plan_audit) exceeds the memory of the device they run
+    on, each naming the settings under which every stage would fit. A CPU device is not
+    held to a budget (plan.device_budget), nor a remote original (planned by `--plan` once a
+    local copy is given; its config.json is read only when the audit fetches it)."""
+    if checkpoints.parse(params.original).kind not in ("embedded", "local"):
+        return []
+    try:
+        return plan.plan_audit(params, sets).problems()
+    except ValueError as exc:  # a device memory setting that is no size
+        return [f"memory: {exc}"]
 
 
 def _device_problems(device: str) -> list[str]:
