@@ -17,6 +17,7 @@ from tasks.data import prepare_data
 from tasks.unlearn import unlearn
 from unlearning_audit import cli, data, plan
 from unlearning_audit.config import AuditParams, DataConfig, EmbeddedConfig, UnlearnConfig
+from unlearning_audit.plan import _lora
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,9 @@ def test_memory_settings_change_the_figures_they_should(small):
     kept = plan.store_estimate(AuditParams(keep_relearned=True), shape)
     assert kept["relearned"] == 3 * 4 * p and lean["relearned"] == 0
     assert lean["fisher"] == 4 * 2 * shape.layer_parameters[1]  # original and 3 unlearned
+    assert lean["unlearned"] == 3 * 4 * p  # three full checkpoints (fp32 here)
+    adapters = plan.store_estimate(_lora(AuditParams(keep_relearned=True)), shape)
+    assert adapters["unlearned"] == adapters["relearned"] == 3 * 16 * shape.lora_dims * 4
     assert plan.parse_size("80GiB") == 80 * 2**30 and plan.parse_size("141 GB") == 141 * 10**9
 
 

@@ -445,13 +445,20 @@ def has_control(params: AuditParams) -> bool:
 
 def store_estimate(params: AuditParams, shape: ModelShape) -> dict[str, int]:
     """What the audit writes to the store (bytes), by kind: the fetched original and control,
-    one checkpoint per unlearned model (or the given one), the relearned checkpoints only with
-    keep_relearned (one per unlearned model), the Fisher of the original and each unlearned
-    model in bf16 (2 B per parameter of the chosen layers), the activations of every extracted
-    model (the original, each unlearned and relearned one: rows of the probe sets x layers x
-    hidden size x 4 B), and a small allowance per stage for its JSON files."""
+    one checkpoint per unlearned model (or the given one; a LoRA run's adapter alone, r x
+    lora_dims float32 values), the relearned checkpoints only with keep_relearned (one per
+    unlearned model; with LoRA relearning, an adapter), the Fisher of the original and each
+    unlearned model in bf16 (2 B per parameter of the chosen layers), the activations of every
+    extracted model (the original, each unlearned and relearned one: rows of the probe sets x
+    layers x hidden size x 4 B), and a small allowance per stage for its JSON files."""
     checkpoint = shape.parameters * shape.dtype_bytes
+
+    def trained(lora_rank: int | None) -> int:
+        return lora_rank * shape.lora_dims * 4 if lora_rank else checkpoint
+
+    methods = [] if params.unlearned is not None else params.methods
     unlearned = 1 if params.unlearned is not None else len(params.methods)
+    given = checkpoint if params.unlearned is not None else 0
     relearn_runs = len(params.relearn_sources) * params.relearn.seeds
     layers = len(params.layers) if params.layers else shape.blocks + 1
     rows = PROBE_SETS * params.data.eval_max_rows
@@ -459,8 +466,8 @@ def store_estimate(params: AuditParams, shape: ModelShape) -> dict[str, int]:
     return {
         "original": checkpoint,
         "control": checkpoint if has_control(params) else 0,
-        "unlearned": unlearned * checkpoint,
-        "relearned": unlearned * checkpoint if params.keep_relearned else 0,
+        "unlearned": given + sum(trained(m.lora_rank) for m in methods),
+        "relearned": unlearned * trained(params.relearn.lora_rank) if params.keep_relearned else 0,
         "fisher": (1 + unlearned) * fisher_parameters(shape, params.fisher_layers) * 2
         if params.fisher
         else 0,
