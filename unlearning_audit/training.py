@@ -10,6 +10,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .data import IGNORE
 
 Batch = dict[str, torch.Tensor]
@@ -93,6 +94,15 @@ def split(batch: Batch | dict[str, Batch], parts: int) -> list:
     return [{key: chunks[key][i] for key in batch} | whole for i in range(parts)]
 
 
+def share(batch: Batch | dict[str, Batch], micro_batches: int) -> list:
+    """This rank's ``micro_batches`` parts of a step's batch: with R ranks (distributed.ranks)
+    the batch is cut into R * ``micro_batches`` parts (:func:`split`, so every part carries the
+    whole batch's normalisers and the ranks' losses and gradients add up to the whole batch's),
+    and rank r takes the r-th run of them; outside a process group, all of them."""
+    rank, world = distributed.ranks()
+    return split(batch, micro_batches * world)[rank * micro_batches : (rank + 1) * micro_batches]
+
+
 def weight_dtype(own: torch.dtype, precision: str) -> torch.dtype:
     """The dtype a weight stored in ``own`` trains in, and so its AdamW state: bf16 for pure
     bf16, else at least fp32 (bf16-mixed's master weights; a float64 weight stays float64)."""
@@ -126,19 +136,25 @@ def fit(
     than half its bf16 spacing, so it rounds back. ``stop`` and ``progress`` see the weights in
     the training dtype; after training every parameter is back in its own dtype (a bf16
     checkpoint is saved as bf16).
+
+    In a process group (distributed.launch), every rank calls fit with the same batches: the
+    model is sharded over the ranks (distributed.shard), each rank trains on its share of each
+    step (:func:`share`), the losses are the ranks' sums and rank 0 decides ``stop``.
     """
-    own = [(p, p.dtype) for p in model.parameters()]
-    params = [p for p, _ in own if p.requires_grad]
+    own = {name: p.dtype for name, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     autocast = partial(
         torch.autocast,
-        params[0].device.type,
+        device.type,
         dtype=torch.bfloat16,
         enabled=precision == "bf16-mixed",
     )
     losses = []
     try:
-        for p, dtype in own:
-            p.data = p.data.to(weight_dtype(dtype, precision))
+        _cast(model, lambda name: weight_dtype(own[name], precision))
+        model = distributed.shard(model)
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0
@@ -146,11 +162,12 @@ def fit(
         model.train()
         for step in range(1, steps + 1):
             loss = 0.0
-            for part in split(next(batches), micro_batches):
+            for part in share(next(batches), micro_batches):
                 with autocast():
                     part_loss = loss_fn(model, part)
                 part_loss.backward()
                 loss += part_loss.item()
+            loss = distributed.total(loss, device)
             if not math.isfinite(loss):
                 raise Diverged(
                     f"training diverged: the loss is {loss} at step {step} of {steps} "
@@ -163,10 +180,23 @@ def fit(
             losses.append(loss)
             if progress is not None:
                 progress(step, steps)
-            if stop is not None and stop(step):
+            if stop is not None and distributed.agree(stop(step), device):
                 break
     finally:
-        for p, dtype in own:
-            p.data = p.data.to(dtype)
+        _cast(model, own.__getitem__)
     model.eval()
     return losses
+
+
+def _cast(model, dtype_of: Callable[[str], torch.dtype]) -> None:
+    """Each parameter of ``model`` in ``dtype_of(its name)``. A sharded one (a DTensor) is
+    swapped whole, its data cannot be set; a model sharded in another dtype than it trained in
+    then serves only its state dict (distributed.full_state_dict), not a forward."""
+    from torch.distributed.tensor import DTensor
+
+    for name, p in model.named_parameters():
+        dtype = dtype_of(name)
+        if not isinstance(p, DTensor):
+            p.data = p.data.to(dtype)
+        elif p.dtype != dtype:
+            torch.utils.swap_tensors(p, torch.nn.Parameter(p.to(dtype), p.requires_grad))

@@ -1,0 +1,119 @@
+"""Several processes for one stage (distributed.py): two gloo processes on the CPU train a tiny
+Llama with FSDP2 exactly as one process does (float64), and a rank's failure reaches the
+caller with its rank named and no process left behind.
+
+Splitting a model over several GPUs for inference (checkpoints.load with gpus > 1) needs GPUs:
+it is not tested here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from unlearning_audit import distributed, training
+from unlearning_audit.data import IGNORE
+
+CPU = torch.device("cpu")
+
+
+def _model():
+    """A tiny float64 Llama, the same on every rank (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # only the ranks that train need it
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(torch.float64)
+
+
+def _batches(steps: int) -> list[dict[str, torch.Tensor]]:
+    """``steps`` batches of 4 rows with answers of different lengths and right padding, so
+    that each rank's share has its own answer-token count (the normalisers must be the whole
+    batch's for the ranks' losses to add up)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(1, 40, (4, 10), generator=g)
+        mask = torch.ones_like(ids)
+        labels = ids.clone()
+        labels[:, :4] = IGNORE  # the prompt
+        for row, pad in enumerate((0, 3, 1, 5)):
+            if pad:
+                mask[row, -pad:] = 0
+                labels[row, -pad:] = IGNORE
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _train(steps: int = 3) -> dict[str, tuple[list[float], dict[str, torch.Tensor]]]:
+    """Train the tiny model on the fixed batches with plain NLL, and again with gradient ascent
+    (minus it); per loss, the losses per step and the final weights (rank 0's whole state dict
+    in a group). Both in one call: each launch costs the ranks' start (seconds)."""
+    torch.set_num_threads(1)
+    return {method: _train_with(sign, steps) for method, sign in (("NLL", 1.0), ("GA", -1.0))}
+
+
+def _train_with(sign: float, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One training run of :func:`_train`, the loss times ``sign``."""
+    model = _model()
+    losses = training.fit(
+        model,
+        lambda m, b: sign * training.mean_nll(m, b),
+        iter(_batches(steps)),
+        steps,
+        lr=1e-2,
+        grad_clip=0.5,
+    )
+    state = distributed.full_state_dict(model)
+    return losses, state if state is not None else model.state_dict()
+
+
+def test_two_processes_train_as_one():
+    """Two ranks, each on half of every batch with FSDP2 shards and summed gradients, give the
+    losses and weights of one process on the whole batches, up to rounding: the model is
+    float64, but training.token_logprobs takes the cross-entropy in float32, so the halves'
+    sums agree to float32's (1e-7 relative)."""
+    one = _train()
+    two = distributed.launch(_train, 2, CPU)
+    for method, (one_losses, one_state) in one.items():
+        two_losses, two_state = two[method]
+        assert len(two_losses) == 3
+        assert two_losses == pytest.approx(one_losses, rel=1e-6), method
+        assert one_losses[-1] != pytest.approx(one_losses[0], rel=1e-3)  # it did train
+        assert two_state.keys() == one_state.keys()
+        for name, weight in one_state.items():
+            torch.testing.assert_close(two_state[name], weight, rtol=1e-6, atol=1e-8)
+
+
+def _fail_in_rank_one(pid_folder: str) -> None:
+    """Record this rank's pid; rank 1 raises while rank 0 waits in a collective for it."""
+    rank = dist.get_rank()
+    with open(os.path.join(pid_folder, f"{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    if rank == 1:
+        raise ValueError("bad input seen by one rank")
+    dist.barrier()
+
+
+def test_a_rank_failure_is_raised_with_its_rank_and_ends_every_rank(tmp_path):
+    """Rank 1's ValueError reaches the caller as a ValueError (bad input stays bad input) with
+    a note naming rank 1; rank 0, stuck waiting for it, is ended: no process is left."""
+    with pytest.raises(ValueError, match="bad input seen by one rank") as raised:
+        distributed.launch(_fail_in_rank_one, 2, CPU, str(tmp_path))
+    assert "raised in rank 1 of 2 processes" in "".join(raised.value.__notes__)
+    pids = [int((tmp_path / f"{rank}.pid").read_text()) for rank in range(2)]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
