@@ -77,6 +77,7 @@ def _relearn_all(
                 generate=params.thresholds.metric == "rouge_l",
                 trust_remote_code=params.trust_remote_code,
                 precision=params.precision,
+                gpus=params.gpus,
             )
             for k, seed in enumerate(relearning.seeds(params.seed, params.relearn.seeds))
         ]
@@ -95,11 +96,22 @@ def audit_run(
     """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
     rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
     unlearned = candidate["checkpoint"]
-    unlearned_eval = evaluate(store, unlearned, data_ref, rows, dev, trust_remote_code=trust)
+    unlearned_eval = evaluate(
+        store, unlearned, data_ref, rows, dev, trust_remote_code=trust, gpus=params.gpus
+    )
     relearned = _relearn_all(store, params, unlearned, data_ref, keep=True)
     kept = relearned["forget"][0]  # the relearned checkpoint the representation metrics read
     acts = {
-        name: extract(store, ref, data_ref, params.layers, rows, dev, trust_remote_code=trust)
+        name: extract(
+            store,
+            ref,
+            data_ref,
+            params.layers,
+            rows,
+            dev,
+            trust_remote_code=trust,
+            gpus=params.gpus,
+        )
         for name, ref in (("unlearned", unlearned), ("relearned", kept))
     }
     quantized = {
@@ -112,6 +124,7 @@ def audit_run(
             bits=bits,
             embeddings=params.quantize_embeddings,
             trust_remote_code=trust,
+            gpus=params.gpus,
         )
         for bits in params.quantization_bits
     }
@@ -176,13 +189,22 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     control = control_fetch.result() if control_fetch is not None else None
     check_compatible(store, {"original": checkpoint, "unlearned": given, "control": control})
     rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
-    original_eval = evaluate(store, checkpoint, data_ref, rows, dev, trust_remote_code=trust)
+    original_eval = evaluate(
+        store, checkpoint, data_ref, rows, dev, trust_remote_code=trust, gpus=params.gpus
+    )
     check_known(store, data_ref, original_eval, params.thresholds)  # before any training
     original = {
         "checkpoint": checkpoint,
         "eval": original_eval,
         "acts": extract(
-            store, checkpoint, data_ref, params.layers, rows, dev, trust_remote_code=trust
+            store,
+            checkpoint,
+            data_ref,
+            params.layers,
+            rows,
+            dev,
+            trust_remote_code=trust,
+            gpus=params.gpus,
         ),
         "fisher": fisher(store, checkpoint, data_ref, device=dev, trust_remote_code=trust)
         if params.fisher
@@ -208,6 +230,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
                     dev,
                     trust_remote_code=trust,
                     precision=params.precision,
+                    gpus=params.gpus,
                 ),
             }
             for cfg in params.methods

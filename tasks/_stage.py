@@ -31,7 +31,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from unlearning_audit import checkpoints, data, prompts, scratch
+from unlearning_audit import checkpoints, data, distributed, prompts, runtime, scratch
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
@@ -280,14 +280,19 @@ def _run_on_pool(pool: str):
 # -- loading inputs -------------------------------------------------------------------------
 
 
-def load_model(store: Store, ref: ArtifactRef, device, *, trust_remote_code: bool = False):
-    """The model and tokenizer of a checkpoint artifact (already checked when fetched).
+def load_model(
+    store: Store, ref: ArtifactRef, device, *, trust_remote_code: bool = False, gpus: int = 1
+):
+    """The model and tokenizer of a checkpoint artifact (already checked when fetched); split
+    over ``gpus`` GPUs for inference where that is more than one (checkpoints.load).
 
     The checkpoint's own model code runs only with ``trust_remote_code``, which comes from the
     current run's parameters (the stage task's, passed by the flow from the audit's), never
     from the store: a manifest's meta is covered by no hash, and whoever can write to a shared
     store could otherwise make a later audit run code it was not allowed to."""
-    return checkpoints.load(store.local_dir(ref), device, trust_remote_code=trust_remote_code)
+    return checkpoints.load(
+        store.local_dir(ref), device, trust_remote_code=trust_remote_code, gpus=gpus
+    )
 
 
 def load_sets(store: Store, ref: ArtifactRef) -> dict[str, list[dict]]:
@@ -302,14 +307,33 @@ def load_inputs(
     device,
     *,
     trust_remote_code: bool = False,
+    gpus: int = 1,
 ):
     """What a model stage starts from: the model, its tokenizer in the audit's prompt format
     (one rendering for every stage), the probe sets, and the data's generation cap. The
-    checkpoint's own model code runs only with ``trust_remote_code`` (see load_model)."""
-    model, tokenizer = load_model(store, checkpoint, device, trust_remote_code=trust_remote_code)
+    checkpoint's own model code runs only with ``trust_remote_code``; an inference stage's
+    model is split over ``gpus`` GPUs (see load_model)."""
+    model, tokenizer = load_model(
+        store, checkpoint, device, trust_remote_code=trust_remote_code, gpus=gpus
+    )
     spec = store.read_json(data_ref, data.FORMAT)
     fmt = prompts.renderer(tokenizer, spec["prompt_format"], spec["separator"])
     return model, fmt, load_sets(store, data_ref), spec["max_new_tokens"]
+
+
+def on_gpus(gpus: int, device: str, build: Callable[..., Mapping[str, Any]], *args) -> dict:
+    """``build(*args)``, a training stage's build: here with one GPU; with more, in ``gpus``
+    processes, one per GPU, that shard the model (distributed.launch; rank 0's meta). The
+    manifest's meta records the GPUs; the stage's key does not hold them: they change its
+    result by float rounding only."""
+    if gpus == 1:
+        meta = build(*args)
+    else:  # checked by preflight where the flow runs; here, on the machine that trains
+        resolved = runtime.resolve_device(device)
+        if problems := distributed.gpu_problems(gpus, resolved):
+            raise ValueError("; ".join(problems))
+        meta = distributed.launch(build, gpus, resolved, *args)
+    return {**meta, "gpus": gpus}
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -3,14 +3,17 @@ curve with every fact's scores, and the relearned checkpoint where a later stage
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._progress import StageProgress
-from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from tasks._progress import stage_progress
+from tasks._stage import cached_stage, gpu_options, load_inputs, on_gpus, write_json
 from unlearning_audit import (
     checkpoints,
     data,
+    distributed,
     evaluation,
     prompts,
     relearning,
@@ -37,6 +40,7 @@ def relearn(
     generate: bool = False,
     trust_remote_code: bool = False,
     precision: Precision = "auto",
+    gpus: int = 1,
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
     ``seed``; the recovery curve scores at most ``max_rows`` rows per set, like the evaluate
@@ -44,40 +48,13 @@ def relearn(
     facts also carry ROUGE-L of greedy generations (when the verdict reads it). Trains in
     ``precision`` (resolved on this machine's device, and part of the stage's key); the
     relearned checkpoint keeps its dtype. The checkpoint's own model code runs only with
-    ``trust_remote_code`` (the audit's parameter; nothing in the store can grant it)."""
+    ``trust_remote_code`` (the audit's parameter; nothing in the store can grant it). With
+    ``gpus`` > 1 it trains on that many GPUs (tasks._stage.on_gpus)."""
     precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
-        model, fmt, sets, cap = load_inputs(
-            s,
-            checkpoint,
-            data_ref,
-            runtime.setup(seed, device),
-            trust_remote_code=trust_remote_code,
-        )
-        with StageProgress(f"relearn from {source}") as progress:
-            log = relearning.relearn(
-                model,
-                fmt,
-                sets,
-                source,
-                cfg,
-                seed,
-                progress,
-                max_rows,
-                cap if generate else 0,
-                precision,
-            )
-        if keep_checkpoint:
-            checkpoints.save(model, fmt.tokenizer, out)
-        write_json(out / CURVE, log)
-        return {
-            "source": source,
-            "steps": log["steps"],
-            "lr": log["lr"],
-            "precision": precision,
-            "dtype": str(model.dtype),
-        }
+        run = (source, cfg, seed, device, max_rows, keep_checkpoint, generate, precision)
+        return on_gpus(gpus, device, _build, s, out, checkpoint, data_ref, trust_remote_code, *run)
 
     return cached_stage(
         store,
@@ -94,6 +71,56 @@ def relearn(
         build,
         batch=config,
     )
+
+
+def _build(
+    s: Store,
+    out: Path,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    trust_remote_code: bool,
+    source: RelearnSource,
+    cfg: RelearnConfig,
+    seed: int,
+    device: str,
+    max_rows: int,
+    keep_checkpoint: bool,
+    generate: bool,
+    precision: str,
+) -> dict:
+    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files)."""
+    model, fmt, sets, cap = load_inputs(
+        s,
+        checkpoint,
+        data_ref,
+        runtime.setup(seed, device),
+        trust_remote_code=trust_remote_code,
+    )
+    with stage_progress(f"relearn from {source}") as progress:
+        log = relearning.relearn(
+            model,
+            fmt,
+            sets,
+            source,
+            cfg,
+            seed,
+            progress,
+            max_rows,
+            cap if generate else 0,
+            precision,
+        )
+    state = distributed.full_state_dict(model) if keep_checkpoint else None
+    if distributed.ranks()[0] == 0:
+        if keep_checkpoint:
+            checkpoints.save(model, fmt.tokenizer, out, state)
+        write_json(out / CURVE, log)
+    return {
+        "source": source,
+        "steps": log["steps"],
+        "lr": log["lr"],
+        "precision": precision,
+        "dtype": str(model.dtype),
+    }
 
 
 def read_curves(store: Store, refs: list[ArtifactRef]) -> list[list[dict]]:

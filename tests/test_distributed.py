@@ -117,3 +117,36 @@ def test_a_rank_failure_is_raised_with_its_rank_and_ends_every_rank(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_gpus_a_stage_cannot_use_are_named():
+    """One GPU is always fine; several need CUDA devices that torch sees, all of them (not a
+    device naming one); the CPU only with the test switch."""
+    assert distributed.gpu_problems(1, CPU) == []
+    (problem,) = distributed.gpu_problems(2, torch.device("cuda:1"))
+    assert problem.startswith("device: 'cuda:1' names one GPU, but gpus is 2")
+    count = torch.cuda.device_count()
+    more = max(count + 1, 2)
+    (problem,) = distributed.gpu_problems(more, torch.device("cuda"))
+    assert problem == f"gpus: {more} were asked for, but torch sees {count} CUDA device(s)"
+    (problem,) = distributed.gpu_problems(2, CPU)
+    assert problem == "gpus: 2 were asked for, but the device is cpu, not CUDA GPUs"
+
+
+def test_preflight_refuses_gpus_before_any_stage(capsys, tmp_path, monkeypatch):
+    """--gpus 2 on the CPU is refused up front; with the test switch, the CPU passes but a
+    batch too small to give each of 4 GPUs a row per micro-batch is named."""
+    from unlearning_audit import cli
+
+    store = str(tmp_path / "store")
+    code = cli.main(["audit", "--original", "embedded", "--gpus", "2", "--store", store])
+    err = capsys.readouterr().err
+    assert code == 2 and "gpus: 2 were asked for, but the device is cpu" in err, err
+    monkeypatch.setenv(distributed.CPU_ENV, "1")
+    config = tmp_path / "audit.json"
+    config.write_text('{"methods": [{"method": "GA", "lr": 0.001, "batch_size": 2}]}')
+    argv = ["audit", "--original", "embedded", "--config", str(config), "--store", store]
+    code = cli.main([*argv, "--device", "cpu", "--gpus", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "steps=60: batch_size 2 cannot be shared by 4 GPUs in 1 micro" in err, err
+    assert "gpus: 4 were asked for" not in err

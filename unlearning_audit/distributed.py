@@ -177,6 +177,23 @@ def full_state_dict(model) -> dict[str, torch.Tensor] | None:
     return get_model_state_dict(model, options=options)
 
 
-def cpu_allowed() -> bool:
-    """Whether gpus > 1 may run as gloo processes on the CPU (tests only: ``CPU_ENV``)."""
-    return os.environ.get(CPU_ENV) == "1"
+def gpu_problems(gpus: int, device: torch.device) -> list[str]:
+    """Why a stage computing on ``device`` cannot use ``gpus`` GPUs (none for one): a device
+    naming one GPU, more GPUs than torch sees, or a device that is not CUDA (the CPU is
+    allowed with ``CPU_ENV``, for tests)."""
+    if gpus == 1:
+        return []
+    if device.type == "cuda":
+        if device.index is not None:
+            return [
+                f"device: {str(device)!r} names one GPU, but gpus is {gpus}: give 'cuda' or "
+                "'auto' (a stage uses the first gpus visible GPUs; CUDA_VISIBLE_DEVICES "
+                "chooses them)"
+            ]
+        count = torch.cuda.device_count()
+        if gpus > count:
+            return [f"gpus: {gpus} were asked for, but torch sees {count} CUDA device(s)"]
+        return []
+    if device.type == "cpu" and os.environ.get(CPU_ENV) == "1":
+        return []
+    return [f"gpus: {gpus} were asked for, but the device is {device.type}, not CUDA GPUs"]
