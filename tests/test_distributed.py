@@ -1,6 +1,6 @@
 """Several processes for one stage (distributed.py): two gloo processes on the CPU train a tiny
-Llama with FSDP2 exactly as one process does (float64), and a rank's failure reaches the
-caller with its rank named and no process left behind.
+Llama with FSDP2 as one process does (up to rounding), and a rank's failure reaches the caller
+with its rank named and no process left behind.
 
 Splitting a model over several GPUs for inference (checkpoints.load with gpus > 1) needs GPUs:
 it is not tested here.
@@ -20,8 +20,8 @@ from unlearning_audit.data import IGNORE
 CPU = torch.device("cpu")
 
 
-def _model():
-    """A tiny float64 Llama, the same on every rank (seeded)."""
+def _model(dtype: torch.dtype):
+    """A tiny Llama in ``dtype``, the same on every rank (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM  # only the ranks that train need it
 
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def _model():
         max_position_embeddings=32,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).to(torch.float64)
+    return LlamaForCausalLM(config).to(dtype)
 
 
 def _batches(steps: int) -> list[dict[str, torch.Tensor]]:
@@ -57,17 +57,38 @@ def _batches(steps: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _train(steps: int = 3) -> dict[str, tuple[list[float], dict[str, torch.Tensor]]]:
-    """Train the tiny model on the fixed batches with plain NLL, and again with gradient ascent
-    (minus it); per loss, the losses per step and the final weights (rank 0's whole state dict
-    in a group). Both in one call: each launch costs the ranks' start (seconds)."""
+RUNS = {"NLL": (1.0, torch.float32), "GA": (-1.0, torch.float64)}
+"""Plain NLL on a float32 model, gradient ascent (minus it) on a float64 one: FSDP reduces the
+two dtypes by different collectives."""
+
+
+def _train(steps: int = 3) -> dict[str, tuple]:
+    """Train the tiny model on the fixed batches in each of RUNS; per run, the losses per step
+    and the final weights (rank 0's whole state dict in a group); under "gradient", the first
+    batch's gradient at the initial weights. All in one call: each launch costs the ranks'
+    start (seconds)."""
     torch.set_num_threads(1)
-    return {method: _train_with(sign, steps) for method, sign in (("NLL", 1.0), ("GA", -1.0))}
+    runs = {name: _train_with(sign, dtype, steps) for name, (sign, dtype) in RUNS.items()}
+    return {**runs, "gradient": _gradient()}
 
 
-def _train_with(sign: float, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _gradient() -> dict[str, torch.Tensor]:
+    """The float64 model's NLL gradient on the first batch, whole (as fit shards the model and
+    the batch: each rank's share's gradient, reduced by FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    model = distributed.shard(_model(torch.float64))
+    for part in training.share(_batches(1)[0], 1):
+        training.mean_nll(model, part).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
+
+
+def _train_with(
+    sign: float, dtype: torch.dtype, steps: int
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One training run of :func:`_train`, the loss times ``sign``."""
-    model = _model()
+    model = _model(dtype)
     losses = training.fit(
         model,
         lambda m, b: sign * training.mean_nll(m, b),
@@ -82,19 +103,26 @@ def _train_with(sign: float, steps: int) -> tuple[list[float], dict[str, torch.T
 
 def test_two_processes_train_as_one():
     """Two ranks, each on half of every batch with FSDP2 shards and summed gradients, give the
-    losses and weights of one process on the whole batches, up to rounding: the model is
-    float64, but training.token_logprobs takes the cross-entropy in float32, so the halves'
-    sums agree to float32's (1e-7 relative)."""
+    losses, gradients and weights of one process on the whole batches, up to float32 rounding (1e-7
+    relative): training.token_logprobs takes the cross-entropy in float32, a float64 model's
+    too, so the halves' sums and one process's whole-batch sum round apart there."""
     one = _train()
     two = distributed.launch(_train, 2, CPU)
-    for method, (one_losses, one_state) in one.items():
-        two_losses, two_state = two[method]
+    for method, (_sign, dtype) in RUNS.items():
+        (one_losses, one_state), (two_losses, two_state) = one[method], two[method]
         assert len(two_losses) == 3
         assert two_losses == pytest.approx(one_losses, rel=1e-6), method
         assert one_losses[-1] != pytest.approx(one_losses[0], rel=1e-3)  # it did train
         assert two_state.keys() == one_state.keys()
+        # AdamW divides each gradient by its size: float32 noise in a near-zero gradient
+        # moves its weight by up to a few 1e-6 at lr 1e-2
+        atol = 1e-8 if dtype == torch.float64 else 2e-5
         for name, weight in one_state.items():
-            torch.testing.assert_close(two_state[name], weight, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(two_state[name], weight, rtol=1e-6, atol=atol)
+    # the gradient itself: FSDP's default reduction, the mean, would halve it, and AdamW,
+    # dividing each gradient by its size, would hide that from the weights
+    for name, grad in one["gradient"].items():
+        torch.testing.assert_close(two["gradient"][name], grad, rtol=1e-6, atol=1e-10)
 
 
 def _fail_in_rank_one(pid_folder: str) -> None:

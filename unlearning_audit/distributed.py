@@ -50,12 +50,14 @@ def backend(device: torch.device) -> str:
 def launch(fn: Callable[..., Any], world: int, device: torch.device, *args: Any) -> Any:
     """``fn(*args)`` in ``world`` processes joined in one process group; rank 0's return value.
 
-    The processes are spawned (fresh interpreters: ``fn`` and ``args`` must pickle), each on
-    its own GPU where ``device`` is CUDA (rank r on cuda:r, its current device, so "cuda"
-    means it). An exception in a rank ends the others and is raised here as itself, its type
-    kept (a ValueError stays bad input, an out-of-memory error stays one), with a note naming
-    the rank and holding its traceback; a rank that dies without one (killed, crashed) raises
-    a RuntimeError naming it. No process outlives this call, also when it is interrupted.
+    The processes are spawned (fresh interpreters: ``fn`` and ``args`` must pickle, and the
+    program's main module must import without running, its work behind ``if __name__ ==
+    "__main__"`` as in a console script), each on its own GPU where ``device`` is CUDA
+    (rank r on cuda:r, its current device, so "cuda" means it). An exception in a rank ends
+    the others and is raised here as itself, its type kept (a ValueError stays bad input, an
+    out-of-memory error stays one), with a note naming the rank and holding its traceback; a
+    rank that dies without one (killed, crashed) raises a RuntimeError naming it. No process
+    outlives this call, also when it is interrupted.
     """
     store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
     with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
@@ -115,7 +117,8 @@ def _rank_error(folder: Path, failure: ProcessException, world: int) -> BaseExce
     if not path.exists():
         return RuntimeError(f"rank {rank} of {world} processes died: {failure}")
     exc, told = pickle.loads(path.read_bytes())
-    exc.add_note(f"raised in rank {rank} of {world} processes:\n{told}")
+    note = f"raised in rank {rank} of {world} processes:\n{told}"
+    exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # add_note, in Python 3.10 too
     return exc
 
 
@@ -144,6 +147,8 @@ def shard(model):
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # the ranks' gradients are parts of a sum
+            # a plain SUM: else fp32 and bf16 reduce by PREMUL_SUM(1 / factor), which gloo lacks
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 
