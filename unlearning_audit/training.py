@@ -152,8 +152,8 @@ def fit(
     )
     losses = []
     try:
+        model = distributed.shard(model)  # first: only each rank's shard changes dtype
         _cast(model, lambda name: weight_dtype(own[name], precision))
-        model = distributed.shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -190,8 +190,9 @@ def fit(
 
 def _cast(model, dtype_of: Callable[[str], torch.dtype]) -> None:
     """Each parameter of ``model`` in ``dtype_of(its name)``. A sharded one (a DTensor) is
-    swapped whole, its data cannot be set; a model sharded in another dtype than it trained in
-    then serves only its state dict (distributed.full_state_dict), not a forward."""
+    swapped whole, its data cannot be set: FSDP takes up the swapped parameters at its first
+    forward, and after one, a model cast so serves only its state dict
+    (distributed.full_state_dict), no longer a forward."""
     from torch.distributed.tensor import DTensor
 
     for name, p in model.named_parameters():
