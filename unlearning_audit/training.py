@@ -189,15 +189,13 @@ def fit(
 
 
 def _cast(model, dtype_of: Callable[[str], torch.dtype]) -> None:
-    """Each parameter of ``model`` in ``dtype_of(its name)``. A sharded one (a DTensor) is
-    swapped whole, its data cannot be set: FSDP takes up the swapped parameters at its first
-    forward, and after one, a model cast so serves only its state dict
+    """Each parameter of ``model`` in ``dtype_of(its name)``. A sharded one (a DTensor, not a
+    plain tensor) is swapped whole, its data cannot be set: FSDP takes up the swapped
+    parameters at its first forward, and after one, a model cast so serves only its state dict
     (distributed.full_state_dict), no longer a forward."""
-    from torch.distributed.tensor import DTensor
-
     for name, p in model.named_parameters():
         dtype = dtype_of(name)
-        if not isinstance(p, DTensor):
+        if type(p.data) is torch.Tensor:
             p.data = p.data.to(dtype)
         elif p.dtype != dtype:
             torch.utils.swap_tensors(p, torch.nn.Parameter(p.to(dtype), p.requires_grad))
