@@ -127,22 +127,33 @@ def test_two_processes_train_as_one():
         torch.testing.assert_close(two["gradient"][name], grad, rtol=1e-6, atol=1e-10)
 
 
-def _fail_in_rank_one(pid_folder: str) -> None:
-    """Record this rank's pid; rank 1 raises while rank 0 waits in a collective for it."""
+def _fail_in_rank_one(pid_folder: str, how: str) -> None:
+    """Record this rank's pid; rank 1 raises (``how`` "raise") or dies without a word ("exit")
+    while rank 0 waits in a collective for it."""
     rank = dist.get_rank()
     with open(os.path.join(pid_folder, f"{rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
-    if rank == 1:
+    dist.barrier()  # both pids written
+    if rank == 1 and how == "raise":
         raise ValueError("bad input seen by one rank")
+    if rank == 1:
+        os._exit(3)
     dist.barrier()
 
 
-def test_a_rank_failure_is_raised_with_its_rank_and_ends_every_rank(tmp_path):
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_rank_failure_is_raised_with_its_rank_and_ends_every_rank(tmp_path, how):
     """Rank 1's ValueError reaches the caller as a ValueError (bad input stays bad input) with
-    a note naming rank 1; rank 0, stuck waiting for it, is ended: no process is left."""
-    with pytest.raises(ValueError, match="bad input seen by one rank") as raised:
-        distributed.launch(_fail_in_rank_one, 2, CPU, str(tmp_path))
-    assert "raised in rank 1 of 2 processes" in "".join(raised.value.__notes__)
+    a note naming rank 1; a rank that exits without one is named in a RuntimeError. Rank 0,
+    stuck waiting for it, is ended: no process is left."""
+    if how == "raise":
+        with pytest.raises(ValueError, match="bad input seen by one rank") as raised:
+            distributed.launch(_fail_in_rank_one, 2, CPU, str(tmp_path), how)
+        assert "raised in rank 1 of 2 processes" in "".join(raised.value.__notes__)
+    else:
+        message = "rank 1 of 2 processes failed: process 1 terminated with exit code 3"
+        with pytest.raises(RuntimeError, match=message):
+            distributed.launch(_fail_in_rank_one, 2, CPU, str(tmp_path), how)
     pids = [int((tmp_path / f"{rank}.pid").read_text()) for rank in range(2)]
     for pid in pids:
         with pytest.raises(ProcessLookupError):

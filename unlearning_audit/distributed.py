@@ -111,12 +111,13 @@ def _write_error(path: Path, exc: BaseException) -> None:
 
 def _rank_error(folder: Path, failure: ProcessException, world: int) -> BaseException:
     """The exception the failed rank left, noted with its rank and traceback, else a
-    RuntimeError naming the rank and how it ended."""
+    RuntimeError naming the rank and how it ended (its traceback, where torch kept one)."""
     rank = failure.error_index
     path = folder / f"rank{rank}.err"
-    if not path.exists():
-        return RuntimeError(f"rank {rank} of {world} processes died: {failure}")
-    exc, told = pickle.loads(path.read_bytes())
+    try:
+        exc, told = pickle.loads(path.read_bytes())
+    except Exception:  # none left (killed, crashed), or one that does not unpickle
+        return RuntimeError(f"rank {rank} of {world} processes failed: {failure}")
     note = f"raised in rank {rank} of {world} processes:\n{told}"
     exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # add_note, in Python 3.10 too
     return exc
@@ -124,7 +125,7 @@ def _rank_error(folder: Path, failure: ProcessException, world: int) -> BaseExce
 
 def ranks() -> tuple[int, int]:
     """This process's rank and the number of ranks: (0, 1) outside a process group."""
-    if not dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
 
