@@ -191,3 +191,19 @@ def test_preflight_refuses_gpus_before_any_stage(capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "steps=60: batch_size 2 cannot be shared by 4 GPUs in 1 micro" in err, err
     assert "gpus: 4 were asked for" not in err
+
+
+def test_a_model_split_off_its_gpus_is_refused():
+    """Splitting for inference (checkpoints.load with gpus > 1) is for CUDA only, and a split
+    that put modules on the CPU or disk (where accelerate puts what does not fit) is a problem
+    naming them. The split itself needs GPUs: not run here."""
+    from unlearning_audit import checkpoints
+
+    assert checkpoints.split_placement(CPU, 2) == {}
+    model = _model(torch.float32)
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1}
+    assert checkpoints._offloaded(model, 2) == []
+    model.hf_device_map |= {"model.layers": "cpu", "lm_head": "disk"}
+    (problem,) = checkpoints._offloaded(model, 2)
+    assert problem.startswith("the model does not fit in the free memory of 2 GPUs: lm_head; ")
+    assert "model.layers would run from host memory or disk" in problem
