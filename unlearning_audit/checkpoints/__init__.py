@@ -103,17 +103,18 @@ def load(
 
     hf_logging.disable_progress_bar()
     check_folder(folder, allow_pickle, trust_remote_code)
+    placement = split_placement(device, gpus)
     model, info = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype="auto",
         use_safetensors=not allow_pickle or None,
         trust_remote_code=trust_remote_code,
         output_loading_info=True,
-        **split_placement(device, gpus),
+        **placement,
     )
     _refuse(folder, _loading_problems(model, info) + _offloaded(model, gpus))
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if device is not None and not hasattr(model, "hf_device_map"):
+    if device is not None and not placement:
         model.to(device)
     return model.eval(), tokenizer
 
@@ -137,7 +138,7 @@ def _offloaded(model, gpus: int) -> list[str]:
     """The modules a split model (device_map) placed off its GPUs (on the CPU or disk, where
     accelerate puts what does not fit: a stage would crawl), as a problem to refuse."""
     placement = getattr(model, "hf_device_map", {})
-    off = sorted(name for name, where in placement.items() if not isinstance(where, int))
+    off = sorted(name for name, where in placement.items() if str(where) in ("cpu", "disk"))
     if not off:
         return []
     return [
