@@ -9,6 +9,10 @@ it is not tested here.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +162,56 @@ def test_a_rank_failure_is_raised_with_its_rank_and_ends_every_rank(tmp_path, ho
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _wait_for_ever(pid_folder: str) -> None:
+    """Record this rank's pid, then wait in a collective that never completes (each rank
+    receives from the other), in native code, where the SIGINT torch's spawn asks for at its
+    parent's death is not seen."""
+    rank = dist.get_rank()
+    with open(os.path.join(pid_folder, f"{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    dist.recv(torch.zeros(1), src=1 - rank)
+
+
+LAUNCHER = """
+import sys
+sys.path[:0] = sys.argv[2:]
+import torch
+import test_distributed
+from unlearning_audit import distributed
+if __name__ == "__main__":
+    distributed.launch(test_distributed._wait_for_ever, 2, torch.device("cpu"), sys.argv[1])
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (one nobody reaped yet is dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_ranks_end_when_their_launcher_is_killed(tmp_path):
+    """A launching process killed outright (SIGKILL: no finally runs) cannot end its ranks:
+    they end themselves within seconds instead of holding their GPUs."""
+    here = Path(__file__).parent
+    paths = [str(here.parent), str(here)]
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path), *paths])
+    pid_files = [tmp_path / f"{rank}.pid" for rank in range(2)]
+    deadline = time.monotonic() + 120
+    while not all(f.exists() and f.read_text() for f in pid_files):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.2)
+    pids = [int(f.read_text()) for f in pid_files]
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in pids)
 
 
 def test_gpus_a_stage_cannot_use_are_named():

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -57,7 +59,8 @@ def launch(fn: Callable[..., Any], world: int, device: torch.device, *args: Any)
     the others and is raised here as itself, its type kept (a ValueError stays bad input, an
     out-of-memory error stays one), with a note naming the rank and holding its traceback; a
     rank that dies without one (killed, crashed) raises a RuntimeError naming it. No process
-    outlives this call, also when it is interrupted.
+    outlives this call, also when it is interrupted; a launching process killed outright
+    leaves its ranks a second to end themselves (:func:`_exit_with`).
     """
     store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
     with tempfile.TemporaryDirectory(prefix="ranks-") as folder:
@@ -84,6 +87,7 @@ def launch(fn: Callable[..., Any], world: int, device: torch.device, *args: Any)
 def _rank_main(rank: int, fn, args, world: int, port: int, kind: str, folder: str) -> None:
     """One rank: join the group, run ``fn``, and leave rank 0's result or any rank's
     exception (with its traceback) in ``folder`` for :func:`launch`."""
+    _exit_with(os.getppid())
     try:
         if kind == "nccl":
             torch.cuda.set_device(rank)
@@ -96,6 +100,19 @@ def _rank_main(rank: int, fn, args, world: int, port: int, kind: str, folder: st
     dist.destroy_process_group()
     if rank == 0:
         (Path(folder) / RESULT).write_bytes(pickle.dumps(result))
+
+
+def _exit_with(parent: int) -> None:
+    """End this process within a second of ``parent``'s end: a launching process killed
+    outright (SIGKILL, or an exit that runs no ``finally``) cannot end its ranks itself, and
+    a rank left behind would hold its GPU, or wait in a collective, for ever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-launcher").start()
 
 
 def _write_error(path: Path, exc: BaseException) -> None:
