@@ -321,18 +321,24 @@ def load_inputs(
     return model, fmt, load_sets(store, data_ref), spec["max_new_tokens"]
 
 
-def on_gpus(gpus: int, device: str, build: Callable[..., Mapping[str, Any]], *args) -> dict:
-    """``build(*args)``, a training stage's build: here with one GPU; with more, in ``gpus``
-    processes, one per GPU, that shard the model (distributed.launch; rank 0's meta). The
-    manifest's meta records the GPUs; the stage's key does not hold them: they change its
-    result by float rounding only."""
+def on_gpus(
+    gpus: int, device: str, build: Callable[..., Mapping[str, Any]], store: Store, *args
+) -> dict:
+    """``build(store, *args)``, a training stage's build: here with one GPU; with more, in
+    ``gpus`` processes, one per GPU, that shard the model (distributed.launch; rank 0's meta),
+    after the artifacts among ``args`` are in this machine's cache (a remote store's are
+    downloaded once, not by every rank). The manifest's meta records the GPUs; the stage's key
+    does not hold them: they change its result by float rounding only."""
     if gpus == 1:
-        meta = build(*args)
+        meta = build(store, *args)
     else:  # checked by preflight where the flow runs; here, on the machine that trains
         resolved = runtime.resolve_device(device)
         if problems := distributed.gpu_problems(gpus, resolved):
             raise ValueError("; ".join(problems))
-        meta = distributed.launch(build, gpus, resolved, *args)
+        for ref in args:
+            if isinstance(ref, ArtifactRef):
+                store.local_dir(ref)
+        meta = distributed.launch(build, gpus, resolved, store, *args)
     return {**meta, "gpus": gpus}
 
 
