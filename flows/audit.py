@@ -80,6 +80,7 @@ def _relearn_all(
                 trust_remote_code=params.trust_remote_code,
                 precision=params.precision,
                 gradient_checkpointing=params.gradient_checkpointing,
+                gpus=params.gpus,
             )
             for k, seed in enumerate(relearning.seeds(params.seed, params.relearn.seeds))
         ]
@@ -125,11 +126,22 @@ def audit_run(
     """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
     rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
     unlearned = candidate["checkpoint"]
-    unlearned_eval = evaluate(store, unlearned, data_ref, rows, dev, trust_remote_code=trust)
+    unlearned_eval = evaluate(
+        store, unlearned, data_ref, rows, dev, trust_remote_code=trust, gpus=params.gpus
+    )
     relearned = _relearn_all(store, params, unlearned, data_ref, keep=True)
     kept = relearned["forget"][0]  # the relearned checkpoint the representation metrics read
     acts = {
-        name: extract(store, ref, data_ref, params.layers, rows, dev, trust_remote_code=trust)
+        name: extract(
+            store,
+            ref,
+            data_ref,
+            params.layers,
+            rows,
+            dev,
+            trust_remote_code=trust,
+            gpus=params.gpus,
+        )
         for name, ref in (("unlearned", unlearned), ("relearned", kept))
     }
     quantized = {
@@ -142,6 +154,7 @@ def audit_run(
             bits=bits,
             embeddings=params.quantize_embeddings,
             trust_remote_code=trust,
+            gpus=params.gpus,
         )
         for bits in params.quantization_bits
     }
@@ -199,13 +212,22 @@ def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref
     """The original's evaluation (refused before any training where it does not know the
     facts), activations, Fisher and probes."""
     rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
-    original_eval = evaluate(store, checkpoint, data_ref, rows, dev, trust_remote_code=trust)
+    original_eval = evaluate(
+        store, checkpoint, data_ref, rows, dev, trust_remote_code=trust, gpus=params.gpus
+    )
     check_known(store, data_ref, original_eval, params.thresholds)  # before any training
     original = {
         "checkpoint": checkpoint,
         "eval": original_eval,
         "acts": extract(
-            store, checkpoint, data_ref, params.layers, rows, dev, trust_remote_code=trust
+            store,
+            checkpoint,
+            data_ref,
+            params.layers,
+            rows,
+            dev,
+            trust_remote_code=trust,
+            gpus=params.gpus,
         ),
         "fisher": _fisher(store, params, checkpoint, data_ref, "original"),
     }
@@ -235,6 +257,7 @@ def _candidates(
                 trust_remote_code=params.trust_remote_code,
                 precision=params.precision,
                 gradient_checkpointing=params.gradient_checkpointing,
+                gpus=params.gpus,
             ),
         }
         for cfg in params.methods

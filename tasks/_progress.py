@@ -8,6 +8,7 @@ are throttled: a loop of thousands of steps costs a few dozen API calls, not tho
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -16,6 +17,8 @@ from typing import TextIO
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from unlearning_audit import distributed
 
 API_INTERVAL_S = 2.0  # at most one artifact update per this many seconds
 DRAW_INTERVAL_S = 0.1  # at most one redraw of the terminal bar per this many seconds
@@ -85,3 +88,11 @@ class StageProgress:
             self._draw(done, total, time.monotonic())
             self.stream.write("\n")
             self.stream.flush()
+
+
+def stage_progress(name: str) -> StageProgress | contextlib.nullcontext:
+    """A :class:`StageProgress` for a stage's loop, or none (a callback of None) in a rank of a
+    stage run on several GPUs: a rank is a process of its own, outside the task's run."""
+    if distributed.ranks()[1] > 1:
+        return contextlib.nullcontext()
+    return StageProgress(name)

@@ -31,7 +31,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from unlearning_audit import adapters, checkpoints, data, prompts, scratch
+from unlearning_audit import adapters, checkpoints, data, distributed, prompts, runtime, scratch
 from unlearning_audit.store import ArtifactRef, CorruptArtifact, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
@@ -325,10 +325,13 @@ def _run_on_pool(pool: str):
 # -- loading inputs -------------------------------------------------------------------------
 
 
-def load_model(store: Store, ref: ArtifactRef, device, *, trust_remote_code: bool = False):
+def load_model(
+    store: Store, ref: ArtifactRef, device, *, trust_remote_code: bool = False, gpus: int = 1
+):
     """The model and tokenizer of a checkpoint artifact (already checked when fetched), or of
     an adapter artifact: its base checkpoint (the stage input it was trained from, which the
-    artifact's key derives from) with the adapter merged in.
+    artifact's key derives from) with the adapter merged in; split over ``gpus`` GPUs for
+    inference where that is more than one (checkpoints.load).
 
     The checkpoint's own model code runs only with ``trust_remote_code``, which comes from the
     current run's parameters (the stage task's, passed by the flow from the audit's), never
@@ -336,13 +339,15 @@ def load_model(store: Store, ref: ArtifactRef, device, *, trust_remote_code: boo
     store could otherwise make a later audit run code it was not allowed to."""
     folder = store.local_dir(ref)
     if not adapters.is_adapter(folder):
-        return checkpoints.load(folder, device, trust_remote_code=trust_remote_code)
+        return checkpoints.load(folder, device, trust_remote_code=trust_remote_code, gpus=gpus)
     base = ArtifactRef.model_validate_json((folder / BASE).read_bytes())
     if base.hash != store.manifest(ref.key)["meta"]["inputs"]["checkpoint"]:
         raise CorruptArtifact(
             f"{ref.key}: {BASE} names another base than the one it was trained on"
         )
-    model, tokenizer = load_model(store, base, device, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(
+        store, base, device, trust_remote_code=trust_remote_code, gpus=gpus
+    )
     return adapters.apply(model, folder), tokenizer
 
 
@@ -352,12 +357,18 @@ hash is also the artifact's recorded input, which derives its key)."""
 
 
 def save_trained(
-    model, tokenizer, adapter: adapters.Adapter | None, base: ArtifactRef, out: Path
+    model,
+    tokenizer,
+    adapter: adapters.Adapter | None,
+    base: ArtifactRef,
+    out: Path,
+    state: dict | None = None,
 ) -> None:
     """Store what a training stage made from ``base``: its LoRA adapter alone where it trained
-    one (loading merges it into ``base``), else the whole checkpoint."""
+    one (loading merges it into ``base``), else the whole checkpoint (``state``: its full state
+    dict, gathered from the ranks of several GPUs)."""
     if adapter is None:
-        checkpoints.save(model, tokenizer, out)
+        checkpoints.save(model, tokenizer, out, state)
         return
     adapter.save(out)
     (out / BASE).write_text(base.model_dump_json())
@@ -375,11 +386,15 @@ def load_inputs(
     device,
     *,
     trust_remote_code: bool = False,
+    gpus: int = 1,
 ):
     """What a model stage starts from: the model, its tokenizer in the audit's prompt format
     (one rendering for every stage), the probe sets, and the data's generation cap. The
-    checkpoint's own model code runs only with ``trust_remote_code`` (see load_model)."""
-    model, tokenizer = load_model(store, checkpoint, device, trust_remote_code=trust_remote_code)
+    checkpoint's own model code runs only with ``trust_remote_code``; an inference stage's
+    model is split over ``gpus`` GPUs (see load_model)."""
+    model, tokenizer = load_model(
+        store, checkpoint, device, trust_remote_code=trust_remote_code, gpus=gpus
+    )
     fmt = _renderer(store, data_ref, tokenizer)
     cap = store.read_json(data_ref, data.FORMAT)["max_new_tokens"]
     return model, fmt, load_sets(store, data_ref), cap
@@ -389,6 +404,27 @@ def _renderer(store: Store, data_ref: ArtifactRef, tokenizer) -> prompts.Rendere
     """The audit's prompt format (the data artifact's) for ``tokenizer``."""
     spec = store.read_json(data_ref, data.FORMAT)
     return prompts.renderer(tokenizer, spec["prompt_format"], spec["separator"])
+
+
+def on_gpus(
+    gpus: int, device: str, build: Callable[..., Mapping[str, Any]], store: Store, *args
+) -> dict:
+    """``build(store, *args)``, a training stage's build: here with one GPU; with more, in
+    ``gpus`` processes, one per GPU, that shard the model (distributed.launch; rank 0's meta),
+    after the artifacts among ``args`` are in this machine's cache (a remote store's are
+    downloaded once, not by every rank). The manifest's meta records the GPUs; the stage's key
+    does not hold them: they change its result by float rounding only."""
+    if gpus == 1:
+        meta = build(store, *args)
+    else:  # checked by preflight where the flow runs; here, on the machine that trains
+        resolved = runtime.resolve_device(device)
+        if problems := distributed.gpu_problems(gpus, resolved):
+            raise ValueError("; ".join(problems))
+        for ref in args:
+            if isinstance(ref, ArtifactRef):
+                store.local_dir(ref)
+        meta = distributed.launch(build, gpus, resolved, store, *args)
+    return {**meta, "gpus": gpus}
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -24,16 +24,23 @@ def evaluate(
     bits: int | None = None,
     embeddings: bool = False,
     trust_remote_code: bool = False,
+    gpus: int = 1,
 ):
     """Every score (evaluation.py) on each set (at most ``max_rows`` rows each), ROUGE-L of
     greedy generations on the forget and retain sets; with ``bits``, of the checkpoint after
     round-to-nearest quantization of every weight matrix, the input embeddings and LM head too
     with ``embeddings``. The checkpoint's own model code runs only with ``trust_remote_code``
-    (the audit's parameter; nothing in the store can grant it)."""
+    (the audit's parameter; nothing in the store can grant it). With ``gpus`` > 1 the model is
+    split over that many GPUs (checkpoints.load); the meta records them, the key does not."""
 
     def build(s, out):
         model, fmt, sets, cap = load_inputs(
-            s, checkpoint, data_ref, runtime.setup(0, device), trust_remote_code=trust_remote_code
+            s,
+            checkpoint,
+            data_ref,
+            runtime.setup(0, device),
+            trust_remote_code=trust_remote_code,
+            gpus=gpus,
         )
         quantized = {}
         if bits is not None:
@@ -49,6 +56,7 @@ def evaluate(
         return {
             "format": fmt.name,
             "dtype": dtype,
+            "gpus": gpus,
             **quantized,
             **{name: round(v["exact_match"], 4) for name, v in scores.items() if v["n"]},
         }

@@ -29,21 +29,28 @@ def extract(
     max_rows: int = 200,
     device: str = "auto",
     trust_remote_code: bool = False,
+    gpus: int = 1,
 ):
     """Masked-mean pooled activations of every selected layer, per probe set.
 
     The checkpoint's own model code runs only with ``trust_remote_code`` (the audit's
-    parameter; nothing in the store can grant it)."""
+    parameter; nothing in the store can grant it). With ``gpus`` > 1 the model is split over
+    that many GPUs (checkpoints.load); the meta records them, the key does not."""
 
     def build(s, out):
         model, fmt, sets, _ = load_inputs(
-            s, checkpoint, data_ref, runtime.setup(0, device), trust_remote_code=trust_remote_code
+            s,
+            checkpoint,
+            data_ref,
+            runtime.setup(0, device),
+            trust_remote_code=trust_remote_code,
+            gpus=gpus,
         )
         chosen = probe_rows(sets, max_rows)
         with StageProgress("extract activations") as progress:
             summary = activations.extract(model, fmt, chosen, out, layer_indices, progress=progress)
         write_json(out / SUMMARY, summary)
-        return {**summary, "model_dtype": str(model.dtype)}
+        return {**summary, "model_dtype": str(model.dtype), "gpus": gpus}
 
     return cached_stage(
         store,

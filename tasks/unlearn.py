@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._progress import StageProgress
-from tasks._stage import cached_stage, gpu_options, load_inputs, save_trained, write_json
+from tasks._progress import stage_progress
+from tasks._stage import cached_stage, gpu_options, load_inputs, on_gpus, save_trained, write_json
 from unlearning_audit import (
     adapters,
     data,
+    distributed,
     evaluation,
     prompts,
     runtime,
@@ -17,7 +20,7 @@ from unlearning_audit import (
     unlearning,
 )
 from unlearning_audit.config import Precision, UnlearnConfig
-from unlearning_audit.store import ArtifactRef, code_version
+from unlearning_audit.store import ArtifactRef, Store, code_version
 
 
 @task(name="unlearn", cache_policy=NO_CACHE, **gpu_options())
@@ -31,6 +34,7 @@ def unlearn(
     trust_remote_code: bool = False,
     precision: Precision = "auto",
     gradient_checkpointing: bool = False,
+    gpus: int = 1,
 ):
     """Run one unlearning method; stores the unlearned checkpoint (with LoRA, the adapter
     alone: see save_trained) and its training log.
@@ -38,30 +42,14 @@ def unlearn(
     Trains in ``precision`` (resolved on this machine's device, and part of the stage's key),
     and stores the checkpoint in the original's dtype. The checkpoint's own model code runs
     only with ``trust_remote_code`` (the audit's parameter; nothing in the store can grant
-    it). ``gradient_checkpointing`` changes memory, not results: not part of the key."""
+    it). With ``gpus`` > 1 it trains on that many GPUs (tasks._stage.on_gpus);
+    ``gradient_checkpointing`` and ``gpus`` change memory, not results: not part of the key."""
     precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
-        model, fmt, sets, _ = load_inputs(
-            s,
-            checkpoint,
-            data_ref,
-            runtime.setup(seed, device),
-            trust_remote_code=trust_remote_code,
-        )
-        with StageProgress(f"unlearn {cfg.label}") as progress:
-            log = unlearning.unlearn(
-                model, fmt, sets, cfg, seed, progress, precision, gradient_checkpointing
-            )
-        save_trained(model, fmt.tokenizer, log.pop("adapter"), checkpoint, out)
-        write_json(out / "unlearn.json", log)
-        return {
-            "steps": log["steps"],
-            "lr": log["lr"],
-            "stopped_early": log["stopped_early"],
-            "precision": precision,
-            "dtype": str(model.dtype),
-        }
+        args = (s, out, checkpoint, data_ref, cfg, seed, device, trust_remote_code, precision)
+        args += (gradient_checkpointing,)
+        return on_gpus(gpus, device, _build, *args)
 
     return cached_stage(
         store,
@@ -72,3 +60,41 @@ def unlearn(
         build,
         batch=config,
     )
+
+
+def _build(
+    s: Store,
+    out: Path,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    cfg: UnlearnConfig,
+    seed: int,
+    device: str,
+    trust_remote_code: bool,
+    precision: str,
+    gradient_checkpointing: bool,
+) -> dict:
+    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files)."""
+    model, fmt, sets, _ = load_inputs(
+        s,
+        checkpoint,
+        data_ref,
+        runtime.setup(seed, device),
+        trust_remote_code=trust_remote_code,
+    )
+    with stage_progress(f"unlearn {cfg.label}") as progress:
+        log = unlearning.unlearn(
+            model, fmt, sets, cfg, seed, progress, precision, gradient_checkpointing
+        )
+    adapter = log.pop("adapter")
+    state = distributed.full_state_dict(model) if adapter is None else None
+    if distributed.ranks()[0] == 0:
+        save_trained(model, fmt.tokenizer, adapter, checkpoint, out, state)
+        write_json(out / "unlearn.json", log)
+    return {
+        "steps": log["steps"],
+        "lr": log["lr"],
+        "stopped_early": log["stopped_early"],
+        "precision": precision,
+        "dtype": str(model.dtype),
+    }

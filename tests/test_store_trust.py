@@ -124,7 +124,7 @@ def test_only_the_run_parameter_reaches_the_loader(remote_code_checkpoint, monke
     root, ref = remote_code_checkpoint
     seen: list[bool] = []
 
-    def spy(folder, device=None, allow_pickle=False, trust_remote_code=False):
+    def spy(folder, device=None, allow_pickle=False, trust_remote_code=False, gpus=1):
         seen.append(trust_remote_code)
         raise RuntimeError("stop here")
 

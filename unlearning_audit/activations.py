@@ -76,8 +76,9 @@ class _Capture:
 
 def _pool(hidden: torch.Tensor, mask: torch.Tensor, per_token: bool) -> torch.Tensor:
     """One layer's (b, t, d) states as stored, in float32: the mean over real tokens (b, d), pads
-    excluded, or with ``per_token`` the real tokens' rows in order (tokens, d)."""
-    hidden = hidden.float()
+    excluded, or with ``per_token`` the real tokens' rows in order (tokens, d). On the mask's
+    device: a model split over GPUs (checkpoints.load) runs its blocks on several."""
+    hidden = hidden.to(mask.device, torch.float32)
     if per_token:
         return hidden[mask.bool()]
     m = mask[:, :, None].to(hidden.dtype)

@@ -469,8 +469,9 @@ class AuditParams(_Config):
     gpus: PositiveInt = Field(
         1,
         le=64,
-        description="GPUs one stage uses: training and Fisher stages shard the model across "
-        "them (FSDP), inference stages split it across them (device_map).",
+        description="GPUs one stage uses: the training stages (unlearn, relearn) shard the "
+        "model across them (FSDP, one process per GPU), the inference stages (evaluate, "
+        "extract) split it across them (device_map); Fisher uses one. See docs/scale.md.",
     )
     fisher_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,

@@ -3,9 +3,10 @@ before a model is loaded or a GPU is touched."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from . import checkpoints, data, plan, prompts, runtime
+from . import checkpoints, data, distributed, plan, prompts, runtime
 from .config import DEFAULT_METHODS, AuditParams
 from .store import Store, default_store_url
 
@@ -68,7 +69,7 @@ def preflight(params: AuditParams) -> str:
             problems.append(f"data: {exc}")
     # the precision is checked on a device this machine has
     problems += _device_problems(params.device) or _precision_problems(params)
-    problems += _layer_problems(params) + _lora_problems(params)
+    problems += _layer_problems(params) + _lora_problems(params) + _gpus_problems(params)
     problems += _checkpointing_problems(params, sound.get("original"))
     if (
         params.unlearned is None
@@ -173,6 +174,31 @@ def _device_problems(device: str) -> list[str]:
     if device == "mps" and not torch.backends.mps.is_available():
         return ["device: 'mps' was asked for, but torch sees no MPS device"]
     return []
+
+
+def _gpus_problems(params: AuditParams) -> list[str]:
+    """gpus > 1 where a stage cannot use them (distributed.gpu_problems, on this machine's
+    device), or with training batches too small to give every GPU a row per micro-batch.
+
+    A deployed audit (UNLEARNING_AUDIT_DISPATCH=deployed) runs its GPU stages on the `gpu`
+    pool's machines, which check their own GPUs: the flow's machine may have none."""
+    if params.gpus == 1:
+        return []
+    problems = []
+    device = runtime.resolve_device(params.device)
+    if not (os.environ.get("UNLEARNING_AUDIT_DISPATCH") == "deployed" and device.type == "cpu"):
+        problems += distributed.gpu_problems(params.gpus, device)
+    configs = {"relearn": params.relearn}
+    if params.unlearned is None:
+        configs |= {f"method {m.label}": m for m in params.methods}
+    for name, cfg in configs.items():
+        if cfg.batch_size < params.gpus * cfg.micro_batches:
+            problems.append(
+                f"{name}: batch_size {cfg.batch_size} cannot be shared by {params.gpus} GPUs "
+                f"in {cfg.micro_batches} micro-batch(es) each; give a batch of at least "
+                f"{params.gpus * cfg.micro_batches} rows"
+            )
+    return problems
 
 
 def _precision_problems(params: AuditParams) -> list[str]:

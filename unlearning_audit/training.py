@@ -10,6 +10,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .data import IGNORE
 
 Batch = dict[str, torch.Tensor]
@@ -93,6 +94,15 @@ def split(batch: Batch | dict[str, Batch], parts: int) -> list:
     return [{key: chunks[key][i] for key in batch} | whole for i in range(parts)]
 
 
+def share(batch: Batch | dict[str, Batch], micro_batches: int) -> list:
+    """This rank's ``micro_batches`` parts of a step's batch: with R ranks (distributed.ranks)
+    the batch is cut into R * ``micro_batches`` parts (:func:`split`, so every part carries the
+    whole batch's normalisers and the ranks' losses and gradients add up to the whole batch's),
+    and rank r takes the r-th run of them; outside a process group, all of them."""
+    rank, world = distributed.ranks()
+    return split(batch, micro_batches * world)[rank * micro_batches : (rank + 1) * micro_batches]
+
+
 def weight_dtype(own: torch.dtype, precision: str, trains: bool = True) -> torch.dtype:
     """The dtype a weight stored in ``own`` trains in, and so its AdamW state: bf16 for pure
     bf16, else at least fp32 (bf16-mixed's master weights; a float64 weight stays float64).
@@ -156,12 +166,18 @@ def fit(
 
     ``checkpointing`` recomputes each block's activations in the backward pass (transformers'
     gradient checkpointing, non-reentrant): the same gradients in less activation memory.
+
+    In a process group (distributed.launch), every rank calls fit with the same batches: the
+    model is sharded over the ranks (distributed.shard), each rank trains on its share of each
+    step (:func:`share`), the losses are the ranks' sums and rank 0 decides ``stop``.
     """
-    own = [(p, p.dtype) for p in model.parameters()]
-    params = [p for p, _ in own if p.requires_grad]
+    own = {name: p.dtype for name, p in model.named_parameters()}
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     autocast = partial(
         torch.autocast,
-        params[0].device.type,
+        device.type,
         dtype=torch.bfloat16,
         enabled=precision == "bf16-mixed",
     )
@@ -170,8 +186,9 @@ def fit(
         check_checkpointing(model)
         _set_checkpointing(model, True)
     try:
-        for p, dtype in own:
-            p.data = p.data.to(weight_dtype(dtype, precision, p.requires_grad))
+        model = distributed.shard(model)  # first: only each rank's shard changes dtype
+        _cast(model, lambda name: weight_dtype(own[name], precision, trains[name]))
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0
@@ -179,11 +196,12 @@ def fit(
         model.train()
         for step in range(1, steps + 1):
             loss = 0.0
-            for part in split(next(batches), micro_batches):
+            for part in share(next(batches), micro_batches):
                 with autocast():
                     part_loss = loss_fn(model, part)
                 part_loss.backward()
                 loss += part_loss.item()
+            loss = distributed.total(loss, device)
             if not math.isfinite(loss):
                 raise Diverged(
                     f"training diverged: the loss is {loss} at step {step} of {steps} "
@@ -196,12 +214,24 @@ def fit(
             losses.append(loss)
             if progress is not None:
                 progress(step, steps)
-            if stop is not None and stop(step):
+            if stop is not None and distributed.agree(stop(step), device):
                 break
     finally:
-        for p, dtype in own:
-            p.data = p.data.to(dtype)
+        _cast(model, own.__getitem__)
         if checkpointing:
             _set_checkpointing(model, False)
     model.eval()
     return losses
+
+
+def _cast(model, dtype_of: Callable[[str], torch.dtype]) -> None:
+    """Each parameter of ``model`` in ``dtype_of(its name)``. A sharded one (a DTensor, not a
+    plain tensor) is swapped whole, its data cannot be set: FSDP takes up the swapped
+    parameters at its first forward, and after one, a model cast so serves only its state dict
+    (distributed.full_state_dict), no longer a forward."""
+    for name, p in model.named_parameters():
+        dtype = dtype_of(name)
+        if type(p.data) is torch.Tensor:
+            p.data = p.data.to(dtype)
+        elif p.dtype != dtype:
+            torch.utils.swap_tensors(p, torch.nn.Parameter(p.to(dtype), p.requires_grad))

@@ -77,7 +77,13 @@ log = logging.getLogger(__name__)
 # -- loading and saving ----------------------------------------------------------------------
 
 
-def load(folder: Path, device=None, allow_pickle: bool = False, trust_remote_code: bool = False):
+def load(
+    folder: Path,
+    device=None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    gpus: int = 1,
+):
     """The model (eval mode, on ``device``) and tokenizer saved in ``folder``, once check_folder
     passes; a ValueError naming the parameters if transformers still reports some missing from
     the weights (ones it would fill with random values: a rename check_folder cannot follow,
@@ -85,24 +91,60 @@ def load(folder: Path, device=None, allow_pickle: bool = False, trust_remote_cod
 
     The weights load in the checkpoint's own dtype (``dtype="auto"``: config.json's, else the
     weights'), asked for explicitly: transformers 4 loads in float32 by default, doubling a
-    bf16 model's memory. Training stages change the dtype for training (training.fit)."""
+    bf16 model's memory. Training stages change the dtype for training (training.fit).
+
+    With ``gpus`` > 1 and a CUDA ``device``, the model is split over the first ``gpus``
+    visible GPUs instead, whole blocks on each, balanced by their free memory (transformers'
+    device_map="auto", see :func:`split_placement`): for inference, a model too large for one
+    GPU. Its first parameters (the embeddings) are on the first GPU, where the stages put its
+    inputs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     check_folder(folder, allow_pickle, trust_remote_code)
+    placement = split_placement(device, gpus)
     model, info = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype="auto",
         use_safetensors=not allow_pickle or None,
         trust_remote_code=trust_remote_code,
         output_loading_info=True,
+        **placement,
     )
-    _refuse(folder, _loading_problems(model, info))
+    _refuse(folder, _loading_problems(model, info) + _offloaded(model, gpus))
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if device is not None:
+    if device is not None and not placement:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def split_placement(device, gpus: int) -> dict:
+    """from_pretrained's placement arguments for a model split over ``gpus`` GPUs: none (load,
+    then move to ``device``) unless ``gpus`` > 1 and ``device`` is CUDA; then device_map
+    "auto" with each of the first ``gpus`` GPUs offering its free memory and the CPU none (a
+    model too large for them is refused: :func:`_offloaded`)."""
+    import torch
+
+    if gpus == 1 or device is None or torch.device(device).type != "cuda":
+        return {}
+    return {
+        "device_map": "auto",
+        "max_memory": {index: torch.cuda.mem_get_info(index)[0] for index in range(gpus)},
+    }
+
+
+def _offloaded(model, gpus: int) -> list[str]:
+    """The modules a split model (device_map) placed off its GPUs (on the CPU or disk, where
+    accelerate puts what does not fit: a stage would crawl), as a problem to refuse."""
+    placement = getattr(model, "hf_device_map", {})
+    off = sorted(name for name, where in placement.items() if str(where) in ("cpu", "disk"))
+    if not off:
+        return []
+    return [
+        f"the model does not fit in the free memory of {gpus} GPUs: {_some(off)} would run "
+        "from host memory or disk; give more GPUs (gpus)"
+    ]
 
 
 def _loading_problems(model, info: dict) -> list[str]:
@@ -128,7 +170,8 @@ def _loading_problems(model, info: dict) -> list[str]:
     return problems
 
 
-def save(model, tokenizer, folder: Path) -> None:
-    """Save weights as safetensors, with config and tokenizer."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """Save weights as safetensors, with config and tokenizer; the weights of ``state_dict``
+    where given (a sharded model's, gathered: distributed.full_state_dict)."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
