@@ -57,10 +57,10 @@ def relearn(
     stores them (write_activations), and its weight change per layer against ``original``
     (WEIGHT_CHANGE). The relearned checkpoint is stored only with ``keep_checkpoint`` (at 7B,
     14 GB that no stage reads). With ``generate``, facts also carry ROUGE-L of greedy
-    generations (when the verdict reads it). Trains in
-    ``precision`` (resolved on this machine's device, and part of the stage's key); the
-    relearned checkpoint keeps its dtype. The checkpoint's own model code runs only with
-    ``trust_remote_code`` (the audit's parameter; nothing in the store can grant it)."""
+    generations (when the verdict reads it). Trains in ``precision`` (resolved on this
+    machine's device, and part of the stage's key); the relearned checkpoint keeps its dtype.
+    The checkpoint's own model code runs only with ``trust_remote_code`` (the audit's
+    parameter; nothing in the store can grant it)."""
     precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
