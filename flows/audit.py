@@ -60,10 +60,20 @@ def _control(store: str, params: AuditParams):
 
 
 def _relearn_all(
-    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, keep: bool
+    store: str,
+    params: AuditParams,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    original: ArtifactRef | None,
 ) -> dict[str, list[ArtifactRef]]:
-    """Every relearning run of one checkpoint: per source, one per seed. With ``keep``, the
-    first forget-set run keeps its relearned checkpoint (extraction and metrics read it)."""
+    """Every relearning run of one checkpoint: per source, one per seed. With ``original`` (an
+    unlearned checkpoint's runs), the first forget-set run also stores the relearned model's
+    activations and weight change against ``original`` (the probe and metrics stages read them),
+    and with keep_relearned its checkpoint."""
+
+    def measured(src: str, k: int) -> bool:
+        return original is not None and src == "forget" and k == 0
+
     return {
         src: [
             relearn(
@@ -75,10 +85,12 @@ def _relearn_all(
                 seed,
                 params.device,
                 params.data.eval_max_rows,
-                keep_checkpoint=keep and src == "forget" and k == 0,
+                keep_checkpoint=params.keep_relearned and measured(src, k),
                 generate=params.thresholds.metric == "rouge_l",
                 trust_remote_code=params.trust_remote_code,
                 precision=params.precision,
+                original=original if measured(src, k) else None,
+                layer_indices=params.layers,
                 gradient_checkpointing=params.gradient_checkpointing,
                 gpus=params.gpus,
             )
@@ -129,20 +141,20 @@ def audit_run(
     unlearned_eval = evaluate(
         store, unlearned, data_ref, rows, dev, trust_remote_code=trust, gpus=params.gpus
     )
-    relearned = _relearn_all(store, params, unlearned, data_ref, keep=True)
-    kept = relearned["forget"][0]  # the relearned checkpoint the representation metrics read
+    relearned = _relearn_all(store, params, unlearned, data_ref, original["checkpoint"])
+    measured = relearned["forget"][0]  # holds the relearned model's activations, weight change
     acts = {
-        name: extract(
+        "unlearned": extract(
             store,
-            ref,
+            unlearned,
             data_ref,
             params.layers,
             rows,
             dev,
             trust_remote_code=trust,
             gpus=params.gpus,
-        )
-        for name, ref in (("unlearned", unlearned), ("relearned", kept))
+        ),
+        "relearned": measured,
     }
     quantized = {
         str(bits): evaluate(
@@ -166,7 +178,7 @@ def audit_run(
     if params.probes:
         probed = {"original": original["probe"]} | {
             name: probe(store, data_ref, ref, acts[name], rows, params.seed)
-            for name, ref in (("unlearned", unlearned), ("relearned", kept))
+            for name, ref in (("unlearned", unlearned), ("relearned", measured))
         }
     return {
         **{k: candidate[k] for k in ("label", "method", "lr")},
@@ -187,10 +199,11 @@ def audit_run(
         "metrics_relearned": metrics(
             store,
             original["checkpoint"],
-            kept,
+            measured,
             original["acts"],
             acts["relearned"],
             trust_remote_code=trust,
+            stored_change=True,
         ),
         "quantized": quantized,
         "probes": probed,
@@ -306,7 +319,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         progress(1, milestones)
         original = _original(store, params, checkpoint, data_ref)
         progress(2, milestones)
-        control_runs = _relearn_all(store, params, control, data_ref, keep=False) if control else {}
+        control_runs = _relearn_all(store, params, control, data_ref, None) if control else {}
         progress(3, milestones)
         runs = []
         for candidate in _candidates(store, params, checkpoint, data_ref, given):

@@ -224,7 +224,7 @@ def _memory_note(
     try:
         folder = store.local_dir(checkpoint)
         shape = plan.shape_of_folder(folder)
-        fmt = _renderer(store, data_ref, AutoTokenizer.from_pretrained(folder))
+        fmt = renderer_for(store, data_ref, AutoTokenizer.from_pretrained(folder))
         seq = plan.sequence_length(fmt, load_sets(store, data_ref))
         return plan.stage_note(stage, dict(config), batch, shape, seq, plan.device_budget("auto"))
     except (ValueError, OSError) as exc:
@@ -395,12 +395,12 @@ def load_inputs(
     model, tokenizer = load_model(
         store, checkpoint, device, trust_remote_code=trust_remote_code, gpus=gpus
     )
-    fmt = _renderer(store, data_ref, tokenizer)
+    fmt = renderer_for(store, data_ref, tokenizer)
     cap = store.read_json(data_ref, data.FORMAT)["max_new_tokens"]
     return model, fmt, load_sets(store, data_ref), cap
 
 
-def _renderer(store: Store, data_ref: ArtifactRef, tokenizer) -> prompts.Renderer:
+def renderer_for(store: Store, data_ref: ArtifactRef, tokenizer) -> prompts.Renderer:
     """The audit's prompt format (the data artifact's) for ``tokenizer``."""
     spec = store.read_json(data_ref, data.FORMAT)
     return prompts.renderer(tokenizer, spec["prompt_format"], spec["separator"])

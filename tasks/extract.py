@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._progress import StageProgress
+from tasks._progress import stage_progress
 from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
 from unlearning_audit import activations, data, layers, prompts, runtime
 from unlearning_audit.store import ArtifactRef, code_version
@@ -18,6 +20,26 @@ def probe_rows(sets: dict[str, list[dict]], max_rows: int) -> dict[str, list[dic
     """The rows activations are extracted on, in order: a seeded sample of each probe set. The
     probe stage pairs its labels with activation rows through this one function."""
     return {name: data.sample(sets[name], max_rows) for name in PROBE_SETS}
+
+
+def write_activations(
+    model,
+    fmt: prompts.Renderer,
+    sets: dict[str, list[dict]],
+    out: Path,
+    layer_indices: list[int] | None,
+    max_rows: int,
+) -> dict:
+    """Write ``model``'s activations on the probe rows (probe_rows) into the artifact folder
+    ``out``, with their summary (SUMMARY), which it returns. What every artifact the probe and
+    metrics stages read activations from holds: this stage's, and the relearn run that measures
+    the relearned model in memory instead of storing it."""
+    with stage_progress("extract activations") as progress:
+        summary = activations.extract(
+            model, fmt, probe_rows(sets, max_rows), out, layer_indices, progress=progress
+        )
+    write_json(out / SUMMARY, summary)
+    return summary
 
 
 @task(name="extract", cache_policy=NO_CACHE, **gpu_options())
@@ -46,10 +68,7 @@ def extract(
             trust_remote_code=trust_remote_code,
             gpus=gpus,
         )
-        chosen = probe_rows(sets, max_rows)
-        with StageProgress("extract activations") as progress:
-            summary = activations.extract(model, fmt, chosen, out, layer_indices, progress=progress)
-        write_json(out / SUMMARY, summary)
+        summary = write_activations(model, fmt, sets, out, layer_indices, max_rows)
         return {**summary, "model_dtype": str(model.dtype), "gpus": gpus}
 
     return cached_stage(

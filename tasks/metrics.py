@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks._stage import CPU_OPTIONS, cached_stage, load_model
 from tasks.extract import PROBE_SETS, SUMMARY
 from tasks.fisher import read_fisher
+from tasks.relearn import read_weight_change
 from unlearning_audit import activations, runtime
 from unlearning_audit.metrics import cka, fisher, pca, table, weights
 from unlearning_audit.store import ArtifactRef, code_version
@@ -27,11 +28,17 @@ def metrics(
     candidate_fisher: ArtifactRef | None = None,
     k: int = 2,
     trust_remote_code: bool = False,
+    stored_change: bool = False,
 ):
     """CKA, PCA similarity, shift and distance per layer and probe set; weight change per layer;
-    Fisher summaries and the Fisher-weighted distance when both Fishers are given. The
-    checkpoints' own model code runs only with ``trust_remote_code`` (the audit's parameter;
-    nothing in the store can grant it)."""
+    Fisher summaries and the Fisher-weighted distance when both Fishers are given. The weight
+    change is computed from the two checkpoints, or with ``stored_change`` read from
+    ``candidate``: a relearn run that measured it against ``original`` while its model was in
+    memory (tasks/relearn.py), and stored no checkpoint to load. The checkpoints' own model code
+    runs only with ``trust_remote_code`` (the audit's parameter; nothing in the store can grant
+    it)."""
+    if stored_change and candidate_fisher is not None:
+        raise ValueError("the Fisher metrics need the candidate's weights, not a stored change")
 
     def build(s, out):
         runtime.setup(0, "cpu")
@@ -39,14 +46,17 @@ def metrics(
         rows = table.activation_rows(
             s.local_dir(original_acts), s.local_dir(candidate_acts), list(PROBE_SETS), layers, k
         )
-        model0, model = (
-            load_model(s, ref, "cpu", trust_remote_code=trust_remote_code)[0]
-            for ref in (original, candidate)
-        )
-        rows += table.weight_rows(model0, model)
-        if original_fisher is not None and candidate_fisher is not None:
-            f0, f = read_fisher(s, original_fisher), read_fisher(s, candidate_fisher)
-            rows += table.fisher_rows(f0, f, model0, model)
+        if stored_change:
+            rows += table.weight_rows(read_weight_change(s, candidate))
+        else:
+            model0, model = (
+                load_model(s, ref, "cpu", trust_remote_code=trust_remote_code)[0]
+                for ref in (original, candidate)
+            )
+            rows += table.weight_rows(weights.weight_change(model0, model))
+            if original_fisher is not None and candidate_fisher is not None:
+                f0, f = read_fisher(s, original_fisher), read_fisher(s, candidate_fisher)
+                rows += table.fisher_rows(f0, f, model0, model)
         table.write(rows, out / TABLE)
         return {"rows": len(rows)}
 
@@ -61,7 +71,7 @@ def metrics(
             "original_fisher": original_fisher,
             "candidate_fisher": candidate_fisher,
         },
-        {"k": k},
+        {"k": k, "stored_change": stored_change},
         code_version(table, cka, pca, weights, fisher, activations),
         build,
     )

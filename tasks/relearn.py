@@ -1,29 +1,47 @@
 """Relearn stage: the relearning attack from one source under one seed; stores its recovery
-curve with every fact's scores, and the relearned checkpoint where a later stage needs it."""
+curve with every fact's scores, and where later stages compare the relearned model with the
+original, its activations and weight change (measured while it is in memory; its checkpoint only
+on request)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import stage_progress
-from tasks._stage import cached_stage, gpu_options, load_inputs, on_gpus, save_trained, write_json
+from tasks._stage import (
+    cached_stage,
+    gpu_options,
+    load_inputs,
+    load_model,
+    on_gpus,
+    renderer_for,
+    save_trained,
+    write_json,
+)
+from tasks.extract import PROBE_SETS, write_activations
 from unlearning_audit import (
+    activations,
     adapters,
+    checkpoints,
     data,
     distributed,
     evaluation,
+    layers,
     prompts,
     relearning,
     runtime,
     training,
 )
 from unlearning_audit.config import Precision, RelearnConfig, RelearnSource
+from unlearning_audit.metrics import weights
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 CURVE = "relearn.json"
+WEIGHT_CHANGE = "weight_change.json"
 
 
 @task(name="relearn", cache_policy=NO_CACHE, **gpu_options())
@@ -40,40 +58,60 @@ def relearn(
     generate: bool = False,
     trust_remote_code: bool = False,
     precision: Precision = "auto",
+    original: ArtifactRef | None = None,
+    layer_indices: list[int] | None = None,
     gradient_checkpointing: bool = False,
     gpus: int = 1,
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
     ``seed``; the recovery curve scores at most ``max_rows`` rows per set, like the evaluate
-    stage. The relearned checkpoint is stored only with ``keep_checkpoint``; with ``generate``,
-    facts also carry ROUGE-L of greedy generations (when the verdict reads it). Trains in
-    ``precision`` (resolved on this machine's device, and part of the stage's key); the
-    relearned checkpoint keeps its dtype (with LoRA, the adapter alone is stored: see
-    save_trained). The checkpoint's own model code runs only with ``trust_remote_code`` (the
-    audit's parameter; nothing in the store can grant it). With ``gpus`` > 1 it trains on that
-    many GPUs (tasks._stage.on_gpus); ``gradient_checkpointing`` and ``gpus`` change memory,
-    not results: not part of the key."""
+    stage. With ``original`` (the checkpoint ``checkpoint`` was unlearned from), the run also
+    stores what the probe and metrics stages read of the relearned model, computed while it is
+    in memory: its activations of ``layer_indices`` on the probe rows, as the extract stage
+    stores them (write_activations), and its weight change per layer against ``original``
+    (WEIGHT_CHANGE). The relearned checkpoint is stored only with ``keep_checkpoint`` (at 7B,
+    14 GB that no stage reads; with LoRA, the adapter alone: see save_trained). With
+    ``generate``, facts also carry ROUGE-L of greedy generations (when the verdict reads it).
+    Trains in ``precision`` (resolved on this machine's device, and part of the stage's key);
+    the relearned checkpoint keeps its dtype. The checkpoint's own model code runs only with
+    ``trust_remote_code`` (the audit's parameter; nothing in the store can grant it).
+
+    With ``gpus`` > 1 it trains on that many GPUs (tasks._stage.on_gpus); a sharded model
+    serves no forward pass after training, so a measuring run then keeps its checkpoint and
+    measures it reloaded, split over the GPUs. ``gradient_checkpointing`` and ``gpus`` change
+    memory, not results: not part of the key."""
     precision = runtime.resolve_precision(precision, device)
+    measure = original is not None
+    reload = measure and gpus > 1
 
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
-        run = (source, cfg, seed, device, max_rows, keep_checkpoint, generate, precision)
-        run += (gradient_checkpointing,)
-        return on_gpus(gpus, device, _build, s, out, checkpoint, data_ref, trust_remote_code, *run)
+        keep = keep_checkpoint or reload
+        run = (source, cfg, seed, device, max_rows, keep, generate, precision)
+        run += (gradient_checkpointing, None if reload else original, layer_indices)
+        meta = on_gpus(gpus, device, _build, s, out, checkpoint, data_ref, trust_remote_code, *run)
+        if reload:
+            model, tokenizer = _relearned(s, out, checkpoint, device, trust_remote_code, gpus)
+            fmt = renderer_for(s, data_ref, tokenizer)
+            _measure(
+                s, model, fmt, out, original, data_ref, layer_indices, max_rows, trust_remote_code
+            )
+        return meta
 
+    inputs = {"checkpoint": checkpoint, "data": data_ref, "source": source, "seed": seed}
+    settings = {
+        "relearn": config.model_dump(exclude={"sources", "seeds"}),
+        "max_rows": max_rows,
+        "keep_checkpoint": keep_checkpoint,
+        "generate": generate,
+        "precision": precision,
+    }
+    modules = [relearning, training, adapters, data, evaluation, prompts]
+    if measure:  # a run that measures: its key names what it measures against
+        inputs["original"] = original
+        settings["activations"] = {"layers": layer_indices, "sets": PROBE_SETS}
+        modules += [activations, layers, weights, sys.modules[write_activations.__module__]]
     return cached_stage(
-        store,
-        "relearn",
-        {"checkpoint": checkpoint, "data": data_ref, "source": source, "seed": seed},
-        {
-            "relearn": config.model_dump(exclude={"sources", "seeds"}),
-            "max_rows": max_rows,
-            "keep_checkpoint": keep_checkpoint,
-            "generate": generate,
-            "precision": precision,
-        },
-        code_version(relearning, training, adapters, data, evaluation, prompts),
-        build,
-        batch=config,
+        store, "relearn", inputs, settings, code_version(*modules), build, batch=config
     )
 
 
@@ -92,6 +130,8 @@ def _build(
     generate: bool,
     precision: str,
     gradient_checkpointing: bool,
+    original: ArtifactRef | None,
+    layer_indices: list[int] | None,
 ) -> dict:
     """The stage's build, on one GPU or in every rank of several (rank 0 writes the files)."""
     model, fmt, sets, cap = load_inputs(
@@ -121,6 +161,10 @@ def _build(
     if distributed.ranks()[0] == 0:
         if keep_checkpoint:
             save_trained(model, fmt.tokenizer, adapter, checkpoint, out, state)
+        if original is not None:  # one process: the relearned model is still whole here
+            _measure(
+                s, model, fmt, out, original, data_ref, layer_indices, max_rows, trust_remote_code
+            )
         write_json(out / CURVE, log)
     return {
         "source": source,
@@ -131,6 +175,41 @@ def _build(
     }
 
 
+def _measure(
+    s: Store,
+    model,
+    fmt: prompts.Renderer,
+    out: Path,
+    original: ArtifactRef,
+    data_ref: ArtifactRef,
+    layer_indices: list[int] | None,
+    max_rows: int,
+    trust_remote_code: bool,
+) -> None:
+    """Store the relearned ``model``'s activations (as the extract stage does) and its weight
+    change per layer against ``original``, read tensor by tensor from its files."""
+    sets = data.read_sets(s.local_dir(data_ref))
+    write_activations(model, fmt, sets, out, layer_indices, max_rows)
+    change = weights.weight_change_from_checkpoint(
+        s.local_dir(original), model, trust_remote_code=trust_remote_code
+    )
+    write_json(out / WEIGHT_CHANGE, change)
+
+
+def _relearned(s: Store, out: Path, base: ArtifactRef, device: str, trust: bool, gpus: int):
+    """The relearned model a build just stored in ``out`` (a checkpoint, or an adapter of
+    ``base``), loaded split over ``gpus`` GPUs."""
+    if adapters.is_adapter(out):
+        model, tokenizer = load_model(s, base, device, trust_remote_code=trust, gpus=gpus)
+        return adapters.apply(model, out), tokenizer
+    return checkpoints.load(out, device, trust_remote_code=trust, gpus=gpus)
+
+
 def read_curves(store: Store, refs: list[ArtifactRef]) -> list[list[dict]]:
     """The stored recovery curves of one source's runs, one per seed."""
     return [store.read_json(ref, CURVE)["curve"] for ref in refs]
+
+
+def read_weight_change(store: Store, ref: ArtifactRef) -> dict[int, float]:
+    """The weight change per layer a measuring relearn run stored (see relearn's ``original``)."""
+    return {int(layer): value for layer, value in store.read_json(ref, WEIGHT_CHANGE).items()}

@@ -99,6 +99,31 @@ def prefect_server():
 
 
 @pytest.fixture(scope="session")
+def audit_params(tiny, tmp_path_factory):
+    """The smallest embedded audit (one unlearning method) into a store of its own; test_flow and
+    test_lean_store run it once (first_run) and read or extend that store."""
+    from unlearning_audit.config import AuditParams, UnlearnConfig
+
+    return AuditParams(
+        embedded=tiny,
+        store=str(tmp_path_factory.mktemp("store")),
+        methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
+    )
+
+
+@pytest.fixture(scope="session")
+def first_run(prefect_server, audit_params):
+    """The first run of audit_params: its final state, and its wall time in seconds."""
+    import time
+
+    from flows.audit import audit_checkpoint
+
+    start = time.perf_counter()
+    state = audit_checkpoint(audit_params, return_state=True)
+    return state, time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny):
     """The tiny embedded model, pretrained once per session to the targets on its forget set.
 

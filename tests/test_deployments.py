@@ -3,13 +3,14 @@
 One stack serves the module (`unlearning-audit server`'s LocalStack: SQLite in a temp
 PREFECT_HOME, a free port on 127.0.0.1, process workers for the `gpu` and `cpu` pools). A local
 run of the tiny audit fills the store first, so that each deployed audit below, started through
-the API with a new relearning rate, runs only the stages that depend on it (relearn and extract
-as flow runs on the gpu pool; metrics, verdict, report in the audit on the cpu pool):
+the API with a new relearning rate, runs only the stages that depend on it (relearn, which also
+measures the relearned model's activations, as a flow run on the gpu pool; metrics, verdict,
+report in the audit on the cpu pool):
 
 - a clean audit completes, with its verdict in the store and its artifacts in Prefect;
 - an audit whose relearn stage fails on both tries fails; retried as the UI retries it, it
-  resumes at relearn (every finished stage served from the store), where an out-of-memory error
-  rebuilds with its batch in two micro-batches and an extraction failing once is retried, and
+  resumes at relearn (every finished stage served from the store), which, failing once more,
+  is retried, where an out-of-memory error rebuilds with its batch in two micro-batches, and
   completes.
 """
 
@@ -61,7 +62,7 @@ STORE_STAGES = {
     *("prepare-data", "fetch-checkpoint", "unlearn", "relearn", "evaluate", "extract"),
     *("metrics", "verdict", "report"),
 }
-RELEARN_STAGES = {"relearn", "extract"}  # the GPU stages a new relearning rate reruns
+RELEARN_STAGES = {"relearn"}  # the GPU stages a new relearning rate reruns
 
 
 def _free_port() -> int:
@@ -201,7 +202,7 @@ def failed(warm, base, faults) -> dict:
 @pytest.fixture(scope="module")
 def retried(failed, faults) -> dict:
     """The failed audit retried as the UI's Retry button does it: an AwaitingRetry state."""
-    faults.write_text(json.dumps({"relearn": ["oom"], "extract": ["error"]}))
+    faults.write_text(json.dumps({"relearn": ["error", "oom"]}))
     start = time.perf_counter()
     with get_client(sync_client=True) as client:
         answer = client.set_flow_run_state(
@@ -362,8 +363,8 @@ def test_out_of_memory_rebuilds_with_twice_the_micro_batches(failed, retried):
 
 
 def test_stage_failing_once_is_retried_and_the_run_completes(retried):
-    (extract,) = [s for s in retried["stages"] if s.name == "extract"]
-    (inner,) = _task_runs(extract.id)
+    (relearn,) = [s for s in retried["stages"] if s.name == "relearn"]
+    (inner,) = _task_runs(relearn.id)
     assert inner.run_count == 2 and inner.state.type == StateType.COMPLETED
     assert retried["run"].state.type == StateType.COMPLETED
 

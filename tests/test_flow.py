@@ -44,22 +44,6 @@ def _task_states(flow_run_id, timeout: float = 30.0) -> dict[str, list[str]]:
     return states
 
 
-@pytest.fixture(scope="module")
-def params(tiny, tmp_path_factory) -> AuditParams:
-    return AuditParams(
-        embedded=tiny,
-        store=str(tmp_path_factory.mktemp("store")),
-        methods=[UnlearnConfig(method="GA", lr=1e-3, steps=10)],
-    )
-
-
-@pytest.fixture(scope="module")
-def first_run(prefect_server, params):
-    start = time.perf_counter()
-    state = audit_checkpoint(params, return_state=True)
-    return state, time.perf_counter() - start
-
-
 def test_audit_runs_every_stage_and_reports(first_run):
     state, _ = first_run
     result = state.result()
@@ -97,7 +81,7 @@ CHECKS = {"publish", "check-known", "check-compatible"}
 checks before any training."""
 
 
-def test_identical_rerun_is_served_from_cache(first_run, params):
+def test_identical_rerun_is_served_from_cache(first_run, audit_params):
     """Every stage is served from the store; timed as the best of three reruns, since the local
     Prefect server (SQLite) now and then stalls a call for a few seconds: right after a run it
     is still writing that run's events and logs (profiled: the first rerun waited 2-4 s on
@@ -106,7 +90,7 @@ def test_identical_rerun_is_served_from_cache(first_run, params):
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        state = audit_checkpoint(params, return_state=True)
+        state = audit_checkpoint(audit_params, return_state=True)
         timings.append(time.perf_counter() - start)
         states = _task_states(state.state_details.flow_run_id)
         computed = {
@@ -119,7 +103,7 @@ def test_identical_rerun_is_served_from_cache(first_run, params):
     assert min(timings) < 0.1 * first_seconds, (timings, first_seconds)
 
 
-def test_a_cached_rerun_hashes_no_file_twice(first_run, params, monkeypatch):
+def test_a_cached_rerun_hashes_no_file_twice(first_run, audit_params, monkeypatch):
     """Every stage verifies the artifacts it reads (the checkpoints above all), each through its
     own Store: a file is still read and hashed once per process, not once per stage."""
     from collections import Counter
@@ -135,14 +119,14 @@ def test_a_cached_rerun_hashes_no_file_twice(first_run, params, monkeypatch):
     original = store._stream_sha256
     monkeypatch.setattr(store, "_stream_sha256", counting)
     monkeypatch.setattr(store, "_HASHED", {})  # as in a fresh process
-    audit_checkpoint(params)
+    audit_checkpoint(audit_params)
     weights = [p for p in hashed if p.endswith("model.safetensors")]
     assert len(weights) >= 3  # the original, its control and the unlearned model at least
     assert max(hashed.values()) == 1, hashed.most_common(3)
 
 
-def test_threshold_change_reruns_only_verdict_and_report(first_run, params):
-    changed = params.model_copy(
+def test_threshold_change_reruns_only_verdict_and_report(first_run, audit_params):
+    changed = audit_params.model_copy(
         update={"thresholds": Thresholds(forgotten=0.3, control_margin=0.05)}
     )
     state = audit_checkpoint(changed, return_state=True)
@@ -151,11 +135,11 @@ def test_threshold_change_reruns_only_verdict_and_report(first_run, params):
     assert computed - CHECKS == {"verdict", "report"}
 
 
-def test_mode_b_audits_a_saved_unlearned_checkpoint(first_run, params, tmp_path):
+def test_mode_b_audits_a_saved_unlearned_checkpoint(first_run, audit_params, tmp_path):
     """Auditing the saved output of mode (a) as a given checkpoint reproduces its verdict."""
     from unlearning_audit.store import Store
 
-    store = Store(params.store)
+    store = Store(audit_params.store)
     (manifest,) = list(store.manifests("unlearn"))
     folder = tmp_path / "published-unlearned-model"
     folder.mkdir()
@@ -163,7 +147,7 @@ def test_mode_b_audits_a_saved_unlearned_checkpoint(first_run, params, tmp_path)
     for name in manifest["files"]:
         if name != "unlearn.json":
             (folder / name).write_bytes((source / name).read_bytes())
-    given = params.model_copy(update={"unlearned": str(folder)})
+    given = audit_params.model_copy(update={"unlearned": str(folder)})
     (row,) = audit_checkpoint(given)["rows"]
     (expected,) = first_run[0].result()["rows"]
     assert row["method"] == "given" and row["lr"] is None
@@ -213,12 +197,12 @@ def _cli_audit(config: Path) -> tuple[str, float]:
     return done.stdout, time.perf_counter() - start
 
 
-def test_a_cli_rerun_is_answered_from_the_audit_index(first_run, params, tmp_path):
+def test_a_cli_rerun_is_answered_from_the_audit_index(first_run, audit_params, tmp_path):
     """The CLI indexes an audit it ran; a rerun with every input unchanged prints the same table
     from the stored report without starting Prefect (README: about 3 s on an idle machine,
     most of it importing torch and transformers)."""
     config = tmp_path / "audit.json"
-    config.write_text(params.model_dump_json())
+    config.write_text(audit_params.model_dump_json())
     first, cold = _cli_audit(config)  # every stage cached, through a temporary Prefect API
     again, warm = _cli_audit(config)
     print(f"CLI audit with every stage stored: {cold:.1f} s; answered from the index: {warm:.1f} s")

@@ -273,13 +273,14 @@ def test_every_stage_shape_of_inputs_and_config_recomputes_to_its_key(tmp_path):
         ),
         (
             "relearn",
-            {"checkpoint": ref, "data": ref, "source": "forget", "seed": 0},
+            {"checkpoint": ref, "data": ref, "source": "forget", "seed": 0, "original": ref},
             {
                 "relearn": relearn_config.model_dump(exclude={"sources", "seeds"}),
                 "max_rows": 200,
                 "keep_checkpoint": True,
                 "generate": False,
                 "precision": "fp32",
+                "activations": {"layers": [0, 2], "sets": PROBE_SETS},
             },
         ),
         (

@@ -71,9 +71,10 @@ def detach(wrapped) -> Adapter:
     the base is the trained model afterwards (its weights plus the low-rank update)."""
     from peft.utils import get_peft_model_state_dict
 
-    tensors = {
-        k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(wrapped).items()
-    }
+    state = get_peft_model_state_dict(wrapped)
+    # sharded over several GPUs (FSDP) each rank holds a part: gather it (every rank calls this)
+    whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in whole.items()}
     adapter = Adapter(tensors, wrapped.peft_config["default"])
     wrapped.merge_and_unload()
     return adapter

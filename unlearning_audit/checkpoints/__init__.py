@@ -28,7 +28,9 @@ defined (a test sets ``checkpoints.tree.METADATA_LIMIT``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .checks import check_folder, num_blocks, safetensors_weights
@@ -44,7 +46,7 @@ from .fetch import (
     pin,
 )
 from .problems import _refuse, _some
-from .tree import METADATA, METADATA_LIMIT, PICKLE_WEIGHTS, WEIGHTS, _Tree, wanted
+from .tree import METADATA, METADATA_LIMIT, PICKLE_WEIGHTS, WEIGHTS, _fd_path, _Tree, wanted
 
 __all__ = [
     "EMBEDDED",
@@ -54,6 +56,7 @@ __all__ = [
     "WEIGHTS",
     "CheckpointChanged",
     "CheckpointSpec",
+    "StoredTensors",
     "_TooLarge",
     "_Tree",
     "_bounded_build",
@@ -68,6 +71,7 @@ __all__ = [
     "pin",
     "safetensors_weights",
     "save",
+    "stored_tensors",
     "wanted",
 ]
 
@@ -175,3 +179,48 @@ def save(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None
     where given (a sharded model's, gathered: distributed.full_state_dict)."""
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
+
+
+class StoredTensors(Mapping):
+    """A checkpoint's stored tensors by name, each read (on the CPU) only when looked up."""
+
+    def __init__(self, handles: dict) -> None:
+        self._handles = handles  # a tensor's name: the open safetensors file holding it
+
+    def __getitem__(self, name: str):
+        return self._handles[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handles)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its file's header (no data read)."""
+        return tuple(self._handles[name].get_slice(name).get_shape())
+
+
+@contextlib.contextmanager
+def stored_tensors(folder: Path) -> Iterator[StoredTensors]:
+    """The tensors of the safetensors weights transformers loads from a checked ``folder``
+    (safetensors_weights: one file, or an index's shards), by their names in the files, read one
+    at a time: a checkpoint compared tensor by tensor without building its model. Empty where
+    it holds pickle weights (a fetched checkpoint never does: fetch converts them)."""
+    from safetensors import safe_open
+
+    tree = _Tree(Path(folder))
+    source = safetensors_weights(folder)
+    if source is None:
+        files = []
+    elif source.endswith(".json"):
+        files = sorted(set(tree.json(source)["weight_map"].values()))
+    else:
+        files = [source]
+    with contextlib.ExitStack() as opened:
+        handles = {}
+        for name in files:
+            f = opened.enter_context(tree.open(name))
+            st = opened.enter_context(safe_open(_fd_path(f), "pt", device="cpu"))
+            handles |= dict.fromkeys(st.keys(), st)
+        yield StoredTensors(handles)

@@ -19,7 +19,6 @@ from ..activations import layer_path, read_layer
 from .cka import cka_moments
 from .fisher import fisher_summary, fisher_weighted_distance
 from .pca import pca_metrics
-from .weights import weight_change
 
 SCHEMA = pa.schema(
     [
@@ -63,11 +62,12 @@ def activation_rows(
     return rows
 
 
-def weight_rows(original, candidate) -> list[dict]:
-    """Relative weight change per layer (probe_set is empty: it depends on no data)."""
+def weight_rows(change: dict[int, float]) -> list[dict]:
+    """Relative weight change per layer (weights.weight_change, or as a relearn run stored it)
+    as table rows (probe_set is empty: it depends on no data)."""
     return [
         {"metric": "weight_change", "layer": layer, "probe_set": "", "value": value}
-        for layer, value in weight_change(original, candidate).items()
+        for layer, value in change.items()
     ]
 
 

@@ -1,4 +1,5 @@
-"""Per-layer weight change between two checkpoints, and the grouping of parameters by layer.
+"""Per-layer weight change between two checkpoints (two models, or a model and a stored
+checkpoint's tensors), and the grouping of parameters by layer.
 
 Layers follow :mod:`unlearning_audit.layers` (0 = embeddings, i = decoder block i - 1, L + 1 =
 final norm and LM head), with blocks matched by exact index, never by substring. A tied LM head
@@ -7,11 +8,13 @@ shares the embedding matrix; ``named_parameters`` lists it once, under the embed
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from unlearning_audit import checkpoints
 from unlearning_audit.layers import parameter_layers
 
 LayerParameters = dict[int, list[tuple[str, nn.Parameter]]]
@@ -83,20 +86,57 @@ def paired_parameters(
 
 @torch.no_grad()
 def weight_change(model_a: nn.Module, model_b: nn.Module) -> dict[int, float]:
-    """Relative weight change per layer, ||theta_b - theta_a||_F / ||theta_a||_F.
+    """Relative weight change per layer, ||theta_b - theta_a||_F / ||theta_a||_F
+    (:func:`weight_change_from` with model_a's parameters), after checking that the two models
+    have the same parameters. A change concentrated in the last layers marks a shallow edit near
+    the output."""
+    check_same_architecture(model_a, model_b)
+    return weight_change_from(dict(model_a.named_parameters()), model_b)
 
-    The norms run over all of the layer's parameters together (model_a = original), in float64.
-    A change concentrated in the last layers marks a shallow edit near the output.
+
+@torch.no_grad()
+def weight_change_from(original: Mapping[str, torch.Tensor], model: nn.Module) -> dict[int, float]:
+    """Relative weight change per layer of ``model`` from ``original`` (each of its parameters'
+    earlier values, by name: another model's parameters, or a checkpoint's tensors read one at a
+    time), ||theta - theta0||_F / ||theta0||_F.
+
+    The norms run over all of the layer's parameters together, in float64, on ``model``'s
+    device (one of ``original``'s tensors there at a time).
     """
     squares: dict[int, list[float]] = {}
-    for layer, theta_a, theta_b in paired_parameters(model_a, model_b):
-        theta_a = theta_a.double()
-        sums = squares.setdefault(layer, [0.0, 0.0])
-        sums[0] += float(theta_a.square().sum())
-        sums[1] += float((theta_b.double() - theta_a).square().sum())
+    for layer, params in layer_parameters(model).items():
+        for name, param in params:
+            theta = param.detach()
+            theta0 = original[name].detach().to(theta.device).double()
+            sums = squares.setdefault(layer, [0.0, 0.0])
+            sums[0] += float(theta0.square().sum())
+            sums[1] += float((theta.double() - theta0).square().sum())
     change = {}
-    for layer, (square_a, square_diff) in squares.items():
-        if square_a == 0:
+    for layer, (square0, square_diff) in squares.items():
+        if square0 == 0:
             raise ValueError(f"layer {layer} of the original model is all zeros")
-        change[layer] = (square_diff / square_a) ** 0.5
+        change[layer] = (square_diff / square0) ** 0.5
     return change
+
+
+def weight_change_from_checkpoint(
+    folder: Path, model: nn.Module, trust_remote_code: bool = False
+) -> dict[int, float]:
+    """:func:`weight_change` of ``model`` against the original checkpoint in ``folder``, its
+    tensors read one at a time from its safetensors files (checkpoints.stored_tensors) rather
+    than built into a second model: at 7B, no second copy of the weights in memory.
+
+    Where the files do not hold every parameter of ``model`` under its name and shape
+    (transformers renames or fuses some architectures' tensors on load: GPT-NeoX's
+    ``embed_out`` is its ``lm_head``), the checkpoint is loaded on the CPU instead and compared
+    by :func:`weight_change`, which also refuses another architecture. The checkpoint's own
+    model code runs only with ``trust_remote_code``.
+    """
+    with checkpoints.stored_tensors(folder) as stored:
+        if all(
+            name in stored and stored.shape(name) == tuple(param.shape)
+            for name, param in model.named_parameters()
+        ):
+            return weight_change_from(stored, model)
+    original, _ = checkpoints.load(folder, "cpu", trust_remote_code=trust_remote_code)
+    return weight_change(original, model)
