@@ -101,11 +101,17 @@ def _relearn_all(
 
 
 def _fisher(
-    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, model: str
+    store: str,
+    params: AuditParams,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    model: str,
+    summary_only: bool = False,
 ) -> dict:
     """One checkpoint's Fisher as the metrics and the report read it: ``ref``, its artifact
     (None with the Fisher off, or where the stage failed after its retries), and on a failure
-    ``failed``, why. A failed Fisher does not stop the audit: it goes on without the Fisher of
+    ``failed``, why; with ``summary_only`` (an unlearned model's) its summary alone is stored
+    (tasks/fisher.py). A failed Fisher does not stop the audit: it goes on without the Fisher of
     this ``model``, with a warning, and the report says so."""
     if not params.fisher:
         return {"ref": None}
@@ -117,6 +123,7 @@ def _fisher(
         batch_size=params.fisher_batch_size,
         device=params.device,
         trust_remote_code=params.trust_remote_code,
+        summary_only=summary_only,
         return_state=True,
     )
     if state.is_completed():
@@ -172,7 +179,7 @@ def audit_run(
     }
     fishers = {
         "original": original["fisher"],
-        "unlearned": _fisher(store, params, unlearned, data_ref, candidate["label"]),
+        "unlearned": _fisher(store, params, unlearned, data_ref, candidate["label"], True),
     }
     probed = None
     if params.probes:

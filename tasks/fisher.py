@@ -9,12 +9,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
-from tasks._stage import cached_stage, gpu_options, load_inputs
+from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
 from unlearning_audit import data, prompts, runtime
 from unlearning_audit.metrics import fisher as fisher_mod
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 FISHER = "fisher.safetensors"
+SUMMARY = "fisher-summary.json"
 STORED_DTYPE = torch.bfloat16
 """The stored values' dtype: half the bytes of float32 with its exponent range, so values as
 small as a large model's Fisher holds (1e-20 and below) keep their magnitude, where float16
@@ -32,6 +33,15 @@ def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, torch.Tensor]:
     stage skipped (the metrics stage then adds no Fisher rows)."""
     tensors = load_file(store.local_dir(ref) / FISHER)
     return {int(name.removeprefix("layer.")): value.float() for name, value in tensors.items()}
+
+
+def read_fisher_summary(store: Store, ref: ArtifactRef) -> dict[int, dict]:
+    """A Fisher's per-layer summary (metrics.fisher.fisher_summary): stored by a summary-only
+    stage, else computed from the stored tensors; empty where the stage skipped."""
+    folder = store.local_dir(ref)
+    if (folder / SUMMARY).is_file():
+        return {int(layer): entry for layer, entry in store.read_json(ref, SUMMARY).items()}
+    return fisher_mod.fisher_summary(read_fisher(store, ref))
 
 
 def _skipped(out: Path, meta: dict, reason: str) -> dict:
@@ -52,6 +62,7 @@ def fisher(
     batch_size: int = 16,
     device: str = "auto",
     trust_remote_code: bool = False,
+    summary_only: bool = False,
 ):
     """Per-sample-gradient diagonal Fisher of the chosen ``layers`` (None: all), on one probe
     set, stored in bfloat16 (STORED_DTYPE).
@@ -63,9 +74,12 @@ def fisher(
     memory it needs and the settings that help; nothing is stored, so more memory computes it
     later. A model that gives no per-sample gradients (fisher.UnsupportedModel) is skipped:
     the artifact holds no tensors, its reason in the file's metadata and the manifest
-    (``skipped``). The checkpoint's
-    own model code runs only with ``trust_remote_code`` (the audit's parameter; nothing in the
-    store can grant it).
+    (``skipped``). With ``summary_only`` the stage stores the per-layer summary the metrics
+    read of a candidate's Fisher (SUMMARY: mean, quantiles, log10 histogram, from the float32
+    values), not the values: the original's Fisher is the one read value by value (its
+    weighted distance), and at 7B each unlearned model's values would take 13 GB. The
+    checkpoint's own model code runs only with ``trust_remote_code`` (the audit's parameter;
+    nothing in the store can grant it).
     """
 
     def build(s, out):
@@ -95,15 +109,23 @@ def fisher(
             # a failure, not a stored skip: with more memory or GPUs the same key must compute;
             # a ValueError, so not retried (the flow goes on without this Fisher)
             raise ValueError(f"{err}; {HELP}") from err
-        stored = {f"layer.{layer}": v.to(STORED_DTYPE).contiguous() for layer, v in values.items()}
-        save_file(stored, out / FISHER)
+        if summary_only:
+            write_json(out / SUMMARY, fisher_mod.fisher_summary(values))
+        else:
+            stored = {f"layer.{k}": v.to(STORED_DTYPE).contiguous() for k, v in values.items()}
+            save_file(stored, out / FISHER)
         return {**meta, "samples_per_pass": passes.size, "oom_halvings": passes.halvings}
 
     return cached_stage(
         store,
         "fisher",
         {"checkpoint": checkpoint, "data": data_ref},
-        {"probe_set": probe_set, "max_rows": max_rows, "layers": layers},
+        {
+            "probe_set": probe_set,
+            "max_rows": max_rows,
+            "layers": layers,
+            "summary_only": summary_only,
+        },
         code_version(fisher_mod, data, prompts),
         build,
     )

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks._stage import CPU_OPTIONS, cached_stage, load_model
 from tasks.extract import PROBE_SETS, SUMMARY
-from tasks.fisher import read_fisher
+from tasks.fisher import read_fisher, read_fisher_summary
 from tasks.relearn import read_weight_change
 from unlearning_audit import activations, runtime
 from unlearning_audit.metrics import cka, fisher, pca, table, weights
@@ -55,8 +55,10 @@ def metrics(
             )
             rows += table.weight_rows(weights.weight_change(model0, model))
             if original_fisher is not None and candidate_fisher is not None:
-                f0, f = read_fisher(s, original_fisher), read_fisher(s, candidate_fisher)
-                rows += table.fisher_rows(f0, f, model0, model)
+                f0 = read_fisher(s, original_fisher)
+                rows += table.fisher_rows(
+                    f0, read_fisher_summary(s, candidate_fisher), model0, model
+                )
         table.write(rows, out / TABLE)
         return {"rows": len(rows)}
 

@@ -21,7 +21,7 @@ from test_metrics_fisher_weights import batches, tiny_llama
 from flows.audit import audit_checkpoint
 from tasks._stage import FAULTS_ENV, load_inputs
 from tasks.data import prepare_data
-from tasks.fisher import STORED_DTYPE, fisher, read_fisher
+from tasks.fisher import STORED_DTYPE, SUMMARY, fisher, read_fisher, read_fisher_summary
 from tasks.metrics import TABLE
 from tasks.report import fisher_status
 from unlearning_audit import checkpoints, corpus, data, embedded
@@ -147,6 +147,7 @@ def _fisher_stages(
         "batch3": run("plain", batch_size=3).result(),
         "room2": run("room2", batch_size=8).result(),
         "room0": run("room0", layers=[0]),  # a failed state
+        "summary": run("plain", summary_only=True).result(),
     }
 
 
@@ -181,7 +182,7 @@ def test_one_sample_out_of_memory_fails_at_once_and_stores_nothing(stages) -> No
     store, state = stages["store"], stages["room0"]
     assert state.is_failed()
     reason = state.message
-    assert len(list(store.manifests("fisher"))) == 3  # every, some (= batch3), room2
+    assert len(list(store.manifests("fisher"))) == 4  # every, some (= batch3), room2, summary
     model, *_ = load_inputs(store, stages["plain"], stages["data"], "cpu")
     embedding = model.get_input_embeddings().weight.numel()
     assert f"about {bytes_per_sample(embedding) / 2**20:.2f} MiB per sample" in reason
@@ -230,8 +231,8 @@ def test_summaries_and_rows_of_the_stored_fisher_match_float32(stages) -> None:
         )
         assert moved <= 2 * near_edges  # only values within the rounding of an edge move
     candidate = _perturbed(model)
-    rows_stored = table.fisher_rows(stored, stored, model, candidate)
-    rows_exact = table.fisher_rows(exact, exact, model, candidate)
+    rows_stored = table.fisher_rows(stored, fisher_summary(stored), model, candidate)
+    rows_exact = table.fisher_rows(exact, fisher_summary(exact), model, candidate)
     assert [r["metric"] for r in rows_stored] == [r["metric"] for r in rows_exact]
     for ours_row, exact_row in zip(rows_stored, rows_exact, strict=True):  # a ratio: two means
         assert ours_row["value"] == pytest.approx(exact_row["value"], rel=2 * BF16_ROUNDING)
@@ -293,3 +294,20 @@ def test_a_failing_fisher_stage_does_not_stop_the_audit(
     for manifest in store.manifests("metrics"):
         with store.open(ArtifactRef(key=manifest["key"], hash=manifest["hash"]), TABLE) as f:
             assert not [r for r in table.read(f) if r["metric"].startswith("fisher")]
+
+
+def test_a_summary_only_fisher_stores_the_summary_the_metrics_read(stages) -> None:
+    """An unlearned model's Fisher is stored as its summary (no values: 13 GB a model at 7B),
+    equal to the summary of the values the stage computes, under its own key."""
+    store, ref = stages["store"], stages["summary"]
+    assert set(store.manifest(ref.key)["files"]) == {SUMMARY}
+    assert ref.key != stages["every"].key
+    model, fmt, sets, _ = load_inputs(store, stages["plain"], stages["data"], "cpu")
+    rows = data.sample(sets["forget"], ROWS)
+    exact = fisher_diagonal(model, (data.train_batch(fmt, c) for c in data.chunks(rows, 16)))
+    summary, expected = read_fisher_summary(store, ref), fisher_summary(exact)
+    assert sorted(summary) == sorted(expected)
+    for layer, entry in expected.items():
+        assert summary[layer]["log10_hist"] == entry["log10_hist"]
+        for key in ("mean", "q50", "q90", "q99"):
+            assert summary[layer][key] == pytest.approx(entry[key], rel=1e-9)

@@ -87,7 +87,8 @@ def test_memory_settings_change_the_figures_they_should(small):
     lean = plan.store_estimate(AuditParams(fisher_layers=[1]), shape)
     kept = plan.store_estimate(AuditParams(keep_relearned=True), shape)
     assert kept["relearned"] == 3 * 4 * p and lean["relearned"] == 0
-    assert lean["fisher"] == 4 * 2 * shape.layer_parameters[1]  # original and 3 unlearned
+    # the original's values in bf16, each of 3 unlearned models' as its summary
+    assert lean["fisher"] == 2 * shape.layer_parameters[1] + 3 * plan.RECORD_BYTES
     assert lean["unlearned"] == 3 * 4 * p  # three full checkpoints (fp32 here)
     adapters = plan.store_estimate(_lora(AuditParams(keep_relearned=True)), shape)
     assert adapters["unlearned"] == adapters["relearned"] == 3 * 16 * shape.lora_dims * 4

@@ -447,10 +447,11 @@ def store_estimate(params: AuditParams, shape: ModelShape) -> dict[str, int]:
     """What the audit writes to the store (bytes), by kind: the fetched original and control,
     one checkpoint per unlearned model (or the given one; a LoRA run's adapter alone, r x
     lora_dims float32 values), the relearned checkpoints only with keep_relearned (one per
-    unlearned model; with LoRA relearning, an adapter), the Fisher of the original and each
-    unlearned model in bf16 (2 B per parameter of the chosen layers), the activations of every
-    extracted model (the original, each unlearned and relearned one: rows of the probe sets x
-    layers x hidden size x 4 B), and a small allowance per stage for its JSON files."""
+    unlearned model; with LoRA relearning, an adapter), the Fisher of the original in bf16 (2 B
+    per parameter of the chosen layers) and each unlearned model's as its summary, the
+    activations of every extracted model (the original, each unlearned and relearned one: rows
+    of the probe sets x layers x hidden size x 4 B), and a small allowance per stage for its
+    JSON files."""
     checkpoint = shape.parameters * shape.dtype_bytes
 
     def trained(lora_rank: int | None) -> int:
@@ -468,7 +469,7 @@ def store_estimate(params: AuditParams, shape: ModelShape) -> dict[str, int]:
         "control": checkpoint if has_control(params) else 0,
         "unlearned": given + sum(trained(m.lora_rank) for m in methods),
         "relearned": unlearned * trained(params.relearn.lora_rank) if params.keep_relearned else 0,
-        "fisher": (1 + unlearned) * fisher_parameters(shape, params.fisher_layers) * 2
+        "fisher": fisher_parameters(shape, params.fisher_layers) * 2 + unlearned * RECORD_BYTES
         if params.fisher
         else 0,
         "activations": (1 + 2 * unlearned) * rows * layers * shape.hidden * 4,

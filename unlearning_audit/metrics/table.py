@@ -9,6 +9,7 @@ every PCA view read off the two fits.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..activations import layer_path, read_layer
 from .cka import cka_moments
-from .fisher import fisher_summary, fisher_weighted_distance
+from .fisher import fisher_weighted_distance
 from .pca import pca_metrics
 
 SCHEMA = pa.schema(
@@ -71,18 +72,22 @@ def weight_rows(change: dict[int, float]) -> list[dict]:
     ]
 
 
-def fisher_rows(fisher0: dict, fisher: dict, original, candidate) -> list[dict]:
-    """Per layer on the forget set: the candidate's Fisher mean and quantiles, the ratio of its
-    mean to the original's, and the original-Fisher-weighted distance of the weights; none
-    where either Fisher is empty (its stage skipped: a ratio needs both)."""
-    if not fisher0 or not fisher:
+def fisher_rows(fisher0: dict, summary: dict, original, candidate) -> list[dict]:
+    """Per layer on the forget set: the candidate's Fisher mean and quantiles (``summary``, its
+    fisher_summary), the ratio of its mean to the original's (``fisher0``, its values), and the
+    original-Fisher-weighted distance of the weights; none where either Fisher is empty (its
+    stage skipped: a ratio needs both)."""
+    if not fisher0 or not summary:
         return []
-    summary = fisher_summary(fisher, reference=fisher0)
     distance = fisher_weighted_distance(fisher0, candidate, original)
     rows = []
     for layer, entry in summary.items():
-        values = {f"fisher_{k}": v for k, v in entry.items() if k != "log10_hist"}
-        values["fisher_mean_original"] = float(fisher0[layer].double().mean())
+        if layer not in fisher0:
+            raise ValueError(f"layer {layer} is missing from the original's Fisher")
+        mean0 = float(fisher0[layer].double().mean())
+        values = {f"fisher_{k}": v for k, v in entry.items() if k in ("mean", "q50", "q90", "q99")}
+        values["fisher_mean_ratio"] = entry["mean"] / mean0 if mean0 else math.nan
+        values["fisher_mean_original"] = mean0
         values["fisher_weighted_distance"] = distance[layer]
         rows += [
             {"metric": m, "layer": layer, "probe_set": "forget", "value": float(v)}
