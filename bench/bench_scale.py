@@ -178,16 +178,19 @@ def estimator_section() -> list[str]:
             )
         lines += ["", "Store footprint (GiB):", ""]
         stores = {
-            "defaults (also with --lora: trained checkpoints are stored merged)": {},
-            "--keep-relearned": {"keep_relearned": True},
-            "--fisher-layers 1 (one block's Fisher)": {"fisher_layers": [1]},
-            "--no-fisher": {"fisher": False},
+            "defaults": six_method_audit(),
+            "--lora 16 (adapters stored, not merged checkpoints)": plan.with_lora(
+                six_method_audit()
+            ),
+            "--keep-relearned": six_method_audit(keep_relearned=True),
+            "--fisher-layers 1 (one block's Fisher)": six_method_audit(fisher_layers=[1]),
+            "--no-fisher": six_method_audit(fisher=False),
         }
         kinds = list(plan.store_estimate(six_method_audit(), shape))
         lines += ["| store | " + " | ".join(kinds) + " | total |"]
         lines.append("| --- |" + " --- |" * (len(kinds) + 1))
-        for label, update in stores.items():
-            store = plan.store_estimate(six_method_audit(**update), shape)
+        for label, audit in stores.items():
+            store = plan.store_estimate(audit, shape)
             cells = [f"{v / GIB:.1f}" for v in store.values()]
             lines.append(
                 f"| {label} | " + " | ".join(cells) + f" | **{sum(store.values()) / GIB:.1f}** |"
@@ -203,7 +206,7 @@ def summary_table() -> list[str]:
         "| model | evaluate | unlearn NPO+KL | relearn | Fisher | largest stage: defaults | "
         "`--lora 16 --fisher-batch-size 1` | `--gradient-checkpointing --fisher-batch-size 1` "
         "| `--gpus 8 --lora 16 --gradient-checkpointing --fisher-batch-size 1` | store: "
-        "defaults | store: `--fisher-layers 1` |",
+        "defaults | store: `--lora 16` |",
         "| --- |" + " --- |" * 10,
     ]
     for name, config in large_configs().items():
@@ -215,8 +218,8 @@ def summary_table() -> list[str]:
         }
         main = [stages[k] / GIB for k in ("evaluate", "unlearn NPO+KL", "relearn", "fisher")]
         stores = [
-            sum(plan.store_estimate(six_method_audit(**u), shape).values()) / GIB
-            for u in ({}, {"fisher_layers": [1]})
+            sum(plan.store_estimate(audit, shape).values()) / GIB
+            for audit in (six_method_audit(), plan.with_lora(six_method_audit()))
         ]
         lines.append(
             f"| {name}, {shape.parameters / 1e9:.2f}B | "

@@ -17,7 +17,6 @@ from tasks.data import prepare_data
 from tasks.unlearn import unlearn
 from unlearning_audit import cli, data, plan
 from unlearning_audit.config import AuditParams, DataConfig, EmbeddedConfig, UnlearnConfig
-from unlearning_audit.plan import _lora
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +89,7 @@ def test_memory_settings_change_the_figures_they_should(small):
     # the original's values in bf16, each of 3 unlearned models' as its summary
     assert lean["fisher"] == 2 * shape.layer_parameters[1] + 3 * plan.RECORD_BYTES
     assert lean["unlearned"] == 3 * 4 * p  # three full checkpoints (fp32 here)
-    adapters = plan.store_estimate(_lora(AuditParams(keep_relearned=True)), shape)
+    adapters = plan.store_estimate(plan.with_lora(AuditParams(keep_relearned=True)), shape)
     assert adapters["unlearned"] == adapters["relearned"] == 3 * 16 * shape.lora_dims * 4
     assert plan.parse_size("80GiB") == 80 * 2**30 and plan.parse_size("141 GB") == 141 * 10**9
 

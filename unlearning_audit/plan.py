@@ -631,7 +631,7 @@ def _stage_audit(stage: str, config: dict, batch) -> AuditParams:
     return AuditParams(**common)
 
 
-def _lora(params: AuditParams) -> AuditParams:
+def with_lora(params: AuditParams) -> AuditParams:
     """Every unlearning and relearning run trains a LoRA adapter of rank 16 (--lora 16)."""
     lora = {"lora_rank": 16}
     return params.model_copy(
@@ -662,7 +662,7 @@ def _setting(**update) -> Callable[[AuditParams], AuditParams]:
 
 
 SETTINGS: list[tuple[str, Callable[[AuditParams], AuditParams], str | None]] = [
-    ("--lora 16", _lora, None),
+    ("--lora 16", with_lora, None),
     ("--gradient-checkpointing", _setting(gradient_checkpointing=True), None),
     ("micro_batches = batch_size (methods, relearn)", _one_row, None),
     ("--fisher-batch-size 1", _setting(fisher_batch_size=1), None),
