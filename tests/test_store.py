@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,28 @@ def test_the_code_version_of_a_package_covers_every_module_in_it(tmp_path, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     v1, v2 = importlib.import_module("v1"), importlib.import_module("v2")
     assert code_version(v1) != code_version(v2)
+
+
+def test_a_local_build_is_moved_into_place_not_copied(tmp_path):
+    """A local store's build is written beside its writer folders and moved into place: the
+    stored file is the very file the build wrote (same inode), with no second copy; while it
+    builds, `verify` does not take the build folder for an orphan, however old."""
+    store = Store(str(tmp_path / "store"))
+    seen = {}
+
+    def build(out: Path) -> None:
+        (out / "weights.bin").write_bytes(b"w" * 4096)
+        seen["inode"] = (out / "weights.bin").stat().st_ino
+        seen["folder"] = out
+        old = time.time() - 7200
+        os.utime(out, (old, old))
+        seen["findings"] = store.check_integrity()
+
+    ref, cached = store.cached("unlearn", {"x": 1}, {}, "v", build)
+    assert not cached
+    stored = store.local_dir(ref) / "weights.bin"
+    assert stored.stat().st_ino == seen["inode"] and stored.stat().st_nlink == 1
+    assert seen["folder"].parent == stored.parent.parent  # in the key's own folder
+    assert seen["findings"] == []  # a build at work is no orphan
+    assert not seen["folder"].exists()
+    store.verify(ref)

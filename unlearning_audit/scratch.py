@@ -160,6 +160,19 @@ def _stale(path: Path) -> int | None:
     return fd
 
 
+def in_use(path: str | Path) -> bool:
+    """Whether ``path`` is an owned folder (``ua-*``, ``.part-*``) whose owner still runs (or
+    that is another user's): not a leftover to remove."""
+    path = Path(path)
+    if _OWNED.match(path.name) is None or not path.is_dir():
+        return False
+    fd = _stale(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def clean_stale(folders: Iterable[str | Path] | None = None) -> list[Path]:
     """Remove the owned folders (``ua-*`` and ``.part-*`` with an owner pid) in ``folders``
     (default: ``base()`` and ``cache_dir()``) whose owner process is gone; returns them.

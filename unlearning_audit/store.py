@@ -56,6 +56,7 @@ through ``redact``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -751,6 +752,8 @@ class Store:
             leftovers = {**{n: t for n, t in files.items() if _is_tmp(n)}, **writers}
             for name, written in sorted(leftovers.items()):
                 minutes = (time.time() - written) / 60
+                if self.local and scratch.in_use(self._path(key, name)):
+                    continue  # a build at work (Store.cached), however long it takes
                 if name != named and minutes * 60 >= orphan_age:
                     problem = f"{key}/{name}: no manifest names it; untouched for {minutes:.0f} min"
                     findings.append(Finding("orphan", key, problem, (f"{key}/{name}",)))
@@ -821,8 +824,12 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def put(self, key: str, src: Path, meta: Mapping[str, Any] | None = None) -> ArtifactRef:
+    def put(
+        self, key: str, src: Path, meta: Mapping[str, Any] | None = None, move: bool = False
+    ) -> ArtifactRef:
         """Store the files under local folder ``src`` as the artifact ``key``; see module doc.
+        With ``move`` (a build's own folder, on a local store's filesystem) the files are moved
+        into place rather than copied: a 7B checkpoint is written once, not twice.
 
         ``meta`` must record the inputs, config and version that derive ``key`` (Store.key_for),
         else a ValueError: a manifest without them could not be told from one stripped of them
@@ -837,7 +844,7 @@ class Store:
         }
         ref = ArtifactRef(key=key, hash=digest(entries))
         writer = uuid.uuid4().hex[:12]
-        self._upload(key, writer, files)
+        self._upload(key, writer, files, move)
         manifest = {
             "key": key,
             "stage": key.split("/", 1)[0],
@@ -864,13 +871,16 @@ class Store:
         self._remember(src, ref)
         return ref
 
-    def _upload(self, key: str, writer: str, files: Mapping[str, Path]) -> None:
-        """Upload every file into the writer's folder; on failure, try to remove what was sent."""
+    def _upload(self, key: str, writer: str, files: Mapping[str, Path], move: bool) -> None:
+        """Upload every file into the writer's folder (on a local store, with ``move``, move it
+        there where it lies on the same filesystem); on failure, try to remove what was sent."""
         try:
             for name, p in files.items():
                 dest = self._path(key, writer, name)
                 if self.local:
                     self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+                    if move and _moved(p, dest):
+                        continue
                 self._retry(
                     f"upload of {key}/{writer}/{name}",
                     functools.partial(self.fs.put_file, str(p), dest, **self._parts()),
@@ -958,10 +968,27 @@ class Store:
         ref = self.get(key)
         if ref is not None:
             return ref, True
-        with scratch.folder(stage) as tmp:
+        # a local store's build lies beside its writer folders, so its files move into place;
+        # one a kill leaves goes when the key is built again, or as an orphan (`repair`)
+        parent = self._path(key) if self.local else None
+        if parent is not None:
+            self.fs.makedirs(parent, exist_ok=True)
+            scratch.clean_stale([parent])  # the build of this key a killed run left
+        with scratch.folder(stage, parent) as tmp:
             meta = build(Path(tmp)) or {}
             meta = {"inputs": _plain(inputs), "config": _plain(config), "version": version, **meta}
-            return self.put(key, Path(tmp), meta), False
+            return self.put(key, Path(tmp), meta, move=parent is not None), False
+
+
+def _moved(src: Path, dest: str) -> bool:
+    """Move ``src`` to ``dest`` if both lie on one filesystem (a rename); False where not."""
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return False
+    return True
 
 
 def _is_tmp(name: str) -> bool:
