@@ -113,13 +113,25 @@ def test_links_without_a_server_and_for_another_store(tmp_path):
     assert report_links.report_link(store, report, "report.html", other).startswith("file://")
 
 
-def test_an_s3_report_links_a_presigned_url(s3_server, tmp_path):
-    """On S3 the link is presigned: fetched without credentials, it returns the report."""
+def test_an_s3_report_is_served_or_presigned_on_request(s3_server, tmp_path, monkeypatch):
+    """On S3 the stack's server serves the report (read through the store, verified); without
+    one the link is the object's s3:// URL, carrying no credential, unless presigning is asked
+    for: then a URL that, fetched without credentials, returns the report."""
     store = Store("s3://reports/store")
     store.fs.mkdir("reports")
     report, _ = _report(store)
-    url = report_links.report_link(store, report, "report.html", {})
+    server = report_links.serve(store.url)
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        env = {report_links.URL_ENV: base, report_links.STORE_ENV: store.url}
+        url = report_links.report_link(store, report, "report.html", env)
+        assert url == f"{base}/{report.key}/report.html" and _get(url)[1].decode() == PAGE
+    finally:
+        server.shutdown()
+        server.server_close()
+    plain = report_links.report_link(store, report, "report.html", {})
+    assert plain.startswith("s3://reports/store/report/") and "testing" not in plain
+    presign = {report_links.PRESIGN_ENV: "1"}
+    url = report_links.report_link(store, report, "report.html", presign)
     assert url.startswith(s3_server.endpoint) and "Signature" in url
     assert _get(url)[1].decode() == PAGE
-    with pytest.raises(ValueError, match="only a local store"):
-        report_links.serve(store.url)

@@ -1,17 +1,21 @@
-"""Links to stored reports that a browser opens: a read-only HTTP server for a local store's
-reports, and presigned URLs for an S3 store.
+"""Links to stored reports that a browser opens: a read-only HTTP server for a store's reports,
+and, opted into, presigned URLs for an S3 store.
 
 A browser refuses a ``file://`` link from a web page (the Prefect UI's artifacts), and the file
-exists on one machine only. `unlearning-audit server` serves the reports of its store over HTTP
-and tells its workers where ($UNLEARNING_AUDIT_REPORT_URL for the store in
-$UNLEARNING_AUDIT_REPORT_STORE); a report on an S3 store links to a presigned URL, valid for a
-week. The server answers GET and HEAD for ``/<stage>/<digest>/<file>`` of the report and study
+exists on one machine only. `unlearning-audit server` serves the reports of its store (local or
+S3: read through the store, verified) over HTTP and tells its workers where
+($UNLEARNING_AUDIT_REPORT_URL for the store in $UNLEARNING_AUDIT_REPORT_STORE). Without that
+server, a report on an S3 store links to a presigned URL (valid for a week) only with
+$UNLEARNING_AUDIT_PRESIGN_REPORTS=1: such a URL carries the access key id and lets whoever holds
+it read the report, and Prefect's database keeps it; otherwise the link is the object's s3://
+URL. The server answers GET and HEAD for ``/<stage>/<digest>/<file>`` of the report and study
 stages only, and only for a file the artifact's verified manifest names: no listing, no other
 artifact (checkpoints, data), nothing outside the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mimetypes
 import threading
@@ -24,6 +28,7 @@ from .store import ArtifactRef, CorruptArtifact, Store, check_key
 
 URL_ENV = "UNLEARNING_AUDIT_REPORT_URL"
 STORE_ENV = "UNLEARNING_AUDIT_REPORT_STORE"
+PRESIGN_ENV = "UNLEARNING_AUDIT_PRESIGN_REPORTS"
 SERVED_STAGES = ("report", "study")
 PRESIGNED_SECONDS = 7 * 24 * 3600  # S3's longest presigned URL (signature version 4)
 
@@ -53,27 +58,30 @@ def published(
 
 
 def report_link(store: Store, ref: ArtifactRef, name: str, environ: dict[str, str]) -> str:
-    """A URL of one file of a stored report that a browser opens: the report server's where it
-    serves ``store`` (``environ`` names it), a presigned URL on S3, else a ``file://`` URI (a
-    local run, read on this machine)."""
+    """A URL of one file of a stored report: the report server's where it serves ``store``
+    (``environ`` names it), else a ``file://`` URI on a local store (a local run, read on this
+    machine), a presigned URL on S3 where ``environ`` opts in (PRESIGN_ENV), else the object's
+    URL in the store."""
     data = store.manifest(ref.key)["data"]
-    if store.local and environ.get(URL_ENV) and _same_store(environ.get(STORE_ENV), store):
+    if environ.get(URL_ENV) and _same_store(environ.get(STORE_ENV), store):
         return f"{environ[URL_ENV].rstrip('/')}/{ref.key}/{name}"
     if store.local:
         return Path(store.root, ref.key, data, name).resolve().as_uri()
-    path = f"{store.root.rstrip('/')}/{ref.key}/{data}/{name}"
-    try:
-        return store.fs.sign(path, expiration=PRESIGNED_SECONDS)
-    except NotImplementedError:  # a filesystem that cannot sign: its own URL
-        return f"{store.url.rstrip('/')}/{ref.key}/{data}/{name}"
+    if environ.get(PRESIGN_ENV) == "1":
+        path = f"{store.root.rstrip('/')}/{ref.key}/{data}/{name}"
+        with contextlib.suppress(NotImplementedError):  # a filesystem that cannot sign
+            return store.fs.sign(path, expiration=PRESIGNED_SECONDS)
+    return stored_file(store, ref, name)
 
 
 def _same_store(served: str | None, store: Store) -> bool:
-    """Whether the served store is ``store``'s folder (however either URL names it)."""
+    """Whether the served store is ``store`` (a local one's folder however named)."""
     if not served:
         return False
     other = Store(served)
-    return other.local and Path(other.root).resolve() == Path(store.root).resolve()
+    if other.local and store.local:
+        return Path(other.root).resolve() == Path(store.root).resolve()
+    return other.url.rstrip("/") == store.url.rstrip("/")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -128,12 +136,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(store_url: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """Serve the reports of the local store at ``store_url`` on ``host:port`` (0: a free port)
-    from a daemon thread; ``shutdown()`` stops it. A remote store needs no server (presigned
-    URLs), so it is refused."""
+    """Serve the reports of the store at ``store_url`` on ``host:port`` (0: a free port) from a
+    daemon thread; ``shutdown()`` stops it. A remote store's reports are read through it
+    (downloaded into the local cache once, verified)."""
     store = Store(store_url)
-    if not store.local:
-        raise ValueError(f"{store.url}: only a local store's reports are served over HTTP")
     handler = type("ReportHandler", (_Handler,), {"store_url": store.url})
     server = ThreadingHTTPServer((host, port), handler)
     threading.Thread(target=server.serve_forever, name="report-server", daemon=True).start()

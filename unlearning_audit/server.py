@@ -51,9 +51,9 @@ class LocalStack:
     at a time) serve the `gpu` pool, whose concurrency limit is ``gpus`` too; with no GPU, one
     worker runs the GPU stages on the CPU; ``gpus`` defaults to the GPUs torch sees. ``env`` is
     added to every process's environment; ``home`` is PREFECT_HOME (the SQLite database, results
-    and logs), default Prefect's own. The reports of ``store`` (default: the default store),
-    when local, are served read-only over HTTP on ``host:reports_port`` (0: a free port), and
-    the workers link report artifacts there (report_links). A failed audit is notified to
+    and logs), default Prefect's own. The reports of ``store`` (default: the default store) are
+    served read-only over HTTP on ``host:reports_port`` (0: a free port), and the workers link
+    report artifacts there (report_links). A failed audit is notified to
     ``notify_url``, else on this process's console (automations). At most ``audit_limit``
     audits run at once (default: the gpu pool's limit), set when the `audit` deployment is
     registered.
@@ -124,15 +124,13 @@ class LocalStack:
 
     @property
     def reports_url(self) -> str | None:
-        """Where the reports are served, once started (None for a remote store)."""
+        """Where the reports are served, once started."""
         return f"http://{self.host}:{self.reports.server_port}" if self.reports else None
 
     def serve_reports(self) -> None:
-        """Serve a local store's reports (a remote store's links are presigned) and tell every
-        process of the stack started from now on where."""
+        """Serve the store's reports and tell every process of the stack started from now on
+        where."""
         store = Store(self.store)
-        if not store.local:
-            return
         self.reports = report_links.serve(store.url, self.host, self.reports_port)
         self.env = {
             **self.env,
