@@ -120,7 +120,7 @@ def cached_stage(
     if pool is not None and store.get(store.key_for(stage, inputs, config, version)) is None:
         return _run_on_pool(pool)
     name = _stage_name(stage)
-    _clean_stale_once()
+    _clean_stale_once(store_url)
     note = functools.partial(_memory_note, store, stage, inputs, config)
     ref, cached = store.cached(
         stage,
@@ -144,11 +144,12 @@ def ref_of(called: ArtifactRef | State) -> ArtifactRef:
 
 
 @functools.cache
-def _clean_stale_once() -> None:
-    """Before this process's first build, remove the temporary folders that killed runs on
-    this machine left (an out-of-memory kill of a worker leaves a stage's full build): a
-    deployed worker never runs the CLI, which does the same at its start."""
-    for path in scratch.clean_stale():
+def _clean_stale_once(store_url: str) -> None:
+    """Before this process's first build on a store, remove the temporary folders that killed
+    runs on this machine left, and their builds in a local store (an out-of-memory kill of a
+    worker leaves a stage's full build): a deployed worker never runs the CLI, which does the
+    same at its start."""
+    for path in [*scratch.clean_stale(), *Store(store_url).clean_stale_builds()]:
         get_run_logger().warning("removed %s, left by a run that was killed", path)
 
 

@@ -128,8 +128,9 @@ class Cli:
     def building(self, proc: subprocess.Popen, count: int = 1) -> tuple[list[Path], set[int]]:
         """Wait for ``count`` model stages' folders; them, and the processes the CLI started."""
 
-        def folders() -> list[Path]:
-            return sorted(self.tmp.glob("ua-checkpoint-*"))
+        def folders() -> list[Path]:  # a local store's builds lie in its key folders
+            found = [*self.tmp.glob("ua-checkpoint-*"), *self.store.glob("*/*/ua-checkpoint-*")]
+            return sorted(found)
 
         found = _wait_until(lambda: len(folders()) >= count or proc.poll() is not None, 240)
         assert found and proc.poll() is None, f"no stage folders:\n{self.log.read_text()}"
@@ -182,7 +183,7 @@ def test_sigterm_exits_143_removing_the_folders_and_the_server(cli):
     assert proc.wait(60) == 143
     log = cli.log.read_text()
     assert "unlearning-audit: SIGTERM: stopping" in log and "Traceback" not in log, log
-    assert not folder.exists() and not any(cli.tmp.iterdir()), list(cli.tmp.iterdir())
+    assert not folder.exists() and not _entries(cli.tmp), _entries(cli.tmp)
     assert _wait_until(lambda: not _alive(tree), 10), f"left running: {_alive(tree)}"
     assert not _listening(port)
 
@@ -199,7 +200,7 @@ def test_ctrl_c_with_a_stage_in_another_thread_exits_130_after_the_grace(cli):
     log = cli.log.read_text()
     assert "unlearning-audit: SIGINT: stopping" in log and "Traceback" not in log, log
     assert "unlearning-audit: still running 2 s after SIGINT: exiting now" in log, log
-    assert not any(f.exists() for f in folders) and not any(cli.tmp.iterdir())
+    assert not any(f.exists() for f in folders) and not _entries(cli.tmp)
     assert _wait_until(lambda: not _alive(tree), 10), f"left running: {_alive(tree)}"
     assert not _listening(port)
 
@@ -334,3 +335,8 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds (nothing where it was never made)."""
+    return list(folder.iterdir()) if folder.exists() else []

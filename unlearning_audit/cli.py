@@ -43,6 +43,7 @@ from .store import (
     StoreUnavailable,
     check_key,
     check_url,
+    default_store_url,
     endpoint_url,
     redact,
 )
@@ -800,6 +801,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _store_of(args: argparse.Namespace) -> str | None:
+    """The store a command works on (its --store, else the default), None for one without."""
+    if "store" not in args:
+        return None
+    return args.store or default_store_url()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse and run. Bad input (a ValueError or an invalid configuration), an
     unreachable or damaged store and a file that cannot be written end as one ``error:``
@@ -812,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false")
     try:
         if argv is None:  # run as the program: SIGINT/SIGTERM exit 130/143; stale folders go
-            start_cli()
+            start_cli(_store_of(args))
         code = args.func(args)
     except ValidationError as exc:
         problems = [

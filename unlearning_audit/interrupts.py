@@ -120,9 +120,16 @@ def _grace() -> float:
     return grace
 
 
-def start_cli() -> None:
+def start_cli(store: str | None = None) -> None:
     """The CLI's first step as a program: ``install()``, then remove the temporary folders
-    killed runs left (named on stderr)."""
+    killed runs left (named on stderr): in the temporary folder, and the builds in the local
+    store ``store`` (Store.clean_stale_builds)."""
     install()
-    for path in scratch.clean_stale():
+    stale = scratch.clean_stale()
+    if store is not None:
+        from .store import Store
+
+        with contextlib.suppress(ValueError):  # an invalid store URL is the command's to report
+            stale += Store(store).clean_stale_builds()
+    for path in stale:
         _say(f"removed {path}, left by a run that was killed")

@@ -727,6 +727,15 @@ class Store:
 
     # -- integrity ---------------------------------------------------------------------------
 
+    def clean_stale_builds(self) -> list[Path]:
+        """Remove the build folders that killed runs left in a local store's key folders
+        (Store.cached builds there); a live run's are kept. Returns them."""
+        root = Path(self.root)
+        if not self.local or not root.is_dir():
+            return []
+        keys = [key for stage in _subfolders(root) for key in _subfolders(stage)]
+        return scratch.clean_stale(keys)
+
     def check_integrity(self, orphan_age: float = 3600.0) -> list[Finding]:
         """Every artifact whose manifest or files do not verify, and every writer folder that no
         manifest names and that nothing has written to for ``orphan_age`` seconds.
@@ -978,6 +987,11 @@ class Store:
             meta = build(Path(tmp)) or {}
             meta = {"inputs": _plain(inputs), "config": _plain(config), "version": version, **meta}
             return self.put(key, Path(tmp), meta, move=parent is not None), False
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders directly in ``folder`` (not through links)."""
+    return [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
 
 
 def _moved(src: Path, dest: str) -> bool:
