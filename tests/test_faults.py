@@ -47,19 +47,19 @@ BUCKET = "faults-bucket"
 # the store, so that it can be killed while the artifact is half written.
 STALLING_EXTRACT = """
 import sys, time
-from fsspec.implementations.local import LocalFileSystem
 from prefect import flow
 from tasks.extract import extract
+from unlearning_audit import store
 from unlearning_audit.store import ArtifactRef
 
 url, checkpoint, data, rows = sys.argv[1:]
-put_file = LocalFileSystem.put_file
+moved = store._moved  # a local store moves a build's files into the writer folder
 
-def put_then_hang(self, *args, **kwargs):
-    put_file(self, *args, **kwargs)
+def move_then_hang(src, dest):
+    moved(src, dest)
     time.sleep(600)
 
-LocalFileSystem.put_file = put_then_hang
+store._moved = move_then_hang
 refs = [ArtifactRef.model_validate_json(r) for r in (checkpoint, data)]
 
 @flow
@@ -130,8 +130,14 @@ def test_worker_killed_mid_extraction_leaves_nothing_complete_and_rerun_matches(
             stderr=subprocess.STDOUT,
         )
     try:
-        written = _wait_for(
-            lambda: [p for p in root.glob("activations/*/*/**/*") if p.is_file()], worker, log
+        written = _wait_for(  # in a writer folder, not the build's (ua-*) beside it
+            lambda: [
+                p
+                for p in root.glob("activations/*/*/**/*")
+                if p.is_file() and not p.relative_to(root).parts[2].startswith("ua-")
+            ],
+            worker,
+            log,
         )
     finally:
         worker.kill()  # SIGKILL: no handler, no cleanup, as when a node dies
