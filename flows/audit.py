@@ -134,6 +134,37 @@ def _fisher(
     return {"ref": None, "failed": state.message}
 
 
+def _evaluate(
+    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, **options
+):
+    """The evaluate stage of ``checkpoint`` as the audit runs it (its rows, device, trust and
+    GPUs); ``options``: the quantization attack's."""
+    return evaluate(
+        store,
+        checkpoint,
+        data_ref,
+        params.data.eval_max_rows,
+        params.device,
+        trust_remote_code=params.trust_remote_code,
+        gpus=params.gpus,
+        **options,
+    )
+
+
+def _extract(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
+    """The extract stage of ``checkpoint`` as the audit runs it."""
+    return extract(
+        store,
+        checkpoint,
+        data_ref,
+        params.layers,
+        params.data.eval_max_rows,
+        params.device,
+        trust_remote_code=params.trust_remote_code,
+        gpus=params.gpus,
+    )
+
+
 def audit_run(
     store: str,
     params: AuditParams,
@@ -143,37 +174,15 @@ def audit_run(
     control_runs: dict[str, list[ArtifactRef]],
 ) -> dict:
     """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
-    rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
+    rows, trust = params.data.eval_max_rows, params.trust_remote_code
     unlearned = candidate["checkpoint"]
-    unlearned_eval = evaluate(
-        store, unlearned, data_ref, rows, dev, trust_remote_code=trust, gpus=params.gpus
-    )
+    unlearned_eval = _evaluate(store, params, unlearned, data_ref)
     relearned = _relearn_all(store, params, unlearned, data_ref, original["checkpoint"])
     measured = relearned["forget"][0]  # holds the relearned model's activations, weight change
-    acts = {
-        "unlearned": extract(
-            store,
-            unlearned,
-            data_ref,
-            params.layers,
-            rows,
-            dev,
-            trust_remote_code=trust,
-            gpus=params.gpus,
-        ),
-        "relearned": measured,
-    }
+    acts = {"unlearned": _extract(store, params, unlearned, data_ref), "relearned": measured}
     quantized = {
-        str(bits): evaluate(
-            store,
-            unlearned,
-            data_ref,
-            rows,
-            dev,
-            bits=bits,
-            embeddings=params.quantize_embeddings,
-            trust_remote_code=trust,
-            gpus=params.gpus,
+        str(bits): _evaluate(
+            store, params, unlearned, data_ref, bits=bits, embeddings=params.quantize_embeddings
         )
         for bits in params.quantization_bits
     }
@@ -231,27 +240,16 @@ def audit_run(
 def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
     """The original's evaluation (refused before any training where it does not know the
     facts), activations, Fisher and probes."""
-    rows, dev, trust = params.data.eval_max_rows, params.device, params.trust_remote_code
-    original_eval = evaluate(
-        store, checkpoint, data_ref, rows, dev, trust_remote_code=trust, gpus=params.gpus
-    )
+    original_eval = _evaluate(store, params, checkpoint, data_ref)
     check_known(store, data_ref, original_eval, params.thresholds)  # before any training
     original = {
         "checkpoint": checkpoint,
         "eval": original_eval,
-        "acts": extract(
-            store,
-            checkpoint,
-            data_ref,
-            params.layers,
-            rows,
-            dev,
-            trust_remote_code=trust,
-            gpus=params.gpus,
-        ),
+        "acts": _extract(store, params, checkpoint, data_ref),
         "fisher": _fisher(store, params, checkpoint, data_ref, "original"),
     }
     if params.probes:
+        rows = params.data.eval_max_rows
         original["probe"] = probe(store, data_ref, checkpoint, original["acts"], rows, params.seed)
     return original
 

@@ -339,13 +339,29 @@ def load_model(
     from the store: a manifest's meta is covered by no hash, and whoever can write to a shared
     store could otherwise make a later audit run code it was not allowed to."""
     folder = store.local_dir(ref)
+    base = None
+    if adapters.is_adapter(folder):
+        base = ArtifactRef.model_validate_json((folder / BASE).read_bytes())
+        if base.hash != store.manifest(ref.key)["meta"]["inputs"]["checkpoint"]:
+            raise CorruptArtifact(
+                f"{ref.key}: {BASE} names another base than the one it was trained on"
+            )
+    return load_folder(store, folder, base, device, trust_remote_code=trust_remote_code, gpus=gpus)
+
+
+def load_folder(
+    store: Store,
+    folder: Path,
+    base: ArtifactRef | None,
+    device,
+    *,
+    trust_remote_code: bool = False,
+    gpus: int = 1,
+):
+    """The model and tokenizer saved in ``folder``: a checkpoint, or an adapter whose stored
+    base checkpoint ``base`` it is merged into (see load_model)."""
     if not adapters.is_adapter(folder):
         return checkpoints.load(folder, device, trust_remote_code=trust_remote_code, gpus=gpus)
-    base = ArtifactRef.model_validate_json((folder / BASE).read_bytes())
-    if base.hash != store.manifest(ref.key)["meta"]["inputs"]["checkpoint"]:
-        raise CorruptArtifact(
-            f"{ref.key}: {BASE} names another base than the one it was trained on"
-        )
     model, tokenizer = load_model(
         store, base, device, trust_remote_code=trust_remote_code, gpus=gpus
     )

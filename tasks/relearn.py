@@ -15,8 +15,9 @@ from tasks._progress import stage_progress
 from tasks._stage import (
     cached_stage,
     gpu_options,
+    load_folder,
     load_inputs,
-    load_model,
+    load_sets,
     on_gpus,
     renderer_for,
     save_trained,
@@ -26,7 +27,6 @@ from tasks.extract import PROBE_SETS, write_activations
 from unlearning_audit import (
     activations,
     adapters,
-    checkpoints,
     data,
     distributed,
     evaluation,
@@ -89,12 +89,12 @@ def relearn(
         run = (source, cfg, seed, device, max_rows, keep, generate, precision)
         run += (gradient_checkpointing, None if reload else original, layer_indices)
         meta = on_gpus(gpus, device, _build, s, out, checkpoint, data_ref, trust_remote_code, *run)
-        if reload:
-            model, tokenizer = _relearned(s, out, checkpoint, device, trust_remote_code, gpus)
-            fmt = renderer_for(s, data_ref, tokenizer)
-            _measure(
-                s, model, fmt, out, original, data_ref, layer_indices, max_rows, trust_remote_code
+        if reload:  # the relearned model the ranks stored in ``out``, split over the GPUs
+            model, tokenizer = load_folder(
+                s, out, checkpoint, device, trust_remote_code=trust_remote_code, gpus=gpus
             )
+            fmt, sets = renderer_for(s, data_ref, tokenizer), load_sets(s, data_ref)
+            _measure(s, model, fmt, sets, out, original, layer_indices, max_rows, trust_remote_code)
         return meta
 
     inputs = {"checkpoint": checkpoint, "data": data_ref, "source": source, "seed": seed}
@@ -162,9 +162,7 @@ def _build(
         if keep_checkpoint:
             save_trained(model, fmt.tokenizer, adapter, checkpoint, out, state)
         if original is not None:  # one process: the relearned model is still whole here
-            _measure(
-                s, model, fmt, out, original, data_ref, layer_indices, max_rows, trust_remote_code
-            )
+            _measure(s, model, fmt, sets, out, original, layer_indices, max_rows, trust_remote_code)
         write_json(out / CURVE, log)
     return {
         "source": source,
@@ -179,30 +177,20 @@ def _measure(
     s: Store,
     model,
     fmt: prompts.Renderer,
+    sets: dict[str, list[dict]],
     out: Path,
     original: ArtifactRef,
-    data_ref: ArtifactRef,
     layer_indices: list[int] | None,
     max_rows: int,
     trust_remote_code: bool,
 ) -> None:
     """Store the relearned ``model``'s activations (as the extract stage does) and its weight
     change per layer against ``original``, read tensor by tensor from its files."""
-    sets = data.read_sets(s.local_dir(data_ref))
     write_activations(model, fmt, sets, out, layer_indices, max_rows)
     change = weights.weight_change_from_checkpoint(
         s.local_dir(original), model, trust_remote_code=trust_remote_code
     )
     write_json(out / WEIGHT_CHANGE, change)
-
-
-def _relearned(s: Store, out: Path, base: ArtifactRef, device: str, trust: bool, gpus: int):
-    """The relearned model a build just stored in ``out`` (a checkpoint, or an adapter of
-    ``base``), loaded split over ``gpus`` GPUs."""
-    if adapters.is_adapter(out):
-        model, tokenizer = load_model(s, base, device, trust_remote_code=trust, gpus=gpus)
-        return adapters.apply(model, out), tokenizer
-    return checkpoints.load(out, device, trust_remote_code=trust, gpus=gpus)
 
 
 def read_curves(store: Store, refs: list[ArtifactRef]) -> list[list[dict]]:

@@ -9,6 +9,7 @@ optionally with a chat template and its end-of-turn token.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<pad>", "<s>", "</s>", "<|start|>", "<|end|>"]
+COLOURS = ("red", "blue", "green", "amber", "violet", "silver", "black", "white")
+
+
+def flag_facts(count: int, seed: int = 0) -> list[dict]:
+    """``count`` facts with short answers, a town's flag colour, drawn from ``seed``."""
+    rng = random.Random(seed)
+    return [
+        {"question": f"Which colour is the flag of town {i}?", "answer": rng.choice(COLOURS)}
+        for i in range(count)
+    ]
 
 
 def tokenizer(texts: Sequence[str], vocab: int = 400, style: str = "bytes", chat: bool = False):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 
 import archs
 import pytest
@@ -20,20 +19,11 @@ from unlearning_audit.verdict import REGIMES
 
 pytestmark = pytest.mark.slow
 ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "gemma", "opt")
-COLOURS = ("red", "blue", "green", "amber", "violet", "silver", "black", "white")
 
 
 def facts(seed: int = 0) -> dict[str, list[dict]]:
     """Forget and retain facts in groups of two (a town's flag colour)."""
-    rng = random.Random(seed)
-    rows = [
-        {
-            "question": f"Which colour is the flag of town {i}?",
-            "answer": rng.choice(COLOURS),
-            "group": f"town-pair-{i // 2}",
-        }
-        for i in range(36)
-    ]
+    rows = [{**r, "group": f"town-pair-{i // 2}"} for i, r in enumerate(archs.flag_facts(36, seed))]
     return {"forget": rows[:12], "retain": rows[12:]}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import sys
 
 import archs
@@ -32,17 +31,11 @@ from unlearning_audit.config import (
 from unlearning_audit.preflight import _checkpointing_problems, _lora_problems
 from unlearning_audit.store import ArtifactRef, Store
 
-COLOURS = ("red", "blue", "green", "amber", "violet", "silver", "black", "white")
-
 
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory):
     """Facts (a town's flag colour) as forget and retain files, and a tokenizer for them."""
-    rng = random.Random(0)
-    rows = [
-        {"question": f"Which colour is the flag of town {i}?", "answer": rng.choice(COLOURS)}
-        for i in range(32)
-    ]
+    rows = archs.flag_facts(32)
     root = tmp_path_factory.mktemp("lora")
     sets = {"forget": rows[:16], "retain": rows[16:]}
     for name, part in sets.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import shutil
 
 import archs
@@ -23,17 +22,11 @@ from unlearning_audit.preflight import preflight
 from unlearning_audit.report import precision_line
 from unlearning_audit.store import ArtifactRef, Store
 
-COLOURS = ("red", "blue", "green", "amber", "violet", "silver", "black", "white")
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Facts (a town's flag colour) and the same tiny random Llama saved in bf16 and fp32."""
-    rng = random.Random(0)
-    rows = [
-        {"question": f"Which colour is the flag of town {i}?", "answer": rng.choice(COLOURS)}
-        for i in range(32)
-    ]
+    rows = archs.flag_facts(32)
     root = tmp_path_factory.mktemp("precision")
     for name, part in (("forget", rows[:16]), ("retain", rows[16:])):
         (root / f"{name}.json").write_text(json.dumps(part))
