@@ -1,10 +1,10 @@
 """The audit flow: one checkpoint through every stage, each a task passing store references.
 
 fetch -> unlearn (per method) -> evaluate -> relearn -> evaluate -> extract -> metrics ->
-verdict -> report. Run locally, everything runs in this process; every stage is served from the
-store when its inputs, config and code are unchanged. Every stage that loads a model gets the
-audit's ``trust_remote_code``: whether a checkpoint may run its own code is the current run's
-decision, never read from the store.
+splice (the causal layer test) -> verdict -> report. Run locally, everything runs in this
+process; every stage is served from the store when its inputs, config and code are unchanged.
+Every stage that loads a model gets the audit's ``trust_remote_code``: whether a checkpoint may
+run its own code is the current run's decision, never read from the store.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tasks.metrics import metrics
 from tasks.probe import probe
 from tasks.relearn import relearn
 from tasks.report import publish, report
+from tasks.splice import splice_run
 from tasks.unlearn import unlearn
 from tasks.verdict import check_known, verdict
 from unlearning_audit import relearning
@@ -190,6 +191,20 @@ def audit_run(
         "original": original["fisher"],
         "unlearned": _fisher(store, params, unlearned, data_ref, candidate["label"], True),
     }
+    spliced = None
+    if params.splice:
+        spliced = splice_run(
+            store,
+            original["checkpoint"],
+            unlearned,
+            data_ref,
+            params.thresholds,
+            params.splice_depths,
+            rows,
+            params.device,
+            trust_remote_code=trust,
+            gpus=params.gpus,
+        )
     probed = None
     if params.probes:
         probed = {"original": original["probe"]} | {
@@ -223,6 +238,7 @@ def audit_run(
         ),
         "quantized": quantized,
         "probes": probed,
+        "splice": spliced,
         "verdict": verdict(
             store,
             data_ref,

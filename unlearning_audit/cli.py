@@ -169,6 +169,8 @@ AUDIT_FLAGS = (
     "name",
     "fisher",
     "probes",
+    "splice",
+    "splice_depths",
     "quantization_bits",
     "quantize_embeddings",
     "allow_pickle",
@@ -612,6 +614,13 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         const=False,
         help="skip the linear probes",
     )
+    attacks.add_argument(
+        "--no-splice",
+        dest="splice",
+        action="store_const",
+        const=False,
+        help="skip the causal layer test (splicing top blocks between the two models)",
+    )
     bits = attacks.add_mutually_exclusive_group()
     bits.add_argument(
         "--quantization",
@@ -658,6 +667,13 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         metavar="L",
         help="compute the Fisher of these layers only (0: embeddings, i: block i, L+1: final "
         "norm and head; default all)",
+    )
+    scale.add_argument(
+        "--splice-depths",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="splice only these depths (top blocks; default every depth 1..L)",
     )
     scale.add_argument(
         "--fisher-batch-size",

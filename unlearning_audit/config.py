@@ -429,6 +429,17 @@ class AuditParams(_Config):
     )
     fisher: bool = Field(True, description="Compute the diagonal Fisher (a GPU stage).")
     probes: bool = Field(True, description="Linear probes per layer as a recovery attack.")
+    splice: bool = Field(
+        True,
+        description="The causal layer test: score the original with the unlearned model's top "
+        "k blocks and head, and the reverse, for each k (a GPU stage holding both models).",
+    )
+    splice_depths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        min_length=1,
+        description="The splice depths k (top blocks spliced, with the head); default 1 to "
+        "the number of blocks. Fewer: less time on a large model.",
+    )
     quantization_bits: list[int] = Field(
         [8, 4],
         description="Evaluate the unlearned model after RTN quantization to these bit "
@@ -498,7 +509,7 @@ class AuditParams(_Config):
     )
     name: str | None = Field(None, description="A label for this audit in reports and listings.")
 
-    @field_validator("layers", "fisher_layers")
+    @field_validator("layers", "fisher_layers", "splice_depths")
     @classmethod
     def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
         return value if value is None else sorted(set(value))
