@@ -17,7 +17,10 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.audit import audit_checkpoint
 from unlearning_audit import audit_index
 from unlearning_audit.config import AuditParams, DataConfig, Thresholds, UnlearnConfig
-from unlearning_audit.report import SUMMARY_KEYS
+from tasks.splice import SPLICE
+from unlearning_audit.report import INPUTS, SUMMARY_KEYS
+from unlearning_audit.splice import DIRECTIONS
+from unlearning_audit.store import ArtifactRef, Store
 from unlearning_audit.verdict import REGIMES
 
 
@@ -44,7 +47,7 @@ def _task_states(flow_run_id, timeout: float = 30.0) -> dict[str, list[str]]:
     return states
 
 
-def test_audit_runs_every_stage_and_reports(first_run):
+def test_audit_runs_every_stage_and_reports(first_run, audit_params):
     state, _ = first_run
     result = state.result()
     assert state.is_completed()
@@ -60,6 +63,24 @@ def test_audit_runs_every_stage_and_reports(first_run):
     with open(result["report_file"]) as f:
         text = f.read()
     assert "## Thresholds" in text and row["regime"] in text
+    # the causal layer test: its stored rows (both directions, k = 0..L), its table, its figure
+    assert "Causal layer test (splice)" in text and "splice_restored_top1" in text
+    assert "Causal layer test (splice): GA" in Path(result["html_file"]).read_text()
+    store = Store(audit_params.store)
+    inputs = store.read_json(ArtifactRef(**result["report_ref"]), INPUTS)
+    spliced = store.read_json(ArtifactRef(**inputs["references"]["runs"][0]["splice"]), SPLICE)
+    blocks = spliced["blocks"]
+    assert {(r["direction"], r["k"]) for r in spliced["rows"]} == {
+        (d, k) for d in DIRECTIONS for k in range(blocks + 1)
+    }
+    assert spliced["metric"] == row["metric"]
+    for r in spliced["rows"]:
+        for name in ("forget", "retain"):
+            assert r[name]["lower"] <= r[name]["score"] <= r[name]["upper"]
+    unspliced = {r["direction"]: r["forget"]["score"] for r in spliced["rows"] if r["k"] == 0}
+    # k = 0 is each model itself, on the evaluate stage's rows, by its scorer
+    assert unspliced[DIRECTIONS[0]] == pytest.approx(row["forget_original"])
+    assert unspliced[DIRECTIONS[1]] == pytest.approx(row["forget_unlearned"])
     stages = _task_states(state.state_details.flow_run_id)
     for stage in (
         "prepare-data",
@@ -69,6 +90,7 @@ def test_audit_runs_every_stage_and_reports(first_run):
         "relearn",
         "extract",
         "metrics",
+        "splice",
         "verdict",
         "report",
         "publish",

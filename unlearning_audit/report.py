@@ -72,6 +72,20 @@ def summary_row(run: dict) -> dict:
         **{f"{name}_advantage": x["advantage"] for name, x in v["looks"].items()},
         **{f"forget_q{bits}": em for bits, em in e.get("forget_quantized", {}).items()},
         "probe_advantage": _difference(e.get("probe_forget_unlearned"), e.get("probe_chance")),
+        **splice_summary(run.get("splice")),
+    }
+
+
+def splice_summary(result: dict | None) -> dict[str, float | None]:
+    """``splice_restored_top1`` with its interval: the share of the forgetting (forget-set
+    gap between the original and the unlearned model, in the verdict's metric) that restoring
+    the original's top block and head into the unlearned model undoes (splice.restored_share).
+    Near 1: a shallow edit near the output; near 0: the edit sits deeper. None where the splice
+    did not run or the unlearned model lost nothing to restore."""
+    share = (result or {}).get("restored_top1") or {}
+    return {
+        f"splice_restored_top1{suffix}": share.get(key)
+        for suffix, key in (("", "share"), ("_lower", "lower"), ("_upper", "upper"))
     }
 
 
@@ -146,6 +160,10 @@ def markdown(audit: dict, runs: list[dict]) -> str:
         out += ["", "Per layer, original vs unlearned (forget set) and vs relearned:", ""]
         out += _table(*_layer_table(r))
         out.append("")
+        if r.get("splice"):
+            out += [splice_caption(r["splice"]), ""]
+            out += _table(*_splice_table(r["splice"]))
+            out.append("")
     return "\n".join(out)
 
 
@@ -374,6 +392,49 @@ def _curve_table(curves: dict, control: dict) -> tuple[list[str], list[list]]:
             _point(control.get("forget-half"), i, "forget_b"),
         ]
         for i, p in enumerate(curves["forget"])
+    ]
+
+
+SPLICE_NOTE = (
+    "Each score with its cluster-bootstrap interval over groups; k = 0: the models unspliced. "
+    "The head is the final norm and the LM head; a head tied to the input embeddings moves the "
+    "shared matrix with it."
+)
+
+
+def splice_caption(result: dict) -> str:
+    """What the splice table of a run shows, with the restored share and its interval."""
+    share = splice_summary(result)
+    value = [share[f"splice_restored_top1{s}"] for s in ("", "_lower", "_upper")]
+    restored = "n/a (nothing forgotten to restore)" if value[0] is None else _bracket(value)
+    return (
+        f"Causal layer test (splice), {METRIC_NAMES[result['metric']]}: the original with the "
+        f"unlearned model's top k of {result['blocks']} blocks and head (a), and the unlearned "
+        "model with the original's restored (b). Share of the forgetting restored by the top "
+        f"block and head (splice_restored_top1): {restored}. {SPLICE_NOTE}"
+    )
+
+
+def _splice_table(result: dict) -> tuple[list[str], list[list]]:
+    """One row per k: forget and retain scores with intervals of both directions."""
+    by = {(r["direction"], r["k"]): r for r in result["rows"]}
+    directions = (("a", "original+unlearned_top"), ("b", "unlearned+original_top"))
+    header = ["k", *(f"{name} ({d})" for d, _ in directions for name in ("forget", "retain"))]
+
+    def cell(score: dict) -> str:
+        value = [score["score"], score["lower"], score["upper"]]
+        return _bracket([math.nan if v is None else v for v in value])
+
+    return header, [
+        [
+            k,
+            *(
+                cell(by[direction, k][name])
+                for _, direction in directions
+                for name in ("forget", "retain")
+            ),
+        ]
+        for k in sorted({k for _, k in by})
     ]
 
 
@@ -725,6 +786,19 @@ def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
                 ),
             )
         )
+    out += [
+        (
+            f"Causal layer test (splice): {r['label']}",
+            f"Forget and retain {name} of spliced models against k, the top blocks spliced with "
+            "the head. Solid: the original with the unlearned model's top k; dashed: the "
+            "unlearned model with the original's top k restored; dotted: each model unspliced. "
+            "A dashed forget line that climbs to the original's at small k marks a shallow "
+            f"edit near the output. {SPLICE_NOTE}",
+            plots.splice_curves(r["splice"], name),
+        )
+        for r in runs
+        if r.get("splice")
+    ]
     out.append(
         (
             "Weight change per layer",
@@ -768,6 +842,11 @@ def html(audit: dict, runs: list[dict]) -> str:
             _html_table(*_layer_table(r)),
             "</details>",
         ]
+        if r.get("splice"):
+            body += [
+                f"<p>{escape(splice_caption(r['splice']))}</p>",
+                _html_table(*_splice_table(r["splice"])),
+            ]
     return _page(f"Unlearning audit: {audit['name']}", body)
 
 
