@@ -15,9 +15,9 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.audit import audit_checkpoint
+from tasks.splice import SPLICE
 from unlearning_audit import audit_index
 from unlearning_audit.config import AuditParams, DataConfig, Thresholds, UnlearnConfig
-from tasks.splice import SPLICE
 from unlearning_audit.report import INPUTS, SUMMARY_KEYS
 from unlearning_audit.splice import DIRECTIONS
 from unlearning_audit.store import ArtifactRef, Store

@@ -158,3 +158,24 @@ def test_restored_share_by_hand():
     assert splice.restored_share(same, ["g1"] * 4, ALPHA, RESAMPLES) is None
     cell = splice.mean_interval([0.25] * 8, ["g"] * 8, ALPHA, RESAMPLES)
     assert cell == {"score": 0.25, "lower": 0.25, "upper": 0.25, "n": 8}
+
+
+def test_plan_counts_both_models_and_suggests_no_splice(llama, tmp_path):
+    """The splice stage holds two models: twice the evaluate stage's weights; on a device
+    just too small for it, --no-splice is a setting that fits."""
+    from unlearning_audit import plan
+    from unlearning_audit.config import AuditParams
+
+    original, fmt, _ = llama
+    shape = plan.shape_of_folder(archs.save(original, fmt.tokenizer, tmp_path / "model"))
+    spliced = plan.splice_estimate(shape, 64)
+    evaluated = plan.evaluate_estimate(shape, 64)
+    assert spliced.parts["weights"] == 2 * evaluated.parts["weights"] == 2 * 4 * shape.parameters
+    assert spliced.peak - evaluated.peak == evaluated.parts["weights"]
+    stages = {s.stage for s in plan.stage_estimates(AuditParams(), shape, 64, "fp32")}
+    off = {s.stage for s in plan.stage_estimates(AuditParams(splice=False), shape, 64, "fp32")}
+    assert stages - off == {"splice"}
+    budget = spliced.peak - 1
+    assert "--no-splice" in plan.fitting_settings(
+        AuditParams(), shape, 64, "fp32", budget, "splice"
+    )
