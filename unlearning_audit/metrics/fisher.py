@@ -1,8 +1,15 @@
-"""Diagonal empirical Fisher information of a causal LM, per layer, from per-sample gradients.
+"""Diagonal Fisher information of a causal LM, per layer, from per-sample gradients: the
+empirical Fisher (the data's labels) or the model's (labels drawn from the model).
 
 F_j = mean over samples i of (d log p(y_i | x_i) / d theta_j)^2, where log p(y_i | x_i) is the sum
 of the log-probabilities of sample i's answer tokens (labels != -100; prompt and padding carry
 -100). The square must be taken per sample: squaring a batch gradient measures something else.
+With the data's answers as y_i this is the empirical Fisher; where the model gives them
+probability near 0 (after unlearning) it mostly restates the loss (Kunstner et al. 2019,
+"Limitations of the empirical Fisher approximation"). The model's Fisher takes y_i drawn from the
+model's own predictive distribution at each answer position instead (Monte Carlo, a seeded
+number of draws per row): E_{y ~ p}[(d log p(y | x) / d theta_j)^2], the curvature of the model's
+likelihood whatever the data say. Both run through the same per-sample gradients below.
 
 Per-sample gradients come from ``torch.func``: ``vmap(grad(log p))`` over the samples of a batch,
 each run through the model as a batch of one with ``functional_call``, so one vectorised backward
@@ -38,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,6 +62,9 @@ FISHER_QUANTILES = (0.5, 0.9, 0.99)
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 Tensors = dict[str, torch.Tensor]
+Labels = Literal["empirical", "model"]
+LABELS: tuple[Labels, ...] = ("empirical", "model")
+"""The Fisher's labels: the data's (empirical Fisher) or drawn from the model (the model's)."""
 
 
 class UnsupportedModel(ValueError):
@@ -100,8 +111,11 @@ def fisher_diagonal(
     batches: Iterable[Mapping[str, torch.Tensor]],
     layers: Iterable[int] | None = None,
     passes: SamplesPerPass | None = None,
+    labels: Labels = "empirical",
+    samples: int = 1,
+    seed: int = 0,
 ) -> dict[int, torch.Tensor]:
-    """Diagonal empirical Fisher per layer: {layer: flat float32 CPU tensor}.
+    """Diagonal Fisher per layer, empirical or the model's: {layer: flat float32 CPU tensor}.
 
     ``batches`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels``, LongTensors of
     shape (b, t), labels -100 on prompt and padding, each row's real tokens contiguous (padding
@@ -114,7 +128,19 @@ def fisher_diagonal(
     attention, and gets its mode and attention back afterwards. Raises
     :class:`UnsupportedModel` for a model that cannot run under ``torch.func``, and
     :class:`SampleDoesNotFit` when one sample runs out of memory.
+
+    ``labels`` says which labels the squared gradients take at the answer positions:
+    ``"empirical"``, the batch's own (the empirical Fisher); ``"model"``, ``samples`` draws per
+    row from the model's own predictive distribution at each position (the model's, or "true",
+    Fisher, by Monte Carlo; see :func:`_sampled_labels`), the mean then running over rows and
+    draws. Draws come from a CPU generator seeded with ``seed``, batch after batch, so they do not
+    depend on the device or the pass size.
     """
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    generator = torch.Generator().manual_seed(seed)
     groups = layer_parameters(model)
     chosen = select_layers(groups, layers)
     names = [name for layer in chosen for name, _ in groups[layer]]
@@ -129,8 +155,12 @@ def fisher_diagonal(
         with _eager_attention(model, like.dtype):
             _check_supported(model, per_sample_grads, params, frozen)
             for batch in batches:
-                input_ids, labels = _prepare_batch(batch, like.device)
-                _add_batch(per_sample_grads, params, frozen, input_ids, labels, sums, passes)
+                input_ids, targets = _prepare_batch(batch, like.device)
+                if labels == "model":
+                    input_ids, targets = _sampled_labels(
+                        model, input_ids, targets, samples, generator
+                    )
+                _add_batch(per_sample_grads, params, frozen, input_ids, targets, sums, passes)
                 n_samples += input_ids.shape[0]
     finally:
         model.train(was_training)
@@ -268,6 +298,36 @@ def _sample_log_prob(model: nn.Module):
     return log_prob
 
 
+@torch.no_grad()
+def _sampled_labels(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    samples: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row repeated ``samples`` times (row i's draws at rows i * samples ...), its answer
+    labels replaced by tokens drawn from the model's predictive distribution at each answer
+    position, given the row's true tokens before it (teacher forcing; each position drawn
+    independently). Rows come prepared (:func:`_prepare_batch`: real tokens first, no mask).
+
+    Why this is the model's Fisher: with y_t ~ p(. | x_<t) independent across positions, the
+    squared gradient of sum_t log p(y_t) has expectation sum_t E[g_t^2], the cross terms
+    vanishing as E[g_t] = 0; the Fisher is the sum over positions of each position's Fisher,
+    as the empirical one sums the true labels' log-probabilities.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    logits = model(inputs_embeds=embeds).logits[:, :-1]
+    answer = labels[:, 1:] != IGNORE_INDEX
+    probs = logits[answer].float().softmax(dim=-1).cpu()
+    drawn = torch.multinomial(probs, samples, replacement=True, generator=generator)
+    targets = labels[:, 1:, None].expand(-1, -1, samples).clone()
+    targets[answer] = drawn.to(targets.device)
+    first = labels[:, :1, None].expand(-1, -1, samples)
+    sampled = torch.cat([first, targets], dim=1).permute(0, 2, 1).reshape(-1, labels.shape[1])
+    return input_ids.repeat_interleave(samples, dim=0), sampled
+
+
 def _prepare_batch(
     batch: Mapping[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +384,6 @@ def fisher_summary(
     return summary
 
 
-@torch.no_grad()
 def fisher_weighted_distance(
     fisher0: Mapping[int, torch.Tensor], model: nn.Module, model0: nn.Module
 ) -> dict[int, float]:
@@ -332,8 +391,22 @@ def fisher_weighted_distance(
 
     ``fisher0`` is the original model's :func:`fisher_diagonal`, ``model0`` the original and
     ``model`` the candidate: a second-order estimate of how much the edit moved the original's
-    log-likelihood (large where the moved weights mattered to it).
+    log-likelihood (large where the moved weights mattered to it). The sums of
+    :func:`fisher_weighted_terms` over each layer's parameters.
     """
+    distance = dict.fromkeys(fisher0, 0.0)
+    for layer, _, value in fisher_weighted_terms(fisher0, model, model0):
+        distance[layer] += value
+    return distance
+
+
+@torch.no_grad()
+def fisher_weighted_terms(
+    fisher0: Mapping[int, torch.Tensor], model: nn.Module, model0: nn.Module
+) -> Iterator[tuple[int, str, float]]:
+    """(layer, name, sum_j F0_j (theta_j - theta0_j)^2 over the parameter's values) for each
+    parameter of the layers of ``fisher0``, in float64, after checking that each layer's Fisher
+    has one value per parameter (see :func:`fisher_weighted_distance`)."""
     sizes = {
         layer: sum(param.numel() for _, param in params)
         for layer, params in layer_parameters(model0).items()
@@ -346,14 +419,12 @@ def fisher_weighted_distance(
                 f"layer {layer}: the Fisher has {values.numel()} values, "
                 f"the model's layer has {sizes[layer]} parameters"
             )
-    distance = dict.fromkeys(fisher0, 0.0)
     offsets = dict.fromkeys(fisher0, 0)
-    for layer, theta0, theta in paired_parameters(model0, model):
+    for layer, name, theta0, theta in paired_parameters(model0, model):
         if layer not in fisher0:
             continue
         start, size = offsets[layer], theta0.numel()
         diff = (theta.double() - theta0.double()).ravel()
         weights = fisher0[layer][start : start + size].to(diff.device, torch.float64)
-        distance[layer] += float((weights * diff.square()).sum())
+        yield layer, name, float((weights * diff.square()).sum())
         offsets[layer] = start + size
-    return distance

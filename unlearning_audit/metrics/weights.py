@@ -3,7 +3,9 @@ checkpoint's tensors), and the grouping of parameters by layer.
 
 Layers follow :mod:`unlearning_audit.layers` (0 = embeddings, i = decoder block i - 1, L + 1 =
 final norm and LM head), with blocks matched by exact index, never by substring. A tied LM head
-shares the embedding matrix; ``named_parameters`` lists it once, under the embeddings (layer 0).
+shares the embedding matrix; ``named_parameters`` lists it once, under the embeddings (layer 0);
+:func:`tied_parameters` names it, for the depth shares that count it apart
+(:mod:`unlearning_audit.metrics.depth`).
 """
 
 from __future__ import annotations
@@ -74,14 +76,31 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
 
 def paired_parameters(
     model_a: nn.Module, model_b: nn.Module
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(layer, theta_a, theta_b) for each parameter, detached, in :func:`layer_parameters`
-    order of model_a, after checking that the two models have the same parameters."""
+) -> Iterator[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """(layer, name, theta_a, theta_b) for each parameter, detached, in
+    :func:`layer_parameters` order of model_a, after checking that the two models have the same
+    parameters."""
     check_same_architecture(model_a, model_b)
     params_b = dict(model_b.named_parameters())
     for layer, params in layer_parameters(model_a).items():
         for name, param in params:
-            yield layer, param.detach(), params_b[name].detach().to(param.device)
+            yield layer, name, param.detach(), params_b[name].detach().to(param.device)
+
+
+def tied_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters the input embeddings share with the output embeddings (the LM
+    head): a tied head's matrix, listed once by ``named_parameters``, under the embeddings
+    (layer 0). Empty for an untied head (or a model without one)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return set()
+    head_ids = {id(p) for p in head.parameters()}
+    embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+    return {
+        name
+        for name, param in model.named_parameters()
+        if id(param) in head_ids and id(param) in embedding_ids
+    }
 
 
 @torch.no_grad()
@@ -100,23 +119,39 @@ def weight_change_from(original: Mapping[str, torch.Tensor], model: nn.Module) -
     earlier values, by name: another model's parameters, or a checkpoint's tensors read one at a
     time), ||theta - theta0||_F / ||theta0||_F.
 
-    The norms run over all of the layer's parameters together, in float64, on ``model``'s
-    device (one of ``original``'s tensors there at a time).
+    The norms run over all of the layer's parameters together (:func:`squared_changes`).
     """
+    layer_of = parameter_layers(model)
     squares: dict[int, list[float]] = {}
-    for layer, params in layer_parameters(model).items():
-        for name, param in params:
-            theta = param.detach()
-            theta0 = original[name].detach().to(theta.device).double()
-            sums = squares.setdefault(layer, [0.0, 0.0])
-            sums[0] += float(theta0.square().sum())
-            sums[1] += float((theta.double() - theta0).square().sum())
+    for name, square0, square_diff in squared_changes(original, model):
+        sums = squares.setdefault(layer_of[name], [0.0, 0.0])
+        sums[0] += square0
+        sums[1] += square_diff
     change = {}
     for layer, (square0, square_diff) in squares.items():
         if square0 == 0:
             raise ValueError(f"layer {layer} of the original model is all zeros")
         change[layer] = (square_diff / square0) ** 0.5
     return change
+
+
+@torch.no_grad()
+def squared_changes(
+    original: Mapping[str, torch.Tensor], model: nn.Module
+) -> Iterator[tuple[str, float, float]]:
+    """(name, ||theta0||^2, ||theta - theta0||^2) of each of ``model``'s parameters against its
+    earlier value in ``original`` (by name), in :func:`layer_parameters` order; sums of squares
+    add up over parameters, so any grouping of them (layers, depth shares) sums these. In
+    float64, on ``model``'s device (one of ``original``'s tensors there at a time)."""
+    for params in layer_parameters(model).values():
+        for name, param in params:
+            theta = param.detach()
+            theta0 = original[name].detach().to(theta.device).double()
+            yield (
+                name,
+                float(theta0.square().sum()),
+                float((theta.double() - theta0).square().sum()),
+            )
 
 
 def weight_change_from_checkpoint(
