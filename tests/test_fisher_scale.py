@@ -21,7 +21,14 @@ from test_metrics_fisher_weights import batches, tiny_llama
 from flows.audit import audit_checkpoint
 from tasks._stage import FAULTS_ENV, load_inputs
 from tasks.data import prepare_data
-from tasks.fisher import STORED_DTYPE, SUMMARY, fisher, read_fisher, read_fisher_summary
+from tasks.fisher import (
+    MODEL_SUMMARY,
+    STORED_DTYPE,
+    SUMMARY,
+    fisher,
+    read_fisher,
+    read_fisher_summary,
+)
 from tasks.metrics import TABLE
 from tasks.report import fisher_status
 from unlearning_audit import checkpoints, corpus, data, embedded
@@ -300,7 +307,7 @@ def test_a_summary_only_fisher_stores_the_summary_the_metrics_read(stages) -> No
     """An unlearned model's Fisher is stored as its summary (no values: 13 GB a model at 7B),
     equal to the summary of the values the stage computes, under its own key."""
     store, ref = stages["store"], stages["summary"]
-    assert set(store.manifest(ref.key)["files"]) == {SUMMARY}
+    assert set(store.manifest(ref.key)["files"]) == {SUMMARY, MODEL_SUMMARY}
     assert ref.key != stages["every"].key
     model, fmt, sets, _ = load_inputs(store, stages["plain"], stages["data"], "cpu")
     rows = data.sample(sets["forget"], ROWS)
@@ -311,3 +318,27 @@ def test_a_summary_only_fisher_stores_the_summary_the_metrics_read(stages) -> No
         assert summary[layer]["log10_hist"] == entry["log10_hist"]
         for key in ("mean", "q50", "q90", "q99"):
             assert summary[layer][key] == pytest.approx(entry[key], rel=1e-9)
+
+
+def test_the_stage_stores_the_model_fisher_summary_beside_the_empirical_one(stages) -> None:
+    """The model's Fisher (one label draw per row, the stage's seed) is stored as its summary,
+    equal to the summary of the same draws computed here, and differs from the empirical one."""
+    store, ref = stages["store"], stages["every"]
+    meta = store.manifest(ref.key)["meta"]
+    assert (meta["model_samples"], meta["seed"]) == (1, 0)
+    model, fmt, sets, _ = load_inputs(store, stages["plain"], stages["data"], "cpu")
+    rows = data.sample(sets["forget"], ROWS)
+    drawn = fisher_diagonal(
+        model,
+        (data.train_batch(fmt, c) for c in data.chunks(rows, 16)),
+        labels="model",
+        samples=1,
+        seed=0,
+    )
+    summary = read_fisher_summary(store, ref, "model")
+    empirical = read_fisher_summary(store, ref)
+    assert sorted(summary) == sorted(drawn) == sorted(empirical)
+    for layer, values in drawn.items():
+        assert summary[layer]["mean"] == pytest.approx(float(values.double().mean()), rel=1e-9)
+        assert summary[layer]["mean"] != pytest.approx(empirical[layer]["mean"], rel=1e-3)
+    assert read_fisher_summary(store, stages["some"], "model").keys() == {1, 3}

@@ -196,8 +196,8 @@ def setup_lines(audit: dict) -> list[str]:
 
 def fisher_line(audit: dict) -> str:
     """What the Fisher measured (its layers, the dtype it is stored in), and which models have
-    none and why (its stage skipped or failed); "off" without it; "not recorded" for reports
-    that predate the line."""
+    none and why (its stage skipped or failed), then the model's Fisher where it was asked
+    for; "off" without it; "not recorded" for reports that predate the line."""
     if "fisher" not in audit:
         return "Fisher: not recorded"
     fisher = audit["fisher"]
@@ -209,13 +209,14 @@ def fisher_line(audit: dict) -> str:
         f"Fisher: diagonal empirical Fisher on the forget set, {chosen}, stored in "
         f"{fisher['stored_dtype'].removeprefix('torch.')}"
     )
+    missing = "; ".join(f"{model}: {why}" for model, why in fisher["missing"].items())
+    line = f"{line}; none for {missing}" if missing else line
     if fisher.get("model_samples"):
         line += (
-            f"; and the model's Fisher (labels drawn from the model, {fisher['model_samples']} "
-            "per row), its summary"
+            f"; beside it the model's Fisher (labels drawn from the model, "
+            f"{fisher['model_samples']} per row), its summary stored"
         )
-    missing = "; ".join(f"{model}: {why}" for model, why in fisher["missing"].items())
-    return f"{line}; none for {missing}" if missing else line
+    return line
 
 
 PRECISION_NAMES = {

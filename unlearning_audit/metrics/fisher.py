@@ -158,7 +158,7 @@ def fisher_diagonal(
                 input_ids, targets = _prepare_batch(batch, like.device)
                 if labels == "model":
                     input_ids, targets = _sampled_labels(
-                        model, input_ids, targets, samples, generator
+                        model, input_ids, targets, samples, generator, passes, params
                     )
                 _add_batch(per_sample_grads, params, frozen, input_ids, targets, sums, passes)
                 n_samples += input_ids.shape[0]
@@ -185,21 +185,34 @@ def _add_batch(
 ) -> None:
     """Add one batch's squared per-sample gradients to ``sums``: in one pass without
     ``passes``, else in passes of at most ``passes.size`` samples, halved on out-of-memory."""
+
+    def add(rows: slice) -> None:
+        squares = _squared_gradients(
+            per_sample_grads, params, frozen, input_ids[rows], labels[rows], sums
+        )
+        for name, square in squares.items():  # in place: nothing here runs out of memory
+            sums[name] += square
+
+    _in_passes(len(input_ids), passes, params, add)
+
+
+def _in_passes(
+    n: int, passes: SamplesPerPass | None, params: Tensors, run: Callable[[slice], None]
+) -> None:
+    """``run(rows)`` over ``n`` rows: all at once without ``passes``, else slices of at most
+    ``passes.size`` rows, the size halved on out-of-memory and the failed slice run again
+    (``run`` must change nothing before its last step that can run out of memory)."""
     start = 0
-    while start < len(input_ids):
-        rows = slice(start, start + passes.size if passes else None)
+    while start < n:
+        stop = min(n, start + passes.size) if passes else n
         try:
-            squares = _squared_gradients(
-                per_sample_grads, params, frozen, input_ids[rows], labels[rows], sums
-            )
+            run(slice(start, stop))
         except torch.cuda.OutOfMemoryError:
             if passes is None:
                 raise
             _halve(passes, params)
             continue  # the failed pass's memory is freed with its exception, here
-        for name, square in squares.items():
-            sums[name] += square
-        start += len(input_ids[rows])
+        start = stop
 
 
 def _squared_gradients(
@@ -305,21 +318,31 @@ def _sampled_labels(
     labels: torch.Tensor,
     samples: int,
     generator: torch.Generator,
+    passes: SamplesPerPass | None,
+    params: Tensors,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row repeated ``samples`` times (row i's draws at rows i * samples ...), its answer
     labels replaced by tokens drawn from the model's predictive distribution at each answer
     position, given the row's true tokens before it (teacher forcing; each position drawn
-    independently). Rows come prepared (:func:`_prepare_batch`: real tokens first, no mask).
+    independently). Rows come prepared (:func:`_prepare_batch`: real tokens first, no mask);
+    the forward passes that predict them run in ``passes`` as the gradients' do (``params``:
+    the chosen parameters, for :func:`_halve`'s message).
 
     Why this is the model's Fisher: with y_t ~ p(. | x_<t) independent across positions, the
     squared gradient of sum_t log p(y_t) has expectation sum_t E[g_t^2], the cross terms
     vanishing as E[g_t] = 0; the Fisher is the sum over positions of each position's Fisher,
     as the empirical one sums the true labels' log-probabilities.
     """
-    embeds = model.get_input_embeddings()(input_ids)
-    logits = model(inputs_embeds=embeds).logits[:, :-1]
     answer = labels[:, 1:] != IGNORE_INDEX
-    probs = logits[answer].float().softmax(dim=-1).cpu()
+    found: list[torch.Tensor] = []
+
+    def predict(rows: slice) -> None:
+        embeds = model.get_input_embeddings()(input_ids[rows])
+        logits = model(inputs_embeds=embeds).logits[:, :-1]
+        found.append(logits[answer[rows]].float().softmax(dim=-1).cpu())
+
+    _in_passes(len(input_ids), passes, params, predict)
+    probs = torch.cat(found)
     drawn = torch.multinomial(probs, samples, replacement=True, generator=generator)
     targets = labels[:, 1:, None].expand(-1, -1, samples).clone()
     targets[answer] = drawn.to(targets.device)
