@@ -55,20 +55,27 @@ def metrics(
                 load_model(s, ref, "cpu", trust_remote_code=trust_remote_code)[0]
                 for ref in (original, candidate)
             )
-            rows += table.weight_rows(weights.weight_change(model0, model))
+            weights.check_same_architecture(model0, model)
+            # one pass over the weights for each measure: per parameter, summed by layer and
+            # by depth part
+            changes = list(weights.squared_changes(dict(model0.named_parameters()), model))
+            rows += table.weight_rows(weights.relative_change(changes, model))
             fisher_parts = None
             if original_fisher is not None and candidate_fisher is not None:
                 f0 = read_fisher(s, original_fisher)
+                terms = list(fisher.fisher_weighted_terms(f0, model, model0))
                 rows += table.fisher_rows(
-                    f0, read_fisher_summary(s, candidate_fisher), model0, model
+                    f0,
+                    read_fisher_summary(s, candidate_fisher),
+                    weights.sum_by_layer(terms, model0),
                 )
                 rows += table.fisher_summary_rows(
                     "fisher_model",
                     _means(read_fisher_summary(s, original_fisher, "model")),
                     read_fisher_summary(s, candidate_fisher, "model"),
                 )
-                fisher_parts = depth.fisher_depth(f0, model, model0) if f0 else None
-            rows += table.depth_rows(depth.weight_depth(model0, model), fisher_parts)
+                fisher_parts = depth.fisher_depth(terms, f0, model0)
+            rows += table.depth_rows(depth.weight_depth(changes, model), fisher_parts)
         table.write(rows, out / TABLE)
         return {"rows": len(rows)}
 

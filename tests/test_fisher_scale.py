@@ -33,7 +33,13 @@ from tasks.metrics import TABLE
 from tasks.report import fisher_status
 from unlearning_audit import checkpoints, corpus, data, embedded
 from unlearning_audit.config import DataConfig, EmbeddedConfig
-from unlearning_audit.metrics import fisher_diagonal, fisher_summary, layer_parameters, table
+from unlearning_audit.metrics import (
+    fisher_diagonal,
+    fisher_summary,
+    fisher_weighted_distance,
+    layer_parameters,
+    table,
+)
 from unlearning_audit.metrics.fisher import SampleDoesNotFit, SamplesPerPass, bytes_per_sample
 from unlearning_audit.preflight import preflight
 from unlearning_audit.report import fisher_line
@@ -238,8 +244,10 @@ def test_summaries_and_rows_of_the_stored_fisher_match_float32(stages) -> None:
         )
         assert moved <= 2 * near_edges  # only values within the rounding of an edge move
     candidate = _perturbed(model)
-    rows_stored = table.fisher_rows(stored, fisher_summary(stored), model, candidate)
-    rows_exact = table.fisher_rows(exact, fisher_summary(exact), model, candidate)
+    distance_stored = fisher_weighted_distance(stored, candidate, model)
+    distance_exact = fisher_weighted_distance(exact, candidate, model)
+    rows_stored = table.fisher_rows(stored, fisher_summary(stored), distance_stored)
+    rows_exact = table.fisher_rows(exact, fisher_summary(exact), distance_exact)
     assert [r["metric"] for r in rows_stored] == [r["metric"] for r in rows_exact]
     for ours_row, exact_row in zip(rows_stored, rows_exact, strict=True):  # a ratio: two means
         assert ours_row["value"] == pytest.approx(exact_row["value"], rel=2 * BF16_ROUNDING)

@@ -18,7 +18,8 @@ from unlearning_audit.metrics import (
     layer_parameters,
     table,
 )
-from unlearning_audit.metrics.fisher import SamplesPerPass
+from unlearning_audit.metrics.fisher import SamplesPerPass, fisher_weighted_terms
+from unlearning_audit.metrics.weights import squared_changes
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
@@ -39,6 +40,16 @@ def edited(model, edits: dict[str, float]):
     return out
 
 
+def weight_parts(model0, model) -> depth.DepthParts:
+    """The squared weight change by part, as the metrics stage computes it."""
+    return depth.weight_depth(squared_changes(dict(model0.named_parameters()), model), model)
+
+
+def fisher_parts(fisher0, model, model0) -> depth.DepthParts | None:
+    """The Fisher-weighted distance by part, as the metrics stage computes it."""
+    return depth.fisher_depth(fisher_weighted_terms(fisher0, model, model0), fisher0, model0)
+
+
 def test_shares_of_hand_worked_parts() -> None:
     parts = depth.DepthParts(embeddings=1.0, blocks=(2.0, 3.0), head=4.0, tied=0.0)
     assert parts.share() == pytest.approx([0.4, 0.7, 0.9])
@@ -54,29 +65,29 @@ def test_shares_of_hand_worked_parts() -> None:
 def test_all_change_in_the_head_gives_share_one_for_every_k() -> None:
     model = tiny_llama()
     candidate = edited(model, {"lm_head.weight": 0.01, "model.norm.weight": -0.02})
-    parts = depth.weight_depth(model, candidate)
+    parts = weight_parts(model, candidate)
     assert parts.blocks == (0.0,) * BLOCKS and parts.embeddings == 0.0 and parts.tied == 0.0
     assert parts.head == pytest.approx(64 * 32 * 0.01**2 + 32 * 0.02**2, rel=1e-9)
     assert parts.share() == [1.0] * (BLOCKS + 1) == parts.share(tied_as_head=False)
     fisher0 = fisher_diagonal(model, batches())
-    by_fisher = depth.fisher_depth(fisher0, candidate, model)
+    by_fisher = fisher_parts(fisher0, candidate, model)
     assert by_fisher.share() == [1.0] * (BLOCKS + 1)
     # the parts add up to the per-layer distance the metrics table reports
     distance = fisher_weighted_distance(fisher0, candidate, model)
     assert by_fisher.total == pytest.approx(sum(distance.values()), rel=1e-12)
-    assert depth.fisher_depth({4: fisher0[4]}, candidate, model) is None  # no whole to share
+    assert fisher_parts({4: fisher0[4]}, candidate, model) is None  # no whole to share
 
 
 def test_all_change_in_block_zero_counts_only_once_every_block_is_in() -> None:
     model = tiny_llama()
     candidate = edited(model, {"model.layers.0.mlp.down_proj.weight": 0.01})
     for parts in (
-        depth.weight_depth(model, candidate),
-        depth.fisher_depth(fisher_diagonal(model, batches()), candidate, model),
+        weight_parts(model, candidate),
+        fisher_parts(fisher_diagonal(model, batches()), candidate, model),
     ):
         assert parts.share() == [0.0] * BLOCKS + [1.0]
     # an untied model's input embeddings are never in the share, not even at k = L
-    embeddings = depth.weight_depth(model, edited(model, {"model.embed_tokens.weight": 0.01}))
+    embeddings = weight_parts(model, edited(model, {"model.embed_tokens.weight": 0.01}))
     assert embeddings.share() == [0.0] * (BLOCKS + 1)
 
 
@@ -85,7 +96,7 @@ def test_a_tied_head_is_its_own_part_not_the_embeddings() -> None:
     name = "model.embed_tokens.weight"
     candidate = edited(model, {name: 0.01, "model.layers.0.mlp.down_proj.weight": 0.02})
     assert candidate.lm_head.weight is dict(candidate.named_parameters())[name]
-    parts = depth.weight_depth(model, candidate)
+    parts = weight_parts(model, candidate)
     tied, block = 64 * 32 * 0.01**2, 32 * 64 * 0.02**2
     assert parts.embeddings == 0.0 and parts.head == 0.0
     assert parts.tied == pytest.approx(tied, rel=1e-9)
@@ -106,9 +117,7 @@ def test_depth_rows_reach_the_report_table_and_figure() -> None:
     model = tiny_llama()
     candidate = edited(model, {"lm_head.weight": 0.01, "model.layers.2.mlp.up_proj.weight": 0.01})
     fisher0 = fisher_diagonal(model, batches())
-    rows = table.depth_rows(
-        depth.weight_depth(model, candidate), depth.fisher_depth(fisher0, candidate, model)
-    )
+    rows = table.depth_rows(weight_parts(model, candidate), fisher_parts(fisher0, candidate, model))
     _, lines = report._depth_table(rows)
     assert [line[0] for line in lines] == [0, 1, 2, 3, "tied matrix's own share"]
     assert lines[0][1] == pytest.approx(0.5) and lines[1][1] == 1.0  # head = block 2 here

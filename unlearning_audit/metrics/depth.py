@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from unlearning_audit.layers import decoder_blocks, parameter_layers
-from unlearning_audit.metrics.fisher import fisher_weighted_terms
-from unlearning_audit.metrics.weights import squared_changes, tied_parameters
+from unlearning_audit.metrics.weights import tied_parameters
 
 
 @dataclass(frozen=True)
@@ -90,18 +89,20 @@ def depth_parts(values: Iterable[tuple[str, float]], model: nn.Module) -> DepthP
     return DepthParts(embeddings, tuple(blocks), head, tied_sum)
 
 
-def weight_depth(model0: nn.Module, model: nn.Module) -> DepthParts:
-    """The squared weight change of ``model`` from ``model0`` by part."""
-    original = dict(model0.named_parameters())
-    return depth_parts(((name, diff) for name, _, diff in squared_changes(original, model)), model)
+def weight_depth(changes: Iterable[tuple[str, float, float]], model: nn.Module) -> DepthParts:
+    """The squared weight change by part, from ``model``'s
+    :func:`~unlearning_audit.metrics.weights.squared_changes` (the pass the per-layer weight
+    change sums too)."""
+    return depth_parts(((name, diff) for name, _, diff in changes), model)
 
 
 def fisher_depth(
-    fisher0: Mapping[int, torch.Tensor], model: nn.Module, model0: nn.Module
+    terms: Iterable[tuple[str, float]], fisher0: Mapping[int, torch.Tensor], model: nn.Module
 ) -> DepthParts | None:
-    """The original-Fisher-weighted distance of ``model`` from ``model0`` by part; None where
-    ``fisher0`` lacks a layer (a Fisher of chosen layers only has no whole to share)."""
-    if set(fisher0) != set(parameter_layers(model0).values()):
+    """The original-Fisher-weighted distance by part, from its per-parameter ``terms``
+    (:func:`~unlearning_audit.metrics.fisher.fisher_weighted_terms` of ``fisher0``, the pass the
+    per-layer distance sums too); None where ``fisher0`` lacks a layer of ``model`` (a Fisher of
+    chosen layers only has no whole to share)."""
+    if set(fisher0) != set(parameter_layers(model).values()):
         return None
-    terms = fisher_weighted_terms(fisher0, model, model0)
-    return depth_parts(((name, value) for _, name, value in terms), model)
+    return depth_parts(terms, model)

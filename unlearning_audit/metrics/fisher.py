@@ -52,7 +52,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from unlearning_audit.metrics.weights import layer_parameters, paired_parameters, select_layers
+from unlearning_audit.metrics.weights import (
+    layer_parameters,
+    paired_parameters,
+    select_layers,
+    sum_by_layer,
+)
 
 IGNORE_INDEX = -100
 FISHER_LOG10_EDGES = np.arange(-20.0, 5.0)
@@ -417,19 +422,16 @@ def fisher_weighted_distance(
     log-likelihood (large where the moved weights mattered to it). The sums of
     :func:`fisher_weighted_terms` over each layer's parameters.
     """
-    distance = dict.fromkeys(fisher0, 0.0)
-    for layer, _, value in fisher_weighted_terms(fisher0, model, model0):
-        distance[layer] += value
-    return distance
+    return sum_by_layer(fisher_weighted_terms(fisher0, model, model0), model0)
 
 
 @torch.no_grad()
 def fisher_weighted_terms(
     fisher0: Mapping[int, torch.Tensor], model: nn.Module, model0: nn.Module
-) -> Iterator[tuple[int, str, float]]:
-    """(layer, name, sum_j F0_j (theta_j - theta0_j)^2 over the parameter's values) for each
-    parameter of the layers of ``fisher0``, in float64, after checking that each layer's Fisher
-    has one value per parameter (see :func:`fisher_weighted_distance`)."""
+) -> Iterator[tuple[str, float]]:
+    """(name, sum_j F0_j (theta_j - theta0_j)^2 over the parameter's values) for each parameter
+    of the layers of ``fisher0``, in float64, after checking that each layer's Fisher has one
+    value per parameter (see :func:`fisher_weighted_distance`)."""
     sizes = {
         layer: sum(param.numel() for _, param in params)
         for layer, params in layer_parameters(model0).items()
@@ -449,5 +451,5 @@ def fisher_weighted_terms(
         start, size = offsets[layer], theta0.numel()
         diff = (theta.double() - theta0.double()).ravel()
         weights = fisher0[layer][start : start + size].to(diff.device, torch.float64)
-        yield layer, name, float((weights * diff.square()).sum())
+        yield name, float((weights * diff.square()).sum())
         offsets[layer] = start + size

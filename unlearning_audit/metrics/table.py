@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from ..activations import layer_path, read_layer
 from .cka import cka_moments
 from .depth import DepthParts
-from .fisher import fisher_weighted_distance
 from .pca import pca_metrics
 
 SCHEMA = pa.schema(
@@ -73,14 +72,14 @@ def weight_rows(change: dict[int, float]) -> list[dict]:
     ]
 
 
-def fisher_rows(fisher0: dict, summary: dict, original, candidate) -> list[dict]:
+def fisher_rows(fisher0: dict, summary: dict, distance: dict[int, float]) -> list[dict]:
     """Per layer on the forget set: the candidate's empirical Fisher mean and quantiles
     (``summary``, its fisher_summary), the ratio of its mean to the original's (``fisher0``, its
-    values), and the original-Fisher-weighted distance of the weights; none where either Fisher
-    is empty (its stage skipped: a ratio needs both)."""
+    values), and the original-Fisher-weighted ``distance`` of the weights (fisher.
+    fisher_weighted_distance, or its terms summed by layer); none where either Fisher is empty
+    (its stage skipped: a ratio needs both)."""
     if not fisher0 or not summary:
         return []
-    distance = fisher_weighted_distance(fisher0, candidate, original)
     means0 = {layer: float(values.double().mean()) for layer, values in fisher0.items()}
     rows = fisher_summary_rows("fisher", means0, summary)
     return rows + [

@@ -10,7 +10,7 @@ shares the embedding matrix; ``named_parameters`` lists it once, under the embed
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -117,22 +117,34 @@ def weight_change(model_a: nn.Module, model_b: nn.Module) -> dict[int, float]:
 def weight_change_from(original: Mapping[str, torch.Tensor], model: nn.Module) -> dict[int, float]:
     """Relative weight change per layer of ``model`` from ``original`` (each of its parameters'
     earlier values, by name: another model's parameters, or a checkpoint's tensors read one at a
-    time), ||theta - theta0||_F / ||theta0||_F.
+    time), ||theta - theta0||_F / ||theta0||_F: :func:`relative_change` of its
+    :func:`squared_changes`."""
+    return relative_change(list(squared_changes(original, model)), model)
 
-    The norms run over all of the layer's parameters together (:func:`squared_changes`).
-    """
-    layer_of = parameter_layers(model)
-    squares: dict[int, list[float]] = {}
-    for name, square0, square_diff in squared_changes(original, model):
-        sums = squares.setdefault(layer_of[name], [0.0, 0.0])
-        sums[0] += square0
-        sums[1] += square_diff
+
+def relative_change(
+    changes: Sequence[tuple[str, float, float]], model: nn.Module
+) -> dict[int, float]:
+    """||theta - theta0||_F / ||theta0||_F per layer from :func:`squared_changes` of ``model``'s
+    parameters, the norms running over all of the layer's parameters together."""
+    square0 = sum_by_layer(((name, value) for name, value, _ in changes), model)
+    square_diff = sum_by_layer(((name, value) for name, _, value in changes), model)
     change = {}
-    for layer, (square0, square_diff) in squares.items():
-        if square0 == 0:
+    for layer, total in square0.items():
+        if total == 0:
             raise ValueError(f"layer {layer} of the original model is all zeros")
-        change[layer] = (square_diff / square0) ** 0.5
+        change[layer] = (square_diff[layer] / total) ** 0.5
     return change
+
+
+def sum_by_layer(values: Iterable[tuple[str, float]], model: nn.Module) -> dict[int, float]:
+    """Per-parameter ``values`` (name, value) of ``model`` summed per layer, in the order the
+    layers first appear."""
+    layer_of = parameter_layers(model)
+    sums: dict[int, float] = {}
+    for name, value in values:
+        sums[layer_of[name]] = sums.get(layer_of[name], 0.0) + value
+    return sums
 
 
 @torch.no_grad()
