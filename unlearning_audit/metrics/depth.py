@@ -14,8 +14,8 @@ Parts follow :mod:`unlearning_audit.layers`: the input embeddings, the L blocks,
 input embeddings, and a change to that matrix cannot be told apart as the head's or the
 embeddings'; it is its own part, ``tied``, counted two ways:
 
-* ``share(parts)``: the tied matrix counted as head (the largest share the head can be given);
-* ``share(parts, tied_as_head=False)``: the tied matrix left out of both the part and the whole
+* ``parts.share()``: the tied matrix counted as head (the largest share the head can be given);
+* ``parts.share(tied_as_head=False)``: the tied matrix left out of both the part and the whole
   (the share among the parameters whose place is unambiguous).
 
 The tied matrix's own share of the whole, :attr:`DepthParts.tied_share`, is reported beside
