@@ -125,6 +125,8 @@ def _fisher(
         device=params.device,
         trust_remote_code=params.trust_remote_code,
         summary_only=summary_only,
+        model_samples=params.fisher_model_samples,
+        seed=params.seed,
         return_state=True,
     )
     if state.is_completed():
@@ -313,7 +315,9 @@ def _described(params: AuditParams, control) -> dict:
         "would put a group's facts on both sides",
         "thresholds": params.thresholds.model_dump(),
         "control": params.control or ("embedded never-learned" if control else None),
-        "fisher": {"layers": params.fisher_layers} if params.fisher else None,
+        "fisher": {"layers": params.fisher_layers, "model_samples": params.fisher_model_samples}
+        if params.fisher
+        else None,
     }
 
 

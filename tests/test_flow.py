@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -59,6 +60,12 @@ def test_audit_runs_every_stage_and_reports(first_run, audit_params):
     assert row["forget_original"] >= 0.7 and row["metric"] == "exact_match"
     assert row["headline"].startswith(row["regime"].replace("cannot-relearn", "irreversible"))
     assert 0.0 <= row["mean_cka"] <= 1.0
+    # where the edit sits, and the model's Fisher beside the empirical one
+    curve = row["depth_share"]  # k = 0..L: the head, then one more block each
+    assert len(curve) == audit_params.embedded.layers + 1 and curve[1] == row["depth_share_top1"]
+    assert all(0.0 <= a <= b <= 1.0 for a, b in itertools.pairwise(curve))
+    assert curve == row["depth_share_untied"] and row["tied_share"] == 0  # an untied head
+    assert len(row["depth_share_fisher"]) == len(curve) and row["fisher_ratio_model"] > 0
     assert result["report_file"].endswith("report.md")
     with open(result["report_file"]) as f:
         text = f.read()

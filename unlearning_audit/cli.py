@@ -180,6 +180,7 @@ AUDIT_FLAGS = (
     "keep_relearned",
     "fisher_layers",
     "fisher_batch_size",
+    "fisher_model_samples",
 )
 """The audit flags that set an AuditParams field of their own name."""
 SECTION_FLAGS = {
@@ -681,6 +682,13 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"samples per per-sample-gradient pass of the Fisher (default "
         f"{_default(AuditParams, 'fisher_batch_size')})",
+    )
+    scale.add_argument(
+        "--fisher-model-samples",
+        type=int,
+        metavar="N",
+        help="label draws per row for the model's Fisher, beside the empirical one (0: off; "
+        f"default {_default(AuditParams, 'fisher_model_samples')})",
     )
     scale.add_argument(
         "--keep-relearned",

@@ -497,6 +497,15 @@ class AuditParams(_Config):
         "many copies of the chosen layers' gradients); halved on out-of-memory, values "
         "unchanged.",
     )
+    fisher_model_samples: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Label draws per row for the model's Fisher (labels drawn from the "
+        "model's own predictions at each answer position, Monte Carlo, seeded by seed), "
+        "computed beside the empirical Fisher (the data's labels) on the same rows; costs about "
+        "this many times the empirical one. 0: the empirical Fisher only.",
+    )
     keep_relearned: bool = Field(
         False,
         description="Store the relearned checkpoint (one per unlearned model). Off: only its "

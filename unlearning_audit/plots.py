@@ -327,6 +327,30 @@ def weight_change_per_layer(change: ByRun) -> bytes:
         return _png(fig)
 
 
+def depth_share(shares: Mapping[str, Mapping[str, tuple[Series, Series]]]) -> bytes:
+    """Share of a change in the last k blocks plus the head against k, one panel per measure
+    (``shares`` maps "weight" (squared weight change) and "fisher" (Fisher-weighted distance)
+    to run label to (tied matrix counted as head, left out), each a series over k); a measure
+    with no run measured draws an empty panel."""
+    colors = run_colors(list(shares["weight"]))
+    titles = {"weight": "Squared weight change", "fisher": "Fisher-weighted distance"}
+    styles = {
+        "tied matrix as head": {"linestyle": "-"},
+        "tied matrix left out": {"linestyle": "--"},
+    }
+    with _figure(len(shares)) as (fig, axes):
+        for ax, (what, by_run) in zip(axes, shares.items(), strict=True):
+            for label, (as_head, left_out) in by_run.items():
+                _line(ax, as_head, color=colors[label])
+                _line(ax, left_out, color=colors[label], marker="", linestyle="--")
+            ax.set(title=titles[what], ylabel="share in last k blocks + head", ylim=(-0.03, 1.03))
+            _layer_axis(
+                ax, _layers({label: pair[0] for label, pair in by_run.items()}), "k (0 = head only)"
+            )
+        _legend_below(fig, _run_handles(colors) + _style_handles(styles))
+        return _png(fig)
+
+
 def study_scatter(rows: Sequence[Mapping]) -> bytes:
     """Mean CKA against recovery beyond the never-learned control (whole forget set and the
     held-out half), one point per run, coloured by regime, marker by domain."""
