@@ -39,7 +39,8 @@ def _unlearned(net_and_format, sets: dict, config: UnlearnConfig, runs: int = 1)
 
 
 def _same_weights(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    theirs = b.state_dict()
+    return all(torch.equal(x, theirs[name]) for name, x in a.state_dict().items())
 
 
 def test_disjoint_parts_cover_the_forget_set_once_in_order():
@@ -142,3 +143,14 @@ def test_preflight_refuses_more_disjoint_requests_than_forget_rows(tiny, data_fi
     with pytest.raises(ValueError, match="100000 disjoint requests need at least 100000"):
         preflight(embedded)
     preflight(embedded.model_copy(update={"methods": [UnlearnConfig(requests=2)]}))
+
+
+def test_lora_requests_train_one_adapter_against_the_original(net_and_format):
+    """With LoRA one adapter trains through every request (the stage stores it alone), NPO's
+    reference its base, the original; the adapter is merged back afterwards."""
+    config = UnlearnConfig(method="NPO", lr=1e-2, steps=2, batch_size=4, lora_rank=4, requests=2)
+    model, log = _unlearned(net_and_format, SETS, config)
+    net, _ = net_and_format
+    assert log["adapter"] is not None and log["steps"] == 4
+    assert set(model.state_dict()) == set(net.state_dict())  # merged: no adapter left behind
+    assert not _same_weights(model, net)
