@@ -641,7 +641,8 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         type=int,
         metavar="BITS",
-        help="quantize the unlearned model to these bit widths (default "
+        help="quantize the unlearned model, and as references the original and the control, "
+        "to these bit widths (default "
         + " ".join(map(str, _default(AuditParams, "quantization_bits")))
         + ")",
     )

@@ -444,7 +444,8 @@ class AuditParams(_Config):
     quantization_bits: list[int] = Field(
         [8, 4],
         description="Evaluate the unlearned model after RTN quantization to these bit "
-        "widths, a recovery attack (empty: off).",
+        "widths, a recovery attack judged against the original and the never-learned control "
+        "quantized the same way, once per audit (empty: off).",
     )
 
     quantize_embeddings: bool = Field(
