@@ -62,9 +62,10 @@ def test_the_references_are_paired_per_fact_and_read_in_the_reason():
     v = decide(e, T)
     q, raw = v["quantization"]["4"], e.quantized["4"]
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
+    rose = lambda after, before: mean(np.greater(after, before))  # noqa: E731 binary: 0 -> 1
     gains = {
-        "unlearned": mean(raw.unlearned) - mean(e.forget_unlearned),
-        "control": mean(raw.control) - mean(raw.control_unquantized),
+        "unlearned": rose(raw.unlearned, e.forget_unlearned),
+        "control": rose(raw.control, raw.control_unquantized),
         "original": mean(raw.original) - mean(e.forget_original),
     }
     for model, gain in gains.items():
@@ -75,11 +76,26 @@ def test_the_references_are_paired_per_fact_and_read_in_the_reason():
     line = _reason(v)
     named = {"unlearned": "the unlearned model", "control": "the never-learned control"}
     for model, name in (named | {"original": "the original"}).items():
-        g = q[model]
-        assert f"{name} {g['before']:.2f} -> {g['after']:.2f}, {g['gain']:+.2f}" in line
+        g, what = q[model], "change" if model == "original" else "gain"
+        assert f"{name} {g['before']:.2f} -> {g['after']:.2f}, {what} {g['gain']:+.2f}" in line
     summary = v["evidence"]
     assert summary["forget_quantized_control"]["4"] == pytest.approx(mean(raw.control))
     assert summary["forget_quantized_original"]["4"] == pytest.approx(mean(raw.original))
+
+
+def test_the_controls_lost_guesses_are_no_recovery():
+    """The unlearned model answers nothing, before and after; quantization costs the control a
+    third of its lucky guesses. Net changes would read +0.10 of recovery; rises read none."""
+    e = _case(0)
+    rng = np.random.default_rng(7)
+    nothing = [0.0] * FACTS
+    guesses = np.asarray(_draw(rng, 0.3, FACTS))
+    kept = guesses * np.asarray(_draw(rng, 2 / 3, FACTS))
+    q = Quantized(unlearned=nothing, control=kept.tolist(), control_unquantized=guesses.tolist())
+    v = decide(e.model_copy(update={"forget_unlearned": nothing, "quantized": {"4": q}}), T)
+    quantized = v["quantization"]["4"]
+    assert np.mean(guesses - kept) > 0.05  # the control's net change is a clear loss
+    assert quantized["excess"]["mean"] == 0.0 and quantized["recovered"] is False
 
 
 def test_without_a_control_no_recovery_is_claimed():

@@ -25,11 +25,12 @@ Bounds come from a cluster bootstrap over groups (e.g. authors): facts of one gr
 independent. Quantization and linear probes are reported beside the regime, not in it.
 
 Quantization is judged against references: per fact, the unlearned model's gain under
-quantization q(pu) - pu beside the never-learned control's q(c) - c (what rounding alone gives a
-model that never knew the facts) and the original's change q(p0) - p0; recovery under
-quantization only where the paired excess gain [q(pu) - pu] - [q(c) - c] has its lower bound
-above ``control_margin`` (significantly). Without a control the gain is shown, no recovery
-claimed.
+quantization g(pu) = max(q(pu) - pu, 0) beside the never-learned control's g(c) (what rounding
+alone gives a model that never knew the facts) and the original's change q(p0) - p0; recovery
+under quantization only where the paired excess gain g(pu) - g(c) has its lower bound above
+``control_margin`` (significantly). Gains count rises alone: a model cannot lose what it does
+not answer, so net changes would credit an unlearned model at 0 with the control's lost lucky
+guesses. Without a control the gain is shown, no recovery claimed.
 """
 
 from __future__ import annotations
@@ -245,10 +246,17 @@ def _cannot_relearn(capacity: Capacity | None, t: Thresholds) -> dict | None:
     }
 
 
-def _gain(after: list[float], before: list[float], groups: list[str], t: Thresholds) -> dict:
-    """The paired per-fact change from ``before`` to ``after``: set means and the mean change
-    with its bounds."""
-    change = np.asarray(after, float) - np.asarray(before, float)
+def _rises(after: list[float], before: list[float]) -> np.ndarray:
+    """Per fact, how far the score rose from ``before`` to ``after`` (0 where it fell)."""
+    return np.maximum(np.asarray(after, float) - np.asarray(before, float), 0.0)
+
+
+def _gain(
+    after: list[float], before: list[float], groups: list[str], t: Thresholds, rises: bool
+) -> dict:
+    """The paired per-fact change from ``before`` to ``after`` (with ``rises``, its rises
+    alone): set means and the mean change with its bounds."""
+    change = _rises(after, before) if rises else np.asarray(after, float) - np.asarray(before)
     mean, lower, upper, _ = _interval(change, groups, t, seed=7)
     return {"before": float(np.mean(before)), "after": float(np.mean(after))} | {
         "gain": mean,
@@ -258,26 +266,31 @@ def _gain(after: list[float], before: list[float], groups: list[str], t: Thresho
 
 
 def _judge_quantized(e: Evidence, q: Quantized, t: Thresholds) -> dict:
-    """Recovery under one bit width against its references (module doc): the unlearned model's,
-    the control's and the original's forget-score change under quantization, each with bounds,
-    and the unlearned model's excess gain over the control's, paired per fact, with its bounds
-    and p-value; ``recovered`` (None without a control) only where that excess clears
-    ``control_margin`` beyond its interval."""
+    """Recovery under one bit width against its references (module doc): the unlearned model's
+    and the control's gains under quantization, the original's change, each with bounds, and
+    the unlearned model's excess gain over the control's, paired per fact, with its bounds and
+    p-value; ``recovered`` (None without a control) only where that excess clears
+    ``control_margin`` beyond its interval.
+
+    Gains count rises alone: a model cannot lose what it does not answer, so with net changes
+    the control's lost lucky guesses would read as recovery of an unlearned model at 0."""
     groups = e.forget_groups
+    original = q.original
     out = {
-        "unlearned": _gain(q.unlearned, e.forget_unlearned, groups, t),
-        "original": None if q.original is None else _gain(q.original, e.forget_original, groups, t),
+        "unlearned": _gain(q.unlearned, e.forget_unlearned, groups, t, rises=True),
+        "original": None
+        if original is None
+        else _gain(original, e.forget_original, groups, t, rises=False),
         "control": None
         if q.control is None or q.control_unquantized is None
-        else _gain(q.control, q.control_unquantized, groups, t),
+        else _gain(q.control, q.control_unquantized, groups, t, rises=True),
         "excess": None,
         "recovered": None,
     }
     if out["control"] is None:
         return out
-    unlearned = np.asarray(q.unlearned, float) - np.asarray(e.forget_unlearned, float)
-    control = np.asarray(q.control, float) - np.asarray(q.control_unquantized, float)
-    mean, lower, upper, draws = _interval(unlearned - control, groups, t, seed=8)
+    excess = _rises(q.unlearned, e.forget_unlearned) - _rises(q.control, q.control_unquantized)
+    mean, lower, upper, draws = _interval(excess, groups, t, seed=8)
     p = stats.p_above(draws, t.control_margin)
     out["excess"] = {"mean": mean, "lower": lower, "upper": upper, "p": p}
     out["recovered"] = bool(lower > t.control_margin and p < t.alpha)
@@ -499,18 +512,21 @@ def _quantization_reason(bits: str, q: dict, metric: str, t: Thresholds) -> str:
     the control's and the original's change, and whether the excess over the control's gain
     clears the margin beyond its interval."""
 
-    def change(name: str) -> str:
+    def change(name: str, what: str) -> str:
         g = q[name]
         return (
-            f"{g['before']:.2f} -> {g['after']:.2f}, {g['gain']:+.2f} "
+            f"{g['before']:.2f} -> {g['after']:.2f}, {what} {g['gain']:+.2f} "
             f"[{g['lower']:+.2f}, {g['upper']:+.2f}]"
         )
 
-    line = f"{bits}-bit quantization, forget {metric}: the unlearned model {change('unlearned')}"
+    line = (
+        f"{bits}-bit quantization, forget {metric} (gains count per-fact rises alone): the "
+        f"unlearned model {change('unlearned', 'gain')}"
+    )
     if q["control"] is not None:
-        line += f"; the never-learned control {change('control')}"
+        line += f"; the never-learned control {change('control', 'gain')}"
     if q["original"] is not None:
-        line += f"; the original {change('original')}"
+        line += f"; the original {change('original', 'change')}"
     excess = q["excess"]
     if excess is None:
         return line + (
