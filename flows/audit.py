@@ -168,6 +168,33 @@ def _extract(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref:
     )
 
 
+def _quantized(
+    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef
+) -> dict[str, ArtifactRef]:
+    """The quantization attack's evaluations of ``checkpoint``, by bit width (none without
+    quantization_bits)."""
+    return {
+        str(bits): _evaluate(
+            store, params, checkpoint, data_ref, bits=bits, embeddings=params.quantize_embeddings
+        )
+        for bits in params.quantization_bits
+    }
+
+
+def _control_evals(
+    store: str, params: AuditParams, control: ArtifactRef | None, data_ref: ArtifactRef
+) -> dict | None:
+    """The never-learned control's evaluations as quantization's reference, once per audit:
+    ``eval`` unquantized and ``quantized`` by bit width; None without a control or without
+    quantization."""
+    if control is None or not params.quantization_bits:
+        return None
+    return {
+        "eval": _evaluate(store, params, control, data_ref),
+        "quantized": _quantized(store, params, control, data_ref),
+    }
+
+
 def audit_run(
     store: str,
     params: AuditParams,
@@ -175,20 +202,21 @@ def audit_run(
     original: dict,
     candidate: dict,
     control_runs: dict[str, list[ArtifactRef]],
+    control_evals: dict | None = None,
 ) -> dict:
-    """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
+    """Evaluate, relearn, extract, compare and judge one unlearned checkpoint; quantization
+    is judged against the original's (``original['quantized']``) and the control's
+    (``control_evals``: _control_evals) evaluations at the same bit widths."""
     rows, trust = params.data.eval_max_rows, params.trust_remote_code
     unlearned = candidate["checkpoint"]
     unlearned_eval = _evaluate(store, params, unlearned, data_ref)
     relearned = _relearn_all(store, params, unlearned, data_ref, original["checkpoint"])
     measured = relearned["forget"][0]  # holds the relearned model's activations, weight change
     acts = {"unlearned": _extract(store, params, unlearned, data_ref), "relearned": measured}
-    quantized = {
-        str(bits): _evaluate(
-            store, params, unlearned, data_ref, bits=bits, embeddings=params.quantize_embeddings
-        )
-        for bits in params.quantization_bits
-    }
+    quantized = _quantized(store, params, unlearned, data_ref)
+    references = {"original": original["quantized"]}
+    if control_evals is not None:
+        references["control"] = control_evals["quantized"]
     fishers = {
         "original": original["fisher"],
         "unlearned": _fisher(store, params, unlearned, data_ref, candidate["label"], True),
@@ -251,13 +279,16 @@ def audit_run(
             params.thresholds,
             quantized,
             probed,
+            quantized_references=references,
+            control_eval=control_evals["eval"] if control_evals else None,
         ),
     }
 
 
 def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
     """The original's evaluation (refused before any training where it does not know the
-    facts), activations, Fisher and probes."""
+    facts), activations, Fisher, probes and quantized evaluations (quantization's reference,
+    once per audit)."""
     original_eval = _evaluate(store, params, checkpoint, data_ref)
     check_known(store, data_ref, original_eval, params.thresholds)  # before any training
     original = {
@@ -265,6 +296,7 @@ def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref
         "eval": original_eval,
         "acts": _extract(store, params, checkpoint, data_ref),
         "fisher": _fisher(store, params, checkpoint, data_ref, "original"),
+        "quantized": _quantized(store, params, checkpoint, data_ref),
     }
     if params.probes:
         rows = params.data.eval_max_rows
@@ -345,10 +377,13 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         original = _original(store, params, checkpoint, data_ref)
         progress(2, milestones)
         control_runs = _relearn_all(store, params, control, data_ref, None) if control else {}
+        control_evals = _control_evals(store, params, control, data_ref)
         progress(3, milestones)
         runs = []
         for candidate in _candidates(store, params, checkpoint, data_ref, given):
-            runs.append(audit_run(store, params, data_ref, original, candidate, control_runs))
+            runs.append(
+                audit_run(store, params, data_ref, original, candidate, control_runs, control_evals)
+            )
             progress(3 + len(runs), milestones)
         report_ref = report(store, _described(params, control), runs, control_runs)
         published = publish(store, report_ref)

@@ -248,15 +248,27 @@ class UnlearnConfig(_Batched):
         description="Train the LM head alone, the body frozen: a shallow edit that hides the "
         "answers and keeps the knowledge (the known-reversible calibration audit).",
     )
+    requests: PositiveInt = Field(
+        1,
+        description="Unlearn in this many successive requests, each from the model the "
+        "previous one left, each running the method for up to `steps` steps (steps are per "
+        "request) with early stop on its own rows.",
+    )
+    request_split: Literal["disjoint", "repeat"] = Field(
+        "disjoint",
+        description="What each request unlearns: disjoint, the forget set cut in order into "
+        "`requests` parts, one per request; repeat, the whole forget set every time.",
+    )
 
     @property
     def label(self) -> str:
-        """Short name for tables: method, learning rate, steps and early stop."""
+        """Short name for tables: method, learning rate, steps, early stop and requests."""
         stop = "" if self.stop_at_forget_em is None else f" stop<{self.stop_at_forget_em:g}"
         weight = f" w={self.retain_weight:g}" if "+" in self.method else ""
         head = " head-only" if self.head_only else ""
         lr = "auto" if self.lr is None else f"{self.lr:g}"
-        return f"{self.method} lr={lr} steps={self.steps}{weight}{stop}{head}"
+        requests = f" x{self.requests} {self.request_split}" if self.requests > 1 else ""
+        return f"{self.method} lr={lr} steps={self.steps}{weight}{stop}{head}{requests}"
 
     @model_validator(mode="after")
     def _one_way_to_train(self) -> UnlearnConfig:
@@ -443,7 +455,8 @@ class AuditParams(_Config):
     quantization_bits: list[int] = Field(
         [8, 4],
         description="Evaluate the unlearned model after RTN quantization to these bit "
-        "widths, a recovery attack (empty: off).",
+        "widths, a recovery attack judged against the original and the never-learned control "
+        "quantized the same way, once per audit (empty: off).",
     )
 
     quantize_embeddings: bool = Field(

@@ -44,7 +44,9 @@ SUMMARY_KEYS = (
 def summary_row(run: dict) -> dict:
     """One run's row: the demo's keys (SUMMARY_KEYS; scores in the verdict's metric, the
     advantage over the control on the look the regime rests on, with its bounds and Holm
-    p-value), its label and both looks' advantages."""
+    p-value), its label, both looks' advantages and per bit width the quantized forget
+    scores of the unlearned model and its references, and whether it recovered beyond the
+    control's gain (None: not judged, no control)."""
     v = run["verdict"]
     e = v["evidence"]
     look = v["looks"].get(v["deciding_look"] or "", {})
@@ -75,6 +77,12 @@ def summary_row(run: dict) -> dict:
         "weight_change": mean_over_layers(run["metrics_unlearned"], "weight_change", "", False),
         **{f"{name}_advantage": x["advantage"] for name, x in v["looks"].items()},
         **{f"forget_q{bits}": em for bits, em in e.get("forget_quantized", {}).items()},
+        **{  # quantization's references and whether the unlearned model gained beyond them
+            f"forget_q{bits}_{model}": score
+            for model in ("original", "control")
+            for bits, score in e.get(f"forget_quantized_{model}", {}).items()
+        },
+        **{f"q{bits}_recovered": q["recovered"] for bits, q in v.get("quantization", {}).items()},
         "probe_advantage": _difference(e.get("probe_forget_unlearned"), e.get("probe_chance")),
         **splice_summary(run.get("splice")),
     }
