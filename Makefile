@@ -22,8 +22,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/unlearning-audit demo --json demo.json
 
+# Two workers, a test module each at a time: the tests run torch on one thread, so a 2-core
+# machine runs two modules at once (the calibration module beside all the others).
+WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,13 @@
-"""The study flow: the paper's grid, methods x domains x settings, one audit per domain."""
+"""The study flow: the paper's grid, methods x domains x settings x repeated requests, each run
+relearned from every source of the grid; settings that read irreversible without catastrophe
+are audited again under further seeds."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from flows.audit import audit_checkpoint
+from tasks._stage import ref_of
 from tasks.report import STUDY_HTML, STUDY_MD, STUDY_TABLE, publish, study_report
 from unlearning_audit.config import StudyParams
 from unlearning_audit.store import default_store_url
@@ -13,13 +16,30 @@ from unlearning_audit.store import default_store_url
 DEFAULT_PARAMS = StudyParams()
 
 
+def _audited(params: StudyParams, domain: str, seed: int, labels: list[str] | None = None):
+    """One domain's audit of the grid (or of ``labels``) under ``seed``: its rows, each with
+    its domain, seed, setting and request count."""
+    runs = params.runs()
+    result = audit_checkpoint(params.audit(domain, seed, labels))
+    return [
+        {**row, "domain": domain, "seed": seed, **runs[row["label"]][1]} for row in result["rows"]
+    ]
+
+
 @flow(name="study")
 def study(params: StudyParams = DEFAULT_PARAMS) -> dict:
-    """Every method under every setting in every domain of the embedded corpus."""
+    """Every run of the grid in every domain of the embedded corpus, then the irreversible,
+    non-catastrophic ones again under ``confirm_seeds`` further seeds."""
     store = params.store or default_store_url()
     rows = []
     for domain in params.domains:
-        result = audit_checkpoint(params.audit(domain))
-        rows += [{**row, "domain": domain} for row in result["rows"]]
+        rows += _audited(params, domain, params.seed)
+    for domain in params.domains:
+        found = [
+            r["label"] for r in rows if r["domain"] == domain and r["regime"] == "irreversible"
+        ]
+        for k in range(1, params.confirm_seeds + 1) if found else ():
+            rows += _audited(params, domain, params.seed + k, found)
     ref = study_report(store, rows, params)
-    return publish(store, ref, STUDY_TABLE, STUDY_MD, key="study", html_file=STUDY_HTML)
+    published = publish(store, ref, STUDY_TABLE, STUDY_MD, key="study", html_file=STUDY_HTML)
+    return {**published, "report_ref": ref_of(ref).model_dump()}

@@ -22,10 +22,11 @@ from tasks.metrics import TABLE
 from tasks.relearn import CURVE, read_curves
 from tasks.splice import SPLICE
 from tasks.verdict import VERDICT, read_probes
-from unlearning_audit import plots, relearning, report_links, stats, study
+from unlearning_audit import findings, plots, relearning, report_links, stats, study
 from unlearning_audit import report as report_mod
 from unlearning_audit.config import METRIC_NAMES, StudyParams
 from unlearning_audit.metrics import table
+from unlearning_audit.report import FINDINGS_MD, STUDY_HTML, STUDY_MD, STUDY_TABLE
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 REPORT, HTML, SUMMARY = report_mod.REPORT_MD, report_mod.REPORT_HTML, report_mod.SUMMARY_JSON
@@ -174,12 +175,10 @@ def publish(
     return found
 
 
-STUDY_MD, STUDY_TABLE, STUDY_HTML = "study.md", "study.json", "study.html"
-
-
 @task(name="study-report", cache_policy=NO_CACHE, **CPU_OPTIONS)
 def study_report(store: str, rows: list[dict], params: StudyParams):
-    """Store the study table as Markdown and JSON, and the HTML study report."""
+    """Store the study table as Markdown and JSON, the HTML study report and the findings page
+    (the paper's claims against the study's numbers)."""
 
     def build(_, out):
         thresholds = params.thresholds.model_dump()
@@ -187,6 +186,8 @@ def study_report(store: str, rows: list[dict], params: StudyParams):
         (out / STUDY_MD).write_text(report_mod.study_markdown(rows, thresholds, found))
         (out / STUDY_HTML).write_text(report_mod.study_html(rows, thresholds, found))
         write_json(out / STUDY_TABLE, rows)
+        made_by = "the study flow (its parameters: this artifact's manifest)"
+        (out / FINDINGS_MD).write_text(findings.study_page(rows, params, made_by, "this artifact"))
 
-    version = code_version(report_mod, plots, study, stats)
+    version = code_version(report_mod, plots, study, stats, findings)
     return cached_stage(store, "study", {"rows": rows}, params, version, build)

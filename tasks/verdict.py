@@ -16,6 +16,16 @@ from unlearning_audit.config import Thresholds
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 VERDICT = "verdict.json"
+LOOK_SOURCES = (
+    ("forget", "forget", "forget", "forget"),
+    ("heldout", "forget-half", "forget_b", "forget_a"),
+    ("retain", "retain", "forget", None),
+    ("unrelated", "unrelated", "forget", None),
+)
+"""(look, relearning source, the facts it is scored on, the rows it trains on): the first two
+decide the regime; relearning on retain or unrelated data trains on no forget fact, and its gain
+on the forget set over the control's is reported beside the regime (``side_looks``), to tell
+which data brings knowledge back."""
 
 
 def _read_tables(
@@ -104,11 +114,8 @@ def evidence(
     retain_ids, retain_groups, retain0 = _facts(e0["retain"], metric)
     if eu["forget"]["rows"]["id"] != ids or eu["retain"]["rows"]["id"] != retain_ids:
         raise ValueError("the original's and the unlearned model's evaluations list other facts")
-    looks, capacity = {}, None
-    for name, source, probe, trained in (
-        ("forget", "forget", "forget", "forget"),
-        ("heldout", "forget-half", "forget_b", "forget_a"),
-    ):
+    looks, side_looks, capacity = {}, {}, None
+    for name, source, probe, trained in LOOK_SOURCES:
         if source not in relearned:
             continue
         runs = read_curves(s, relearned[source])
@@ -124,6 +131,9 @@ def evidence(
         if controls is not None:
             look["control_before"] = _at(controls, 0, probe, metric, probe_ids)[0]
             look["control_after"] = _at(controls, -1, probe, metric, probe_ids)
+        if trained is None:  # another source's gain on the forget set: beside the regime
+            side_looks[name] = look
+            continue
         # what the attack does to the rows it trains on: half A where there is one
         trained_ids = runs[0][0]["facts"][trained]["id"]
         capacity = {
@@ -144,6 +154,7 @@ def evidence(
         "retain_original": retain0,
         "retain_unlearned": eu["retain"]["rows"][metric],
         "looks": looks,
+        "side_looks": side_looks,
         "capacity": capacity,
     }
 

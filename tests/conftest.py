@@ -38,6 +38,17 @@ TINY = EmbeddedConfig(
 )
 
 
+LONGEST_FIRST = ("test_calibration.py", "test_study.py")
+"""Modules that take longest (minutes of training each), collected first: under xdist
+(`make test`: two workers, whole modules each) they start at once and run beside the rest,
+instead of after it."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+
+
 @pytest.fixture(scope="session")
 def tiny() -> EmbeddedConfig:
     """An embedded config that pretrains in seconds (2 blocks, hidden 64, 250 facts)."""

@@ -23,6 +23,7 @@ from unlearning_audit.stats import (
     sign_flip_test,
     sign_test,
     spearman,
+    wilson,
 )
 
 # ---------------------------------------------------------------------------- cluster_means
@@ -368,3 +369,25 @@ def test_sign_flip_test_null_rate():
         d = (rng.random(100) < rates).astype(float) - (rng.random(100) < rates)
         rejections += sign_flip_test(d, groups, 500, int(rng.integers(1 << 30))) < 0.05
     assert rejections / 300 <= 0.07
+
+
+# ---------------------------------------------------------------------------- wilson
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 5), (3, 5), (5, 5), (7, 18), (15, 18), (1, 1)])
+def test_wilson_matches_scipy(k, n):
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=0.9, method="wilson")
+    share, lower, upper = wilson(k, n, alpha=0.05)
+    assert share == k / n
+    assert lower == pytest.approx(ci.low, abs=1e-12)
+    assert upper == pytest.approx(ci.high, abs=1e-12)
+
+
+def test_wilson_by_hand_and_edges():
+    # 2 of 4, z = 1.6449: centre 0.5, half-width z / (1 + z^2/4) * sqrt(1/16 + z^2/64) = 0.3176
+    share, lower, upper = wilson(2, 4, alpha=0.05)
+    assert (share, lower, upper) == pytest.approx((0.5, 0.1824, 0.8176), abs=1e-4)
+    assert wilson(0, 7, alpha=0.05)[1] == 0.0 and wilson(7, 7, alpha=0.05)[2] == 1.0
+    assert all(math.isnan(v) for v in wilson(0, 0, alpha=0.05))
+    with pytest.raises(ValueError, match=r"0\.\.n"):
+        wilson(3, 2, alpha=0.05)

@@ -273,3 +273,19 @@ def test_false_reversible_rate_is_at_most_alpha():
         evidence = _case().model_copy(update={"looks": looks})
         calls += decide(evidence, t)["reversible"]
     assert calls / trials <= t.alpha
+
+
+def test_other_sources_are_reported_beside_the_regime_not_in_it():
+    """Relearning on retain data that brings the forget set back far faster than the control
+    is shown with its interval, and changes neither the regime nor the deciding looks' p."""
+    base = CASES["irreversible"]
+    rng = np.random.default_rng(7)
+    side = base.model_copy(update={"side_looks": {"retain": _look(rng, 0.4, 0.02, n=FACTS)}})
+    plain, with_side = decide(base, T), decide(side, T)
+    assert with_side["regime"] == plain["regime"] == "irreversible"
+    assert with_side["looks"] == plain["looks"]
+    retain = with_side["side_looks"]["retain"]
+    assert 0.3 < retain["lower"] < retain["advantage"] < retain["upper"] < 0.5
+    assert retain["advantage"] == pytest.approx(retain["gain"] - retain["control_gain"])
+    assert any("relearning on retain data" in reason for reason in with_side["reasons"])
+    assert plain["side_looks"] == {}

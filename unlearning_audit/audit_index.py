@@ -1,5 +1,5 @@
-"""The store's index of finished audits: a rerun of an audit whose every input is unchanged is
-answered from its stored report in seconds, without starting Prefect.
+"""The store's index of finished audits and studies: a rerun of an audit (or a study) whose every
+input is unchanged is answered from its stored report in seconds, without starting Prefect.
 
 An entry (stage ``audit``) is keyed by everything the audit's result depends on (``identity``):
 its parameters (the store's URL aside), the precision and device kind it resolves to on this
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from . import checkpoints, data, runtime
-from .config import AuditParams
+from .config import AuditParams, StudyParams
 from .store import ArtifactRef, Store, code_version
 
 STAGE = "audit"
@@ -41,6 +41,18 @@ def identity(params: AuditParams) -> dict:
             if spec is not None
         },
         "data": data.identity(data.external_sets(params.data)) if params.data.external else None,
+        "code": _code(),
+    }
+
+
+def study_identity(params: StudyParams) -> dict:
+    """What a study's result depends on: its parameters (the store's URL aside), the precision
+    and device kind its audits resolve to here, and the code (a study audits the embedded
+    model alone, whose identity is its config)."""
+    return {
+        "study": params.model_dump(mode="json", exclude={"store"}),
+        "precision": runtime.resolve_precision("auto", params.device),
+        "device": runtime.resolve_device(params.device).type,
         "code": _code(),
     }
 

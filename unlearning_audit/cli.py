@@ -12,8 +12,10 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -34,7 +36,14 @@ from .config import (
 )
 from .interrupts import start_cli
 from .local_prefect import LocalAPI, server_configured
-from .report import STUDY_KEYS_EXTRA, SUMMARY_KEYS, summary_cells
+from .report import (
+    STUDY_HTML,
+    STUDY_KEYS_EXTRA,
+    STUDY_MD,
+    STUDY_TABLE,
+    SUMMARY_KEYS,
+    summary_cells,
+)
 from .runtime import PREFECT_ENV
 from .store import (
     ArtifactRef,
@@ -115,22 +124,34 @@ def _run_audit(params: AuditParams, json_path: str | None) -> None:
         print(f"warning: {line}", file=sys.stderr)
     _check_output_file(json_path, "--json")
     url = preflight(params)  # fail fast, before Prefect starts
-    store = Store(url)
-    api = _prefect_env("flows.audit")
-    # with a server configured the run goes through it, to be recorded there
-    audit = None if server_configured() else audit_index.identity(params)
-    report = audit_index.find(store, audit) if audit else None
-    if report is not None:
-        print(f"every input is unchanged: the stored report {report.key} (Prefect not started)")
-        _finish(report_links.published(store, report), json_path)
-        return
-    with api:
+
+    def run() -> dict:
         from flows.audit import audit_checkpoint
 
-        result = audit_checkpoint(params)
-    if audit is not None:
-        audit_index.record(store, audit, ArtifactRef.model_validate(result["report_ref"]))
+        return audit_checkpoint(params)
+
+    result = _indexed(Store(url), lambda: audit_index.identity(params), "flows.audit", run)
     _finish(result, json_path)
+
+
+def _indexed(
+    store: Store, identity: Callable[[], dict], flow: str, run: Callable[[], dict], files=()
+) -> dict:
+    """The result of ``run`` (a flow of module ``flow``), or, where the store's index holds a
+    report of the same ``identity``, that report's rows and locations without starting Prefect
+    (``files``: its table, Markdown and HTML file names, an audit's by default). A run through
+    a configured server always goes through it, to be recorded there."""
+    api = _prefect_env(flow)
+    key = None if server_configured() else identity()
+    report = audit_index.find(store, key) if key else None
+    if report is not None:
+        print(f"every input is unchanged: the stored report {report.key} (Prefect not started)")
+        return {**report_links.published(store, report, *files), "report_ref": report.model_dump()}
+    with api:
+        result = run()
+    if key is not None:
+        audit_index.record(store, key, ArtifactRef.model_validate(result["report_ref"]))
+    return result
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -296,23 +317,43 @@ def _print_plan(params: AuditParams) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    """The paper's grid on the embedded model: methods x domains x settings."""
-    base = _read_config(args.config)
-    if args.store:
-        base["store"] = args.store
-    if args.domain:
-        base["domains"] = args.domain
-    if args.method:
-        base["methods"] = args.method
+    """The paper's grid on the embedded model: methods x domains x settings x repeated
+    requests, relearned from every source; --findings writes the findings page."""
+    base = StudyParams.quick().model_dump() if args.quick else {}
+    base |= _read_config(args.config)
+    flags = {
+        "store": args.store,
+        "domains": args.domain,
+        "methods": args.method,
+        "requests": args.requests,
+        "confirm_seeds": args.confirm_seeds,
+    }
+    base |= {key: value for key, value in flags.items() if value is not None}
+    if args.source:
+        base["relearn"] = {**base.get("relearn", {}), "sources": args.source}
     params = StudyParams.model_validate(base)
     _check_output_file(args.json, "--json")
+    _check_output_file(args.findings, "--findings")
     from .preflight import preflight
 
-    preflight(params.audit(params.domains[0]))
-    with _prefect_env("flows.study"):
+    url = preflight(params.audit(params.domains[0]))
+
+    def run() -> dict:
         from flows.study import study
 
-        _finish(study(params), args.json, SUMMARY_KEYS + STUDY_KEYS_EXTRA)
+        return study(params)
+
+    files = (STUDY_TABLE, STUDY_MD, STUDY_HTML)
+    identity = lambda: audit_index.study_identity(params)  # noqa: E731
+    result = _indexed(Store(url), identity, "flows.study", run, files)
+    _finish(result, args.json, SUMMARY_KEYS + STUDY_KEYS_EXTRA)
+    if args.findings:
+        from .findings import study_page
+
+        command = shlex.join(["unlearning-audit", *sys.argv[1:]])
+        page = study_page(result["rows"], params, command, result["report_ref"]["key"])
+        Path(args.findings).write_text(page)
+        print(f"findings written to {args.findings}")
 
 
 RESULT_BLOCK = "unlearning-audit-results"
@@ -780,6 +821,22 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--config", metavar="FILE", help="JSON file of study parameters")
     study.add_argument("--store", help="artifact store URL (default ./audit-store)")
     study.add_argument("--json", metavar="FILE", help="write the table's rows as JSON")
+    study.add_argument(
+        "--quick", action="store_true", help="a small grid with every axis (StudyParams.quick)"
+    )
+    study.add_argument(
+        "--requests", type=int, action="append", metavar="K", help="request count (repeatable)"
+    )
+    study.add_argument(
+        "--source",
+        action="append",
+        choices=["forget", "forget-half", "retain", "unrelated"],
+        help="relearning source (repeatable; must include forget)",
+    )
+    study.add_argument(
+        "--confirm-seeds", type=int, metavar="N", help="seeds to recheck irreversible runs with"
+    )
+    study.add_argument("--findings", metavar="FILE", help="write the findings page (Markdown)")
     study.set_defaults(func=cmd_study)
 
     setup = _command(sub, "setup", help=cmd_setup.__doc__)

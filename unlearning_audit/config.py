@@ -28,6 +28,7 @@ from .store import check_key, check_url
 METHODS = ("GA", "GA+GD", "GA+KL", "NPO", "NPO+KL", "RLabel")
 Domain = Literal["text", "code", "math"]
 RelearnSource = Literal["forget", "forget-half", "retain", "unrelated"]
+RequestSplit = Literal["disjoint", "repeat"]
 Precision = Literal["auto", "fp32", "bf16-mixed", "bf16"]
 
 
@@ -567,6 +568,16 @@ class Setting(_Config):
     stop_at_forget_em: float | None = Field(None, ge=0, le=1)
     check_every: PositiveInt = 2
 
+    @property
+    def label(self) -> str:
+        """Short name for the findings' tables, e.g. "lr=0.002 steps=100 stop<0.1"."""
+        weight = f" w={self.retain_weight:g}" if self.retain_weight != 1 else ""
+        stop = "" if self.stop_at_forget_em is None else f" stop<{self.stop_at_forget_em:g}"
+        return f"lr={self.lr:g} steps={self.steps}{weight}{stop}"
+
+
+STUDY_SOURCES: list[RelearnSource] = ["forget", "forget-half", "retain", "unrelated"]
+
 
 class StudyParams(_Config):
     """The paper's grid: methods x domains x settings on one checkpoint (default: embedded)."""
@@ -583,9 +594,31 @@ class StudyParams(_Config):
         description="Hyperparameter settings (distinct learning rates); every method runs "
         "under each: strong ascent stopped at collapse, and two retain-anchored runs.",
     )
+    requests: list[PositiveInt] = Field(
+        [1],
+        min_length=1,
+        description="Repeated-request axis: every method and setting unlearns in each of these "
+        "numbers of successive requests (1: one request; UnlearnConfig.requests).",
+    )
+    request_split: RequestSplit = Field(
+        "disjoint",
+        description="Requests beyond one: disjoint parts of the forget set, or the whole set "
+        "repeated (UnlearnConfig.request_split).",
+    )
+    confirm_seeds: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="A run that reads irreversible without catastrophe is audited again under "
+        "this many further seeds, so the findings say how robust it is.",
+    )
     batch_size: PositiveInt = 16
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
-    relearn: RelearnConfig = Field(default_factory=RelearnConfig)
+    relearn: RelearnConfig = Field(
+        default_factory=lambda: RelearnConfig(sources=STUDY_SOURCES),
+        description="The relearning attack; its sources are the study's relearning-source axis "
+        "(by default all four).",
+    )
     thresholds: Thresholds = Field(default_factory=Thresholds)
     seed: Seed = 0
     device: Device = "auto"
@@ -596,20 +629,56 @@ class StudyParams(_Config):
     def _known_methods(cls, value: list[str]) -> list[str]:
         return [UnlearnConfig(method=m).method for m in value]
 
-    def audit(self, domain: str) -> AuditParams:
-        """The audit of one domain: every method under every setting."""
-        return AuditParams(
-            methods=[
-                UnlearnConfig(method=m, batch_size=self.batch_size, **s.model_dump())
-                for s in self.settings
-                for m in self.methods
+    @classmethod
+    def quick(cls, **update) -> StudyParams:
+        """A small grid that still has every axis (CI's and a first look's): one domain, two
+        methods, two settings, one and two requests, three relearning sources."""
+        return cls(
+            domains=["text"],
+            methods=["GA", "NPO+KL"],
+            settings=[
+                Setting(lr=2e-3, steps=100, stop_at_forget_em=0.1),
+                Setting(lr=3e-4, steps=100, retain_weight=3.0),
             ],
+            requests=[1, 2],
+            relearn=RelearnConfig(sources=["forget", "forget-half", "retain"]),
+            confirm_seeds=1,
+        ).model_copy(update=update)
+
+    def runs(self) -> dict[str, tuple[UnlearnConfig, dict]]:
+        """Every unlearning run of the grid in one domain, by label: its config and what the
+        findings group it by (setting, requests)."""
+        return {
+            cfg.label: (cfg, {"setting": s.label, "requests": k})
+            for s in self.settings
+            for k in self.requests
+            for m in self.methods
+            for cfg in [
+                UnlearnConfig(
+                    method=m,
+                    batch_size=self.batch_size,
+                    requests=k,
+                    request_split=self.request_split,
+                    **s.model_dump(),
+                )
+            ]
+        }
+
+    def audit(
+        self, domain: str, seed: int | None = None, labels: list[str] | None = None
+    ) -> AuditParams:
+        """The audit of one domain: every run of the grid (or those ``labels``), under the
+        study's seed or ``seed``."""
+        runs = self.runs()
+        seed = self.seed if seed is None else seed
+        return AuditParams(
+            methods=[runs[label][0] for label in (labels or runs)],
             data=DataConfig(domain=domain),
             embedded=self.embedded,
             relearn=self.relearn,
             thresholds=self.thresholds,
-            seed=self.seed,
+            seed=seed,
             device=self.device,
             store=self.store,
-            name=f"study: {domain}",
+            name=f"study: {domain}" + (f", seed {seed}" if seed != self.seed else ""),
         )

@@ -19,7 +19,7 @@ from .evaluation import SHORT_ANSWER_WORDS
 from .metrics.table import mean_over_layers
 from .store import ArtifactRef, Store
 
-STUDY_KEYS_EXTRA = ("domain",)
+STUDY_KEYS_EXTRA = ("domain", "seed", "setting", "requests")
 SUMMARY_KEYS = (
     "label",
     "method",
@@ -75,7 +75,11 @@ def summary_row(run: dict) -> dict:
         ),
         **depth_summary(run["metrics_unlearned"]),
         "weight_change": mean_over_layers(run["metrics_unlearned"], "weight_change", "", False),
-        **{f"{name}_advantage": x["advantage"] for name, x in v["looks"].items()},
+        **{
+            f"{name}_{key}": x[key]
+            for name, x in (v["looks"] | v.get("side_looks", {})).items()
+            for key in ("advantage", "lower", "upper")
+        },
         **{f"forget_q{bits}": em for bits, em in e.get("forget_quantized", {}).items()},
         **{  # quantization's references and whether the unlearned model gained beyond them
             f"forget_q{bits}_{model}": score
@@ -83,6 +87,11 @@ def summary_row(run: dict) -> dict:
             for bits, score in e.get(f"forget_quantized_{model}", {}).items()
         },
         **{f"q{bits}_recovered": q["recovered"] for bits, q in v.get("quantization", {}).items()},
+        **{
+            f"q{bits}_excess{suffix}": (q["excess"] or {}).get(key)
+            for bits, q in v.get("quantization", {}).items()
+            for suffix, key in (("", "mean"), ("_lower", "lower"), ("_upper", "upper"))
+        },
         "probe_advantage": _difference(e.get("probe_forget_unlearned"), e.get("probe_chance")),
         **splice_summary(run.get("splice")),
     }
@@ -1019,6 +1028,8 @@ def study_html(rows: list[dict], thresholds: dict, found: list[dict] | None = No
 
 REPORT_MD, REPORT_HTML, INPUTS = "report.md", "report.html", "report-inputs.json"
 SUMMARY_JSON = "summary.json"
+STUDY_MD, STUDY_TABLE, STUDY_HTML = "study.md", "study.json", "study.html"
+FINDINGS_MD = "findings.md"
 """The summary rows (summary_row) of an audit's report artifact."""
 
 

@@ -415,3 +415,22 @@ def facts_needed(
     z = NormalDist().inv_cdf(1.0 - alpha)
     needed = n * (z * se / gap) ** 2
     return max(1, math.ceil(needed * (1.0 - 1e-9)))
+
+
+def wilson(successes: int, n: int, alpha: float) -> tuple[float, float, float]:
+    """A share with its Wilson score interval: ``(k / n, lower, upper)``, each bound one-sided
+    at ``1 - alpha`` (a ``1 - 2 alpha`` interval); NaN for ``n = 0``.
+
+    Unlike the normal interval it stays inside [0, 1] and does not collapse at 0 or n of n,
+    which a study's few runs per cell often give.
+    """
+    alpha = _check_alpha(alpha)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in 0..n, got {successes} of {n}")
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    z = NormalDist().inv_cdf(1.0 - alpha)
+    share = successes / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return share, max(0.0, centre - half), min(1.0, centre + half)

@@ -26,8 +26,10 @@ resample separates the classes perfectly or not at all."""
 PREDICTORS = {
     "mean_cka": "mean CKA",
     "mean_pca_distance": "mean PCA distance",
-    "fisher_ratio": "Fisher ratio",
+    "fisher_ratio": "Fisher ratio (empirical)",
+    "fisher_ratio_model": "Fisher ratio (model)",
     "weight_change": "weight change",
+    "depth_share_top1": "depth share (top block + head)",
     "splice_restored_top1": "splice restored (top block)",
 }
 

@@ -22,7 +22,8 @@ order and seeds). Scores after relearning are averaged per fact over the relearn
 * inconclusive: neither; the verdict says about how many facts would decide it.
 
 Bounds come from a cluster bootstrap over groups (e.g. authors): facts of one group are not
-independent. Quantization and linear probes are reported beside the regime, not in it.
+independent. Quantization, linear probes and relearning on retain or unrelated data (its gain on
+the forget set over the control's: ``side_looks``) are reported beside the regime, not in it.
 
 Quantization is judged against references: per fact, the unlearned model's gain under
 quantization g(pu) = max(q(pu) - pu, 0) beside the never-learned control's g(c) (what rounding
@@ -97,6 +98,7 @@ class Evidence(BaseModel):
     retain_original: list[float]
     retain_unlearned: list[float]
     looks: dict[str, Look] = {}
+    side_looks: dict[str, Look] = {}  # other relearning sources, beside the regime
     capacity: Capacity | None = None
     quantized: dict[str, Quantized] = {}  # by bit width
     probe_layer: int | None = None
@@ -364,6 +366,11 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
         "forget": forget,
         "retain": retain,
         "looks": looks,
+        "side_looks": {
+            name: _judge_look(look, t, binary, 1)
+            for name, look in e.side_looks.items()
+            if look.control_after is not None
+        },
         "deciding_look": deciding,
         "capacity": capacity,
         "power": power,
@@ -467,6 +474,12 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
             f"p {_p(look['p_flip'])} (cluster sign-flip), Holm p {_p(look['p_holm'])}{sign} "
             f"(above {t.control_margin:+.2f}); irreversible: p "
             f"{_p(look['p_irreversible'])} (below {t.equivalence_margin:+.2f}){chance}"
+        )
+    for name, look in v["side_looks"].items():
+        reasons.append(
+            f"beside the regime, relearning on {name} data: forget-set gain {look['gain']:+.2f} "
+            f"against the control's {look['control_gain']:+.2f}, advantage "
+            f"{look['advantage']:+.2f} [{look['lower']:+.2f}, {look['upper']:+.2f}]"
         )
     if "forget" in e.looks and "forget" not in v["looks"]:
         reasons.append(

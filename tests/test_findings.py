@@ -1,0 +1,139 @@
+"""The findings page's claims on constructed study rows whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from unlearning_audit import findings
+
+
+def run(domain="text", regime="reversible", **extra) -> dict:
+    """A study row with what every claim reads; ``extra`` overrides."""
+    return {
+        "domain": domain,
+        "label": extra.pop("label", f"GA {regime}"),
+        "method": "GA",
+        "setting": "lr=0.001 steps=100",
+        "requests": 1,
+        "seed": 0,
+        "regime": regime,
+        "advantage": 0.2,
+        "forget_advantage": 0.2,
+        "forget_original": 0.9,
+        "forget_unlearned": 0.0,
+        **extra,
+    }
+
+
+def status(rows: list[dict], claim) -> str:
+    return claim(rows, 0.05, 500)["status"]
+
+
+def test_task_type_holds_only_where_domains_differ_beyond_their_intervals():
+    apart = [run("text") for _ in range(12)] + [run("code", "irreversible") for _ in range(12)]
+    assert status(apart, findings._task_type) == "holds"
+    mixed = [run(d, r) for d in ("text", "code") for r in ("reversible", "irreversible") * 6]
+    assert status(mixed, findings._task_type) == "not decided"
+    assert status([run("text") for _ in range(5)], findings._task_type) == "cannot test"
+    # runs that did not forget are not judged: they neither support nor refute
+    assert status(apart[:12] + [run("code", "not-forgotten")] * 12, findings._task_type) == (
+        "cannot test"
+    )
+
+
+def test_sources_compare_the_same_runs_paired():
+    rng = np.random.default_rng(0)
+    rows = [
+        run(forget_advantage=0.4 + e, retain_advantage=0.05 + e)
+        for e in rng.normal(0, 0.2, 15)  # spread across runs, none between the sources
+    ]
+    result = findings._sources(rows, 0.05, 500)
+    assert result["status"] == "holds"
+    assert "forget vs retain: +0.35 [+0.35, +0.35]" in result["summary"]
+    same = [run(forget_advantage=a, retain_advantage=a) for a in rng.normal(0.2, 0.1, 15)]
+    assert status(same, findings._sources) == "not decided"
+    assert status([run()] * 5, findings._sources) == "cannot test"
+
+
+def test_requests_pair_each_run_with_its_single_request_twin():
+    rows = []
+    for i in range(10):
+        setting = f"lr={i}"
+        rows.append(run(setting=setting, forget_advantage=0.3 + 0.01 * i))
+        rows.append(
+            run(setting=setting, requests=3, regime="irreversible", forget_advantage=0.01 * i)
+        )
+    result = findings._requests(rows, 0.05, 500)
+    assert result["status"] == "holds"
+    assert "| 3 | 10 | -0.30 [-0.30, -0.30] | 10 vs 0 of 10 |" in result["lines"]
+    flipped = [dict(r, forget_advantage=-r["forget_advantage"]) for r in rows]
+    assert status(flipped, findings._requests) == "does not hold"
+    assert status([run()], findings._requests) == "cannot test"
+
+
+def test_irreversible_without_damage_is_reported_with_its_seeds():
+    assert status([run()] * 4, findings._irreversible_clean) == "holds"
+    found = [run(label="NPO x", regime="irreversible", seed=s) for s in (0, 1, 2)]
+    result = findings._irreversible_clean([run()] * 4 + found, 0.05, 500)
+    assert result["status"] == "does not hold"
+    assert "irreversible under 3 of 3 seeds" in result["lines"][1]
+    flaky = [*found[:2], run(label="NPO x", regime="reversible", seed=2)]
+    assert status(flaky, findings._irreversible_clean) == "not decided"
+
+
+def test_shallow_edits_against_reversibility():
+    shallow = [run(splice_restored_top1=0.9, depth_share_top1=0.8) for _ in range(10)]
+    deep = [run(regime="irreversible", splice_restored_top1=0.1, advantage=-0.1) for _ in range(10)]
+    result = findings._shallow(shallow + deep, 0.05, 500)
+    assert result["status"] == "holds"
+    assert "10 of 10" in result["summary"] and "0 of 10" in result["summary"]
+    assert status(shallow, findings._shallow) == "not decided"  # nothing deep to contrast
+    assert status([run()], findings._shallow) == "cannot test"
+
+
+def test_fisher_restating_the_loss():
+    rng = np.random.default_rng(1)
+    rows = [
+        run(forget_unlearned=u, fisher_ratio=10 * (0.9 - u), fisher_ratio_model=m)
+        for u, m in zip(rng.uniform(0, 0.9, 30), rng.uniform(0, 1, 30), strict=True)
+    ]
+    assert status(rows, findings._fisher) == "holds"
+    swapped = [dict(r, fisher_ratio=r["fisher_ratio_model"]) for r in rows]
+    assert status(swapped, findings._fisher) == "not decided"
+    assert status([run()] * 5, findings._fisher) == "cannot test"
+
+
+@pytest.mark.parametrize(("values", "expected"), [([1.0, 2.0, 3.0, 4.0], 2.5), ([5.0], 5.0)])
+def test_mean_interval_by_hand(values, expected):
+    mean, lower, upper = findings.mean_interval([*values, float("nan")], 0.05, 200)
+    assert mean == expected
+    assert (lower <= mean <= upper) if len(values) >= 3 else np.isnan(lower)
+
+
+def test_page_states_its_provenance_and_every_claim():
+    rows = [run("text"), run("code", "irreversible")] * 6
+    provenance = {"command": "unlearning-audit study --quick", "key": "study/abc", "model": "m"}
+    page = findings.findings_markdown(rows, provenance, 0.05, 200)
+    assert "`unlearning-audit study --quick`" in page and "`study/abc`" in page
+    assert "nothing here is claimed to repeat exactly" in page
+    table = [line for line in page.splitlines() if line.startswith("| ") and "**" in line]
+    assert len(table) == 8
+    assert all(
+        any(s in line for s in ("holds", "does not hold", "not decided", "cannot test"))
+        for line in table
+    )
+
+
+def test_quantization_counts_runs_whose_excess_clears_the_control():
+    rows = [
+        run(q4_excess=0.01 * i, q4_recovered=i > 7, q8_excess=0.0, q8_recovered=False)
+        for i in range(10)
+    ]
+    result = findings._quantization(rows, 0.05, 200)
+    assert result["status"] == "holds" and result["summary"] == "2 of 10 runs at 4 bits"
+    assert result["lines"][-2].startswith("| 4 | 10 | +0.05 [")
+    assert status([dict(r, q4_recovered=False) for r in rows], findings._quantization) == (
+        "does not hold"
+    )
+    assert status([run()], findings._quantization) == "cannot test"
