@@ -18,11 +18,15 @@ DEFAULT_PARAMS = StudyParams()
 
 def _audited(params: StudyParams, domain: str, seed: int, labels: list[str] | None = None):
     """One domain's audit of the grid (or of ``labels``) under ``seed``: its rows, each with
-    its domain, seed, setting and request count."""
+    its domain, seed, setting and request count, and whether it reruns a run under a further
+    seed (``confirmation``)."""
     runs = params.runs()
     result = audit_checkpoint(params.audit(domain, seed, labels))
+    confirmation = seed != params.seed  # a robustness rerun: outside the grid's statistics
     return [
-        {**row, "domain": domain, "seed": seed, **runs[row["label"]][1]} for row in result["rows"]
+        {**row, "domain": domain, "seed": seed, "confirmation": confirmation}
+        | runs[row["label"]][1]
+        for row in result["rows"]
     ]
 
 

@@ -124,14 +124,17 @@ def fisher(
 
         try:
             values = diagonal("empirical")
-            if model_samples:
-                write_json(out / MODEL_SUMMARY, fisher_mod.fisher_summary(diagonal("model")))
         except fisher_mod.UnsupportedModel as err:
             return _skipped(out, meta, str(err))
         except fisher_mod.SampleDoesNotFit as err:
             # a failure, not a stored skip: with more memory or GPUs the same key must compute;
             # a ValueError, so not retried (the flow goes on without this Fisher)
             raise ValueError(f"{err}; {HELP}") from err
+        if model_samples:
+            try:  # the model's Fisher is evidence beside: its failure keeps the empirical one
+                write_json(out / MODEL_SUMMARY, fisher_mod.fisher_summary(diagonal("model")))
+            except (fisher_mod.UnsupportedModel, fisher_mod.SampleDoesNotFit) as err:
+                meta["model_fisher_failed"] = str(err)
         if summary_only:
             write_json(out / SUMMARY, fisher_mod.fisher_summary(values))
         else:
@@ -149,7 +152,7 @@ def fisher(
             "layers": layers,
             "summary_only": summary_only,
             "model_samples": model_samples,
-            "seed": seed,
+            "seed": seed if model_samples else None,  # the empirical Fisher draws nothing
         },
         code_version(fisher_mod, data, prompts),
         build,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from unlearning_audit import findings
+from unlearning_audit.config import Setting, StudyParams
 
 
 def run(domain="text", regime="reversible", **extra) -> dict:
@@ -137,3 +138,23 @@ def test_quantization_counts_runs_whose_excess_clears_the_control():
         "does not hold"
     )
     assert status([run()], findings._quantization) == "cannot test"
+
+
+def test_reruns_under_further_seeds_count_for_robustness_only():
+    grid = [run("text", label=f"r{i}") for i in range(6)] + [run("text", "irreversible", label="x")]
+    reruns = [run("text", "irreversible", label="x", seed=s, confirmation=True) for s in (1, 2)]
+    provenance = {"command": "c", "key": "k", "model": "m"}
+    page = findings.findings_markdown(grid + reruns, provenance, 0.05, 200)
+    assert "| text | 6 / 7 | 0.86 [" in page  # the reruns are not in the share
+    assert "7 unlearning runs in 1 domain(s) and 2 reruns under further seeds" in page
+    clean = findings._irreversible_clean(grid + reruns, 0.05, 200)
+    assert "1 of 7 judged runs" in clean["lines"][0]
+    assert "irreversible under 3 of 3 seeds" in clean["lines"][1]
+    assert clean["status"] == "does not hold"
+
+
+def test_a_grid_whose_runs_share_a_label_is_refused():
+    with pytest.raises(ValueError, match="settings must differ"):
+        StudyParams(settings=[Setting(lr=1e-3), Setting(lr=1e-3, check_every=3)])
+    assert StudyParams(requests=[1, 3, 1]).requests == [1, 3]
+    assert len(StudyParams.quick().runs()) == 8

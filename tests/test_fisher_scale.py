@@ -276,14 +276,21 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
 
 def test_fisher_layers_beyond_the_model_are_refused_before_anything_loads(small_audit, tmp_path):
     """The embedded model of two blocks: Fisher layers 0 to 3 (3: the final norm and head),
-    activation layers 0 to 2."""
+    activation layers 0 to 2, splice depths 1 to 2."""
     params = small_audit.model_copy(
-        update={"store": str(tmp_path / "store"), "fisher_layers": [3, 4], "layers": [2, 3]}
+        update={
+            "store": str(tmp_path / "store"),
+            "fisher_layers": [3, 4],
+            "layers": [2, 3],
+            "splice_depths": [2, 3],
+        }
     )
     with pytest.raises(ValueError) as refused:
         preflight(params)
     assert "fisher_layers: [4] do not exist; the model has layers 0 to 3" in str(refused.value)
     assert "layers: [3] do not exist; the model has layers 0 to 2" in str(refused.value)
+    assert "splice_depths: [3] do not exist; the model has blocks 1 to 2" in str(refused.value)
+    preflight(params.model_copy(update={"fisher_layers": [3], "layers": [2], "splice": False}))
 
 
 def test_a_failing_fisher_stage_does_not_stop_the_audit(

@@ -9,7 +9,7 @@ import archs
 import pytest
 import torch
 
-from unlearning_audit import cli, prompts, unlearning
+from unlearning_audit import cli, evaluation, prompts, unlearning
 from unlearning_audit.config import AuditParams, DataConfig, UnlearnConfig
 from unlearning_audit.preflight import preflight
 
@@ -154,3 +154,22 @@ def test_lora_requests_train_one_adapter_against_the_original(net_and_format):
     assert log["adapter"] is not None and log["steps"] == 4
     assert set(model.state_dict()) == set(net.state_dict())  # merged: no adapter left behind
     assert not _same_weights(model, net)
+
+
+def test_rlabel_early_stop_scores_the_true_answers(net_and_format):
+    """RLabel trains on wrong answers; its early stop must score the true ones. A model that
+    knows the facts is not collapsed after one step, though it answers none of the wrong
+    labels yet (scored against those it would stop at once)."""
+    net, fmt = net_and_format
+    model = copy.deepcopy(net)
+    archs.finetune(model, fmt, ROWS, steps=150)
+    wrong = unlearning.relabel(ROWS, 3)
+    assert evaluation.evaluate(model, fmt, wrong)["exact_match"] < 0.5
+    knows = evaluation.evaluate(model, fmt, ROWS)["exact_match"]
+    assert knows == 1.0
+    config = UnlearnConfig(
+        method="RLabel", lr=1e-4, steps=4, batch_size=4, stop_at_forget_em=0.5, check_every=1
+    )
+    log = unlearning.unlearn(model, fmt, SETS, config, seed=3)
+    assert log["checks"][0]["forget_exact_match"] > 0.5
+    assert not log["stopped_early"] and log["steps"] == 4

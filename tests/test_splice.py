@@ -156,6 +156,10 @@ def test_restored_share_by_hand():
     assert share["lower"] == 0.0 and share["upper"] == 1.0
     same = [{**r, "forget": [1.0] * 4} for r in facts]
     assert splice.restored_share(same, ["g1"] * 4, ALPHA, RESAMPLES) is None
+    # a gap that resampling can erase (one group of two forgotten, one never known): no share
+    shaky = [{**r, "forget": [1.0, 1.0, 0.0, 0.0] if r["direction"] == A and r["k"] == 0
+              else [0.0] * 4} for r in facts]  # fmt: skip
+    assert splice.restored_share(shaky, ["g1", "g1", "g2", "g2"], ALPHA, RESAMPLES) is None
     cell = splice.mean_interval([0.25] * 8, ["g"] * 8, ALPHA, RESAMPLES)
     assert cell == {"score": 0.25, "lower": 0.25, "upper": 0.25, "n": 8}
 

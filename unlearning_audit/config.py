@@ -629,21 +629,43 @@ class StudyParams(_Config):
     def _known_methods(cls, value: list[str]) -> list[str]:
         return [UnlearnConfig(method=m).method for m in value]
 
+    @field_validator("requests")
+    @classmethod
+    def _distinct_requests(cls, value: list[int]) -> list[int]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _distinct_runs(self) -> StudyParams:
+        """Every run of the grid must have its own label (rows are matched to runs by it)."""
+        labels = [
+            UnlearnConfig(method=m, requests=k, **s.model_dump()).label
+            for s in self.settings
+            for k in self.requests
+            for m in self.methods
+        ]
+        if repeated := sorted({label for label in labels if labels.count(label) > 1}):
+            raise ValueError(
+                f"settings give runs the same label ({', '.join(repeated)}): settings must "
+                "differ in lr, steps, early stop, or (for GD and KL) retain weight"
+            )
+        return self
+
     @classmethod
     def quick(cls, **update) -> StudyParams:
         """A small grid that still has every axis (CI's and a first look's): one domain, two
         methods, two settings, one and two requests, three relearning sources."""
-        return cls(
-            domains=["text"],
-            methods=["GA", "NPO+KL"],
-            settings=[
-                Setting(lr=2e-3, steps=100, stop_at_forget_em=0.1),
-                Setting(lr=3e-4, steps=100, retain_weight=3.0),
+        base = {
+            "domains": ["text"],
+            "methods": ["GA", "NPO+KL"],
+            "settings": [
+                {"lr": 2e-3, "steps": 100, "stop_at_forget_em": 0.1},
+                {"lr": 3e-4, "steps": 100, "retain_weight": 3.0},
             ],
-            requests=[1, 2],
-            relearn=RelearnConfig(sources=["forget", "forget-half", "retain"]),
-            confirm_seeds=1,
-        ).model_copy(update=update)
+            "requests": [1, 2],
+            "relearn": {"sources": ["forget", "forget-half", "retain"]},
+            "confirm_seeds": 1,
+        }
+        return cls.model_validate(base | update)
 
     def runs(self) -> dict[str, tuple[UnlearnConfig, dict]]:
         """Every unlearning run of the grid in one domain, by label: its config and what the

@@ -268,15 +268,20 @@ def _request_problems(params: AuditParams, sets: dict[str, list[dict]] | None) -
 
 
 def _layer_problems(params: AuditParams) -> list[str]:
-    """Activation layers (0 = embeddings, i = block i-1) and Fisher layers (parameter layers:
-    also L + 1, the final norm and head) that the original model of L blocks does not have.
+    """Activation layers (0 = embeddings, i = block i-1), Fisher layers (parameter layers:
+    also L + 1, the final norm and head) and splice depths (1 to L blocks) that the original
+    model of L blocks does not have.
 
     Read from a local folder's config.json (checkpoints.num_blocks, as untrusted as the rest
     of the folder); a remote or hub original is checked when the extract or Fisher stage loads
     it.
     """
-    asked = {"layers": (params.layers, 0), "fisher_layers": (params.fisher_layers, 1)}
-    asked = {field: pair for field, pair in asked.items() if pair[0] is not None}
+    asked = {  # field: (values, lowest, highest past the blocks, what they count)
+        "layers": (params.layers, 0, 0, "layers"),
+        "fisher_layers": (params.fisher_layers, 0, 1, "layers"),
+        "splice_depths": (params.splice_depths if params.splice else None, 1, 0, "blocks"),
+    }
+    asked = {field: spec for field, spec in asked.items() if spec[0] is not None}
     if not asked:
         return []
     if params.original == checkpoints.EMBEDDED:
@@ -289,8 +294,8 @@ def _layer_problems(params: AuditParams) -> list[str]:
         if blocks is None:
             return []
     problems = []
-    for field, (layers, beyond) in asked.items():
+    for field, (layers, first, beyond, noun) in asked.items():
         last = blocks + beyond
-        if bad := [layer for layer in layers if not 0 <= layer <= last]:
-            problems.append(f"{field}: {bad} do not exist; the model has layers 0 to {last}")
+        if bad := [layer for layer in layers if not first <= layer <= last]:
+            problems.append(f"{field}: {bad} do not exist; the model has {noun} {first} to {last}")
     return problems

@@ -65,7 +65,8 @@ def spliced_part(model: nn.Module, k: int) -> list[str]:
     at_input = {
         id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
     }
-    head = {id(p) for p in model.get_output_embeddings().parameters()} if k == 1 else set()
+    output = model.get_output_embeddings() if k == 1 else None  # None: a model without a head
+    head = {id(p) for p in output.parameters()} if output is not None else set()
     return [
         name
         for name, p in model.named_parameters()
@@ -187,9 +188,10 @@ def restored_share(
     and of the original. 1: the forget answers all come back (a shallow edit); 0: none do.
 
     With its (1 - 2 alpha) interval from a paired cluster bootstrap over ``groups`` (the three
-    means drawn from the same resampled groups; draws whose gap is not positive dropped). None
-    where the unlearned model is not below the original on the forget set (nothing to restore)
-    or ``k`` was not spliced."""
+    means drawn from the same resampled groups). None where ``k`` was not spliced, or where the
+    unlearned model is not significantly below the original on the forget set (the gap's
+    one-sided lower bound at most 0): a share of a gap that may be nothing is no evidence, and
+    its ratio has no stable interval. The few draws whose gap is not positive are dropped."""
     if not any(r["k"] == k for r in facts):
         return None
     columns = [
@@ -201,10 +203,10 @@ def restored_share(
     if not len(matrix):
         return None
     restored, unlearned, original = matrix.mean(axis=0)
-    if original - unlearned <= 0:
-        return None
     draws = stats.cluster_means(matrix, groups, resamples, seed=0)
     gap = draws[:, 2] - draws[:, 1]
+    if original - unlearned <= 0 or stats.bounds(gap, alpha)[0] <= 0:
+        return None
     shares = (draws[gap > 0, 0] - draws[gap > 0, 1]) / gap[gap > 0]
     lower, upper = stats.bounds(shares, alpha)
     return {

@@ -34,9 +34,17 @@ PREDICTORS = {
 }
 
 
+def grid(rows: Sequence[dict]) -> list[dict]:
+    """The grid's runs, without the reruns under further seeds that check an irreversible,
+    undamaged run (``confirmation``): counted, they would weigh one setting several times,
+    and only settings that read irreversible."""
+    return [r for r in rows if not r.get("confirmation")]
+
+
 def false_discoveries(rows: Sequence[dict], alpha: float) -> list[dict]:
-    """Each run's reversibility p-value (Holm over its looks) and its Benjamini-Hochberg
+    """Each grid run's reversibility p-value (Holm over its looks) and its Benjamini-Hochberg
     q-value over every run that has one; ``survives`` where a reversible call has q <= alpha."""
+    rows = grid(rows)
     tested = [r for r in rows if r.get("p") is not None]
     qs = stats.benjamini_hochberg([r["p"] for r in tested])
     q_of = {id(r): q for r, q in zip(tested, qs, strict=True)}
@@ -57,6 +65,7 @@ def predictors(rows: Sequence[dict], alpha: float, resamples: int, seed: int = 0
     """Per domain and metric: AUROC for reversible vs irreversible and Spearman with the
     advantage, each as (value, lower, upper) with a (1 - 2 alpha) bootstrap interval."""
     out = []
+    rows = grid(rows)
     for domain in sorted({r.get("domain") or "" for r in rows}):
         judged = [
             r

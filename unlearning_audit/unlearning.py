@@ -183,6 +183,7 @@ def unlearn(
     reference = make_reference(trainable, config)
     forget_rows = relabel(sets["forget"], seed) if config.method == "RLabel" else sets["forget"]
     parts = request_parts(forget_rows, config.requests, config.request_split)
+    facts = request_parts(sets["forget"], config.requests, config.request_split)
     run = {
         "model": model,
         "trainable": trainable,
@@ -198,13 +199,13 @@ def unlearn(
     if config.head_only:
         _freeze_body(model)
     requests = []
-    for k, part in enumerate(parts):
+    for k, (part, truth) in enumerate(zip(parts, facts, strict=True)):
 
         def advance(step: int, steps: int, done: int = k * config.steps) -> None:
             if progress is not None:
                 progress(done + step, steps * len(parts))
 
-        requests.append(_request(run, part, config, seed, advance) | {"request": k + 1})
+        requests.append(_request(run, part, truth, config, seed, advance) | {"request": k + 1})
     adapter = adapters.detach(trainable) if trainable is not model else None
     for p in model.parameters():
         p.requires_grad_(True)
@@ -222,11 +223,18 @@ def unlearn(
 
 
 def _request(
-    run: dict, forget_rows: list[dict], config: UnlearnConfig, seed: int, progress: Callable
+    run: dict,
+    forget_rows: list[dict],
+    facts: list[dict],
+    config: UnlearnConfig,
+    seed: int,
+    progress: Callable,
 ) -> dict:
     """One unlearning request: the method on ``forget_rows`` (and the retain rows) for up to
-    ``config.steps`` steps, stopping early at collapse on these rows; ``run`` holds what every
-    request shares (see unlearn). Returns the request's losses and early-stop checks."""
+    ``config.steps`` steps, stopping early at collapse on ``facts``, the same rows with their
+    true answers (RLabel trains on wrong ones: scored against those, it would read collapsed
+    before it learned anything); ``run`` holds what every request shares (see unlearn).
+    Returns the request's losses and early-stop checks."""
     model, fmt = run["model"], run["fmt"]
     forget = data.shuffled_batches(forget_rows, config.batch_size, seed)
     retain = data.shuffled_batches(run["retain"], config.batch_size, seed + 1)
@@ -245,7 +253,7 @@ def _request(
     def collapsed(step: int) -> bool:
         if config.stop_at_forget_em is None or step % config.check_every:
             return False
-        score = evaluate(model, fmt, forget_rows)[metric]
+        score = evaluate(model, fmt, facts)[metric]
         model.train()
         checks.append({"step": step, f"forget_{metric}": score})
         return score < config.stop_at_forget_em
