@@ -74,7 +74,8 @@ def test_requests_pair_each_run_with_its_single_request_twin():
 
 
 def test_irreversible_without_damage_is_reported_with_its_seeds():
-    assert status([run()] * 4, findings._irreversible_clean) == "holds"
+    assert status([run()] * 20, findings._irreversible_clean) == "holds"  # 0 of 20: < 0.2
+    assert status([run()] * 4, findings._irreversible_clean) == "not decided"  # 0 of 4: wide
     found = [run(label="NPO x", regime="irreversible", seed=s) for s in (0, 1, 2)]
     result = findings._irreversible_clean([run()] * 4 + found, 0.05, 500)
     assert result["status"] == "does not hold"
@@ -128,16 +129,21 @@ def test_page_states_its_provenance_and_every_claim():
 
 def test_quantization_counts_runs_whose_excess_clears_the_control():
     rows = [
-        run(q4_excess=0.01 * i, q4_recovered=i > 7, q8_excess=0.0, q8_recovered=False)
+        run(q4_excess=0.01 * i, q4_recovered=i > 7, q4_excess_p=0.001 if i > 7 else 0.5,
+            q8_excess=0.0, q8_recovered=False, q8_excess_p=0.5)
         for i in range(10)
-    ]
+    ]  # fmt: skip
     result = findings._quantization(rows, 0.05, 200)
-    assert result["status"] == "holds" and result["summary"] == "2 of 10 runs at 4 bits"
+    assert result["status"] == "holds" and result["summary"] == "2 of 20 run x bit tests"
     assert result["lines"][-2].startswith("| 4 | 10 | +0.05 [")
-    assert status([dict(r, q4_recovered=False) for r in rows], findings._quantization) == (
-        "does not hold"
+    # significant alone, but not among twenty tests (Benjamini-Hochberg): no recovery
+    lucky = [dict(r, q4_excess_p=0.04 if r["q4_recovered"] else 0.5) for r in rows]
+    assert status(lucky, findings._quantization) == "not decided"  # mean excess +0.05
+    none = [dict(r, q4_excess=0.0, q4_recovered=False, q4_excess_p=0.5) for r in rows]
+    assert status(none, findings._quantization) == "does not hold"
+    assert status([run(q4_excess=None, q4_excess_p=None)], findings._quantization) == (
+        "cannot test"
     )
-    assert status([run()], findings._quantization) == "cannot test"
 
 
 def test_reruns_under_further_seeds_count_for_robustness_only():

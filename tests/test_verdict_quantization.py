@@ -104,3 +104,24 @@ def test_without_a_control_no_recovery_is_claimed():
     assert q["recovered"] is None and q["excess"] is None and q["control"] is None
     assert q["unlearned"]["lower"] > 0  # a clear gain, yet no control to tell it from rounding
     assert "no recovery is claimed" in _reason(v)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_graded_scores_count_net_changes_so_rounding_noise_is_no_recovery(seed):
+    """Token accuracy moved by symmetric noise in both models: net changes cancel (rises alone
+    would call the noise a gain and differ between models of other levels); two bit widths are
+    Holm-adjusted."""
+    e = _case(seed).model_copy(update={"metric": "token_accuracy"})
+    rng = np.random.default_rng(200 + seed)
+    level = lambda mean: np.clip(rng.normal(mean, 0.1, FACTS), 0, 1)  # noqa: E731
+    unlearned, control = level(0.3), level(0.1)
+    noisy = lambda x: np.clip(x + rng.normal(0, 0.1, FACTS), 0, 1).tolist()  # noqa: E731
+    q = Quantized(unlearned=noisy(unlearned), control=noisy(control),
+                  control_unquantized=control.tolist())  # fmt: skip
+    e = e.model_copy(update={"forget_unlearned": unlearned.tolist(), "quantized": {"4": q, "8": q}})
+    v = decide(e, T)
+    for judged in v["quantization"].values():
+        assert judged["recovered"] is False
+        assert abs(judged["excess"]["mean"]) < 0.03
+        assert judged["excess"]["p_holm"] >= judged["excess"]["p"]
+    assert "(gains count net changes)" in _reason(v)

@@ -29,6 +29,13 @@ SOURCE_LOOKS = {
     "retain": "the forget set after retain data",
     "unrelated": "the forget set after unrelated data",
 }
+RARE = 0.2
+"""Irreversible, undamaged forgetting is *exceptionally challenging* here when the Wilson upper
+bound on its share of the judged runs is below this (fewer than one run in five); with few runs
+no observed zero is that tight, and the claim stays not decided."""
+NEGLIGIBLE = 0.02
+"""A mean excess gain under quantization whose upper bound is below this (one fact in fifty)
+reads as no recovery; above it, no significant run leaves the claim not decided."""
 SHALLOW = 0.5
 """A run's edit is shallow when restoring the original's last block and head gives back at least
 this share of the forget score the unlearning took (``splice_restored_top1``)."""
@@ -114,8 +121,11 @@ def _shallow(rows, alpha, resamples) -> dict:
     claim = "Shallow weight perturbations near the output layers give misleading signals"
     forgot = [r for r in rows if _regime(r) in JUDGED]
     spliced = [r for r in forgot if _finite(r.get("splice_restored_top1"))]
+    tied = [r for r in spliced if r.get("splice_tied_head")]
+    spliced = [r for r in spliced if not r.get("splice_tied_head")]
     if not spliced:
-        return _claim(claim, "cannot test", "no run with a splice test", [])
+        reason = f"no run with a splice share of an untied head ({len(tied)} tied)"
+        return _claim(claim, "cannot test", reason, [])
     shallow = [r for r in spliced if r["splice_restored_top1"] >= SHALLOW]
     deep = [r for r in spliced if r["splice_restored_top1"] < SHALLOW]
     share_shallow = _reversible_share(shallow, alpha)
@@ -125,7 +135,9 @@ def _shallow(rows, alpha, resamples) -> dict:
         "Causal test (splice): the unlearned model with the original's last block and head "
         "restored; `splice_restored_top1` is the share of the lost forget score that comes "
         f"back. A run is *shallow* when it is at least {SHALLOW:g}. Depth share: the share of "
-        "the squared weight change in the last block and the head.",
+        "the squared weight change in the last block and the head. Runs of a model whose head "
+        "shares the input embeddings' matrix are left out (splicing that head moves the "
+        f"embeddings too): {len(tied)} here.",
         "",
         "| domain | runs | restored by the top block | depth share (top block + head) |",
         "|---|---|---|---|",
@@ -246,7 +258,8 @@ def _requests(rows, alpha, resamples) -> dict:
         "in one request; the difference is in the advantage over the control on the forget "
         "set (negative: less recovery, towards irreversibility).",
         "",
-        "| requests k | pairs | advantage(k) - advantage(1) | irreversible (any), k vs 1 |",
+        "| requests k | pairs | advantage(k) - advantage(1) | irreversible or cannot relearn, "
+        "k vs 1 |",
         "|---|---|---|---|",
     ]
     results = []
@@ -275,8 +288,10 @@ def _requests(rows, alpha, resamples) -> dict:
         lines.append(
             f"| {k} | {len(pairs)} | {_ci(diff)} | {towards[1]} vs {towards[0]} of {len(pairs)} |"
         )
-        results.append((k, diff))
-    k, diff = results[-1]
+        results.append((k, diff, len(pairs)))
+    if not any(pairs for pairs in (r[2] for r in results)):
+        return _claim(claim, "cannot test", "no run has its one-request twin", lines)
+    k, diff, _ = results[-1]
     if diff[2] < 0:
         return _claim(claim, "holds", f"{k} requests: {_ci(diff)} per run", lines)
     if diff[1] > 0:
@@ -307,9 +322,9 @@ def _irreversible_clean(rows, alpha, resamples) -> dict:
         )
         robust.append(agree == len(rs) and len(rs) > 1)
     if not found:
-        return _claim(
-            claim, "holds", f"no such run in {len(judged)} judged runs ({_fraction(share)})", lines
-        )
+        rare = share[2] < RARE
+        summary = f"no such run in {len(judged)} judged runs ({_fraction(share)})"
+        return _claim(claim, "holds" if rare else "not decided", summary, lines)
     summary = f"{len(found)} such run(s); {sum(robust)} setting(s) hold under every seed tried"
     return _claim(claim, "does not hold" if any(robust) else "not decided", summary, lines)
 
@@ -331,7 +346,8 @@ def _fisher(rows, alpha, resamples) -> dict:
     lines = [
         "Spearman correlations over runs of each Fisher's ratio to the original (mean over "
         "layers, forget set) with the token-level evidence (the forget-score drop), and with "
-        "each other.",
+        "each other. Holds where the empirical Fisher tracks the drop more closely than the "
+        "model's beyond both intervals; does not hold where the model's does.",
         "",
         f"- empirical Fisher (true labels) vs forget drop: {_rho(empirical)}",
         f"- model Fisher (labels sampled from the model) vs forget drop: {_rho(model)}",
@@ -341,40 +357,54 @@ def _fisher(rows, alpha, resamples) -> dict:
     ]
     if math.isnan(empirical[0]) or math.isnan(model[0]):
         return _claim(claim, "cannot test", "needs both Fisher ratios on three or more runs", lines)
+    summary = f"empirical {_rho(empirical)} vs model {_rho(model)}"
     if _nearest_zero(empirical) > max(abs(model[1]), abs(model[2])):
-        return _claim(claim, "holds", f"empirical {_rho(empirical)} vs model {_rho(model)}", lines)
-    return _claim(
-        claim, "not decided", f"empirical {_rho(empirical)} vs model {_rho(model)}", lines
-    )
+        return _claim(claim, "holds", summary, lines)
+    if _nearest_zero(model) > max(abs(empirical[1]), abs(empirical[2])):
+        return _claim(claim, "does not hold", summary, lines)
+    return _claim(claim, "not decided", summary, lines)
 
 
 def _quantization(rows, alpha, resamples) -> dict:
     claim = "Quantization recovers unlearned knowledge"
     bits = sorted({k[1:-7] for r in rows for k in r if re.fullmatch(r"q\d+_excess", k)}, key=int)
-    if not bits:
-        return _claim(claim, "cannot test", "no quantization with references in the study", [])
+    tested = [
+        (r, b)
+        for r in rows
+        for b in bits
+        if _finite(r.get(f"q{b}_excess")) and _finite(r.get(f"q{b}_excess_p"))
+    ]
+    if not tested:
+        reason = "no run measured against a never-learned control under quantization"
+        return _claim(claim, "cannot test", reason, [])
+    qs = stats.benjamini_hochberg([r[f"q{b}_excess_p"] for r, b in tested])
+    survives = {
+        (id(r), b)
+        for (r, b), q in zip(tested, qs, strict=True)
+        if q <= alpha and r.get(f"q{b}_recovered") is True
+    }
     lines = [
-        "Per run, the unlearned model's forget-score rise under quantization minus the "
-        "never-learned control's at the same bits (the excess, per fact), averaged over runs; "
-        "a run recovers where its own excess clears the control margin significantly "
-        "(the verdict's quantization line).",
+        "Per run, the unlearned model's forget-score gain under quantization minus the "
+        "never-learned control's at the same bits (the excess, per fact: the verdict's "
+        "quantization line), averaged over runs; a run recovers where its excess clears the "
+        "control margin and its p-value (Holm over bit widths) survives Benjamini-Hochberg over "
+        "every run and bit width of the study.",
         "",
         "| bits | runs | mean excess [interval] | runs recovering |",
         "|---|---|---|---|",
     ]
-    results = []
+    means = []
     for b in bits:
-        values = [r.get(f"q{b}_excess") for r in rows]
-        recovering = sum(r.get(f"q{b}_recovered") is True for r in rows)
-        runs = sum(map(_finite, values))
-        lines.append(
-            f"| {b} | {runs} | {_ci(mean_interval(values, alpha, resamples))} | {recovering} |"
-        )
-        results.append((b, recovering, runs))
-    b, recovering, runs = max(results, key=lambda x: x[1])
-    if recovering:
-        return _claim(claim, "holds", f"{recovering} of {runs} runs at {b} bits", lines)
-    return _claim(claim, "does not hold", "no run gains beyond the control's rise", lines)
+        values = [r[f"q{b}_excess"] for r, bb in tested if bb == b]
+        recovering = sum((id(r), b) in survives for r, bb in tested if bb == b)
+        means.append(mean_interval(values, alpha, resamples))
+        lines.append(f"| {b} | {len(values)} | {_ci(means[-1])} | {recovering} |")
+    if survives:
+        return _claim(claim, "holds", f"{len(survives)} of {len(tested)} run x bit tests", lines)
+    if all(_finite(m[2]) and m[2] < NEGLIGIBLE for m in means):
+        summary = f"no run recovers; mean excess below {NEGLIGIBLE:g} beyond its interval"
+        return _claim(claim, "does not hold", summary, lines)
+    return _claim(claim, "not decided", "no run recovers significantly", lines)
 
 
 def _reversible_share(rows: Sequence[dict], alpha: float) -> list:

@@ -90,7 +90,12 @@ def summary_row(run: dict) -> dict:
         **{
             f"q{bits}_excess{suffix}": (q["excess"] or {}).get(key)
             for bits, q in v.get("quantization", {}).items()
-            for suffix, key in (("", "mean"), ("_lower", "lower"), ("_upper", "upper"))
+            for suffix, key in (
+                ("", "mean"),
+                ("_lower", "lower"),
+                ("_upper", "upper"),
+                ("_p", "p_holm"),
+            )
         },
         "probe_advantage": _difference(e.get("probe_forget_unlearned"), e.get("probe_chance")),
         **splice_summary(run.get("splice")),
@@ -102,12 +107,13 @@ def splice_summary(result: dict | None) -> dict[str, float | None]:
     gap between the original and the unlearned model, in the verdict's metric) that restoring
     the original's top block and head into the unlearned model undoes (splice.restored_share).
     Near 1: a shallow edit near the output; near 0: the edit sits deeper. None where the splice
-    did not run or the unlearned model lost nothing to restore."""
+    did not run or the unlearned model lost nothing to restore. ``splice_tied_head``: the head
+    shares its matrix with the input embeddings, so the head spliced moves them too."""
     share = (result or {}).get("restored_top1") or {}
     return {
         f"splice_restored_top1{suffix}": share.get(key)
         for suffix, key in (("", "share"), ("_lower", "lower"), ("_upper", "upper"))
-    }
+    } | {"splice_tied_head": (result or {}).get("tied_head")}
 
 
 DEPTH_CURVES = {
@@ -653,6 +659,7 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     header = [
         "domain",
         "run",
+        "seed",
         "metric",
         "forget orig / unl / rel",
         "retain orig / unl",
@@ -667,6 +674,7 @@ def _study_table(rows: list[dict]) -> tuple[list[str], list[list]]:
         [
             r["domain"],
             r["label"],
+            r.get("seed", ""),
             METRIC_NAMES[r["metric"]],
             f"{two_decimals(r['forget_original'])} / {two_decimals(r['forget_unlearned'])} / "
             f"{two_decimals(r['forget_relearned'])}",
@@ -978,7 +986,7 @@ def _regime_grid(rows: list[dict]) -> str:
                 cells.append("<td></td>")
                 continue
             text = "<br>".join(
-                f"<b>{escape(x['regime'])}</b><br><small>forget "
+                f"{escape(_grid_tag(x))}<b>{escape(x['regime'])}</b><br><small>forget "
                 f"{escape(METRIC_NAMES[x['metric']])} {two_decimals(x['forget_unlearned'])} &rarr; "
                 f"{two_decimals(x['forget_relearned'])}; {escape(advantage_cell(x))}</small>"
                 for x in found
@@ -989,6 +997,13 @@ def _regime_grid(rows: list[dict]) -> str:
         f'<table><thead><tr><th rowspan="2">method</th>{top}</tr><tr>{second}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table>"
     )
+
+
+def _grid_tag(row: dict) -> str:
+    """What tells apart the runs of one grid cell: their requests and seed (study rows)."""
+    tags = [f"x{row['requests']}" if row.get("requests", 1) > 1 else ""]
+    tags.append(f"seed {row['seed']}" if row.get("confirmation") else "")
+    return " ".join(t for t in tags if t) + (": " if any(tags) else "")
 
 
 def study_html(rows: list[dict], thresholds: dict, found: list[dict] | None = None) -> str:
@@ -1028,9 +1043,10 @@ def study_html(rows: list[dict], thresholds: dict, found: list[dict] | None = No
 
 REPORT_MD, REPORT_HTML, INPUTS = "report.md", "report.html", "report-inputs.json"
 SUMMARY_JSON = "summary.json"
+"""The summary rows (summary_row) of an audit's report artifact."""
 STUDY_MD, STUDY_TABLE, STUDY_HTML = "study.md", "study.json", "study.html"
 FINDINGS_MD = "findings.md"
-"""The summary rows (summary_row) of an audit's report artifact."""
+"""The findings page of a study's artifact (unlearning_audit.findings)."""
 
 
 def render(inputs: dict) -> dict[str, str]:

@@ -274,29 +274,46 @@ def _judge_quantized(e: Evidence, q: Quantized, t: Thresholds) -> dict:
     p-value; ``recovered`` (None without a control) only where that excess clears
     ``control_margin`` beyond its interval.
 
-    Gains count rises alone: a model cannot lose what it does not answer, so with net changes
-    the control's lost lucky guesses would read as recovery of an unlearned model at 0."""
+    For exact match, gains count rises alone: a model cannot lose what it does not answer, so
+    with net changes the control's lost lucky guesses would read as recovery of an unlearned
+    model at 0. Graded scores (token accuracy, probability, ROUGE-L) move both ways under
+    rounding noise, where rises alone would turn that noise into gain: they count net changes.
+    The p-value is the larger of the cluster bootstrap's and the cluster sign-flip test's, as
+    for the relearning looks; ``decide`` Holm-adjusts it over the bit widths (``p_holm``)."""
     groups = e.forget_groups
-    original = q.original
+    rises = e.metric == "exact_match"
     out = {
-        "unlearned": _gain(q.unlearned, e.forget_unlearned, groups, t, rises=True),
+        "unlearned": _gain(q.unlearned, e.forget_unlearned, groups, t, rises),
         "original": None
-        if original is None
-        else _gain(original, e.forget_original, groups, t, rises=False),
+        if q.original is None
+        else _gain(q.original, e.forget_original, groups, t, rises=False),
         "control": None
         if q.control is None or q.control_unquantized is None
-        else _gain(q.control, q.control_unquantized, groups, t, rises=True),
+        else _gain(q.control, q.control_unquantized, groups, t, rises),
         "excess": None,
         "recovered": None,
     }
     if out["control"] is None:
         return out
-    excess = _rises(q.unlearned, e.forget_unlearned) - _rises(q.control, q.control_unquantized)
+    change = _rises if rises else lambda a, b: np.asarray(a, float) - np.asarray(b, float)
+    excess = change(q.unlearned, e.forget_unlearned) - change(q.control, q.control_unquantized)
     mean, lower, upper, draws = _interval(excess, groups, t, seed=8)
-    p = stats.p_above(draws, t.control_margin)
+    p_flip = stats.sign_flip_test(excess - t.control_margin, groups, t.resamples, seed=9)
+    p = max(stats.p_above(draws, t.control_margin), p_flip)
     out["excess"] = {"mean": mean, "lower": lower, "upper": upper, "p": p}
-    out["recovered"] = bool(lower > t.control_margin and p < t.alpha)
     return out
+
+
+def _judge_quantization(e: Evidence, t: Thresholds) -> dict[str, dict]:
+    """Every bit width's judgement (_judge_quantized), Holm-adjusted over the bit widths:
+    ``recovered`` where the excess's lower bound clears ``control_margin`` and its Holm p-value
+    is below alpha."""
+    judged = {bits: _judge_quantized(e, q, t) for bits, q in e.quantized.items()}
+    tested = [q for q in judged.values() if q["excess"] is not None]
+    for q, p_holm in zip(tested, stats.holm([q["excess"]["p"] for q in tested]), strict=True):
+        q["excess"]["p_holm"] = p_holm
+        q["recovered"] = bool(q["excess"]["lower"] > t.control_margin and p_holm < t.alpha)
+    return judged
 
 
 def known_problem(scores: dict, metric: str, known: float) -> str | None:
@@ -374,7 +391,7 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
         "deciding_look": deciding,
         "capacity": capacity,
         "power": power,
-        "quantization": {bits: _judge_quantized(e, q, t) for bits, q in e.quantized.items()},
+        "quantization": _judge_quantization(e, t),
         "headline": "",
         "reasons": [],
         "evidence": _summary(e),
@@ -532,8 +549,9 @@ def _quantization_reason(bits: str, q: dict, metric: str, t: Thresholds) -> str:
             f"[{g['lower']:+.2f}, {g['upper']:+.2f}]"
         )
 
+    counted = "per-fact rises alone" if metric == METRIC_NAMES["exact_match"] else "net changes"
     line = (
-        f"{bits}-bit quantization, forget {metric} (gains count per-fact rises alone): the "
+        f"{bits}-bit quantization, forget {metric} (gains count {counted}): the "
         f"unlearned model {change('unlearned', 'gain')}"
     )
     if q["control"] is not None:
@@ -554,8 +572,8 @@ def _quantization_reason(bits: str, q: dict, metric: str, t: Thresholds) -> str:
     )
     return line + (
         f"; gain over the control's {excess['mean']:+.2f} [{excess['lower']:+.2f}, "
-        f"{excess['upper']:+.2f}] per fact, p {_p(excess['p'])} (above "
-        f"{t.control_margin:+.2f}): {verdict}"
+        f"{excess['upper']:+.2f}] per fact, p {_p(excess['p'])}, Holm over the bit widths "
+        f"p {_p(excess['p_holm'])} (above {t.control_margin:+.2f}): {verdict}"
     )
 
 
