@@ -32,9 +32,11 @@ CHROMIUM_FLAGS = (
 )
 
 
-def render_png(html: Path | str, png: Path, width: int = 1400, height: int = 6000) -> None:
+def render_png(
+    html: Path | str, png: Path, width: int = 1400, height: int = 6000, budget_ms: int = 0
+) -> None:
     """Screenshot ``html`` (a local file, or a URL) into ``png`` at ``width`` x ``height`` CSS
-    pixels."""
+    pixels; ``budget_ms`` of virtual time first lets a single-page app load and render."""
     chromium = shutil.which("chromium")
     if chromium is None:
         raise RuntimeError("chromium is not installed (Debian: apt-get install chromium)")
@@ -46,6 +48,7 @@ def render_png(html: Path | str, png: Path, width: int = 1400, height: int = 600
                 f"--user-data-dir={profile}",
                 f"--screenshot={png.resolve()}",
                 f"--window-size={width},{height}",
+                *([f"--virtual-time-budget={budget_ms}"] if budget_ms else []),
                 html.resolve().as_uri() if isinstance(html, Path) else html,
             ],
             check=True,
