@@ -4,7 +4,9 @@ fetch -> unlearn (per method) -> evaluate -> relearn -> evaluate -> extract -> m
 verdict -> report. Run locally, everything runs in this process; every stage is served from the
 store when its inputs, config and code are unchanged. Every stage that loads a model gets the
 audit's ``trust_remote_code``: whether a checkpoint may run its own code is the current run's
-decision, never read from the store.
+decision, never read from the store. Deployed, the stages of each stage group (the original's
+measurements, the control's relearning runs, one unlearned model from unlearning to verdict)
+go to the gpu pool together, as one flow run (tasks._stage.stage_group).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from tasks._progress import StageProgress
-from tasks._stage import ref_of
+from tasks._stage import ref_of, stage_group
 from tasks.checkpoint import check_compatible, fetch_checkpoint
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
@@ -25,7 +27,7 @@ from tasks.report import publish, report
 from tasks.unlearn import unlearn
 from tasks.verdict import check_known, verdict
 from unlearning_audit import relearning
-from unlearning_audit.config import AuditParams
+from unlearning_audit.config import AuditParams, UnlearnConfig
 from unlearning_audit.preflight import preflight, warnings
 from unlearning_audit.store import ArtifactRef
 
@@ -59,6 +61,7 @@ def _control(store: str, params: AuditParams):
     return None
 
 
+@stage_group("relearn")
 def _relearn_all(
     store: str,
     params: AuditParams,
@@ -165,6 +168,7 @@ def _extract(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref:
     )
 
 
+@stage_group("judge {candidate[label]}")
 def audit_run(
     store: str,
     params: AuditParams,
@@ -173,9 +177,13 @@ def audit_run(
     candidate: dict,
     control_runs: dict[str, list[ArtifactRef]],
 ) -> dict:
-    """Evaluate, relearn, extract, compare and judge one unlearned checkpoint."""
+    """Unlearn (a candidate of a method), evaluate, relearn, extract, compare and judge one
+    unlearned checkpoint."""
     rows, trust = params.data.eval_max_rows, params.trust_remote_code
-    unlearned = candidate["checkpoint"]
+    if "checkpoint" in candidate:
+        unlearned = candidate["checkpoint"]
+    else:
+        unlearned = _unlearn(store, params, original["checkpoint"], data_ref, candidate["config"])
     unlearned_eval = _evaluate(store, params, unlearned, data_ref)
     relearned = _relearn_all(store, params, unlearned, data_ref, original["checkpoint"])
     measured = relearned["forget"][0]  # holds the relearned model's activations, weight change
@@ -237,6 +245,7 @@ def audit_run(
     }
 
 
+@stage_group("original")
 def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
     """The original's evaluation (refused before any training where it does not know the
     facts), activations, Fisher and probes."""
@@ -254,32 +263,37 @@ def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref
     return original
 
 
-def _candidates(
-    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, given
-) -> list[dict]:
-    """The unlearned checkpoints to judge: the given one (mode b), or one per method."""
+def _candidates(params: AuditParams, given: ArtifactRef | None) -> list[dict]:
+    """The unlearned checkpoints to judge: the given one (mode b), or one per method (its
+    ``config``: audit_run unlearns it)."""
     if given is not None:
         return [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]
     return [
-        {
-            "label": cfg.label,
-            "method": cfg.method,
-            "lr": cfg.lr,
-            "checkpoint": unlearn(
-                store,
-                checkpoint,
-                data_ref,
-                cfg,
-                params.seed,
-                params.device,
-                trust_remote_code=params.trust_remote_code,
-                precision=params.precision,
-                gradient_checkpointing=params.gradient_checkpointing,
-                gpus=params.gpus,
-            ),
-        }
+        {"label": cfg.label, "method": cfg.method, "lr": cfg.lr, "config": cfg}
         for cfg in params.methods
     ]
+
+
+def _unlearn(
+    store: str,
+    params: AuditParams,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    cfg: UnlearnConfig,
+):
+    """The unlearned checkpoint of one method's run."""
+    return unlearn(
+        store,
+        checkpoint,
+        data_ref,
+        cfg,
+        params.seed,
+        params.device,
+        trust_remote_code=params.trust_remote_code,
+        precision=params.precision,
+        gradient_checkpointing=params.gradient_checkpointing,
+        gpus=params.gpus,
+    )
 
 
 def _described(params: AuditParams, control) -> dict:
@@ -327,7 +341,7 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         control_runs = _relearn_all(store, params, control, data_ref, None) if control else {}
         progress(3, milestones)
         runs = []
-        for candidate in _candidates(store, params, checkpoint, data_ref, given):
+        for candidate in _candidates(params, given):
             runs.append(audit_run(store, params, data_ref, original, candidate, control_runs))
             progress(3 + len(runs), milestones)
         report_ref = report(store, _described(params, control), runs, control_runs)
