@@ -445,19 +445,27 @@ def _dispatch(pool: str, target, arguments: Mapping[str, Any], name: str) -> Flo
     `stage/<pool>-stage` named ``name``; wait for it to end, and return it (with a state)."""
     from prefect.deployments import run_deployment
 
-    fn = getattr(target, "fn", target)  # a task's function, or the group's own
+    fn = inspect.unwrap(getattr(target, "fn", target))  # a task's function, or the group's
     get_run_logger().info(
         "%s: not in the store; running %s on the %s pool", name, fn.__name__, pool
     )
     run = run_deployment(
         f"stage/{pool}-stage",
-        parameters={"task": f"{fn.__module__}:{fn.__name__}", "parameters": to_json(arguments)},
+        parameters={"task": _import_name(fn), "parameters": to_json(arguments)},
         flow_run_name=name,
         poll_interval=float(os.environ.get(POLL_ENV, "2")),
     )
     if run.state is None:
         raise StageRunFailed(f"{name}: flow run {run.name!r} on the {pool} pool has no state", True)
     return run
+
+
+def _import_name(fn: Callable) -> str:
+    """``module:function`` of a function of this repository as the stage flow imports it: its
+    module named by its file's place in the repository (a deployed flow's own file is loaded
+    under another module name, e.g. `audit` for flows/audit.py)."""
+    path = Path(inspect.getfile(fn)).resolve().relative_to(Path(__file__).resolve().parents[1])
+    return f"{'.'.join(path.with_suffix('').parts)}:{fn.__name__}"
 
 
 MODEL_TAG = "__model__"

@@ -19,6 +19,7 @@ cpu pool:
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -44,14 +45,16 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.events.worker import EventsWorker
+from prefect.flows import load_flow_from_entrypoint
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 from test_report import MIN_STD, _screenshot_module
 
-from flows.audit import audit_checkpoint
+from flows.audit import audit_checkpoint, audit_run
 from flows.dispatch import resolve
-from tasks._stage import StageRunFailed, from_json, gpu_options, to_json
+from tasks._stage import StageRunFailed, _import_name, from_json, gpu_options, to_json
+from tasks.evaluate import evaluate
 from tasks.verdict import VERDICT
 from unlearning_audit import automations
 from unlearning_audit import report as report_mod
@@ -192,8 +195,8 @@ def _deployed_audit(params: AuditParams):
 def clean(warm, base) -> dict:
     """A deployed audit with no fault, unlearning and relearning at new rates: every stage of
     its unlearned model runs (the original's and the data's are served from the store)."""
-    params = _relearning_at(base, 2e-3)
-    params.methods = [params.methods[0].model_copy(update={"lr": 2e-3})]
+    unlearning = [base.methods[0].model_copy(update={"lr": 2e-3})]
+    params = _relearning_at(base, 2e-3).model_copy(update={"methods": unlearning})
     start = time.perf_counter()
     run = _deployed_audit(params)
     print(f"clean deployed audit: {time.perf_counter() - start:.0f}s")
@@ -419,6 +422,11 @@ def test_gpu_retries_back_off_exponentially(monkeypatch):
 def test_stage_flow_runs_only_stage_tasks_and_groups():
     assert resolve("tasks.evaluate:evaluate").name == "evaluate"
     assert resolve("flows.audit:audit_run").__name__ == "audit_run"
+    # named by their files, as a worker imports them (a deployed flow's module is not `flows.`)
+    assert _import_name(evaluate.fn) == "tasks.evaluate:evaluate"
+    loaded = inspect.getmodule(load_flow_from_entrypoint("flows/audit.py:audit_checkpoint").fn)
+    assert loaded.__name__ != "flows.audit"
+    assert resolve(_import_name(inspect.unwrap(loaded.audit_run))) is audit_run
     for name in (
         *("os:system", "tasks._stage:write_json", "tasks.evaluate", "flows.audit:_fetch"),
         *("flows.audit:audit_checkpoint", "flows.audit:json"),
