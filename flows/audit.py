@@ -1,12 +1,12 @@
 """The audit flow: one checkpoint through every stage, each a task passing store references.
 
 fetch -> unlearn (per method) -> evaluate -> relearn -> evaluate -> extract -> metrics ->
-verdict -> report. Run locally, everything runs in this process; every stage is served from the
-store when its inputs, config and code are unchanged. Every stage that loads a model gets the
-audit's ``trust_remote_code``: whether a checkpoint may run its own code is the current run's
-decision, never read from the store. Deployed, the stages of each stage group (the original's
-measurements, the control's relearning runs, one unlearned model from unlearning to verdict)
-go to the gpu pool together, as one flow run (tasks._stage.stage_group).
+splice (the causal layer test) -> verdict -> report. Run locally, everything runs in this
+process; every stage is served from the store when its inputs, config and code are unchanged.
+Every stage that loads a model gets the audit's ``trust_remote_code``: whether a checkpoint may
+run its own code is the current run's decision, never read from the store. Deployed, the stages
+of each stage group (the original's measurements, the control's, one unlearned model's from
+unlearning to verdict) go to the gpu pool together, as one flow run (tasks._stage.stage_group).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tasks.metrics import metrics
 from tasks.probe import probe
 from tasks.relearn import relearn
 from tasks.report import publish, report
+from tasks.splice import splice_run
 from tasks.unlearn import unlearn
 from tasks.verdict import check_known, verdict
 from unlearning_audit import relearning
@@ -61,7 +62,6 @@ def _control(store: str, params: AuditParams):
     return None
 
 
-@stage_group("relearn")
 def _relearn_all(
     store: str,
     params: AuditParams,
@@ -127,6 +127,8 @@ def _fisher(
         device=params.device,
         trust_remote_code=params.trust_remote_code,
         summary_only=summary_only,
+        model_samples=params.fisher_model_samples,
+        seed=params.seed,
         return_state=True,
     )
     if state.is_completed():
@@ -168,6 +170,45 @@ def _extract(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref:
     )
 
 
+def _quantized(
+    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef
+) -> dict[str, ArtifactRef]:
+    """The quantization attack's evaluations of ``checkpoint``, by bit width (none without
+    quantization_bits)."""
+    return {
+        str(bits): _evaluate(
+            store, params, checkpoint, data_ref, bits=bits, embeddings=params.quantize_embeddings
+        )
+        for bits in params.quantization_bits
+    }
+
+
+def _control_evals(
+    store: str, params: AuditParams, control: ArtifactRef | None, data_ref: ArtifactRef
+) -> dict | None:
+    """The never-learned control's evaluations as quantization's reference, once per audit:
+    ``eval`` unquantized and ``quantized`` by bit width; None without a control or without
+    quantization."""
+    if control is None or not params.quantization_bits:
+        return None
+    return {
+        "eval": _evaluate(store, params, control, data_ref),
+        "quantized": _quantized(store, params, control, data_ref),
+    }
+
+
+@stage_group("control")
+def _control_side(
+    store: str, params: AuditParams, control: ArtifactRef | None, data_ref: ArtifactRef
+) -> tuple[dict[str, list[ArtifactRef]], dict | None]:
+    """The never-learned control's relearning runs and evaluations (_control_evals), one
+    stage group; none without a control."""
+    if control is None:
+        return {}, None
+    runs = _relearn_all(store, params, control, data_ref, None)
+    return runs, _control_evals(store, params, control, data_ref)
+
+
 @stage_group("judge {candidate[label]}")
 def audit_run(
     store: str,
@@ -176,9 +217,12 @@ def audit_run(
     original: dict,
     candidate: dict,
     control_runs: dict[str, list[ArtifactRef]],
+    control_evals: dict | None = None,
 ) -> dict:
     """Unlearn (a candidate of a method), evaluate, relearn, extract, compare and judge one
-    unlearned checkpoint."""
+    unlearned checkpoint; quantization is judged against the original's
+    (``original['quantized']``) and the control's (``control_evals``: _control_evals)
+    evaluations at the same bit widths."""
     rows, trust = params.data.eval_max_rows, params.trust_remote_code
     if "checkpoint" in candidate:
         unlearned = candidate["checkpoint"]
@@ -188,16 +232,28 @@ def audit_run(
     relearned = _relearn_all(store, params, unlearned, data_ref, original["checkpoint"])
     measured = relearned["forget"][0]  # holds the relearned model's activations, weight change
     acts = {"unlearned": _extract(store, params, unlearned, data_ref), "relearned": measured}
-    quantized = {
-        str(bits): _evaluate(
-            store, params, unlearned, data_ref, bits=bits, embeddings=params.quantize_embeddings
-        )
-        for bits in params.quantization_bits
-    }
+    quantized = _quantized(store, params, unlearned, data_ref)
+    references = {"original": original["quantized"]}
+    if control_evals is not None:
+        references["control"] = control_evals["quantized"]
     fishers = {
         "original": original["fisher"],
         "unlearned": _fisher(store, params, unlearned, data_ref, candidate["label"], True),
     }
+    spliced = None
+    if params.splice:
+        spliced = splice_run(
+            store,
+            original["checkpoint"],
+            unlearned,
+            data_ref,
+            params.thresholds,
+            params.splice_depths,
+            rows,
+            params.device,
+            trust_remote_code=trust,
+            gpus=params.gpus,
+        )
     probed = None
     if params.probes:
         probed = {"original": original["probe"]} | {
@@ -231,6 +287,7 @@ def audit_run(
         ),
         "quantized": quantized,
         "probes": probed,
+        "splice": spliced,
         "verdict": verdict(
             store,
             data_ref,
@@ -241,6 +298,8 @@ def audit_run(
             params.thresholds,
             quantized,
             probed,
+            quantized_references=references,
+            control_eval=control_evals["eval"] if control_evals else None,
         ),
     }
 
@@ -248,7 +307,8 @@ def audit_run(
 @stage_group("original")
 def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
     """The original's evaluation (refused before any training where it does not know the
-    facts), activations, Fisher and probes."""
+    facts), activations, Fisher, probes and quantized evaluations (quantization's reference,
+    once per audit)."""
     original_eval = _evaluate(store, params, checkpoint, data_ref)
     check_known(store, data_ref, original_eval, params.thresholds)  # before any training
     original = {
@@ -256,6 +316,7 @@ def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref
         "eval": original_eval,
         "acts": _extract(store, params, checkpoint, data_ref),
         "fisher": _fisher(store, params, checkpoint, data_ref, "original"),
+        "quantized": _quantized(store, params, checkpoint, data_ref),
     }
     if params.probes:
         rows = params.data.eval_max_rows
@@ -311,7 +372,9 @@ def _described(params: AuditParams, control) -> dict:
         "would put a group's facts on both sides",
         "thresholds": params.thresholds.model_dump(),
         "control": params.control or ("embedded never-learned" if control else None),
-        "fisher": {"layers": params.fisher_layers} if params.fisher else None,
+        "fisher": {"layers": params.fisher_layers, "model_samples": params.fisher_model_samples}
+        if params.fisher
+        else None,
     }
 
 
@@ -338,11 +401,13 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         progress(1, milestones)
         original = _original(store, params, checkpoint, data_ref)
         progress(2, milestones)
-        control_runs = _relearn_all(store, params, control, data_ref, None) if control else {}
+        control_runs, control_evals = _control_side(store, params, control, data_ref)
         progress(3, milestones)
         runs = []
         for candidate in _candidates(params, given):
-            runs.append(audit_run(store, params, data_ref, original, candidate, control_runs))
+            runs.append(
+                audit_run(store, params, data_ref, original, candidate, control_runs, control_evals)
+            )
             progress(3 + len(runs), milestones)
         report_ref = report(store, _described(params, control), runs, control_runs)
         published = publish(store, report_ref)

@@ -1,4 +1,5 @@
-"""Fisher stage (GPU): the diagonal empirical Fisher of a checkpoint on the forget set."""
+"""Fisher stage (GPU): the diagonal Fisher of a checkpoint on the forget set, empirical (the
+data's labels) and the model's (labels drawn from the model; metrics.fisher)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from unlearning_audit.store import ArtifactRef, Store, code_version
 
 FISHER = "fisher.safetensors"
 SUMMARY = "fisher-summary.json"
+MODEL_SUMMARY = "fisher-model-summary.json"
+"""The model's Fisher, as its per-layer summary alone (the metrics read its means, never its
+values: at 7B the values would add 13 GB a checkpoint)."""
 STORED_DTYPE = torch.bfloat16
 """The stored values' dtype: half the bytes of float32 with its exponent range, so values as
 small as a large model's Fisher holds (1e-20 and below) keep their magnitude, where float16
@@ -35,12 +39,19 @@ def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, torch.Tensor]:
     return {int(name.removeprefix("layer.")): value.float() for name, value in tensors.items()}
 
 
-def read_fisher_summary(store: Store, ref: ArtifactRef) -> dict[int, dict]:
-    """A Fisher's per-layer summary (metrics.fisher.fisher_summary): stored by a summary-only
-    stage, else computed from the stored tensors; empty where the stage skipped."""
+def read_fisher_summary(
+    store: Store, ref: ArtifactRef, labels: fisher_mod.Labels = "empirical"
+) -> dict[int, dict]:
+    """A Fisher's per-layer summary (metrics.fisher.fisher_summary): the empirical one's stored
+    by a summary-only stage, else computed from the stored tensors; the model's (``labels``
+    "model") as stored (MODEL_SUMMARY). Empty where the stage skipped, or did not compute the
+    model's."""
     folder = store.local_dir(ref)
-    if (folder / SUMMARY).is_file():
-        return {int(layer): entry for layer, entry in store.read_json(ref, SUMMARY).items()}
+    name = SUMMARY if labels == "empirical" else MODEL_SUMMARY
+    if (folder / name).is_file():
+        return {int(layer): entry for layer, entry in store.read_json(ref, name).items()}
+    if labels == "model":
+        return {}
     return fisher_mod.fisher_summary(read_fisher(store, ref))
 
 
@@ -63,6 +74,8 @@ def fisher(
     device: str = "auto",
     trust_remote_code: bool = False,
     summary_only: bool = False,
+    model_samples: int = 1,
+    seed: int = 0,
 ):
     """Per-sample-gradient diagonal Fisher of the chosen ``layers`` (None: all), on one probe
     set, stored in bfloat16 (STORED_DTYPE).
@@ -94,15 +107,25 @@ def fisher(
             "dtype": str(model.dtype),
             "stored_dtype": str(STORED_DTYPE),
             "batch_size": batch_size,
+            "model_samples": model_samples,
+            "seed": seed,
         }
         dev = next(model.parameters()).device
-        batches = (
-            {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
-            for chunk in data.chunks(rows, batch_size)
-        )
         passes = fisher_mod.SamplesPerPass(batch_size)
+
+        def diagonal(labels: fisher_mod.Labels) -> dict[int, torch.Tensor]:
+            batches = (
+                {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
+                for chunk in data.chunks(rows, batch_size)
+            )
+            return fisher_mod.fisher_diagonal(
+                model, batches, layers, passes, labels, max(1, model_samples), seed
+            )
+
         try:
-            values = fisher_mod.fisher_diagonal(model, batches, layers, passes)
+            values = diagonal("empirical")
+            if model_samples:
+                write_json(out / MODEL_SUMMARY, fisher_mod.fisher_summary(diagonal("model")))
         except fisher_mod.UnsupportedModel as err:
             return _skipped(out, meta, str(err))
         except fisher_mod.SampleDoesNotFit as err:
@@ -125,6 +148,8 @@ def fisher(
             "max_rows": max_rows,
             "layers": layers,
             "summary_only": summary_only,
+            "model_samples": model_samples,
+            "seed": seed,
         },
         code_version(fisher_mod, data, prompts),
         build,

@@ -11,7 +11,7 @@ from tasks.extract import PROBE_SETS, SUMMARY
 from tasks.fisher import read_fisher, read_fisher_summary
 from tasks.relearn import read_weight_change
 from unlearning_audit import activations, runtime
-from unlearning_audit.metrics import cka, fisher, pca, table, weights
+from unlearning_audit.metrics import cka, depth, fisher, pca, table, weights
 from unlearning_audit.store import ArtifactRef, code_version
 
 TABLE = "metrics.parquet"
@@ -31,7 +31,9 @@ def metrics(
     stored_change: bool = False,
 ):
     """CKA, PCA similarity, shift and distance per layer and probe set; weight change per layer;
-    Fisher summaries and the Fisher-weighted distance when both Fishers are given. The weight
+    Fisher summaries (empirical, and the model's where the Fisher stage computed it) and the
+    Fisher-weighted distance when both Fishers are given; the depth shares of the weight change
+    and of the Fisher-weighted distance (metrics.depth, table.depth_rows). The weight
     change is computed from the two checkpoints, or with ``stored_change`` read from
     ``candidate``: a relearn run that measured it against ``original`` while its model was in
     memory (tasks/relearn.py), and stored no checkpoint to load. The checkpoints' own model code
@@ -53,12 +55,27 @@ def metrics(
                 load_model(s, ref, "cpu", trust_remote_code=trust_remote_code)[0]
                 for ref in (original, candidate)
             )
-            rows += table.weight_rows(weights.weight_change(model0, model))
+            weights.check_same_architecture(model0, model)
+            # one pass over the weights for each measure: per parameter, summed by layer and
+            # by depth part
+            changes = list(weights.squared_changes(dict(model0.named_parameters()), model))
+            rows += table.weight_rows(weights.relative_change(changes, model))
+            fisher_parts = None
             if original_fisher is not None and candidate_fisher is not None:
                 f0 = read_fisher(s, original_fisher)
+                terms = list(fisher.fisher_weighted_terms(f0, model, model0))
                 rows += table.fisher_rows(
-                    f0, read_fisher_summary(s, candidate_fisher), model0, model
+                    f0,
+                    read_fisher_summary(s, candidate_fisher),
+                    weights.sum_by_layer(terms, model0),
                 )
+                rows += table.fisher_summary_rows(
+                    "fisher_model",
+                    _means(read_fisher_summary(s, original_fisher, "model")),
+                    read_fisher_summary(s, candidate_fisher, "model"),
+                )
+                fisher_parts = depth.fisher_depth(terms, f0, model0)
+            rows += table.depth_rows(depth.weight_depth(changes, model), fisher_parts)
         table.write(rows, out / TABLE)
         return {"rows": len(rows)}
 
@@ -74,6 +91,11 @@ def metrics(
             "candidate_fisher": candidate_fisher,
         },
         {"k": k, "stored_change": stored_change},
-        code_version(table, cka, pca, weights, fisher, activations),
+        code_version(table, cka, pca, weights, fisher, depth, activations),
         build,
     )
+
+
+def _means(summary: dict[int, dict]) -> dict[int, float]:
+    """Each layer's mean from a Fisher's per-layer summary."""
+    return {layer: entry["mean"] for layer, entry in summary.items()}

@@ -20,6 +20,7 @@ from tasks.evaluate import SCORES
 from tasks.fisher import STORED_DTYPE
 from tasks.metrics import TABLE
 from tasks.relearn import CURVE, read_curves
+from tasks.splice import SPLICE
 from tasks.verdict import VERDICT, read_probes
 from unlearning_audit import plots, relearning, report_links, stats, study
 from unlearning_audit import report as report_mod
@@ -66,6 +67,7 @@ def load_run(store: Store, run: dict) -> dict:
         "scores": {
             model: set_means(store, run[f"{model}_eval"]) for model in ("original", "unlearned")
         },
+        "splice": store.read_json(run["splice"], SPLICE) if run.get("splice") else None,
     }
 
 

@@ -1,4 +1,5 @@
-"""Unlearn stage: one method on the original checkpoint; the result is a new checkpoint."""
+"""Unlearn stage: one method (in one or more requests) on the original checkpoint; the result
+is a new checkpoint."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ def unlearn(
     gradient_checkpointing: bool = False,
     gpus: int = 1,
 ):
-    """Run one unlearning method; stores the unlearned checkpoint (with LoRA, the adapter
-    alone: see save_trained) and its training log.
+    """Run one unlearning method, in ``config.requests`` successive requests (one stage: the
+    final model); stores the unlearned checkpoint (with LoRA, the adapter alone: see
+    save_trained) and its training log, each request's steps, early stop and checks under
+    ``requests`` (unlearning.unlearn).
 
     Trains in ``precision`` (resolved on this machine's device, and part of the stage's key),
     and stores the checkpoint in the original's dtype. The checkpoint's own model code runs
@@ -95,6 +98,7 @@ def _build(
         "steps": log["steps"],
         "lr": log["lr"],
         "stopped_early": log["stopped_early"],
+        "request_steps": [r["steps"] for r in log["requests"]],
         "precision": precision,
         "dtype": str(model.dtype),
     }

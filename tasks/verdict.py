@@ -145,8 +145,38 @@ def evidence(
         "retain_unlearned": eu["retain"]["rows"][metric],
         "looks": looks,
         "capacity": capacity,
-        "forget_unlearned_mean": eu["forget"][metric],
     }
+
+
+def _forget_scores(s: Store, evaluation_ref: ArtifactRef, metric: str, ids: list[str]):
+    """One stored evaluation's per-fact forget scores in ``metric``, checked to list ``ids``."""
+    rows = s.read_json(evaluation_ref, SCORES)["forget"]["rows"]
+    if rows["id"] != ids:
+        raise ValueError("a quantized evaluation scores other forget facts than the verdict")
+    return rows[metric]
+
+
+def quantized_evidence(
+    s: Store,
+    quantized: dict[str, ArtifactRef],
+    references: dict[str, dict[str, ArtifactRef]],
+    control_eval: ArtifactRef | None,
+    metric: str,
+    ids: list[str],
+) -> dict[str, dict]:
+    """Per bit width, the ``verdict.Quantized`` fields: the unlearned model's quantized forget
+    scores, the references' (``references``: model, original or control, -> bit width ->
+    evaluation) where measured, and the control's unquantized ones (``control_eval``)."""
+    out = {}
+    for bits, ref in quantized.items():
+        found = {"unlearned": _forget_scores(s, ref, metric, ids)}
+        for model, by_bits in references.items():
+            if bits in by_bits:
+                found[model] = _forget_scores(s, by_bits[bits], metric, ids)
+        if "control" in found and control_eval is not None:
+            found["control_unquantized"] = _forget_scores(s, control_eval, metric, ids)
+        out[bits] = found
+    return out
 
 
 def _groups(rows: list[dict]) -> list[str]:
@@ -186,10 +216,15 @@ def verdict(
     thresholds: Thresholds,
     quantized: dict[str, ArtifactRef] | None = None,
     probes: dict[str, ArtifactRef] | None = None,
+    quantized_references: dict[str, dict[str, ArtifactRef]] | None = None,
+    control_eval: ArtifactRef | None = None,
 ):
     """Decide the regime from per-fact scores; ``relearned`` and ``control`` map relearning
     source to its runs, one per seed; ``quantized`` (bits -> evaluation) and ``probes`` add the
-    other recovery attacks' evidence."""
+    other recovery attacks' evidence. ``quantized_references`` (original or control -> bits ->
+    evaluation) and the control's unquantized ``control_eval`` are what quantization does to
+    the references (verdict module doc): without them no recovery under quantization is
+    claimed."""
 
     def build(s, out):
         found = evidence(
@@ -201,13 +236,18 @@ def verdict(
             control,
             thresholds.metric,
         )
+        ids = s.read_json(original_eval, SCORES)["forget"]["rows"]["id"]
         decision = verdict_mod.decide(
             verdict_mod.Evidence(
                 **found,
-                forget_quantized={
-                    bits: s.read_json(ref, SCORES)["forget"][found["metric"]]
-                    for bits, ref in (quantized or {}).items()
-                },
+                quantized=quantized_evidence(
+                    s,
+                    quantized or {},
+                    quantized_references or {},
+                    control_eval,
+                    found["metric"],
+                    ids,
+                ),
                 **(probe_evidence(s, probes) if probes else {}),
             ),
             thresholds,
@@ -226,6 +266,8 @@ def verdict(
             "control": control,
             "quantized": quantized,
             "probes": probes,
+            "quantized_references": quantized_references,
+            "control_eval": control_eval,
         },
         thresholds,
         code_version(verdict_mod, stats, data, evaluation),

@@ -212,6 +212,7 @@ def test_every_flag_sets_its_field(tmp_path):
         *("--score", "rouge_l", "--no-fisher", "--no-probes", "--quantization", "4", "3"),
         *("--quantize-embeddings", "--store", "s", "--device", "cpu", "--name", "n"),
         *("--precision", "bf16", "--allow-pickle", "--trust-remote-code"),
+        *("--no-splice", "--splice-depths", "2", "1"),
     )
     assert params.data.forget == f"{tofu}/forget05.json"
     assert params.data.retain == f"{tofu}/retain95.json"
@@ -245,6 +246,8 @@ def test_every_flag_sets_its_field(tmp_path):
         name="n",
         allow_pickle=True,
         trust_remote_code=True,
+        splice=False,
+        splice_depths=[1, 2],
     )
 
 

@@ -6,8 +6,8 @@ run of the tiny audit fills the store first, so that each deployed audit below, 
 the API with a new relearning rate (and the clean one a new unlearning rate), runs only the
 stages that depend on it: those of the one unlearned model's stage group (unlearn, evaluate,
 relearn, which also measures the relearned model's activations, extract, the quantized
-evaluations, metrics, verdict) as one flow run on the gpu pool; the report in the audit on the
-cpu pool:
+evaluations, splice, metrics, verdict) as one flow run on the gpu pool; the report in the
+audit on the cpu pool:
 
 - a clean audit completes, with its verdict in the store and its artifacts in Prefect, and
   hands its GPU stages to the gpu pool in one flow run;
@@ -72,10 +72,10 @@ from unlearning_audit.verdict import REGIMES
 pytestmark = pytest.mark.slow
 STORE_STAGES = {
     *("prepare-data", "fetch-checkpoint", "unlearn", "relearn", "evaluate", "extract"),
-    *("metrics", "verdict", "report"),
+    *("splice", "metrics", "verdict", "report"),
 }
 RELEARN_STAGES = {"relearn"}  # the GPU stages a new relearning rate reruns
-GPU_STAGES = {"fetch-checkpoint", "unlearn", "relearn", "evaluate", "extract", "fisher"}
+GPU_STAGES = {"fetch-checkpoint", "unlearn", "relearn", "evaluate", "extract", "fisher", "splice"}
 
 
 def _free_port() -> int:
@@ -347,7 +347,7 @@ def test_the_report_link_opens_over_http(clean, stack, tmp_path):
 
 def test_gpu_stages_ran_as_one_flow_run_on_the_gpu_pool(clean):
     """The unlearned model's GPU stages (unlearn, evaluate, relearn, extract, two quantized
-    evaluations) reach the gpu pool as one flow run of their group, which also computes the
+    evaluations, splice) reach the gpu pool as one flow run of their group, which also computes the
     model's metrics and verdict; the audit serves each of them from the store afterwards."""
     assert clean["run"].work_pool_name == "cpu"
     (group,) = clean["stages"]  # far fewer flow runs on the gpu pool than stages computed
@@ -355,10 +355,10 @@ def test_gpu_stages_ran_as_one_flow_run_on_the_gpu_pool(clean):
     assert group.state.type == StateType.COMPLETED, group.state.message
     ran = [_stage(t) for t in _in_order(clean["tasks"]) if t.state.name != "Cached"]
     assert ran == [
-        *("unlearn", "evaluate", "relearn", "extract", "evaluate", "evaluate"),
+        *("unlearn", "evaluate", "relearn", "extract", "evaluate", "evaluate", "splice"),
         *("metrics", "metrics", "verdict", "report"),
     ]
-    assert len([stage for stage in ran if stage in GPU_STAGES]) == 6
+    assert len([stage for stage in ran if stage in GPU_STAGES]) == 7
     assert [_stage(t) for t in _in_order(_task_runs(group.id))] == ran[:-1]  # all but the report
 
 

@@ -21,12 +21,25 @@ from test_metrics_fisher_weights import batches, tiny_llama
 from flows.audit import audit_checkpoint
 from tasks._stage import FAULTS_ENV, load_inputs
 from tasks.data import prepare_data
-from tasks.fisher import STORED_DTYPE, SUMMARY, fisher, read_fisher, read_fisher_summary
+from tasks.fisher import (
+    MODEL_SUMMARY,
+    STORED_DTYPE,
+    SUMMARY,
+    fisher,
+    read_fisher,
+    read_fisher_summary,
+)
 from tasks.metrics import TABLE
 from tasks.report import fisher_status
 from unlearning_audit import checkpoints, corpus, data, embedded
 from unlearning_audit.config import DataConfig, EmbeddedConfig
-from unlearning_audit.metrics import fisher_diagonal, fisher_summary, layer_parameters, table
+from unlearning_audit.metrics import (
+    fisher_diagonal,
+    fisher_summary,
+    fisher_weighted_distance,
+    layer_parameters,
+    table,
+)
 from unlearning_audit.metrics.fisher import SampleDoesNotFit, SamplesPerPass, bytes_per_sample
 from unlearning_audit.preflight import preflight
 from unlearning_audit.report import fisher_line
@@ -231,8 +244,10 @@ def test_summaries_and_rows_of_the_stored_fisher_match_float32(stages) -> None:
         )
         assert moved <= 2 * near_edges  # only values within the rounding of an edge move
     candidate = _perturbed(model)
-    rows_stored = table.fisher_rows(stored, fisher_summary(stored), model, candidate)
-    rows_exact = table.fisher_rows(exact, fisher_summary(exact), model, candidate)
+    distance_stored = fisher_weighted_distance(stored, candidate, model)
+    distance_exact = fisher_weighted_distance(exact, candidate, model)
+    rows_stored = table.fisher_rows(stored, fisher_summary(stored), distance_stored)
+    rows_exact = table.fisher_rows(exact, fisher_summary(exact), distance_exact)
     assert [r["metric"] for r in rows_stored] == [r["metric"] for r in rows_exact]
     for ours_row, exact_row in zip(rows_stored, rows_exact, strict=True):  # a ratio: two means
         assert ours_row["value"] == pytest.approx(exact_row["value"], rel=2 * BF16_ROUNDING)
@@ -300,7 +315,7 @@ def test_a_summary_only_fisher_stores_the_summary_the_metrics_read(stages) -> No
     """An unlearned model's Fisher is stored as its summary (no values: 13 GB a model at 7B),
     equal to the summary of the values the stage computes, under its own key."""
     store, ref = stages["store"], stages["summary"]
-    assert set(store.manifest(ref.key)["files"]) == {SUMMARY}
+    assert set(store.manifest(ref.key)["files"]) == {SUMMARY, MODEL_SUMMARY}
     assert ref.key != stages["every"].key
     model, fmt, sets, _ = load_inputs(store, stages["plain"], stages["data"], "cpu")
     rows = data.sample(sets["forget"], ROWS)
@@ -311,3 +326,27 @@ def test_a_summary_only_fisher_stores_the_summary_the_metrics_read(stages) -> No
         assert summary[layer]["log10_hist"] == entry["log10_hist"]
         for key in ("mean", "q50", "q90", "q99"):
             assert summary[layer][key] == pytest.approx(entry[key], rel=1e-9)
+
+
+def test_the_stage_stores_the_model_fisher_summary_beside_the_empirical_one(stages) -> None:
+    """The model's Fisher (one label draw per row, the stage's seed) is stored as its summary,
+    equal to the summary of the same draws computed here, and differs from the empirical one."""
+    store, ref = stages["store"], stages["every"]
+    meta = store.manifest(ref.key)["meta"]
+    assert (meta["model_samples"], meta["seed"]) == (1, 0)
+    model, fmt, sets, _ = load_inputs(store, stages["plain"], stages["data"], "cpu")
+    rows = data.sample(sets["forget"], ROWS)
+    drawn = fisher_diagonal(
+        model,
+        (data.train_batch(fmt, c) for c in data.chunks(rows, 16)),
+        labels="model",
+        samples=1,
+        seed=0,
+    )
+    summary = read_fisher_summary(store, ref, "model")
+    empirical = read_fisher_summary(store, ref)
+    assert sorted(summary) == sorted(drawn) == sorted(empirical)
+    for layer, values in drawn.items():
+        assert summary[layer]["mean"] == pytest.approx(float(values.double().mean()), rel=1e-9)
+        assert summary[layer]["mean"] != pytest.approx(empirical[layer]["mean"], rel=1e-3)
+    assert read_fisher_summary(store, stages["some"], "model").keys() == {1, 3}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -15,9 +16,12 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.audit import audit_checkpoint
+from tasks.splice import SPLICE
 from unlearning_audit import audit_index
 from unlearning_audit.config import AuditParams, DataConfig, Thresholds, UnlearnConfig
-from unlearning_audit.report import SUMMARY_KEYS
+from unlearning_audit.report import INPUTS, SUMMARY_KEYS
+from unlearning_audit.splice import DIRECTIONS
+from unlearning_audit.store import ArtifactRef, Store
 from unlearning_audit.verdict import REGIMES
 
 
@@ -44,7 +48,7 @@ def _task_states(flow_run_id, timeout: float = 30.0) -> dict[str, list[str]]:
     return states
 
 
-def test_audit_runs_every_stage_and_reports(first_run):
+def test_audit_runs_every_stage_and_reports(first_run, audit_params):
     state, _ = first_run
     result = state.result()
     assert state.is_completed()
@@ -56,10 +60,34 @@ def test_audit_runs_every_stage_and_reports(first_run):
     assert row["forget_original"] >= 0.7 and row["metric"] == "exact_match"
     assert row["headline"].startswith(row["regime"].replace("cannot-relearn", "irreversible"))
     assert 0.0 <= row["mean_cka"] <= 1.0
+    # where the edit sits, and the model's Fisher beside the empirical one
+    curve = row["depth_share"]  # k = 0..L: the head, then one more block each
+    assert len(curve) == audit_params.embedded.layers + 1 and curve[1] == row["depth_share_top1"]
+    assert all(0.0 <= a <= b <= 1.0 for a, b in itertools.pairwise(curve))
+    assert curve == row["depth_share_untied"] and row["tied_share"] == 0  # an untied head
+    assert len(row["depth_share_fisher"]) == len(curve) and row["fisher_ratio_model"] > 0
     assert result["report_file"].endswith("report.md")
     with open(result["report_file"]) as f:
         text = f.read()
     assert "## Thresholds" in text and row["regime"] in text
+    # the causal layer test: its stored rows (both directions, k = 0..L), its table, its figure
+    assert "Causal layer test (splice)" in text and "splice_restored_top1" in text
+    assert "Causal layer test (splice): GA" in Path(result["html_file"]).read_text()
+    store = Store(audit_params.store)
+    inputs = store.read_json(ArtifactRef(**result["report_ref"]), INPUTS)
+    spliced = store.read_json(ArtifactRef(**inputs["references"]["runs"][0]["splice"]), SPLICE)
+    blocks = spliced["blocks"]
+    assert {(r["direction"], r["k"]) for r in spliced["rows"]} == {
+        (d, k) for d in DIRECTIONS for k in range(blocks + 1)
+    }
+    assert spliced["metric"] == row["metric"]
+    for r in spliced["rows"]:
+        for name in ("forget", "retain"):
+            assert r[name]["lower"] <= r[name]["score"] <= r[name]["upper"]
+    unspliced = {r["direction"]: r["forget"]["score"] for r in spliced["rows"] if r["k"] == 0}
+    # k = 0 is each model itself, on the evaluate stage's rows, by its scorer
+    assert unspliced[DIRECTIONS[0]] == pytest.approx(row["forget_original"])
+    assert unspliced[DIRECTIONS[1]] == pytest.approx(row["forget_unlearned"])
     stages = _task_states(state.state_details.flow_run_id)
     for stage in (
         "prepare-data",
@@ -69,6 +97,7 @@ def test_audit_runs_every_stage_and_reports(first_run):
         "relearn",
         "extract",
         "metrics",
+        "splice",
         "verdict",
         "report",
         "publish",

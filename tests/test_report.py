@@ -40,8 +40,9 @@ from unlearning_audit.report import (
 from unlearning_audit.store import ArtifactRef, Store
 from unlearning_audit.verdict import REGIMES
 
-# recovery curves, CKA, PCA similarity, PCA shift, Fisher, linear probes, weight change
-EXPECTED_FIGURES = 7
+# recovery curves, CKA, PCA similarity, PCA shift, Fisher, linear probes, splice (one run),
+# depth, weight change
+EXPECTED_FIGURES = 9
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,([^"]+)"')
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_STD = 0.03  # pixel standard deviation (0..1 scale) below which an image reads as blank

@@ -30,6 +30,7 @@ from tasks.extract import PROBE_SETS, extract
 from tasks.fisher import fisher
 from tasks.metrics import metrics
 from tasks.relearn import relearn
+from tasks.splice import splice_run
 from tasks.unlearn import unlearn
 from unlearning_audit import checkpoints, cli, corpus, embedded
 from unlearning_audit.config import EmbeddedConfig, RelearnConfig, UnlearnConfig
@@ -56,6 +57,7 @@ MODEL_TASKS = {
     "extract": extract,
     "fisher": fisher,
     "metrics": metrics,
+    "splice_run": splice_run,
 }
 
 

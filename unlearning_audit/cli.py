@@ -169,6 +169,8 @@ AUDIT_FLAGS = (
     "name",
     "fisher",
     "probes",
+    "splice",
+    "splice_depths",
     "quantization_bits",
     "quantize_embeddings",
     "allow_pickle",
@@ -178,6 +180,7 @@ AUDIT_FLAGS = (
     "keep_relearned",
     "fisher_layers",
     "fisher_batch_size",
+    "fisher_model_samples",
 )
 """The audit flags that set an AuditParams field of their own name."""
 SECTION_FLAGS = {
@@ -198,6 +201,8 @@ SECTION_FLAGS = {
     "thresholds": {"score": "metric"},
 }
 """The audit flags that set a field of a nested config: section -> {flag's dest: field}."""
+EVERY_METHOD_FLAGS = {"lora": "lora_rank", "requests": "requests", "request_split": "request_split"}
+"""The audit flags that set a field of every unlearning method: {flag's dest: field}."""
 
 
 def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
@@ -256,9 +261,15 @@ def audit_params(args: argparse.Namespace) -> AuditParams:
         if given:
             params[section] = _merge(base.get(section, {}), given)
     methods = _methods(args, base, params.get("unlearned"))
-    if args.lora is not None and params.get("unlearned") is None:
+    every = _given(args, EVERY_METHOD_FLAGS)
+    if params.get("unlearned") is not None and every.keys() - {"lora_rank"}:
+        raise ValueError(
+            "an unlearned checkpoint is given (--unlearned), so no unlearning method runs: "
+            "--requests and --request-split would be ignored; drop them"
+        )
+    if every and params.get("unlearned") is None:
         methods = [
-            {**m, "lora_rank": args.lora} if isinstance(m, dict) else m
+            {**m, **every} if isinstance(m, dict) else m
             for m in (methods or [m.model_dump() for m in DEFAULT_METHODS])
         ]
     if methods is not None:
@@ -570,6 +581,20 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         f"{_default(UnlearnConfig, 'steps')}); without --method, of every --config method",
     )
 
+    unlearn.add_argument(
+        "--requests",
+        type=int,
+        metavar="K",
+        help="unlearn in K successive requests, each from the model the previous one left, "
+        "each up to --steps steps (every method; default 1)",
+    )
+    unlearn.add_argument(
+        "--request-split",
+        choices=get_args(UnlearnConfig.model_fields["request_split"].annotation),
+        help="what each request unlearns: disjoint, one of K parts of the forget set "
+        "(default); repeat, the whole forget set every time",
+    )
+
     verdict = audit.add_argument_group("relearning attack and verdict")
     verdict.add_argument(
         "--relearn-lr",
@@ -612,6 +637,13 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         const=False,
         help="skip the linear probes",
     )
+    attacks.add_argument(
+        "--no-splice",
+        dest="splice",
+        action="store_const",
+        const=False,
+        help="skip the causal layer test (splicing top blocks between the two models)",
+    )
     bits = attacks.add_mutually_exclusive_group()
     bits.add_argument(
         "--quantization",
@@ -619,7 +651,8 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         type=int,
         metavar="BITS",
-        help="quantize the unlearned model to these bit widths (default "
+        help="quantize the unlearned model, and as references the original and the control, "
+        "to these bit widths (default "
         + " ".join(map(str, _default(AuditParams, "quantization_bits")))
         + ")",
     )
@@ -660,11 +693,25 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         "norm and head; default all)",
     )
     scale.add_argument(
+        "--splice-depths",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="splice only these depths (top blocks; default every depth 1..L)",
+    )
+    scale.add_argument(
         "--fisher-batch-size",
         type=int,
         metavar="N",
         help=f"samples per per-sample-gradient pass of the Fisher (default "
         f"{_default(AuditParams, 'fisher_batch_size')})",
+    )
+    scale.add_argument(
+        "--fisher-model-samples",
+        type=int,
+        metavar="N",
+        help="label draws per row for the model's Fisher, beside the empirical one (0: off; "
+        f"default {_default(AuditParams, 'fisher_model_samples')})",
     )
     scale.add_argument(
         "--keep-relearned",

@@ -248,15 +248,27 @@ class UnlearnConfig(_Batched):
         description="Train the LM head alone, the body frozen: a shallow edit that hides the "
         "answers and keeps the knowledge (the known-reversible calibration audit).",
     )
+    requests: PositiveInt = Field(
+        1,
+        description="Unlearn in this many successive requests, each from the model the "
+        "previous one left, each running the method for up to `steps` steps (steps are per "
+        "request) with early stop on its own rows.",
+    )
+    request_split: Literal["disjoint", "repeat"] = Field(
+        "disjoint",
+        description="What each request unlearns: disjoint, the forget set cut in order into "
+        "`requests` parts, one per request; repeat, the whole forget set every time.",
+    )
 
     @property
     def label(self) -> str:
-        """Short name for tables: method, learning rate, steps and early stop."""
+        """Short name for tables: method, learning rate, steps, early stop and requests."""
         stop = "" if self.stop_at_forget_em is None else f" stop<{self.stop_at_forget_em:g}"
         weight = f" w={self.retain_weight:g}" if "+" in self.method else ""
         head = " head-only" if self.head_only else ""
         lr = "auto" if self.lr is None else f"{self.lr:g}"
-        return f"{self.method} lr={lr} steps={self.steps}{weight}{stop}{head}"
+        requests = f" x{self.requests} {self.request_split}" if self.requests > 1 else ""
+        return f"{self.method} lr={lr} steps={self.steps}{weight}{stop}{head}{requests}"
 
     @model_validator(mode="after")
     def _one_way_to_train(self) -> UnlearnConfig:
@@ -429,10 +441,22 @@ class AuditParams(_Config):
     )
     fisher: bool = Field(True, description="Compute the diagonal Fisher (a GPU stage).")
     probes: bool = Field(True, description="Linear probes per layer as a recovery attack.")
+    splice: bool = Field(
+        True,
+        description="The causal layer test: score the original with the unlearned model's top "
+        "k blocks and head, and the reverse, for each k (a GPU stage holding both models).",
+    )
+    splice_depths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        min_length=1,
+        description="The splice depths k (top blocks spliced, with the head); default 1 to "
+        "the number of blocks. Fewer: less time on a large model.",
+    )
     quantization_bits: list[int] = Field(
         [8, 4],
         description="Evaluate the unlearned model after RTN quantization to these bit "
-        "widths, a recovery attack (empty: off).",
+        "widths, a recovery attack judged against the original and the never-learned control "
+        "quantized the same way, once per audit (empty: off).",
     )
 
     quantize_embeddings: bool = Field(
@@ -486,6 +510,15 @@ class AuditParams(_Config):
         "many copies of the chosen layers' gradients); halved on out-of-memory, values "
         "unchanged.",
     )
+    fisher_model_samples: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Label draws per row for the model's Fisher (labels drawn from the "
+        "model's own predictions at each answer position, Monte Carlo, seeded by seed), "
+        "computed beside the empirical Fisher (the data's labels) on the same rows; costs about "
+        "this many times the empirical one. 0: the empirical Fisher only.",
+    )
     keep_relearned: bool = Field(
         False,
         description="Store the relearned checkpoint (one per unlearned model). Off: only its "
@@ -498,7 +531,7 @@ class AuditParams(_Config):
     )
     name: str | None = Field(None, description="A label for this audit in reports and listings.")
 
-    @field_validator("layers", "fisher_layers")
+    @field_validator("layers", "fisher_layers", "splice_depths")
     @classmethod
     def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
         return value if value is None else sorted(set(value))

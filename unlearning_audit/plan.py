@@ -281,6 +281,14 @@ def extract_estimate(shape: ModelShape, seq: int, gpus: int = 1) -> StageEstimat
     )
 
 
+def splice_estimate(shape: ModelShape, seq: int, gpus: int = 1) -> StageEstimate:
+    """The splice stage: the original's and the unlearned model's weights at once (each split
+    across ``gpus``; one block's copy while two are swapped is left out) and an evaluate
+    batch's forward pass."""
+    evaluated = evaluate_estimate(shape, seq, gpus).parts
+    return StageEstimate("splice", gpus, {**evaluated, "weights": 2 * evaluated["weights"]})
+
+
 @dataclass(frozen=True)
 class Compute:
     """How the training stages compute: precision (resolved), gradient checkpointing, GPUs."""
@@ -432,6 +440,8 @@ def stage_estimates(
             fisher_estimate(shape, params.fisher_batch_size, params.fisher_layers, seq, gpus)
         )
     stages += [evaluate_estimate(shape, seq, gpus, bits) for bits in params.quantization_bits]
+    if params.splice:
+        stages.append(splice_estimate(shape, seq, gpus))
     return stages
 
 
@@ -666,6 +676,7 @@ SETTINGS: list[tuple[str, Callable[[AuditParams], AuditParams], str | None]] = [
     ("--gradient-checkpointing", _setting(gradient_checkpointing=True), None),
     ("micro_batches = batch_size (methods, relearn)", _one_row, None),
     ("--fisher-batch-size 1", _setting(fisher_batch_size=1), None),
+    ("--no-splice", _setting(splice=False), None),
     ("--precision bf16 (lossy)", _setting(), "bf16"),
     *((f"--gpus {n}", _setting(gpus=n), None) for n in (2, 4, 8)),
 ]

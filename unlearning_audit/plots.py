@@ -327,6 +327,30 @@ def weight_change_per_layer(change: ByRun) -> bytes:
         return _png(fig)
 
 
+def depth_share(shares: Mapping[str, Mapping[str, tuple[Series, Series]]]) -> bytes:
+    """Share of a change in the last k blocks plus the head against k, one panel per measure
+    (``shares`` maps "weight" (squared weight change) and "fisher" (Fisher-weighted distance)
+    to run label to (tied matrix counted as head, left out), each a series over k); a measure
+    with no run measured draws an empty panel."""
+    colors = run_colors(list(shares["weight"]))
+    titles = {"weight": "Squared weight change", "fisher": "Fisher-weighted distance"}
+    styles = {
+        "tied matrix as head": {"linestyle": "-"},
+        "tied matrix left out": {"linestyle": "--"},
+    }
+    with _figure(len(shares)) as (fig, axes):
+        for ax, (what, by_run) in zip(axes, shares.items(), strict=True):
+            for label, (as_head, left_out) in by_run.items():
+                _line(ax, as_head, color=colors[label])
+                _line(ax, left_out, color=colors[label], marker="", linestyle="--")
+            ax.set(title=titles[what], ylabel="share in last k blocks + head", ylim=(-0.03, 1.03))
+            _layer_axis(
+                ax, _layers({label: pair[0] for label, pair in by_run.items()}), "k (0 = head only)"
+            )
+        _legend_below(fig, _run_handles(colors) + _style_handles(styles))
+        return _png(fig)
+
+
 def study_scatter(rows: Sequence[Mapping]) -> bytes:
     """Mean CKA against recovery beyond the never-learned control (whole forget set and the
     held-out half), one point per run, coloured by regime, marker by domain."""
@@ -365,4 +389,59 @@ def study_scatter(rows: Sequence[Mapping]) -> bytes:
             for d, m in markers.items()
         ]
         _legend_below(fig, handles, columns=5)
+        return _png(fig)
+
+
+def splice_curves(result: Mapping, score: str) -> bytes:
+    """The causal layer test of one run (the splice stage's result): each set's ``score`` (the
+    verdict's metric, by name) against k, the top blocks spliced with the head, one panel per
+    set (forget, retain). Solid: the original with the unlearned model's top k; dashed: the
+    unlearned model with the original's top k restored; shaded: their intervals. Dotted lines:
+    the original's and the unlearned model's own scores (k = 0)."""
+    rows = result["rows"]
+    directions = {  # direction: (legend, colour, line style)
+        "original+unlearned_top": ("original + unlearned top k", PALETTE[1], "-"),
+        "unlearned+original_top": ("unlearned + original top k", PALETTE[0], "--"),
+    }
+    references = {  # the unspliced model of each direction: (legend, colour)
+        "original+unlearned_top": ("original", "0.2"),
+        "unlearned+original_top": ("unlearned", PALETTE[3]),
+    }
+    sets = ("forget", "retain")
+    with _figure(len(sets)) as (fig, axes):
+        for ax, name in zip(axes, sets, strict=True):
+            for direction, (_, color, dash) in directions.items():
+                points = sorted(
+                    (r for r in rows if r["direction"] == direction), key=lambda r: r["k"]
+                )
+                spliced = [r for r in points if r["k"] > 0 and r[name]["score"] is not None]
+                ks = [r["k"] for r in spliced]
+                ax.plot(ks, [r[name]["score"] for r in spliced], dash, color=color, marker="o")
+                ax.fill_between(
+                    ks,
+                    [r[name]["lower"] for r in spliced],
+                    [r[name]["upper"] for r in spliced],
+                    color=color,
+                    alpha=0.15,
+                )
+                unspliced = points[0][name]["score"] if points and points[0]["k"] == 0 else None
+                if unspliced is not None:
+                    ref_color = references[direction][1]
+                    ax.axhline(unspliced, color=ref_color, linestyle=":", linewidth=1.2)
+            ax.set(
+                title=f"{name} set",
+                xlabel="k (top blocks spliced, with the final norm and LM head)",
+                ylabel=score,
+                ylim=(-0.03, 1.03),
+            )
+            ax.set_xticks(sorted({r["k"] for r in rows if r["k"] > 0}))
+        handles = [
+            Line2D([], [], color=c, linestyle=dash, marker="o", label=label)
+            for label, c, dash in directions.values()
+        ]
+        handles += [
+            Line2D([], [], color=c, linestyle=":", label=f"{label} (unspliced)")
+            for label, c in references.values()
+        ]
+        _legend_below(fig, handles)
         return _png(fig)

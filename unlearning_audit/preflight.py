@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import checkpoints, data, distributed, plan, prompts, runtime
+from . import checkpoints, corpus, data, distributed, plan, prompts, runtime
 from .config import DEFAULT_METHODS, AuditParams
 from .store import Store, default_store_url
 
@@ -71,6 +71,7 @@ def preflight(params: AuditParams) -> str:
     problems += _device_problems(params.device) or _precision_problems(params)
     problems += _layer_problems(params) + _lora_problems(params) + _gpus_problems(params)
     problems += _checkpointing_problems(params, sound.get("original"))
+    problems += _request_problems(params, sets)
     if (
         params.unlearned is None
         and params.original != checkpoints.EMBEDDED
@@ -238,6 +239,32 @@ def _checkpointing_problems(params: AuditParams, original: Path | None) -> list[
     if model_class is None or model_class.supports_gradient_checkpointing:
         return []  # an unknown class is the compatibility check's to report
     return [f"gradient_checkpointing: {model_class.__name__} does not support it; leave it off"]
+
+
+def _request_problems(params: AuditParams, sets: dict[str, list[dict]] | None) -> list[str]:
+    """Methods in several unlearning requests (UnlearnConfig.requests) that cannot run: more
+    disjoint requests than forget rows (the embedded forget set is built here to count them;
+    external sets are counted where they loaded), or several requests on several GPUs (each
+    request is a training run of its own, and a model sharded for one cannot train again)."""
+    split = [m for m in params.methods if m.requests > 1] if params.unlearned is None else []
+    if not split:
+        return []
+    if sets is None and params.original == checkpoints.EMBEDDED:
+        facts, forget = corpus.embedded(params.embedded)
+        sets = data.embedded_sets(facts, forget, params.data.domain)
+    rows = None if sets is None else len(sets["forget"])
+    problems = [
+        f"method {m.label}: {m.requests} disjoint requests need at least {m.requests} forget "
+        f"rows, the forget set has {rows}; ask for fewer requests, or request_split 'repeat'"
+        for m in split
+        if m.request_split == "disjoint" and rows is not None and m.requests > rows
+    ]
+    if params.gpus > 1:
+        problems.append(
+            f"gpus: {params.gpus} GPUs cannot run several unlearning requests "
+            f"({', '.join(m.label for m in split)}); run them on one GPU (--gpus 1)"
+        )
+    return problems
 
 
 def _layer_problems(params: AuditParams) -> list[str]:

@@ -44,7 +44,9 @@ SUMMARY_KEYS = (
 def summary_row(run: dict) -> dict:
     """One run's row: the demo's keys (SUMMARY_KEYS; scores in the verdict's metric, the
     advantage over the control on the look the regime rests on, with its bounds and Holm
-    p-value), its label and both looks' advantages."""
+    p-value), its label, both looks' advantages and per bit width the quantized forget
+    scores of the unlearned model and its references, and whether it recovered beyond the
+    control's gain (None: not judged, no control)."""
     v = run["verdict"]
     e = v["evidence"]
     look = v["looks"].get(v["deciding_look"] or "", {})
@@ -68,11 +70,58 @@ def summary_row(run: dict) -> dict:
         "headline": v["headline"],
         "mean_pca_distance": mean_over_layers(run["metrics_unlearned"], "pca_distance", "forget"),
         "fisher_ratio": mean_over_layers(run["metrics_unlearned"], "fisher_mean_ratio", "forget"),
+        "fisher_ratio_model": mean_over_layers(
+            run["metrics_unlearned"], "fisher_model_mean_ratio", "forget"
+        ),
+        **depth_summary(run["metrics_unlearned"]),
         "weight_change": mean_over_layers(run["metrics_unlearned"], "weight_change", "", False),
         **{f"{name}_advantage": x["advantage"] for name, x in v["looks"].items()},
         **{f"forget_q{bits}": em for bits, em in e.get("forget_quantized", {}).items()},
+        **{  # quantization's references and whether the unlearned model gained beyond them
+            f"forget_q{bits}_{model}": score
+            for model in ("original", "control")
+            for bits, score in e.get(f"forget_quantized_{model}", {}).items()
+        },
+        **{f"q{bits}_recovered": q["recovered"] for bits, q in v.get("quantization", {}).items()},
         "probe_advantage": _difference(e.get("probe_forget_unlearned"), e.get("probe_chance")),
+        **splice_summary(run.get("splice")),
     }
+
+
+def splice_summary(result: dict | None) -> dict[str, float | None]:
+    """``splice_restored_top1`` with its interval: the share of the forgetting (forget-set
+    gap between the original and the unlearned model, in the verdict's metric) that restoring
+    the original's top block and head into the unlearned model undoes (splice.restored_share).
+    Near 1: a shallow edit near the output; near 0: the edit sits deeper. None where the splice
+    did not run or the unlearned model lost nothing to restore."""
+    share = (result or {}).get("restored_top1") or {}
+    return {
+        f"splice_restored_top1{suffix}": share.get(key)
+        for suffix, key in (("", "share"), ("_lower", "lower"), ("_upper", "upper"))
+    }
+
+
+DEPTH_CURVES = {
+    "depth_share": ("depth_share_weight", ""),
+    "depth_share_untied": ("depth_share_weight_untied", ""),
+    "depth_share_fisher": ("depth_share_fisher", "forget"),
+    "depth_share_fisher_untied": ("depth_share_fisher_untied", "forget"),
+}
+"""A summary row's depth curves (metrics.depth, k = 0..L) by the metrics table's names."""
+
+
+def depth_summary(rows: list[dict]) -> dict:
+    """A run's depth shares for its summary row: each curve of DEPTH_CURVES as a list over
+    k = 0..L (empty where not measured), its value at k = 1 (the last block plus the head) as
+    ``<name>_top1`` (None where not measured), and the tied head/embedding matrix's share of
+    the weight change (``tied_share``; 0 for an untied head)."""
+    out: dict = {}
+    for name, (metric, probe_set) in DEPTH_CURVES.items():
+        curve = _by_layer(rows, metric, probe_set)
+        out[name] = [curve[k] for k in sorted(curve)]
+        out[f"{name}_top1"] = curve.get(1)
+    out["tied_share"] = _metric(rows, "tied_share_weight", 0, "")
+    return out
 
 
 def _difference(a: float | None, b: float | None) -> float | None:
@@ -145,7 +194,14 @@ def markdown(audit: dict, runs: list[dict]) -> str:
         out += _table(*_curve_table(r["curves"], audit.get("control_curves") or {}))
         out += ["", "Per layer, original vs unlearned (forget set) and vs relearned:", ""]
         out += _table(*_layer_table(r))
+        if depth := _depth_table(r["metrics_unlearned"]):
+            out += ["", DEPTH_CAPTION, ""]
+            out += _table(*depth)
         out.append("")
+        if r.get("splice"):
+            out += [splice_caption(r["splice"]), ""]
+            out += _table(*_splice_table(r["splice"]))
+            out.append("")
     return "\n".join(out)
 
 
@@ -166,8 +222,8 @@ def setup_lines(audit: dict) -> list[str]:
 
 def fisher_line(audit: dict) -> str:
     """What the Fisher measured (its layers, the dtype it is stored in), and which models have
-    none and why (its stage skipped or failed); "off" without it; "not recorded" for reports
-    that predate the line."""
+    none and why (its stage skipped or failed), then the model's Fisher where it was asked
+    for; "off" without it; "not recorded" for reports that predate the line."""
     if "fisher" not in audit:
         return "Fisher: not recorded"
     fisher = audit["fisher"]
@@ -180,7 +236,13 @@ def fisher_line(audit: dict) -> str:
         f"{fisher['stored_dtype'].removeprefix('torch.')}"
     )
     missing = "; ".join(f"{model}: {why}" for model, why in fisher["missing"].items())
-    return f"{line}; none for {missing}" if missing else line
+    line = f"{line}; none for {missing}" if missing else line
+    if fisher.get("model_samples"):
+        line += (
+            f"; beside it the model's Fisher (labels drawn from the model, "
+            f"{fisher['model_samples']} per row), its summary stored"
+        )
+    return line
 
 
 PRECISION_NAMES = {
@@ -377,6 +439,49 @@ def _curve_table(curves: dict, control: dict) -> tuple[list[str], list[list]]:
     ]
 
 
+SPLICE_NOTE = (
+    "Each score with its cluster-bootstrap interval over groups; k = 0: the models unspliced. "
+    "The head is the final norm and the LM head; a head tied to the input embeddings moves the "
+    "shared matrix with it."
+)
+
+
+def splice_caption(result: dict) -> str:
+    """What the splice table of a run shows, with the restored share and its interval."""
+    share = splice_summary(result)
+    value = [share[f"splice_restored_top1{s}"] for s in ("", "_lower", "_upper")]
+    restored = "n/a (nothing forgotten to restore)" if value[0] is None else _bracket(value)
+    return (
+        f"Causal layer test (splice), {METRIC_NAMES[result['metric']]}: the original with the "
+        f"unlearned model's top k of {result['blocks']} blocks and head (a), and the unlearned "
+        "model with the original's restored (b). Share of the forgetting restored by the top "
+        f"block and head (splice_restored_top1): {restored}. {SPLICE_NOTE}"
+    )
+
+
+def _splice_table(result: dict) -> tuple[list[str], list[list]]:
+    """One row per k: forget and retain scores with intervals of both directions."""
+    by = {(r["direction"], r["k"]): r for r in result["rows"]}
+    directions = (("a", "original+unlearned_top"), ("b", "unlearned+original_top"))
+    header = ["k", *(f"{name} ({d})" for d, _ in directions for name in ("forget", "retain"))]
+
+    def cell(score: dict) -> str:
+        value = [score["score"], score["lower"], score["upper"]]
+        return _bracket([math.nan if v is None else v for v in value])
+
+    return header, [
+        [
+            k,
+            *(
+                cell(by[direction, k][name])
+                for _, direction in directions
+                for name in ("forget", "retain")
+            ),
+        ]
+        for k in sorted({k for _, k in by})
+    ]
+
+
 def _layer_table(r: dict) -> tuple[list[str], list[list]]:
     """A run's per-layer representation metrics on the forget set."""
     header = [
@@ -387,6 +492,7 @@ def _layer_table(r: dict) -> tuple[list[str], list[list]]:
         "PC1 shift (sd)",
         "weight change",
         "Fisher ratio",
+        "Fisher ratio (model)",
         "Fisher-weighted dist",
         "CKA relearned",
         "probe orig / unl / rel (chance)",
@@ -400,12 +506,41 @@ def _layer_table(r: dict) -> tuple[list[str], list[list]]:
             ),
             _metric(r["metrics_unlearned"], "weight_change", layer, ""),
             _metric(r["metrics_unlearned"], "fisher_mean_ratio", layer),
+            _metric(r["metrics_unlearned"], "fisher_model_mean_ratio", layer),
             _metric(r["metrics_unlearned"], "fisher_weighted_distance", layer),
             _metric(r["metrics_relearned"], "cka", layer),
             _probe_cell(r.get("probes") or {}, layer),
         ]
         for layer in sorted({x["layer"] for x in r["metrics_unlearned"]})
     ]
+
+
+DEPTH_CAPTION = (
+    "Where the edit sits: the share of the unlearned model's change from the original in the "
+    "last k blocks plus the head (k = 0: the head alone), of the squared weight change and of "
+    "the original-Fisher-weighted distance (forget set). A tied head/embedding matrix cannot be "
+    "placed: it is counted as head, then left out of the whole, and its own share is given "
+    "(its share counted as embeddings is the first column minus it)."
+)
+
+
+def _depth_table(rows: list[dict]) -> tuple[list[str], list[list]] | None:
+    """A run's depth shares by k (metrics.depth), tied matrix counted as head and left out;
+    None where the metrics table has none (a stored weight change, or an older table)."""
+    curves = {name: _by_layer(rows, metric, ps) for name, (metric, ps) in DEPTH_CURVES.items()}
+    if not curves["depth_share"]:
+        return None
+    tied = _metric(rows, "tied_share_weight", 0, "")
+    header = [
+        "last k blocks + head",
+        "weight change share (tied as head)",
+        "(tied left out)",
+        "Fisher-weighted share (tied as head)",
+        "(tied left out)",
+    ]
+    table = [[k, *(curves[n].get(k) for n in DEPTH_CURVES)] for k in sorted(curves["depth_share"])]
+    table.append(["tied matrix's own share", tied, "", _metric(rows, "tied_share_fisher", 0), ""])
+    return header, table
 
 
 def _probe_cell(probes: dict[str, list[dict]], layer: int) -> str:
@@ -725,6 +860,38 @@ def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
                 ),
             )
         )
+    out += [
+        (
+            f"Causal layer test (splice): {r['label']}",
+            f"Forget and retain {name} of spliced models against k, the top blocks spliced with "
+            "the head. Solid: the original with the unlearned model's top k; dashed: the "
+            "unlearned model with the original's top k restored; dotted: each model unspliced. "
+            "A dashed forget line that climbs to the original's at small k marks a shallow "
+            f"edit near the output. {SPLICE_NOTE}",
+            plots.splice_curves(r["splice"], name),
+        )
+        for r in runs
+        if r.get("splice")
+    ]
+    if any(_by_layer(rows, "depth_share_weight", "") for rows in unl.values()):
+        out.append(
+            (
+                "Where the edit sits",
+                f"{DEPTH_CAPTION} Solid: the tied matrix counted as head; dashed: left out.",
+                plots.depth_share(
+                    {
+                        what: {
+                            label: (
+                                _by_layer(rows, f"depth_share_{what}", probe_set),
+                                _by_layer(rows, f"depth_share_{what}_untied", probe_set),
+                            )
+                            for label, rows in unl.items()
+                        }
+                        for what, probe_set in (("weight", ""), ("fisher", "forget"))
+                    }
+                ),
+            )
+        )
     out.append(
         (
             "Weight change per layer",
@@ -766,8 +933,18 @@ def html(audit: dict, runs: list[dict]) -> str:
             _html_table(*_curve_table(r["curves"], audit.get("control_curves") or {})),
             "<p>Per layer, original vs unlearned (forget set) and vs relearned:</p>",
             _html_table(*_layer_table(r)),
+            *(
+                [f"<p>{escape(DEPTH_CAPTION)}</p>", _html_table(*depth)]
+                if (depth := _depth_table(r["metrics_unlearned"]))
+                else []
+            ),
             "</details>",
         ]
+        if r.get("splice"):
+            body += [
+                f"<p>{escape(splice_caption(r['splice']))}</p>",
+                _html_table(*_splice_table(r["splice"])),
+            ]
     return _page(f"Unlearning audit: {audit['name']}", body)
 
 

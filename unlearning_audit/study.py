@@ -28,6 +28,7 @@ PREDICTORS = {
     "mean_pca_distance": "mean PCA distance",
     "fisher_ratio": "Fisher ratio",
     "weight_change": "weight change",
+    "splice_restored_top1": "splice restored (top block)",
 }
 
 

@@ -15,6 +15,7 @@ Losses count answer tokens only (prompt and padding carry label -100).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import random
 from collections.abc import Callable
@@ -124,6 +125,30 @@ def relabel(rows: list[dict], seed: int) -> list[dict]:
     return out
 
 
+def request_parts(rows: list[dict], requests: int, split: str) -> list[list[dict]]:
+    """The forget rows of each of ``requests`` successive unlearning requests.
+
+    ``disjoint``: the rows cut in order into ``requests`` contiguous parts of sizes differing by
+    at most one (each row in exactly one part; facts of one group, listed together, mostly stay
+    in one request); ``repeat``: the whole set every time. Refuses more disjoint parts than rows
+    (preflight says so before any training).
+    """
+    if requests < 1:
+        raise ValueError(f"requests must be at least 1, got {requests}")
+    if split == "repeat":
+        return [list(rows) for _ in range(requests)]
+    if split != "disjoint":
+        raise ValueError(f"request_split must be 'disjoint' or 'repeat', got {split!r}")
+    if requests > len(rows):
+        raise ValueError(
+            f"{requests} disjoint unlearning requests need at least {requests} forget rows, "
+            f"the forget set has {len(rows)}"
+        )
+    size, extra = divmod(len(rows), requests)
+    bounds = [k * size + min(k, extra) for k in range(requests + 1)]
+    return [list(rows[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
 def unlearn(
     model,
     fmt: Renderer,
@@ -134,23 +159,77 @@ def unlearn(
     precision: str = "fp32",
     checkpointing: bool = False,
 ) -> dict:
-    """Unlearn ``sets['forget']`` from ``model`` in place; returns the training log, with the
-    trained LoRA adapter under ``adapter`` (adapters.Adapter; None for full training).
+    """Unlearn ``sets['forget']`` from ``model`` in place in ``config.requests`` successive
+    requests (request_parts); returns the training log, with the trained LoRA adapter under
+    ``adapter`` (adapters.Adapter; None for full training) and each request's own log under
+    ``requests``.
 
-    With ``stop_at_forget_em`` set, training stops at collapse: at the first check where the
-    forget score falls below it (exact match, or for long answers answer-token accuracy:
-    evaluation.default_metric, where exact match would read 0 from the first check).
-    ``progress(step, steps)`` follows the training loop. An unset learning rate is the model's
-    default (training.default_lr). The model trains in ``precision`` (training.fit) and ends
-    in its own dtype; the frozen reference (NPO, KL) stays in that dtype. With ``lora_rank``
-    only an adapter trains and is merged into ``model`` afterwards; the reference is the same
-    weights with the adapter disabled. ``checkpointing``: gradient checkpointing (training.fit).
+    Each request runs the method for up to ``config.steps`` steps (steps are per request) on
+    its part, with a fresh optimiser, from the model the previous request left, and with the
+    same ``seed``: one request is the method run once, and ``repeat`` of a method without a
+    reference (GA, GA+GD, RLabel) is that method run again and again. The frozen reference
+    (NPO, KL) stays the original, the model before the first request, in every request (with
+    LoRA one adapter trains through every request, the reference its base).
+    With ``stop_at_forget_em`` set, a request stops at collapse on its own part: at the first
+    check where that part's forget score falls below it (exact match, or for long answers
+    answer-token accuracy: evaluation.default_metric of the whole forget set, where exact match
+    would read 0 from the first check). ``progress(step, steps)`` follows the training loop over
+    every request. An unset learning rate is the model's default (training.default_lr). The
+    model trains in ``precision`` (training.fit) and ends in its own dtype; the reference stays
+    in that dtype. With ``lora_rank`` only an adapter trains and is merged into ``model``
+    afterwards. ``checkpointing``: gradient checkpointing (training.fit).
     """
     trainable = adapters.wrap(model, config.lora_rank)
     reference = make_reference(trainable, config)
     forget_rows = relabel(sets["forget"], seed) if config.method == "RLabel" else sets["forget"]
+    parts = request_parts(forget_rows, config.requests, config.request_split)
+    run = {
+        "model": model,
+        "trainable": trainable,
+        "loss": method_loss(config),
+        "reference": reference,
+        "fmt": fmt,
+        "retain": sets["retain"],
+        "stop_metric": default_metric(sets["forget"]),  # exact match for short answers
+        "lr": config.lr or training.default_lr(model),
+        "precision": precision,
+        "checkpointing": checkpointing,
+    }
+    if config.head_only:
+        _freeze_body(model)
+    requests = []
+    for k, part in enumerate(parts):
+
+        def advance(step: int, steps: int, done: int = k * config.steps) -> None:
+            if progress is not None:
+                progress(done + step, steps * len(parts))
+
+        requests.append(_request(run, part, config, seed, advance) | {"request": k + 1})
+    adapter = adapters.detach(trainable) if trainable is not model else None
+    for p in model.parameters():
+        p.requires_grad_(True)
+    losses = [loss for r in requests for loss in r.pop("losses")]
+    return {
+        "adapter": adapter,
+        "steps": len(losses),
+        "lr": run["lr"],
+        "precision": precision,
+        "losses": losses,
+        "checks": [c | {"request": r["request"]} for r in requests for c in r["checks"]],
+        "stopped_early": any(r["stopped_early"] for r in requests),
+        "requests": requests,
+    }
+
+
+def _request(
+    run: dict, forget_rows: list[dict], config: UnlearnConfig, seed: int, progress: Callable
+) -> dict:
+    """One unlearning request: the method on ``forget_rows`` (and the retain rows) for up to
+    ``config.steps`` steps, stopping early at collapse on these rows; ``run`` holds what every
+    request shares (see unlearn). Returns the request's losses and early-stop checks."""
+    model, fmt = run["model"], run["fmt"]
     forget = data.shuffled_batches(forget_rows, config.batch_size, seed)
-    retain = data.shuffled_batches(sets["retain"], config.batch_size, seed + 1)
+    retain = data.shuffled_batches(run["retain"], config.batch_size, seed + 1)
     device = next(model.parameters()).device
 
     def batches():
@@ -161,40 +240,32 @@ def unlearn(
             }
 
     checks: list[dict] = []
-    stop_metric = default_metric(sets["forget"])  # exact match for short answers
+    metric = run["stop_metric"]
 
     def collapsed(step: int) -> bool:
         if config.stop_at_forget_em is None or step % config.check_every:
             return False
-        score = evaluate(model, fmt, sets["forget"])[stop_metric]
+        score = evaluate(model, fmt, forget_rows)[metric]
         model.train()
-        checks.append({"step": step, f"forget_{stop_metric}": score})
+        checks.append({"step": step, f"forget_{metric}": score})
         return score < config.stop_at_forget_em
 
-    if config.head_only:
-        _freeze_body(model)
-    loss = method_loss(config)
-    lr = config.lr or training.default_lr(model)
+    loss, reference = run["loss"], run["reference"]
     losses = training.fit(
-        trainable,
+        run["trainable"],
         lambda m, b: loss(m, reference, b),
         batches(),
         config.steps,
-        lr,
+        run["lr"],
         collapsed,
         progress=progress,
         micro_batches=config.micro_batches,
-        precision=precision,
-        checkpointing=checkpointing,
+        precision=run["precision"],
+        checkpointing=run["checkpointing"],
     )
-    adapter = adapters.detach(trainable) if trainable is not model else None
-    for p in model.parameters():
-        p.requires_grad_(True)
     return {
-        "adapter": adapter,
+        "rows": len(forget_rows),
         "steps": len(losses),
-        "lr": lr,
-        "precision": precision,
         "losses": losses,
         "checks": checks,
         "stopped_early": len(losses) < config.steps,

@@ -23,6 +23,14 @@ order and seeds). Scores after relearning are averaged per fact over the relearn
 
 Bounds come from a cluster bootstrap over groups (e.g. authors): facts of one group are not
 independent. Quantization and linear probes are reported beside the regime, not in it.
+
+Quantization is judged against references: per fact, the unlearned model's gain under
+quantization g(pu) = max(q(pu) - pu, 0) beside the never-learned control's g(c) (what rounding
+alone gives a model that never knew the facts) and the original's change q(p0) - p0; recovery
+under quantization only where the paired excess gain g(pu) - g(c) has its lower bound above
+``control_margin`` (significantly). Gains count rises alone: a model cannot lose what it does
+not answer, so net changes would credit an unlearned model at 0 with the control's lost lucky
+guesses. Without a control the gain is shown, no recovery claimed.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ REGIMES = (
     "not-forgotten",
 )
 LOOK_NAMES = {"forget": "the forget set", "heldout": "the held-out half"}
+QUANTIZED_SUMMARY = {"": "unlearned", "_original": "original", "_control": "control"}
+"""The summary's quantized forget means: key suffix -> model (forget_quantized_original...)."""
 
 
 class Look(BaseModel):
@@ -63,6 +73,17 @@ class Capacity(BaseModel):
     control: list[list[float]] | None = None
 
 
+class Quantized(BaseModel):
+    """Forget-set scores per fact (paired with Evidence.forget_groups) after quantization to one
+    bit width: the unlearned model's and, as references where measured, the original's and the
+    never-learned control's, with the control's unquantized scores (its gain's baseline)."""
+
+    unlearned: list[float]
+    original: list[float] | None = None
+    control: list[float] | None = None
+    control_unquantized: list[float] | None = None
+
+
 class Evidence(BaseModel):
     """What a verdict rests on: per-fact scores in the verdict's metric, and the other attacks'
     summaries (shown beside the regime)."""
@@ -77,8 +98,7 @@ class Evidence(BaseModel):
     retain_unlearned: list[float]
     looks: dict[str, Look] = {}
     capacity: Capacity | None = None
-    forget_unlearned_mean: float | None = None  # the unlearned model's, beside quantization's
-    forget_quantized: dict[str, float] = {}
+    quantized: dict[str, Quantized] = {}  # by bit width
     probe_layer: int | None = None
     probe_forget_unlearned: float | None = None
     probe_chance: float | None = None
@@ -226,6 +246,57 @@ def _cannot_relearn(capacity: Capacity | None, t: Thresholds) -> dict | None:
     }
 
 
+def _rises(after: list[float], before: list[float]) -> np.ndarray:
+    """Per fact, how far the score rose from ``before`` to ``after`` (0 where it fell)."""
+    return np.maximum(np.asarray(after, float) - np.asarray(before, float), 0.0)
+
+
+def _gain(
+    after: list[float], before: list[float], groups: list[str], t: Thresholds, rises: bool
+) -> dict:
+    """The paired per-fact change from ``before`` to ``after`` (with ``rises``, its rises
+    alone): set means and the mean change with its bounds."""
+    change = _rises(after, before) if rises else np.asarray(after, float) - np.asarray(before)
+    mean, lower, upper, _ = _interval(change, groups, t, seed=7)
+    return {"before": float(np.mean(before)), "after": float(np.mean(after))} | {
+        "gain": mean,
+        "lower": lower,
+        "upper": upper,
+    }
+
+
+def _judge_quantized(e: Evidence, q: Quantized, t: Thresholds) -> dict:
+    """Recovery under one bit width against its references (module doc): the unlearned model's
+    and the control's gains under quantization, the original's change, each with bounds, and
+    the unlearned model's excess gain over the control's, paired per fact, with its bounds and
+    p-value; ``recovered`` (None without a control) only where that excess clears
+    ``control_margin`` beyond its interval.
+
+    Gains count rises alone: a model cannot lose what it does not answer, so with net changes
+    the control's lost lucky guesses would read as recovery of an unlearned model at 0."""
+    groups = e.forget_groups
+    original = q.original
+    out = {
+        "unlearned": _gain(q.unlearned, e.forget_unlearned, groups, t, rises=True),
+        "original": None
+        if original is None
+        else _gain(original, e.forget_original, groups, t, rises=False),
+        "control": None
+        if q.control is None or q.control_unquantized is None
+        else _gain(q.control, q.control_unquantized, groups, t, rises=True),
+        "excess": None,
+        "recovered": None,
+    }
+    if out["control"] is None:
+        return out
+    excess = _rises(q.unlearned, e.forget_unlearned) - _rises(q.control, q.control_unquantized)
+    mean, lower, upper, draws = _interval(excess, groups, t, seed=8)
+    p = stats.p_above(draws, t.control_margin)
+    out["excess"] = {"mean": mean, "lower": lower, "upper": upper, "p": p}
+    out["recovered"] = bool(lower > t.control_margin and p < t.alpha)
+    return out
+
+
 def known_problem(scores: dict, metric: str, known: float) -> str | None:
     """Why an audit cannot start from this original, if it cannot: a forget-set score below
     ``known`` in ``metric`` (every score beside it, to show which would fit); else None."""
@@ -296,6 +367,7 @@ def decide(evidence: Evidence, thresholds: Thresholds) -> dict:
         "deciding_look": deciding,
         "capacity": capacity,
         "power": power,
+        "quantization": {bits: _judge_quantized(e, q, t) for bits, q in e.quantized.items()},
         "headline": "",
         "reasons": [],
         "evidence": _summary(e),
@@ -422,12 +494,8 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
         )
     if v["regime"].startswith("inconclusive") and v["deciding_look"] is not None:
         reasons.append("inconclusive: " + _what_would_decide(v["looks"][v["deciding_look"]]))
-    for bits, score in sorted(e.forget_quantized.items(), key=lambda kv: -int(kv[0])):
-        before = "" if e.forget_unlearned_mean is None else f"{e.forget_unlearned_mean:.2f} -> "
-        reasons.append(
-            f"{bits}-bit quantization of the unlearned model: forget {METRIC_NAMES[e.metric]} "
-            f"{before}{score:.2f}"
-        )
+    for bits, q in sorted(v["quantization"].items(), key=lambda kv: -int(kv[0])):
+        reasons.append(_quantization_reason(bits, q, metric, t))
     if e.probe_skipped:
         reasons.append(f"linear probes: skipped ({e.probe_skipped})")
     if e.probe_forget_unlearned is not None and e.probe_chance is not None:
@@ -437,6 +505,45 @@ def _reasons(v: dict, e: Evidence, t: Thresholds) -> list[str]:
             f"original {e.probe_forget_original or 0:.2f})"
         )
     return reasons
+
+
+def _quantization_reason(bits: str, q: dict, metric: str, t: Thresholds) -> str:
+    """One bit width's recovery under quantization in words: the unlearned model's gain beside
+    the control's and the original's change, and whether the excess over the control's gain
+    clears the margin beyond its interval."""
+
+    def change(name: str, what: str) -> str:
+        g = q[name]
+        return (
+            f"{g['before']:.2f} -> {g['after']:.2f}, {what} {g['gain']:+.2f} "
+            f"[{g['lower']:+.2f}, {g['upper']:+.2f}]"
+        )
+
+    line = (
+        f"{bits}-bit quantization, forget {metric} (gains count per-fact rises alone): the "
+        f"unlearned model {change('unlearned', 'gain')}"
+    )
+    if q["control"] is not None:
+        line += f"; the never-learned control {change('control', 'gain')}"
+    if q["original"] is not None:
+        line += f"; the original {change('original', 'change')}"
+    excess = q["excess"]
+    if excess is None:
+        return line + (
+            "; no never-learned control measured under quantization, so its gain is not told "
+            "from what rounding alone does: no recovery is claimed"
+        )
+    verdict = (
+        "recovery under quantization (the unlearned model gains beyond what quantization gives "
+        "a model that never learned the facts)"
+        if q["recovered"]
+        else "no recovery under quantization beyond the control's gain"
+    )
+    return line + (
+        f"; gain over the control's {excess['mean']:+.2f} [{excess['lower']:+.2f}, "
+        f"{excess['upper']:+.2f}] per fact, p {_p(excess['p'])} (above "
+        f"{t.control_margin:+.2f}): {verdict}"
+    )
 
 
 def _what_would_decide(look: dict) -> str:
@@ -462,7 +569,14 @@ def _summary(e: Evidence) -> dict:
         "forget_unlearned": mean(e.forget_unlearned),
         "retain_original": mean(e.retain_original),
         "retain_unlearned": mean(e.retain_unlearned),
-        "forget_quantized": e.forget_quantized,
+        **{
+            f"forget_quantized{suffix}": {
+                bits: mean(getattr(q, model))
+                for bits, q in e.quantized.items()
+                if getattr(q, model) is not None
+            }
+            for suffix, model in QUANTIZED_SUMMARY.items()
+        },
         "probe_layer": e.probe_layer,
         "probe_skipped": e.probe_skipped,
         "probe_forget_unlearned": e.probe_forget_unlearned,

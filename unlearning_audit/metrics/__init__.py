@@ -13,8 +13,12 @@ head).
   :func:`pca_metrics` (all of them from one fit per set): principal directions compared
   sign-free, and the candidate's centroid in the original's principal axes.
 * :func:`fisher_diagonal`, :func:`fisher_summary`, :func:`fisher_weighted_distance`: diagonal
-  empirical Fisher per layer from per-sample gradients over answer tokens.
+  Fisher per layer from per-sample gradients over answer tokens, empirical (the data's labels)
+  or the model's (labels drawn from the model).
 * :func:`weight_change`: relative Frobenius change of each layer's weights.
+* :mod:`~unlearning_audit.metrics.depth`: the share of the squared weight change and of the
+  Fisher-weighted distance in the last k blocks plus the head (a tied head/embedding matrix
+  counted apart).
 """
 
 from unlearning_audit.metrics.cka import CKAAccumulator, cka_moments, linear_cka

@@ -1,8 +1,15 @@
-"""Diagonal empirical Fisher information of a causal LM, per layer, from per-sample gradients.
+"""Diagonal Fisher information of a causal LM, per layer, from per-sample gradients: the
+empirical Fisher (the data's labels) or the model's (labels drawn from the model).
 
 F_j = mean over samples i of (d log p(y_i | x_i) / d theta_j)^2, where log p(y_i | x_i) is the sum
 of the log-probabilities of sample i's answer tokens (labels != -100; prompt and padding carry
 -100). The square must be taken per sample: squaring a batch gradient measures something else.
+With the data's answers as y_i this is the empirical Fisher; where the model gives them
+probability near 0 (after unlearning) it mostly restates the loss (Kunstner et al. 2019,
+"Limitations of the empirical Fisher approximation"). The model's Fisher takes y_i drawn from the
+model's own predictive distribution at each answer position instead (Monte Carlo, a seeded
+number of draws per row): E_{y ~ p}[(d log p(y | x) / d theta_j)^2], the curvature of the model's
+likelihood whatever the data say. Both run through the same per-sample gradients below.
 
 Per-sample gradients come from ``torch.func``: ``vmap(grad(log p))`` over the samples of a batch,
 each run through the model as a batch of one with ``functional_call``, so one vectorised backward
@@ -38,13 +45,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from unlearning_audit.metrics.weights import layer_parameters, paired_parameters, select_layers
+from unlearning_audit.metrics.weights import (
+    layer_parameters,
+    paired_parameters,
+    select_layers,
+    sum_by_layer,
+)
 
 IGNORE_INDEX = -100
 FISHER_LOG10_EDGES = np.arange(-20.0, 5.0)
@@ -54,6 +67,9 @@ FISHER_QUANTILES = (0.5, 0.9, 0.99)
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 Tensors = dict[str, torch.Tensor]
+Labels = Literal["empirical", "model"]
+LABELS: tuple[Labels, ...] = ("empirical", "model")
+"""The Fisher's labels: the data's (empirical Fisher) or drawn from the model (the model's)."""
 
 
 class UnsupportedModel(ValueError):
@@ -100,8 +116,11 @@ def fisher_diagonal(
     batches: Iterable[Mapping[str, torch.Tensor]],
     layers: Iterable[int] | None = None,
     passes: SamplesPerPass | None = None,
+    labels: Labels = "empirical",
+    samples: int = 1,
+    seed: int = 0,
 ) -> dict[int, torch.Tensor]:
-    """Diagonal empirical Fisher per layer: {layer: flat float32 CPU tensor}.
+    """Diagonal Fisher per layer, empirical or the model's: {layer: flat float32 CPU tensor}.
 
     ``batches`` yields dicts with ``input_ids``, ``attention_mask`` and ``labels``, LongTensors of
     shape (b, t), labels -100 on prompt and padding, each row's real tokens contiguous (padding
@@ -114,7 +133,19 @@ def fisher_diagonal(
     attention, and gets its mode and attention back afterwards. Raises
     :class:`UnsupportedModel` for a model that cannot run under ``torch.func``, and
     :class:`SampleDoesNotFit` when one sample runs out of memory.
+
+    ``labels`` says which labels the squared gradients take at the answer positions:
+    ``"empirical"``, the batch's own (the empirical Fisher); ``"model"``, ``samples`` draws per
+    row from the model's own predictive distribution at each position (the model's, or "true",
+    Fisher, by Monte Carlo; see :func:`_sampled_labels`), the mean then running over rows and
+    draws. Draws come from a CPU generator seeded with ``seed``, batch after batch, so they do not
+    depend on the device or the pass size.
     """
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    generator = torch.Generator().manual_seed(seed)
     groups = layer_parameters(model)
     chosen = select_layers(groups, layers)
     names = [name for layer in chosen for name, _ in groups[layer]]
@@ -129,8 +160,12 @@ def fisher_diagonal(
         with _eager_attention(model, like.dtype):
             _check_supported(model, per_sample_grads, params, frozen)
             for batch in batches:
-                input_ids, labels = _prepare_batch(batch, like.device)
-                _add_batch(per_sample_grads, params, frozen, input_ids, labels, sums, passes)
+                input_ids, targets = _prepare_batch(batch, like.device)
+                if labels == "model":
+                    input_ids, targets = _sampled_labels(
+                        model, input_ids, targets, samples, generator, passes, params
+                    )
+                _add_batch(per_sample_grads, params, frozen, input_ids, targets, sums, passes)
                 n_samples += input_ids.shape[0]
     finally:
         model.train(was_training)
@@ -155,21 +190,34 @@ def _add_batch(
 ) -> None:
     """Add one batch's squared per-sample gradients to ``sums``: in one pass without
     ``passes``, else in passes of at most ``passes.size`` samples, halved on out-of-memory."""
+
+    def add(rows: slice) -> None:
+        squares = _squared_gradients(
+            per_sample_grads, params, frozen, input_ids[rows], labels[rows], sums
+        )
+        for name, square in squares.items():  # in place: nothing here runs out of memory
+            sums[name] += square
+
+    _in_passes(len(input_ids), passes, params, add)
+
+
+def _in_passes(
+    n: int, passes: SamplesPerPass | None, params: Tensors, run: Callable[[slice], None]
+) -> None:
+    """``run(rows)`` over ``n`` rows: all at once without ``passes``, else slices of at most
+    ``passes.size`` rows, the size halved on out-of-memory and the failed slice run again
+    (``run`` must change nothing before its last step that can run out of memory)."""
     start = 0
-    while start < len(input_ids):
-        rows = slice(start, start + passes.size if passes else None)
+    while start < n:
+        stop = min(n, start + passes.size) if passes else n
         try:
-            squares = _squared_gradients(
-                per_sample_grads, params, frozen, input_ids[rows], labels[rows], sums
-            )
+            run(slice(start, stop))
         except torch.cuda.OutOfMemoryError:
             if passes is None:
                 raise
             _halve(passes, params)
             continue  # the failed pass's memory is freed with its exception, here
-        for name, square in squares.items():
-            sums[name] += square
-        start += len(input_ids[rows])
+        start = stop
 
 
 def _squared_gradients(
@@ -268,6 +316,46 @@ def _sample_log_prob(model: nn.Module):
     return log_prob
 
 
+@torch.no_grad()
+def _sampled_labels(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    samples: int,
+    generator: torch.Generator,
+    passes: SamplesPerPass | None,
+    params: Tensors,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row repeated ``samples`` times (row i's draws at rows i * samples ...), its answer
+    labels replaced by tokens drawn from the model's predictive distribution at each answer
+    position, given the row's true tokens before it (teacher forcing; each position drawn
+    independently). Rows come prepared (:func:`_prepare_batch`: real tokens first, no mask);
+    the forward passes that predict them run in ``passes`` as the gradients' do (``params``:
+    the chosen parameters, for :func:`_halve`'s message).
+
+    Why this is the model's Fisher: with y_t ~ p(. | x_<t) independent across positions, the
+    squared gradient of sum_t log p(y_t) has expectation sum_t E[g_t^2], the cross terms
+    vanishing as E[g_t] = 0; the Fisher is the sum over positions of each position's Fisher,
+    as the empirical one sums the true labels' log-probabilities.
+    """
+    answer = labels[:, 1:] != IGNORE_INDEX
+    found: list[torch.Tensor] = []
+
+    def predict(rows: slice) -> None:
+        embeds = model.get_input_embeddings()(input_ids[rows])
+        logits = model(inputs_embeds=embeds).logits[:, :-1]
+        found.append(logits[answer[rows]].float().softmax(dim=-1).cpu())
+
+    _in_passes(len(input_ids), passes, params, predict)
+    probs = torch.cat(found)
+    drawn = torch.multinomial(probs, samples, replacement=True, generator=generator)
+    targets = labels[:, 1:, None].expand(-1, -1, samples).clone()
+    targets[answer] = drawn.to(targets.device)
+    first = labels[:, :1, None].expand(-1, -1, samples)
+    sampled = torch.cat([first, targets], dim=1).permute(0, 2, 1).reshape(-1, labels.shape[1])
+    return input_ids.repeat_interleave(samples, dim=0), sampled
+
+
 def _prepare_batch(
     batch: Mapping[str, torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +412,6 @@ def fisher_summary(
     return summary
 
 
-@torch.no_grad()
 def fisher_weighted_distance(
     fisher0: Mapping[int, torch.Tensor], model: nn.Module, model0: nn.Module
 ) -> dict[int, float]:
@@ -332,8 +419,19 @@ def fisher_weighted_distance(
 
     ``fisher0`` is the original model's :func:`fisher_diagonal`, ``model0`` the original and
     ``model`` the candidate: a second-order estimate of how much the edit moved the original's
-    log-likelihood (large where the moved weights mattered to it).
+    log-likelihood (large where the moved weights mattered to it). The sums of
+    :func:`fisher_weighted_terms` over each layer's parameters.
     """
+    return sum_by_layer(fisher_weighted_terms(fisher0, model, model0), model0)
+
+
+@torch.no_grad()
+def fisher_weighted_terms(
+    fisher0: Mapping[int, torch.Tensor], model: nn.Module, model0: nn.Module
+) -> Iterator[tuple[str, float]]:
+    """(name, sum_j F0_j (theta_j - theta0_j)^2 over the parameter's values) for each parameter
+    of the layers of ``fisher0``, in float64, after checking that each layer's Fisher has one
+    value per parameter (see :func:`fisher_weighted_distance`)."""
     sizes = {
         layer: sum(param.numel() for _, param in params)
         for layer, params in layer_parameters(model0).items()
@@ -346,14 +444,12 @@ def fisher_weighted_distance(
                 f"layer {layer}: the Fisher has {values.numel()} values, "
                 f"the model's layer has {sizes[layer]} parameters"
             )
-    distance = dict.fromkeys(fisher0, 0.0)
     offsets = dict.fromkeys(fisher0, 0)
-    for layer, theta0, theta in paired_parameters(model0, model):
+    for layer, name, theta0, theta in paired_parameters(model0, model):
         if layer not in fisher0:
             continue
         start, size = offsets[layer], theta0.numel()
         diff = (theta.double() - theta0.double()).ravel()
         weights = fisher0[layer][start : start + size].to(diff.device, torch.float64)
-        distance[layer] += float((weights * diff.square()).sum())
+        yield name, float((weights * diff.square()).sum())
         offsets[layer] = start + size
-    return distance

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..activations import layer_path, read_layer
 from .cka import cka_moments
-from .fisher import fisher_weighted_distance
+from .depth import DepthParts
 from .pca import pca_metrics
 
 SCHEMA = pa.schema(
@@ -72,28 +72,61 @@ def weight_rows(change: dict[int, float]) -> list[dict]:
     ]
 
 
-def fisher_rows(fisher0: dict, summary: dict, original, candidate) -> list[dict]:
-    """Per layer on the forget set: the candidate's Fisher mean and quantiles (``summary``, its
-    fisher_summary), the ratio of its mean to the original's (``fisher0``, its values), and the
-    original-Fisher-weighted distance of the weights; none where either Fisher is empty (its
-    stage skipped: a ratio needs both)."""
+def fisher_rows(fisher0: dict, summary: dict, distance: dict[int, float]) -> list[dict]:
+    """Per layer on the forget set: the candidate's empirical Fisher mean and quantiles
+    (``summary``, its fisher_summary), the ratio of its mean to the original's (``fisher0``, its
+    values), and the original-Fisher-weighted ``distance`` of the weights (fisher.
+    fisher_weighted_distance, or its terms summed by layer); none where either Fisher is empty
+    (its stage skipped: a ratio needs both)."""
     if not fisher0 or not summary:
         return []
-    distance = fisher_weighted_distance(fisher0, candidate, original)
+    means0 = {layer: float(values.double().mean()) for layer, values in fisher0.items()}
+    rows = fisher_summary_rows("fisher", means0, summary)
+    return rows + [
+        _row("fisher_weighted_distance", layer, "forget", distance[layer]) for layer in summary
+    ]
+
+
+def fisher_summary_rows(prefix: str, means0: dict[int, float], summary: dict) -> list[dict]:
+    """Per layer on the forget set, from a candidate's Fisher ``summary`` and the original's
+    per-layer means ``means0``: ``{prefix}_mean``, ``_q50``, ``_q90``, ``_q99``, ``_mean_ratio``
+    (NaN where the original's mean is 0) and ``_mean_original``; none where either is empty."""
+    if not means0 or not summary:
+        return []
     rows = []
     for layer, entry in summary.items():
-        if layer not in fisher0:
+        if layer not in means0:
             raise ValueError(f"layer {layer} is missing from the original's Fisher")
-        mean0 = float(fisher0[layer].double().mean())
-        values = {f"fisher_{k}": v for k, v in entry.items() if k in ("mean", "q50", "q90", "q99")}
-        values["fisher_mean_ratio"] = entry["mean"] / mean0 if mean0 else math.nan
-        values["fisher_mean_original"] = mean0
-        values["fisher_weighted_distance"] = distance[layer]
-        rows += [
-            {"metric": m, "layer": layer, "probe_set": "forget", "value": float(v)}
-            for m, v in values.items()
-        ]
+        mean0 = means0[layer]
+        kept = ("mean", "q50", "q90", "q99")
+        values = {f"{prefix}_{k}": v for k, v in entry.items() if k in kept}
+        values[f"{prefix}_mean_ratio"] = entry["mean"] / mean0 if mean0 else math.nan
+        values[f"{prefix}_mean_original"] = mean0
+        rows += [_row(m, layer, "forget", v) for m, v in values.items()]
     return rows
+
+
+def depth_rows(weight: DepthParts, fisher: DepthParts | None) -> list[dict]:
+    """The depth shares (metrics.depth) as table rows, ``layer`` holding k (the last k blocks
+    plus the head): ``depth_share_weight`` (tied head/embedding matrix counted as head) and
+    ``depth_share_weight_untied`` (it left out), probe_set empty, and the tied matrix's share
+    ``tied_share_weight`` at layer 0; the same of the Fisher-weighted distance on the forget
+    set (``depth_share_fisher`` ...) where ``fisher`` is given."""
+    rows = []
+    for what, parts, probe_set in (("weight", weight, ""), ("fisher", fisher, "forget")):
+        if parts is None:
+            continue
+        for metric, curve in (
+            (f"depth_share_{what}", parts.share()),
+            (f"depth_share_{what}_untied", parts.share(tied_as_head=False)),
+        ):
+            rows += [_row(metric, k, probe_set, value) for k, value in enumerate(curve)]
+        rows.append(_row(f"tied_share_{what}", 0, probe_set, parts.tied_share))
+    return rows
+
+
+def _row(metric: str, layer: int, probe_set: str, value: float) -> dict:
+    return {"metric": metric, "layer": layer, "probe_set": probe_set, "value": float(value)}
 
 
 def write(rows: list[dict], path: Path) -> None:

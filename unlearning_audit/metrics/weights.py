@@ -3,12 +3,14 @@ checkpoint's tensors), and the grouping of parameters by layer.
 
 Layers follow :mod:`unlearning_audit.layers` (0 = embeddings, i = decoder block i - 1, L + 1 =
 final norm and LM head), with blocks matched by exact index, never by substring. A tied LM head
-shares the embedding matrix; ``named_parameters`` lists it once, under the embeddings (layer 0).
+shares the embedding matrix; ``named_parameters`` lists it once, under the embeddings (layer 0);
+:func:`tied_parameters` names it, for the depth shares that count it apart
+(:mod:`unlearning_audit.metrics.depth`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -74,14 +76,31 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
 
 def paired_parameters(
     model_a: nn.Module, model_b: nn.Module
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(layer, theta_a, theta_b) for each parameter, detached, in :func:`layer_parameters`
-    order of model_a, after checking that the two models have the same parameters."""
+) -> Iterator[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """(layer, name, theta_a, theta_b) for each parameter, detached, in
+    :func:`layer_parameters` order of model_a, after checking that the two models have the same
+    parameters."""
     check_same_architecture(model_a, model_b)
     params_b = dict(model_b.named_parameters())
     for layer, params in layer_parameters(model_a).items():
         for name, param in params:
-            yield layer, param.detach(), params_b[name].detach().to(param.device)
+            yield layer, name, param.detach(), params_b[name].detach().to(param.device)
+
+
+def tied_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters the input embeddings share with the output embeddings (the LM
+    head): a tied head's matrix, listed once by ``named_parameters``, under the embeddings
+    (layer 0). Empty for an untied head (or a model without one)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return set()
+    head_ids = {id(p) for p in head.parameters()}
+    embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+    return {
+        name
+        for name, param in model.named_parameters()
+        if id(param) in head_ids and id(param) in embedding_ids
+    }
 
 
 @torch.no_grad()
@@ -98,25 +117,53 @@ def weight_change(model_a: nn.Module, model_b: nn.Module) -> dict[int, float]:
 def weight_change_from(original: Mapping[str, torch.Tensor], model: nn.Module) -> dict[int, float]:
     """Relative weight change per layer of ``model`` from ``original`` (each of its parameters'
     earlier values, by name: another model's parameters, or a checkpoint's tensors read one at a
-    time), ||theta - theta0||_F / ||theta0||_F.
+    time), ||theta - theta0||_F / ||theta0||_F: :func:`relative_change` of its
+    :func:`squared_changes`."""
+    return relative_change(list(squared_changes(original, model)), model)
 
-    The norms run over all of the layer's parameters together, in float64, on ``model``'s
-    device (one of ``original``'s tensors there at a time).
-    """
-    squares: dict[int, list[float]] = {}
-    for layer, params in layer_parameters(model).items():
+
+def relative_change(
+    changes: Sequence[tuple[str, float, float]], model: nn.Module
+) -> dict[int, float]:
+    """||theta - theta0||_F / ||theta0||_F per layer from :func:`squared_changes` of ``model``'s
+    parameters, the norms running over all of the layer's parameters together."""
+    square0 = sum_by_layer(((name, value) for name, value, _ in changes), model)
+    square_diff = sum_by_layer(((name, value) for name, _, value in changes), model)
+    change = {}
+    for layer, total in square0.items():
+        if total == 0:
+            raise ValueError(f"layer {layer} of the original model is all zeros")
+        change[layer] = (square_diff[layer] / total) ** 0.5
+    return change
+
+
+def sum_by_layer(values: Iterable[tuple[str, float]], model: nn.Module) -> dict[int, float]:
+    """Per-parameter ``values`` (name, value) of ``model`` summed per layer, in the order the
+    layers first appear."""
+    layer_of = parameter_layers(model)
+    sums: dict[int, float] = {}
+    for name, value in values:
+        sums[layer_of[name]] = sums.get(layer_of[name], 0.0) + value
+    return sums
+
+
+@torch.no_grad()
+def squared_changes(
+    original: Mapping[str, torch.Tensor], model: nn.Module
+) -> Iterator[tuple[str, float, float]]:
+    """(name, ||theta0||^2, ||theta - theta0||^2) of each of ``model``'s parameters against its
+    earlier value in ``original`` (by name), in :func:`layer_parameters` order; sums of squares
+    add up over parameters, so any grouping of them (layers, depth shares) sums these. In
+    float64, on ``model``'s device (one of ``original``'s tensors there at a time)."""
+    for params in layer_parameters(model).values():
         for name, param in params:
             theta = param.detach()
             theta0 = original[name].detach().to(theta.device).double()
-            sums = squares.setdefault(layer, [0.0, 0.0])
-            sums[0] += float(theta0.square().sum())
-            sums[1] += float((theta.double() - theta0).square().sum())
-    change = {}
-    for layer, (square0, square_diff) in squares.items():
-        if square0 == 0:
-            raise ValueError(f"layer {layer} of the original model is all zeros")
-        change[layer] = (square_diff / square0) ** 0.5
-    return change
+            yield (
+                name,
+                float(theta0.square().sum()),
+                float((theta.double() - theta0).square().sum()),
+            )
 
 
 def weight_change_from_checkpoint(
