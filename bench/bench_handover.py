@@ -56,16 +56,24 @@ def _seconds(start, end) -> float:
     return (end - start).total_seconds() if start and end else 0.0
 
 
-def _computed(client, flow_run_id) -> float:
-    """Seconds the task runs of a flow run spent computing: every task run not served from the
-    store and not waiting on a flow run of a pool (a dispatching task's message names it)."""
-    runs = client.read_task_runs(
+def _task_runs(client, flow_run_id) -> list:
+    return client.read_task_runs(
         flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
     )
+
+
+def _computed(task_runs, waits=()) -> float:
+    """Seconds these task runs spent computing: every one not served from the store (nor
+    computed by a pool's flow run), and not overlapping one of the ``waits`` intervals (a
+    pool's flow run: the audit's task that waits for it, and the task run Prefect adds for it
+    as a subflow)."""
     return sum(
         _seconds(t.start_time, t.end_time)
-        for t in runs
-        if t.state.name != "Cached" and "flow run" not in (t.state.message or "")
+        for t in task_runs
+        if t.state.name != "Cached"
+        and "by flow run" not in (t.state.message or "")  # served after its group's run
+        and t.start_time
+        and not any(t.start_time < end and start < t.end_time for start, end in waits)
     )
 
 
@@ -93,10 +101,11 @@ def measure(audit_id) -> dict:
                     "name": run.name,
                     "pool": run.work_pool_name,
                     "wall": _seconds(ready, run.end_time),
-                    "compute": _computed(client, run.id),
+                    "compute": _computed(_task_runs(client, run.id)),
                 }
             )
-        local = _computed(client, audit_id)
+        waits = [(r.created, r.end_time) for r in children]
+        local = _computed(_task_runs(client, audit_id), waits)
     wall = _seconds(audit.start_time, audit.end_time)
     handover = sum(r["wall"] - r["compute"] for r in runs)
     compute = local + sum(r["compute"] for r in runs)
