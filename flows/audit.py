@@ -4,7 +4,9 @@ fetch -> unlearn (per method) -> evaluate -> relearn -> evaluate -> extract -> m
 splice (the causal layer test) -> verdict -> report. Run locally, everything runs in this
 process; every stage is served from the store when its inputs, config and code are unchanged.
 Every stage that loads a model gets the audit's ``trust_remote_code``: whether a checkpoint may
-run its own code is the current run's decision, never read from the store.
+run its own code is the current run's decision, never read from the store. Deployed, the stages
+of each stage group (the original's measurements, the control's, one unlearned model's from
+unlearning to verdict) go to the gpu pool together, as one flow run (tasks._stage.stage_group).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from tasks._progress import StageProgress
-from tasks._stage import ref_of
+from tasks._stage import ref_of, stage_group
 from tasks.checkpoint import check_compatible, fetch_checkpoint
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
@@ -26,7 +28,7 @@ from tasks.splice import splice_run
 from tasks.unlearn import unlearn
 from tasks.verdict import check_known, verdict
 from unlearning_audit import relearning
-from unlearning_audit.config import AuditParams
+from unlearning_audit.config import AuditParams, UnlearnConfig
 from unlearning_audit.preflight import preflight, warnings
 from unlearning_audit.store import ArtifactRef
 
@@ -195,6 +197,19 @@ def _control_evals(
     }
 
 
+@stage_group("control")
+def _control_side(
+    store: str, params: AuditParams, control: ArtifactRef | None, data_ref: ArtifactRef
+) -> tuple[dict[str, list[ArtifactRef]], dict | None]:
+    """The never-learned control's relearning runs and evaluations (_control_evals), one
+    stage group; none without a control."""
+    if control is None:
+        return {}, None
+    runs = _relearn_all(store, params, control, data_ref, None)
+    return runs, _control_evals(store, params, control, data_ref)
+
+
+@stage_group("judge {candidate[label]}")
 def audit_run(
     store: str,
     params: AuditParams,
@@ -204,11 +219,15 @@ def audit_run(
     control_runs: dict[str, list[ArtifactRef]],
     control_evals: dict | None = None,
 ) -> dict:
-    """Evaluate, relearn, extract, compare and judge one unlearned checkpoint; quantization
-    is judged against the original's (``original['quantized']``) and the control's
-    (``control_evals``: _control_evals) evaluations at the same bit widths."""
+    """Unlearn (a candidate of a method), evaluate, relearn, extract, compare and judge one
+    unlearned checkpoint; quantization is judged against the original's
+    (``original['quantized']``) and the control's (``control_evals``: _control_evals)
+    evaluations at the same bit widths."""
     rows, trust = params.data.eval_max_rows, params.trust_remote_code
-    unlearned = candidate["checkpoint"]
+    if "checkpoint" in candidate:
+        unlearned = candidate["checkpoint"]
+    else:
+        unlearned = _unlearn(store, params, original["checkpoint"], data_ref, candidate["config"])
     unlearned_eval = _evaluate(store, params, unlearned, data_ref)
     relearned = _relearn_all(store, params, unlearned, data_ref, original["checkpoint"])
     measured = relearned["forget"][0]  # holds the relearned model's activations, weight change
@@ -285,6 +304,7 @@ def audit_run(
     }
 
 
+@stage_group("original")
 def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
     """The original's evaluation (refused before any training where it does not know the
     facts), activations, Fisher, probes and quantized evaluations (quantization's reference,
@@ -304,32 +324,37 @@ def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref
     return original
 
 
-def _candidates(
-    store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef, given
-) -> list[dict]:
-    """The unlearned checkpoints to judge: the given one (mode b), or one per method."""
+def _candidates(params: AuditParams, given: ArtifactRef | None) -> list[dict]:
+    """The unlearned checkpoints to judge: the given one (mode b), or one per method (its
+    ``config``: audit_run unlearns it)."""
     if given is not None:
         return [{"label": "given", "method": "given", "lr": None, "checkpoint": given}]
     return [
-        {
-            "label": cfg.label,
-            "method": cfg.method,
-            "lr": cfg.lr,
-            "checkpoint": unlearn(
-                store,
-                checkpoint,
-                data_ref,
-                cfg,
-                params.seed,
-                params.device,
-                trust_remote_code=params.trust_remote_code,
-                precision=params.precision,
-                gradient_checkpointing=params.gradient_checkpointing,
-                gpus=params.gpus,
-            ),
-        }
+        {"label": cfg.label, "method": cfg.method, "lr": cfg.lr, "config": cfg}
         for cfg in params.methods
     ]
+
+
+def _unlearn(
+    store: str,
+    params: AuditParams,
+    checkpoint: ArtifactRef,
+    data_ref: ArtifactRef,
+    cfg: UnlearnConfig,
+):
+    """The unlearned checkpoint of one method's run."""
+    return unlearn(
+        store,
+        checkpoint,
+        data_ref,
+        cfg,
+        params.seed,
+        params.device,
+        trust_remote_code=params.trust_remote_code,
+        precision=params.precision,
+        gradient_checkpointing=params.gradient_checkpointing,
+        gpus=params.gpus,
+    )
 
 
 def _described(params: AuditParams, control) -> dict:
@@ -376,11 +401,10 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         progress(1, milestones)
         original = _original(store, params, checkpoint, data_ref)
         progress(2, milestones)
-        control_runs = _relearn_all(store, params, control, data_ref, None) if control else {}
-        control_evals = _control_evals(store, params, control, data_ref)
+        control_runs, control_evals = _control_side(store, params, control, data_ref)
         progress(3, milestones)
         runs = []
-        for candidate in _candidates(store, params, checkpoint, data_ref, given):
+        for candidate in _candidates(params, given):
             runs.append(
                 audit_run(store, params, data_ref, original, candidate, control_runs, control_evals)
             )

@@ -1,45 +1,46 @@
-"""The `stage` flow: one stage task, by name, as a flow run on a work pool.
+"""The `stage` flow: one stage task, or one stage group, by name, as a flow run on a work pool.
 
 Deployed twice (deployments/prefect.yaml): `gpu-stage` on the `gpu` pool and `cpu-stage` on the
 `cpu` pool. A deployed audit does not call it directly: a stage task that is not in the store and
 belongs to another pool starts it (tasks/_stage.py), passing the task's own parameters as JSON
-(store references, configs), and reads back the artifact reference it returns.
+(store references, configs), and reads back the artifact reference it returns. Inside a stage
+group (tasks._stage.stage_group: e.g. every stage of one unlearned model), that first stage
+starts it for the whole group instead, with the group's arguments: the group's stages run here
+in order, each through the store (served where stored, else computed and stored), and the run
+returns the keys it computed; the caller then serves every stage of the group from the store.
 """
 
 from __future__ import annotations
 
 import importlib
-import typing
 from typing import Any
 
 from prefect import Task, flow
 from prefect.states import Completed, State
-from pydantic import TypeAdapter
+
+from tasks._stage import GROUP_MARK, from_json, running_here
 
 
-def resolve(task: str) -> Task:
-    """The stage task named ``module:attribute``; only tasks of the `tasks` package."""
+def resolve(task: str):
+    """The stage task (``tasks.<module>:<task>``) or stage group (``flows.<module>:<function>``,
+    marked by tasks._stage.stage_group) of this package named ``module:attribute``."""
     module, _, attribute = task.partition(":")
-    if not module.startswith("tasks.") or not attribute:
-        raise ValueError(f"not a stage task of this package: {task!r}")
+    if not module.startswith(("tasks.", "flows.")) or not attribute:
+        raise ValueError(f"not a stage task or group of this package: {task!r}")
     obj = getattr(importlib.import_module(module), attribute, None)
-    if not isinstance(obj, Task):
-        raise ValueError(f"{task!r} is not a Prefect task")
-    return obj
-
-
-def typed(stage: Task, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The JSON parameters turned back into what the task's annotations say (refs, configs)."""
-    hints = typing.get_type_hints(stage.fn)
-    return {
-        name: TypeAdapter(hints[name]).validate_python(value) if name in hints else value
-        for name, value in parameters.items()
-    }
+    if isinstance(obj, Task) if module.startswith("tasks.") else getattr(obj, GROUP_MARK, False):
+        return obj
+    raise ValueError(f"{task!r} is not a stage task or group")
 
 
 @flow(name="stage", persist_result=True)
 def stage(task: str, parameters: dict[str, Any]) -> State:
-    """Run one stage task (``tasks.<module>:<task>``) here; end in its state ("Cached" or not)."""
-    stage_task = resolve(task)
-    state = stage_task(**typed(stage_task, parameters), return_state=True)
+    """Run one stage task or group here, every stage of it in this flow run; a task ends in its
+    state ("Cached" or not) with its artifact reference, a group in the keys it computed."""
+    target = resolve(task)
+    with running_here() as computed:
+        if not isinstance(target, Task):
+            target(**from_json(parameters))
+            return Completed(message=f"computed {len(computed)} artifacts", data=sorted(computed))
+        state = target(**from_json(parameters), return_state=True)
     return Completed(name=state.name, message=state.message, data=state.result())

@@ -6,25 +6,42 @@ faults injected from a file. When deployed (UNLEARNING_AUDIT_DISPATCH=deployed),
 not in the store and belongs to another work pool than this process's flow run (GPU stages: the
 `gpu` pool) runs there as a flow run of the `stage` deployment (flows/dispatch.py), so a cache
 hit never leaves the calling process and a retried flow resumes at the first stage not yet
-stored.
+stored. Called inside a stage group (a function decorated with :func:`stage_group`, such as all
+the stages of one unlearned model), the first such stage runs the whole group there as one flow
+run instead, and every stage of the group is then served from the store: one hand-over to the
+pool per group, not per stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import gc
+import importlib
+import inspect
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import torch
 from prefect import get_client, get_run_logger
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import TaskRunContext
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
@@ -117,8 +134,11 @@ def cached_stage(
     logger = get_run_logger()
     version = f"{version}-{code_version(sys.modules[build.__module__])}"  # the task's own code
     pool = _remote_pool()
-    if pool is not None and store.get(store.key_for(stage, inputs, config, version)) is None:
-        return _run_on_pool(pool)
+    group = _GROUP.get()
+    if pool is not None and store.get(key := store.key_for(stage, inputs, config, version)) is None:
+        if group is None:
+            return _run_on_pool(pool)
+        group.run_on(pool, store, key)  # the whole group there; raises if it did not store key
     name = _stage_name(stage)
     _clean_stale_once(store_url)
     note = functools.partial(_memory_note, store, stage, inputs, config)
@@ -129,9 +149,15 @@ def cached_stage(
         version,
         lambda out: _guarded_build(name, build, batch, store, out, note),
     )
+    if cached and group is not None and ref.key in group.computed:
+        message = f"computed by flow run {group.run.name} on the {group.pool} pool: {ref.key}"
+        logger.info("%s: %s", stage, message)
+        return Completed(message=message, data=ref)
     if cached:
         logger.info("%s: served from the store (%s)", stage, ref.key)
         return Completed(name="Cached", message=f"served from the store: {ref.key}", data=ref)
+    if (computed := _HERE.get()) is not None:
+        computed.add(ref.key)
     logger.info("%s: computed and stored (%s)", stage, ref.key)
     return ref
 
@@ -271,14 +297,115 @@ def inject_fault(name: str) -> None:
 
 # -- deployed: stages on their work pools ---------------------------------------------------
 
+_HERE: ContextVar[set[str] | None] = ContextVar("unlearning_audit_dispatched", default=None)
+"""Inside a stage or group flow run on its pool (flows/dispatch.py): the keys its stages
+computed (not served from the store); every stage called there runs there. None elsewhere."""
+
+_GROUP: ContextVar[_Group | None] = ContextVar("unlearning_audit_group", default=None)
+"""The outermost stage group this call runs in, in the process that called it; None outside."""
+
+GROUP_MARK = "__stage_group__"
+"""The attribute that marks a stage group: the only functions besides stage tasks that the
+`stage` flow runs by name."""
+
+
+@contextlib.contextmanager
+def running_here() -> Iterator[set[str]]:
+    """Run a dispatched stage or group in this flow run: every stage called in the block runs
+    here, none is sent on to a pool; yields the keys of the artifacts the block computes."""
+    computed: set[str] = set()
+    token = _HERE.set(computed)
+    try:
+        yield computed
+    finally:
+        _HERE.reset(token)
+
+
+def stage_group(name: str) -> Callable[[Callable], Callable]:
+    """Decorate a function of the `flows` package whose stages run together: deployed, the
+    first of its stages that is not stored and belongs to another pool runs the whole call
+    there, as one flow run named ``name`` (formatted with the call's arguments), and every stage
+    of the call is then served from the store here.
+
+    A stage called inside the function belongs to the group without any registration; a group
+    called inside another one joins it. Locally (or on the pool already) the function just runs.
+    Its arguments travel as JSON (to_json): artifact references, configs, states, plain data.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def grouped(*args, **kwargs):
+            if _GROUP.get() is not None or _HERE.get() is not None:
+                return fn(*args, **kwargs)
+            arguments = inspect.signature(fn).bind(*args, **kwargs).arguments
+            token = _GROUP.set(_Group(name.format(**arguments), grouped, arguments))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _GROUP.reset(token)
+
+        setattr(grouped, GROUP_MARK, True)
+        return grouped
+
+    return decorate
+
+
+@dataclass
+class _Group:
+    """One call of a stage group in the calling process, and its flow run on a pool once a
+    stage of it needed one."""
+
+    name: str
+    fn: Callable
+    arguments: dict[str, Any]
+    pool: str | None = None
+    run: FlowRun | None = None
+    computed: frozenset[str] = frozenset()
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run_on(self, pool: str, store: Store, key: str) -> None:
+        """Run the whole call as one flow run on ``pool``, unless it ran already (a crashed run
+        runs again: its stage's task retries it); raise StageRunFailed where that run did not
+        store ``key``: it failed at this stage (or before it), or this stage failed inside it."""
+        with self.lock:
+            if self.run is None or self.run.state.is_crashed():
+                self.pool = pool
+                self.run = _dispatch(pool, self.fn, self.arguments, self.name)
+                if self.run.state.is_completed():
+                    self.computed = frozenset(self.run.state.result())
+        if store.get(key) is not None:
+            return
+        ctx = TaskRunContext.get()
+        state, run = self.run.state, self.run.name
+        where = f"{ctx.task.name}: the {pool} pool's flow run {run!r} of its group {self.name!r}"
+        if not state.is_completed():
+            raise StageRunFailed(
+                f"{where} ended {state.name}: {state.message}", crashed=state.is_crashed()
+            )
+        why = _failure_in(self.run.id, ctx.task.name) or "see that run's log"
+        raise StageRunFailed(f"{where} did not store it: {why}", crashed=False)
+
+
+def _failure_in(flow_run_id: UUID, task: str) -> str | None:
+    """The message of the last failed run of stage ``task`` in a flow run, if any."""
+    with get_client(sync_client=True) as client:
+        failed = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(
+                state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.FAILED]))
+            ),
+        )
+    messages = [t.state.message for t in failed if t.name.rsplit("-", 1)[0] == task]
+    return messages[-1] if messages else None
+
 
 def _remote_pool() -> str | None:
     """The work pool this task must run on, when deployed and not already running there."""
     task_ctx = TaskRunContext.get()
     if os.environ.get(DISPATCH_ENV) != "deployed" or task_ctx is None:
         return None
-    if not task_ctx.task.fn.__module__.startswith("tasks."):
-        return None  # only the stage tasks of this package can be resolved by the stage flow
+    if _HERE.get() is not None or not task_ctx.task.fn.__module__.startswith("tasks."):
+        return None  # dispatched here already; or not a stage task the stage flow can resolve
     pool = "gpu" if "gpu" in task_ctx.task.tags else "cpu"
     return None if pool == _process_pool() else pool
 
@@ -295,32 +422,91 @@ def _process_pool() -> str | None:
 
 
 def _run_on_pool(pool: str):
-    """Run the current task call as a `stage` flow run on ``pool``; its state, with the ref."""
-    from prefect.deployments import run_deployment
-
+    """Run the current task call alone as a `stage` flow run on ``pool``; its state, with the
+    artifact reference."""
     ctx = TaskRunContext.get()
-    fn = ctx.task.fn
-    logger = get_run_logger()
-    logger.info("%s: not in the store; running it on the %s pool", ctx.task.name, pool)
-    run = run_deployment(
-        f"stage/{pool}-stage",
-        parameters={
-            "task": f"{fn.__module__}:{fn.__name__}",
-            "parameters": to_jsonable_python(ctx.parameters),
-        },
-        flow_run_name=ctx.task.name,
-        poll_interval=float(os.environ.get(POLL_ENV, "2")),
-    )
+    run = _dispatch(pool, ctx.task, ctx.parameters, ctx.task.name)
     state = run.state
-    if state is None or not state.is_completed():
+    if not state.is_completed():
         raise StageRunFailed(
             f"{ctx.task.name}: stage flow run {run.name!r} on the {pool} pool ended "
-            f"{state.name if state else 'without a state'}: {state.message if state else ''}",
-            crashed=bool(state and state.is_crashed()),
+            f"{state.name}: {state.message}",
+            crashed=state.is_crashed(),
         )
     ref = state.result()
-    logger.info("%s: %s on the %s pool (flow run %s)", ctx.task.name, state.name, pool, run.name)
+    get_run_logger().info(
+        "%s: %s on the %s pool (flow run %s)", ctx.task.name, state.name, pool, run.name
+    )
     return Completed(name=state.name, message=f"{state.name} by flow run {run.name}", data=ref)
+
+
+def _dispatch(pool: str, target, arguments: Mapping[str, Any], name: str) -> FlowRun:
+    """Run ``target`` (a stage task or a stage group) with ``arguments`` as a flow run of
+    `stage/<pool>-stage` named ``name``; wait for it to end, and return it (with a state)."""
+    from prefect.deployments import run_deployment
+
+    fn = inspect.unwrap(getattr(target, "fn", target))  # a task's function, or the group's
+    get_run_logger().info(
+        "%s: not in the store; running %s on the %s pool", name, fn.__name__, pool
+    )
+    run = run_deployment(
+        f"stage/{pool}-stage",
+        parameters={"task": _import_name(fn), "parameters": to_json(arguments)},
+        flow_run_name=name,
+        poll_interval=float(os.environ.get(POLL_ENV, "2")),
+    )
+    if run.state is None:
+        raise StageRunFailed(f"{name}: flow run {run.name!r} on the {pool} pool has no state", True)
+    return run
+
+
+def _import_name(fn: Callable) -> str:
+    """``module:function`` of a function of this repository as the stage flow imports it: its
+    module named by its file's place in the repository (a deployed flow's own file is loaded
+    under another module name, e.g. `audit` for flows/audit.py)."""
+    path = Path(inspect.getfile(fn)).resolve().relative_to(Path(__file__).resolve().parents[1])
+    return f"{'.'.join(path.with_suffix('').parts)}:{fn.__name__}"
+
+
+MODEL_TAG = "__model__"
+
+
+def to_json(obj: Any) -> Any:
+    """What a stage or group call's arguments travel to their pool as: JSON, where a pydantic
+    model of this package (an artifact reference, a config) is tagged with its class, so that
+    from_json gives it back as itself wherever it sits (in a dict of runs, a candidate), and a
+    stage's state (a stage served from the store returns one) is its result."""
+    if isinstance(obj, State):
+        return to_json(obj.result())
+    if isinstance(obj, BaseModel):
+        cls = type(obj)
+        return {
+            MODEL_TAG: f"{cls.__module__}:{cls.__qualname__}",
+            "fields": obj.model_dump(mode="json"),
+        }
+    if isinstance(obj, Mapping):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json(v) for v in obj]
+    return to_jsonable_python(obj)
+
+
+def from_json(obj: Any) -> Any:
+    """The arguments to_json made, back as they were (tuples as lists); only models of the
+    `unlearning_audit` package are built."""
+    if isinstance(obj, dict) and set(obj) == {MODEL_TAG, "fields"}:
+        module, _, name = obj[MODEL_TAG].partition(":")
+        if not module.startswith("unlearning_audit."):
+            raise ValueError(f"not a model of this package: {obj[MODEL_TAG]!r}")
+        cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            raise ValueError(f"not a model of this package: {obj[MODEL_TAG]!r}")
+        return cls.model_validate(obj["fields"])
+    if isinstance(obj, dict):
+        return {k: from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_json(v) for v in obj]
+    return obj
 
 
 # -- loading inputs -------------------------------------------------------------------------

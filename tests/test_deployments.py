@@ -3,11 +3,14 @@
 One stack serves the module (`unlearning-audit server`'s LocalStack: SQLite in a temp
 PREFECT_HOME, a free port on 127.0.0.1, process workers for the `gpu` and `cpu` pools). A local
 run of the tiny audit fills the store first, so that each deployed audit below, started through
-the API with a new relearning rate, runs only the stages that depend on it (relearn, which also
-measures the relearned model's activations, as a flow run on the gpu pool; metrics, verdict,
-report in the audit on the cpu pool):
+the API with a new relearning rate (and the clean one a new unlearning rate), runs only the
+stages that depend on it: those of the one unlearned model's stage group (unlearn, evaluate,
+relearn, which also measures the relearned model's activations, extract, the quantized
+evaluations, splice, metrics, verdict) as one flow run on the gpu pool; the report in the
+audit on the cpu pool:
 
-- a clean audit completes, with its verdict in the store and its artifacts in Prefect;
+- a clean audit completes, with its verdict in the store and its artifacts in Prefect, and
+  hands its GPU stages to the gpu pool in one flow run;
 - an audit whose relearn stage fails on both tries fails; retried as the UI retries it, it
   resumes at relearn (every finished stage served from the store), which, failing once more,
   is retried, where an out-of-memory error rebuilds with its batch in two micro-batches, and
@@ -16,6 +19,7 @@ report in the audit on the cpu pool):
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -41,18 +45,26 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.events.worker import EventsWorker
+from prefect.flows import load_flow_from_entrypoint
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 from test_report import MIN_STD, _screenshot_module
 
-from flows.audit import audit_checkpoint
-from flows.dispatch import resolve, typed
-from tasks._stage import StageRunFailed, gpu_options
+from flows.audit import audit_checkpoint, audit_run
+from flows.dispatch import resolve
+from tasks._stage import StageRunFailed, _import_name, from_json, gpu_options, to_json
+from tasks.evaluate import evaluate
 from tasks.verdict import VERDICT
 from unlearning_audit import automations
 from unlearning_audit import report as report_mod
-from unlearning_audit.config import AuditParams, DataConfig, RelearnConfig, UnlearnConfig
+from unlearning_audit.config import (
+    AuditParams,
+    DataConfig,
+    RelearnConfig,
+    Thresholds,
+    UnlearnConfig,
+)
 from unlearning_audit.server import LocalStack
 from unlearning_audit.store import ArtifactRef, Store
 from unlearning_audit.verdict import REGIMES
@@ -60,9 +72,10 @@ from unlearning_audit.verdict import REGIMES
 pytestmark = pytest.mark.slow
 STORE_STAGES = {
     *("prepare-data", "fetch-checkpoint", "unlearn", "relearn", "evaluate", "extract"),
-    *("metrics", "verdict", "report"),
+    *("splice", "metrics", "verdict", "report"),
 }
 RELEARN_STAGES = {"relearn"}  # the GPU stages a new relearning rate reruns
+GPU_STAGES = {"fetch-checkpoint", "unlearn", "relearn", "evaluate", "extract", "fisher", "splice"}
 
 
 def _free_port() -> int:
@@ -164,6 +177,11 @@ def _relearning_at(base: AuditParams, lr: float) -> AuditParams:
     return base.model_copy(update={"relearn": base.relearn.model_copy(update={"lr": lr})})
 
 
+def _group_name(params: AuditParams) -> str:
+    """The name of the flow run of the (one) unlearned model's stage group (flows/audit.py)."""
+    return f"judge {params.methods[0].label}"
+
+
 def _deployed_audit(params: AuditParams):
     return run_deployment(
         "audit-checkpoint/audit",
@@ -175,12 +193,19 @@ def _deployed_audit(params: AuditParams):
 
 @pytest.fixture(scope="module")
 def clean(warm, base) -> dict:
-    """A deployed audit with no fault."""
-    params = _relearning_at(base, 2e-3)
+    """A deployed audit with no fault, unlearning and relearning at new rates: every stage of
+    its unlearned model runs (the original's and the data's are served from the store)."""
+    unlearning = [base.methods[0].model_copy(update={"lr": 2e-3})]
+    params = _relearning_at(base, 2e-3).model_copy(update={"methods": unlearning})
     start = time.perf_counter()
     run = _deployed_audit(params)
     print(f"clean deployed audit: {time.perf_counter() - start:.0f}s")
-    return {"params": params, "run": run, "stages": _stage_runs(run.id)}
+    return {
+        "params": params,
+        "run": run,
+        "tasks": _task_runs(run.id),
+        "stages": _stage_runs(run.id),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -320,19 +345,29 @@ def test_the_report_link_opens_over_http(clean, stack, tmp_path):
     assert image.imread(shot)[..., :3].std() > MIN_STD
 
 
-def test_gpu_stages_ran_as_flow_runs_on_the_gpu_pool(clean):
+def test_gpu_stages_ran_as_one_flow_run_on_the_gpu_pool(clean):
+    """The unlearned model's GPU stages (unlearn, evaluate, relearn, extract, two quantized
+    evaluations, splice) reach the gpu pool as one flow run of their group, which also computes the
+    model's metrics and verdict; the audit serves each of them from the store afterwards."""
     assert clean["run"].work_pool_name == "cpu"
-    stages = clean["stages"]
-    assert {s.name for s in stages} == RELEARN_STAGES
-    assert {s.work_pool_name for s in stages} == {"gpu"}
-    assert all(s.state.type == StateType.COMPLETED for s in stages)
+    (group,) = clean["stages"]  # far fewer flow runs on the gpu pool than stages computed
+    assert group.name == _group_name(clean["params"]) and group.work_pool_name == "gpu"
+    assert group.state.type == StateType.COMPLETED, group.state.message
+    ran = [_stage(t) for t in _in_order(clean["tasks"]) if t.state.name != "Cached"]
+    assert ran == [
+        *("unlearn", "evaluate", "relearn", "extract", "evaluate", "evaluate", "splice"),
+        *("metrics", "metrics", "verdict", "report"),
+    ]
+    assert len([stage for stage in ran if stage in GPU_STAGES]) == 7
+    assert [_stage(t) for t in _in_order(_task_runs(group.id))] == ran[:-1]  # all but the report
 
 
 def test_failed_stage_fails_the_run_after_its_retries(failed):
     assert failed["run"].state.type == StateType.FAILED
     (stage_run,) = failed["stages"]
-    assert stage_run.name == "relearn" and stage_run.state.type == StateType.FAILED
-    (inner,) = _task_runs(stage_run.id)
+    assert stage_run.name == _group_name(failed["params"])
+    assert stage_run.state.type == StateType.FAILED
+    (inner,) = [t for t in _task_runs(stage_run.id) if _stage(t) == "relearn"]
     assert inner.run_count == 2  # the try and its one retry (UNLEARNING_AUDIT_GPU_RETRIES=1)
     (outer,) = [t for t in failed["tasks"] if _stage(t) == "relearn"]
     assert outer.state.type == StateType.FAILED and outer.run_count == 1  # not retried again
@@ -350,7 +385,7 @@ def test_retry_resumes_at_the_failed_stage(failed, retried):
     assert after[len(before) - 1].state.name == "Completed"  # relearn: computed this time
     computed = {_stage(t) for t in after if t.state.name != "Cached"}
     assert computed == RELEARN_STAGES | {"metrics", "verdict", "report"}
-    assert {s.name for s in retried["stages"]} == RELEARN_STAGES
+    assert {s.name for s in retried["stages"]} == {_group_name(failed["params"])}
 
 
 def test_out_of_memory_rebuilds_with_twice_the_micro_batches(failed, retried):
@@ -363,8 +398,8 @@ def test_out_of_memory_rebuilds_with_twice_the_micro_batches(failed, retried):
 
 
 def test_stage_failing_once_is_retried_and_the_run_completes(retried):
-    (relearn,) = [s for s in retried["stages"] if s.name == "relearn"]
-    (inner,) = _task_runs(relearn.id)
+    (group,) = retried["stages"]
+    (inner,) = [t for t in _task_runs(group.id) if _stage(t) == "relearn"]
     assert inner.run_count == 2 and inner.state.type == StateType.COMPLETED
     assert retried["run"].state.type == StateType.COMPLETED
 
@@ -384,14 +419,40 @@ def test_gpu_retries_back_off_exponentially(monkeypatch):
     assert not retry(None, None, State(type=StateType.FAILED, data=bad_input))
 
 
-def test_stage_flow_runs_only_stage_tasks():
+def test_stage_flow_runs_only_stage_tasks_and_groups():
     assert resolve("tasks.evaluate:evaluate").name == "evaluate"
-    for name in ("os:system", "tasks._stage:write_json", "tasks.evaluate"):
+    assert resolve("flows.audit:audit_run").__name__ == "audit_run"
+    # named by their files, as a worker imports them (a deployed flow's module is not `flows.`)
+    assert _import_name(evaluate.fn) == "tasks.evaluate:evaluate"
+    loaded = inspect.getmodule(load_flow_from_entrypoint("flows/audit.py:audit_checkpoint").fn)
+    assert loaded.__name__ != "flows.audit"
+    assert resolve(_import_name(inspect.unwrap(loaded.audit_run))) is audit_run
+    for name in (
+        *("os:system", "tasks._stage:write_json", "tasks.evaluate", "flows.audit:_fetch"),
+        *("flows.audit:audit_checkpoint", "flows.audit:json"),
+    ):
         with pytest.raises(ValueError):
             resolve(name)
-    parameters = {"checkpoint": {"key": "k", "hash": "h"}, "max_rows": 3}
-    typed_parameters = typed(resolve("tasks.evaluate:evaluate"), parameters)
-    assert typed_parameters == {"checkpoint": ArtifactRef(key="k", hash="h"), "max_rows": 3}
+
+
+def test_arguments_travel_as_json_and_come_back_as_themselves():
+    """A group's arguments (dicts of references, configs in a candidate, a stage's Cached
+    state) pass through JSON to the pool and come back equal, with their types."""
+    ref = ArtifactRef(key="evaluate/abc", hash="h1")
+    arguments = {
+        "params": AuditParams(thresholds=Thresholds(metric="probability")),
+        "original": {"checkpoint": ref, "eval": State(type=StateType.COMPLETED, data=ref)},
+        "candidate": {"label": "GA", "lr": 1e-3, "config": UnlearnConfig(method="NPO")},
+        "runs": {"forget": [ref, ref]},
+        "rows": 3,
+        "none": None,
+    }
+    back = from_json(json.loads(json.dumps(to_json(arguments))))
+    assert back == {**arguments, "original": {"checkpoint": ref, "eval": ref}}
+    assert isinstance(back["candidate"]["config"], UnlearnConfig)
+    assert back["params"].thresholds.metric == "probability"
+    with pytest.raises(ValueError, match="not a model of this package"):
+        from_json({"__model__": "subprocess:Popen", "fields": {}})
 
 
 def test_a_restart_keeps_deployments_set_through_the_api(stack):

@@ -24,8 +24,7 @@ from pathlib import Path
 import pytest
 
 import tasks._stage as stage_module
-from flows.dispatch import typed
-from tasks._stage import load_inputs, load_model
+from tasks._stage import from_json, load_inputs, load_model, to_json
 from tasks.evaluate import evaluate
 from tasks.extract import PROBE_SETS, extract
 from tasks.fisher import fisher
@@ -149,7 +148,9 @@ def test_every_model_task_takes_trust_as_a_parameter(name):
     param = inspect.signature(fn).parameters["trust_remote_code"]
     assert param.default is False and param.annotation in (bool, "bool")
     # deployed, the parameter travels as JSON to the stage flow and comes back a bool
-    assert typed(MODEL_TASKS[name], {"trust_remote_code": True}) == {"trust_remote_code": True}
+    assert from_json(json.loads(json.dumps(to_json({"trust_remote_code": True})))) == {
+        "trust_remote_code": True
+    }
     source = inspect.getsource(inspect.getmodule(fn))
     assert "trust_remote_code=trust_remote_code" in source
     assert '"trust_remote_code"' not in source  # nothing recorded in, or read from, a manifest
