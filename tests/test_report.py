@@ -169,8 +169,8 @@ def _without_heldout(curves: dict) -> dict:
 def _graded_external(inputs: dict) -> dict:
     """The tiny audit's inputs as an audit of user data without groups would store them: the
     verdict in answer-token accuracy (thresholds.metric auto), a chat prompt format, no held-out
-    half (and no curves of it). The verdicts' reasons, verdict.py's sentences, are left out: the
-    report's own words are under test."""
+    half (and no curves of it); the splice test scored in that metric. The verdicts' reasons,
+    verdict.py's sentences, are left out: the report's own words are under test."""
     audit = inputs["audit"]
     graded = {"metric": "token_accuracy", "prompt_format": "chat"}
     return {
@@ -187,6 +187,7 @@ def _graded_external(inputs: dict) -> dict:
                 **r,
                 "verdict": {**r["verdict"], **graded, "reasons": []},
                 "curves": _without_heldout(r["curves"]),
+                "splice": r["splice"] and {**r["splice"], "metric": graded["metric"]},
             }
             for r in inputs["runs"]
         ],
