@@ -23,11 +23,12 @@ demo: install
 	$(VENV)/bin/unlearning-audit demo --json demo.json
 
 # Two workers, a test module each at a time: the tests run torch on one thread, so a 2-core
-# machine runs two modules at once (the calibration module beside all the others).
+# machine runs two modules at once (the calibration module beside all the others: modules go
+# out in collection order, longest first, tests/conftest.py).
 WORKERS ?= 2
 
 test: install
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(VENV)/bin/ruff check .

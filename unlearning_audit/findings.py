@@ -159,7 +159,7 @@ def _shallow(rows, alpha, resamples) -> dict:
             f"{len(shallow)} of {len(spliced)} runs shallow (mean restored share {restored}): "
             "nothing to contrast"
         )
-        return _claim(claim, "not decided", summary, lines)
+        return _claim(claim, "cannot test", summary, lines)
     versus = f"reversible: shallow {_share(share_shallow)}, deep {_share(share_deep)}"
     if share_shallow[1] > share_deep[2]:
         status = "holds"
