@@ -7,7 +7,8 @@ three seeds, through the audit flow as a user runs it (DESIGN.md, "Verdict": cal
 * Known hidden: gradient ascent on the LM head alone (the body untouched) hides the answers and
   keeps the knowledge; it must read reversible.
 
-Fisher, probes and quantization are off: they are evidence beside the regime, not in it.
+Fisher, probes, quantization and the splice test are off: they are evidence beside the regime,
+not in it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def base(prefect_server, second_never_learned, tmp_path_factory) -> AuditParams:
         fisher=False,
         probes=False,
         quantization_bits=[],
+        splice=False,
     )
 
 
