@@ -152,6 +152,7 @@ def test_reruns_under_further_seeds_count_for_robustness_only():
     provenance = {"command": "c", "key": "k", "model": "m"}
     page = findings.findings_markdown(grid + reruns, provenance, 0.05, 200)
     assert "| text | 6 / 7 | 0.86 [" in page  # the reruns are not in the share
+    assert "| irreversible 1, reversible 6 |" in page  # nor in the regimes
     assert "7 unlearning runs in 1 domain(s) and 2 reruns under further seeds" in page
     clean = findings._irreversible_clean(grid + reruns, 0.05, 200)
     assert "1 of 7 judged runs" in clean["lines"][0]

@@ -181,14 +181,20 @@ def _hyperparameters(rows, alpha, resamples) -> dict:
 def _modulated(claim: str, key: str, rows, alpha) -> dict:
     """Reversible share of the judged runs per value of ``key``; modulated where two values'
     Wilson intervals do not overlap."""
-    groups = [(value, _reversible_share(rs, alpha)) for value, rs in _by_key(rows, key)]
+    by_value = dict(_by_key(rows, key))
+    groups = [(value, _reversible_share(rs, alpha)) for value, rs in by_value.items()]
     groups = [(value, share) for value, share in groups if share[3] > 0]
     lines = [
-        f"Share of the judged runs (forgot, recovery decided) that read reversible, per {key}.",
+        f"Share of the judged runs (forgot, recovery decided) that read reversible, per {key}, "
+        "and every run's regime: a run that is not reversible may be irreversible or unable to "
+        "relearn at all (cannot relearn: damage, not deletion).",
         "",
-        f"| {key} | reversible / judged | share [interval] |",
-        "|---|---|---|",
-        *[f"| {value} | {s[4]} / {s[3]} | {_fraction(s)} |" for value, s in groups],
+        f"| {key} | reversible / judged | share [interval] | regimes (runs) |",
+        "|---|---|---|---|",
+        *[
+            f"| {value} | {s[4]} / {s[3]} | {_fraction(s)} | {_regimes(by_value[value])} |"
+            for value, s in groups
+        ],
     ]
     if len(groups) < 2:
         return _claim(claim, "cannot test", f"judged runs in {len(groups)} {key}(s) only", lines)
@@ -418,6 +424,14 @@ def _nearest_zero(interval: Sequence[float]) -> float:
     """How far an interval ``[value, lower, upper]`` stays from 0 (0 where it covers 0)."""
     lower, upper = interval[1], interval[2]
     return 0.0 if lower <= 0 <= upper else min(abs(lower), abs(upper))
+
+
+def _regimes(rows: Sequence[dict]) -> str:
+    """How many runs read each regime, e.g. "reversible 7, cannot-relearn 8"."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.get("regime", "?")] = counts.get(r.get("regime", "?"), 0) + 1
+    return ", ".join(f"{regime} {n}" for regime, n in sorted(counts.items()))
 
 
 def _regime(row: dict) -> str:
