@@ -253,3 +253,21 @@ def test_validation_errors_never_echo_an_input(params):
         AuditParams.model_validate(params)
     shown = str(info.value) + repr(info.value.errors(include_input=False))
     assert SECRET not in shown
+
+
+def test_gpu_workers_take_whole_groups_of_gpus(capsys, tmp_path):
+    """server --gpus-per-worker K: one gpu worker per K GPUs, each pinned to its own; a K that
+    does not divide the GPUs is refused before anything starts."""
+    from unlearning_audit.server import gpu_workers
+
+    assert gpu_workers(4) == [{"CUDA_VISIBLE_DEVICES": str(g)} for g in range(4)]
+    assert gpu_workers(4, 2) == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"},
+        {"CUDA_VISIBLE_DEVICES": "2,3"},
+    ]
+    assert gpu_workers(0, 2) == [{}]  # no GPU: one worker runs the GPU stages on the CPU
+    argv = ("server", "--gpus", "3", "--gpus-per-worker", "2", "--home", str(tmp_path))
+    code, err = _run(capsys, *argv)
+    assert code == 2
+    assert "--gpus-per-worker 2 does not divide the 3 GPUs into whole workers" in err
+    assert not (tmp_path / "unlearning-audit-logs").exists()  # refused before it started

@@ -496,6 +496,7 @@ def cmd_server(args: argparse.Namespace) -> None:
     stack = LocalStack(
         port=args.port,
         gpus=args.gpus,
+        gpus_per_worker=args.gpus_per_worker,
         home=args.home,
         store=args.store,
         reports_port=args.reports_port,
@@ -876,7 +877,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = _command(sub, "server", help=cmd_server.__doc__)
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default 4200)")
-    server.add_argument("--gpus", type=int, help="GPU workers and GPU-stage limit (default: all)")
+    server.add_argument("--gpus", type=int, help="GPUs the workers use (default: all)")
+    server.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        default=1,
+        metavar="K",
+        help="GPUs each gpu worker holds, for stages that shard across K GPUs (audit --gpus K); "
+        "default 1",
+    )
     server.add_argument("--home", type=Path, help="PREFECT_HOME (default: Prefect's own)")
     server.add_argument(
         "--store",

@@ -47,9 +47,11 @@ def _prefect() -> str:
 class LocalStack:
     """A Prefect server on ``host:port`` with the `gpu` and `cpu` pools, deployments, workers.
 
-    ``gpus`` GPU workers (one per GPU, each pinned with CUDA_VISIBLE_DEVICES and taking one run
-    at a time) serve the `gpu` pool, whose concurrency limit is ``gpus`` too; with no GPU, one
-    worker runs the GPU stages on the CPU; ``gpus`` defaults to the GPUs torch sees. ``env`` is
+    GPU workers, each pinned to ``gpus_per_worker`` of the ``gpus`` GPUs with
+    CUDA_VISIBLE_DEVICES and taking one run at a time, serve the `gpu` pool, whose concurrency
+    limit is the number of workers (gpu_workers); with no GPU, one worker runs the GPU stages
+    on the CPU; ``gpus`` defaults to the GPUs torch sees. A stage that shards across several
+    GPUs (an audit's ``gpus``) needs a worker with as many: ``gpus_per_worker``. ``env`` is
     added to every process's environment; ``home`` is PREFECT_HOME (the SQLite database, results
     and logs), default Prefect's own. The reports of ``store`` (default: the default store) are
     served read-only over HTTP on ``host:reports_port`` (0: a free port), and the workers link
@@ -62,6 +64,7 @@ class LocalStack:
     port: int = 4200
     host: str = "127.0.0.1"
     gpus: int | None = None
+    gpus_per_worker: int = 1
     home: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     store: str | None = None
@@ -69,6 +72,7 @@ class LocalStack:
     notify_url: str | None = None
     audit_limit: int | None = None
     logs: Path = field(init=False)
+    pins: list[dict[str, str]] = field(init=False)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     reports: ThreadingHTTPServer | None = field(default=None, init=False)
     listener: ThreadingHTTPServer | None = field(default=None, init=False)
@@ -78,6 +82,7 @@ class LocalStack:
             import torch
 
             self.gpus = torch.cuda.device_count()
+        self.pins = gpu_workers(self.gpus, self.gpus_per_worker)
         home = self.home or Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
         self.logs = home / "unlearning-audit-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -171,14 +176,14 @@ class LocalStack:
         raise RuntimeError(f"prefect server not healthy after {timeout:.0f}s")
 
     def create_pools(self) -> None:
-        """The `gpu` and `cpu` process pools; `gpu` limited to max(gpus, 1) runs at once."""
+        """The `gpu` and `cpu` process pools; `gpu` limited to one run per GPU worker."""
         from prefect.client.orchestration import SyncPrefectClient
         from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
         from prefect.exceptions import ObjectAlreadyExists
         from prefect.workers.process import ProcessWorker
 
         template = ProcessWorker.get_default_base_job_template()
-        limits = {"gpu": max(self.gpus, 1), "cpu": None}
+        limits = {"gpu": len(self.pins), "cpu": None}
         with SyncPrefectClient(self.api_url) as client:
             for name in POOLS:
                 try:
@@ -227,10 +232,10 @@ class LocalStack:
             return {deployment.name for deployment in client.read_deployments()}
 
     def start_workers(self) -> None:
-        """One `cpu` worker, and a `gpu` worker per GPU (one on a machine without GPUs)."""
+        """One `cpu` worker, and the `gpu` workers (gpu_workers; one on a machine without
+        GPUs)."""
         self._spawn("worker-cpu", "worker", "start", "--pool", "cpu", "--name", "cpu")
-        for index in range(max(self.gpus, 1)):
-            pin = {"CUDA_VISIBLE_DEVICES": str(index)} if self.gpus else {}
+        for index, pin in enumerate(self.pins):
             name = f"gpu-{index}"
             self._spawn(
                 f"worker-{name}",
@@ -297,10 +302,28 @@ class LocalStack:
         from prefect.client.orchestration import SyncPrefectClient
         from prefect.client.schemas.actions import DeploymentUpdate
 
-        limit = self.audit_limit or max(self.gpus, 1)
+        limit = self.audit_limit or len(self.pins)
         with SyncPrefectClient(self.api_url) as client:
             audit = client.read_deployment_by_name("audit-checkpoint/audit")
             client.update_deployment(audit.id, DeploymentUpdate(concurrency_limit=limit))
+
+
+def gpu_workers(gpus: int, per_worker: int = 1) -> list[dict[str, str]]:
+    """The environment pin of each `gpu` worker: ``gpus`` GPUs in groups of ``per_worker``
+    (CUDA_VISIBLE_DEVICES "0,1", "2,3", ...); one unpinned worker without GPUs. Refuses a
+    group size that does not divide the GPUs, before anything starts."""
+    if per_worker < 1:
+        raise ValueError(f"--gpus-per-worker must be at least 1, got {per_worker}")
+    if not gpus:
+        return [{}]
+    if gpus % per_worker:
+        raise ValueError(
+            f"--gpus-per-worker {per_worker} does not divide the {gpus} GPUs into whole workers"
+        )
+    return [
+        {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(w, w + per_worker))}
+        for w in range(0, gpus, per_worker)
+    ]
 
 
 def declared_deployments() -> list[str]:
