@@ -58,9 +58,7 @@ def correlation(rows: Sequence[dict], x: str, y: str, alpha: float, resamples: i
     both = [r for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
     a = np.array([r[x] for r in both], dtype=float)
     b = np.array([r[y] for r in both], dtype=float)
-    if len(both) < 3:
-        return [math.nan, math.nan, math.nan, len(both)]
-    return [*stats.bootstrap_statistic(stats.spearman, (a, b), alpha, resamples, 0), len(both)]
+    return [*study.interval(stats.spearman, (a, b), alpha, resamples, 0), len(both)]
 
 
 def study_page(rows: Sequence[dict], params: StudyParams, command: str, key: str) -> str:

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import evaluation, stats
 from .layers import decoder_blocks, parameter_layers
-from .metrics.weights import check_same_architecture
+from .metrics.weights import check_same_architecture, tied_parameters
 from .prompts import Renderer
 
 DIRECTIONS = ("original+unlearned_top", "unlearned+original_top")
@@ -51,8 +51,7 @@ def n_blocks(model: nn.Module) -> int:
 
 def head_tied(model: nn.Module) -> bool:
     """Whether the LM head's matrix is the input embedding matrix (one tensor)."""
-    output = model.get_output_embeddings()
-    return output is not None and output.weight is model.get_input_embeddings().weight
+    return bool(tied_parameters(model))
 
 
 def spliced_part(model: nn.Module, k: int) -> list[str]:

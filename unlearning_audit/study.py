@@ -85,10 +85,10 @@ def predictors(rows: Sequence[dict], alpha: float, resamples: int, seed: int = 0
                     "metric": name,
                     "runs": len(usable),
                     "reversible": int(label.sum()),
-                    "auroc": _interval(stats.auroc, (x, label), alpha, resamples, seed)
+                    "auroc": interval(stats.auroc, (x, label), alpha, resamples, seed)
                     if min(label.sum(), len(label) - label.sum()) >= MIN_CLASS
                     else [math.nan] * 3,
-                    "spearman": _interval(stats.spearman, (x, gain), alpha, resamples, seed),
+                    "spearman": interval(stats.spearman, (x, gain), alpha, resamples, seed),
                 }
             )
     return out
@@ -106,7 +106,7 @@ def _finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _interval(statistic, arrays, alpha: float, resamples: int, seed: int) -> list[float]:
+def interval(statistic, arrays, alpha: float, resamples: int, seed: int) -> list[float]:
     """(value, lower, upper), NaN where fewer than three runs leave nothing to estimate."""
     if len(arrays[0]) < 3:
         return [math.nan] * 3
