@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -48,7 +48,17 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from unlearning_audit import adapters, checkpoints, data, distributed, prompts, runtime, scratch
+from unlearning_audit import (
+    adapters,
+    checkpoints,
+    data,
+    distributed,
+    plan,
+    prompts,
+    runtime,
+    scratch,
+)
+from unlearning_audit.config import Checkpointing
 from unlearning_audit.store import ArtifactRef, CorruptArtifact, Store, code_version
 
 DISPATCH_ENV = "UNLEARNING_AUDIT_DISPATCH"
@@ -242,8 +252,6 @@ def _memory_note(
     checkpoint's config.json and its data's longest rendered row; what prevents one, if
     anything does (a stage without a checkpoint, a config that cannot be read)."""
     from transformers import AutoTokenizer
-
-    from unlearning_audit import plan
 
     checkpoint, data_ref = inputs.get("checkpoint"), inputs.get("data")
     if not isinstance(config, Mapping) or checkpoint is None or data_ref is None:
@@ -628,6 +636,31 @@ def on_gpus(
                 store.local_dir(ref)
         meta = distributed.launch(build, gpus, resolved, store, *args)
     return {**meta, "gpus": gpus}
+
+
+def checkpointing_here(
+    setting: Checkpointing,
+    budget: int | None,
+    loaded: tuple[Any, prompts.Renderer, dict[str, list[dict]]],
+    estimate: Callable[[plan.ModelShape, BaseModel, int, plan.Compute], plan.StageEstimate],
+    config: BaseModel,
+    compute: plan.Compute,
+) -> bool:
+    """Whether a training stage checkpoints its activations, decided where it runs: as
+    ``setting`` says where it is a bool; under auto by plan.use_checkpointing, on ``budget``
+    (the memory of the device it runs on: plan.device_budget), with the stage's estimate
+    (plan.unlearn_estimate or plan.relearn_estimate of its training ``config``, computing as
+    ``compute`` says) for the ``loaded`` model's shape and the longest row of its sets
+    rendered by its renderer. Without a budget auto is off, and nothing is measured."""
+    if setting != "auto" or budget is None:
+        return setting is True
+    model, fmt, sets = loaded
+    shape, seq = plan.model_shape(model), plan.sequence_length(fmt, sets)
+
+    def ran(on: bool) -> plan.StageEstimate:
+        return estimate(shape, config, seq, replace(compute, checkpointing=on))
+
+    return plan.use_checkpointing(setting, shape, budget, ran)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -3,6 +3,7 @@ data's labels) and the model's (labels drawn from the model; metrics.fisher)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
 from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
-from unlearning_audit import data, prompts, runtime
+from unlearning_audit import data, plan, prompts, runtime
 from unlearning_audit.metrics import fisher as fisher_mod
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
@@ -30,6 +31,11 @@ HELP = (
     "Fisher (--no-fisher)"
 )
 """The settings that let a Fisher whose one sample does not fit run (or not be asked for)."""
+DATA_BATCH = 16
+"""Rows per data batch. The model's Fisher draws its labels batch after batch from one seeded
+generator, so its values depend on how the rows are batched: the batches are of this fixed
+size, whatever the samples per per-sample-gradient pass (which the stage sizes to its device
+and halves on out-of-memory), so that neither Fisher depends on the pass size."""
 
 
 def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, torch.Tensor]:
@@ -53,6 +59,45 @@ def read_fisher_summary(
     if labels == "model":
         return {}
     return fisher_mod.fisher_summary(read_fisher(store, ref))
+
+
+def diagonal(
+    model,
+    fmt: prompts.Renderer,
+    rows: list[dict],
+    layers: list[int] | None,
+    passes: fisher_mod.SamplesPerPass,
+    labels: fisher_mod.Labels,
+    model_samples: int,
+    seed: int,
+) -> dict[int, torch.Tensor]:
+    """The Fisher of ``rows`` (empirical or the model's: ``labels``) as the stage computes it:
+    data batches of DATA_BATCH rows on the model's device, in passes of ``passes``."""
+    dev = next(model.parameters()).device
+    batches = (
+        {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
+        for chunk in data.chunks(rows, DATA_BATCH)
+    )
+    return fisher_mod.fisher_diagonal(
+        model, batches, layers, passes, labels, max(1, model_samples), seed
+    )
+
+
+def pass_size(
+    model,
+    fmt: prompts.Renderer,
+    rows: list[dict],
+    layers: list[int] | None,
+    most: int,
+    budget: int | None,
+) -> int:
+    """The samples per pass the stage starts at: plan.fisher_pass for the loaded ``model``'s
+    shape, the longest of ``rows`` rendered by ``fmt`` and ``budget``, the memory of the device
+    (plan.device_budget; ``most`` where it is unknown). The stage runs on one device."""
+    if budget is None:
+        return most
+    seq = plan.sequence_length(fmt, {"rows": rows})
+    return plan.fisher_pass(plan.model_shape(model), most, layers, seq, budget)
 
 
 def _skipped(out: Path, meta: dict, reason: str) -> dict:
@@ -80,19 +125,20 @@ def fisher(
     """Per-sample-gradient diagonal Fisher of the chosen ``layers`` (None: all), on one probe
     set, stored in bfloat16 (STORED_DTYPE).
 
-    ``batch_size`` samples go through one per-sample-gradient pass; out of memory, the pass size
+    At most ``batch_size`` samples go through one per-sample-gradient pass: the stage starts at
+    the largest size the plan says fits its device (pass_size); out of memory, the pass size
     halves (down to one sample) and the stage goes on, the size that fitted in the manifest
-    (``samples_per_pass``). The values do not depend on it, so it is no part of the key. One
-    sample that does not fit (fisher.SampleDoesNotFit) fails the stage at once, naming the
-    memory it needs and the settings that help; nothing is stored, so more memory computes it
-    later. A model that gives no per-sample gradients (fisher.UnsupportedModel) is skipped:
-    the artifact holds no tensors, its reason in the file's metadata and the manifest
-    (``skipped``). With ``summary_only`` the stage stores the per-layer summary the metrics
-    read of a candidate's Fisher (SUMMARY: mean, quantiles, log10 histogram, from the float32
-    values), not the values: the original's Fisher is the one read value by value (its
-    weighted distance), and at 7B each unlearned model's values would take 13 GB. The
-    checkpoint's own model code runs only with ``trust_remote_code`` (the audit's parameter;
-    nothing in the store can grant it).
+    (``samples_per_pass``). The values do not depend on it (the data batches are of DATA_BATCH
+    rows whatever it is), so it is no part of the key. One sample that does not fit
+    (fisher.SampleDoesNotFit) fails the stage at once, naming the memory it needs and the
+    settings that help; nothing is stored, so more memory computes it later. A model that gives
+    no per-sample gradients (fisher.UnsupportedModel) is skipped: the artifact holds no tensors,
+    its reason in the file's metadata and the manifest (``skipped``). With ``summary_only`` the
+    stage stores the per-layer summary the metrics read of a candidate's Fisher (SUMMARY: mean,
+    quantiles, log10 histogram, from the float32 values), not the values: the original's Fisher
+    is the one read value by value (its weighted distance), and at 7B each unlearned model's
+    values would take 13 GB. The checkpoint's own model code runs only with
+    ``trust_remote_code`` (the audit's parameter; nothing in the store can grant it).
     """
 
     def build(s, out):
@@ -110,20 +156,15 @@ def fisher(
             "model_samples": model_samples,
             "seed": seed,
         }
-        dev = next(model.parameters()).device
-        passes = fisher_mod.SamplesPerPass(batch_size)
-
-        def diagonal(labels: fisher_mod.Labels) -> dict[int, torch.Tensor]:
-            batches = (
-                {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
-                for chunk in data.chunks(rows, batch_size)
-            )
-            return fisher_mod.fisher_diagonal(
-                model, batches, layers, passes, labels, max(1, model_samples), seed
-            )
+        budget = plan.device_budget(device)
+        size = pass_size(model, fmt, rows, layers, batch_size, budget)
+        passes = fisher_mod.SamplesPerPass(size)
+        fisher_of = functools.partial(
+            diagonal, model, fmt, rows, layers, passes, model_samples=model_samples, seed=seed
+        )
 
         try:
-            values = diagonal("empirical")
+            values = fisher_of("empirical")
         except fisher_mod.UnsupportedModel as err:
             return _skipped(out, meta, str(err))
         except fisher_mod.SampleDoesNotFit as err:
@@ -132,7 +173,8 @@ def fisher(
             raise ValueError(f"{err}; {HELP}") from err
         if model_samples:
             try:  # the model's Fisher is evidence beside: its failure keeps the empirical one
-                write_json(out / MODEL_SUMMARY, fisher_mod.fisher_summary(diagonal("model")))
+                model_fisher = fisher_of("model")
+                write_json(out / MODEL_SUMMARY, fisher_mod.fisher_summary(model_fisher))
             except (fisher_mod.UnsupportedModel, fisher_mod.SampleDoesNotFit) as err:
                 meta["model_fisher_failed"] = str(err)
         if summary_only:

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks._progress import stage_progress
 from tasks._stage import (
     cached_stage,
+    checkpointing_here,
     gpu_options,
     load_folder,
     load_inputs,
@@ -31,12 +32,13 @@ from unlearning_audit import (
     distributed,
     evaluation,
     layers,
+    plan,
     prompts,
     relearning,
     runtime,
     training,
 )
-from unlearning_audit.config import Precision, RelearnConfig, RelearnSource
+from unlearning_audit.config import Checkpointing, Precision, RelearnConfig, RelearnSource
 from unlearning_audit.metrics import weights
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
@@ -60,7 +62,7 @@ def relearn(
     precision: Precision = "auto",
     original: ArtifactRef | None = None,
     layer_indices: list[int] | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: Checkpointing = "auto",
     gpus: int = 1,
 ):
     """Fine-tune ``checkpoint`` with the relearning budget from ``source`` in the data order of
@@ -78,8 +80,9 @@ def relearn(
 
     With ``gpus`` > 1 it trains on that many GPUs (tasks._stage.on_gpus); a sharded model
     serves no forward pass after training, so a measuring run then keeps its checkpoint and
-    measures it reloaded, split over the GPUs. ``gradient_checkpointing`` and ``gpus`` change
-    memory, not results: not part of the key."""
+    measures it reloaded, split over the GPUs. ``gradient_checkpointing`` (auto: decided here,
+    for this machine's device: tasks._stage.checkpointing_here; the manifest records it) and
+    ``gpus`` change memory, not results: not part of the key."""
     precision = runtime.resolve_precision(precision, device)
     measure = original is not None
     reload = measure and gpus > 1
@@ -87,7 +90,8 @@ def relearn(
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
         keep = keep_checkpoint or reload
         run = (source, cfg, seed, device, max_rows, keep, generate, precision)
-        run += (gradient_checkpointing, None if reload else original, layer_indices)
+        run += (gradient_checkpointing, plan.device_budget(device), gpus)  # the builder's
+        run += (None if reload else original, layer_indices)
         meta = on_gpus(gpus, device, _build, s, out, checkpoint, data_ref, trust_remote_code, *run)
         if reload:  # the relearned model the ranks stored in ``out``, split over the GPUs
             model, tokenizer = load_folder(
@@ -129,17 +133,28 @@ def _build(
     keep_checkpoint: bool,
     generate: bool,
     precision: str,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: Checkpointing,
+    budget: int | None,
+    gpus: int,
     original: ArtifactRef | None,
     layer_indices: list[int] | None,
 ) -> dict:
-    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files)."""
+    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files);
+    each rank decides checkpointing alike, from the same ``budget``."""
     model, fmt, sets, cap = load_inputs(
         s,
         checkpoint,
         data_ref,
         runtime.setup(seed, device),
         trust_remote_code=trust_remote_code,
+    )
+    checkpointing = checkpointing_here(
+        gradient_checkpointing,
+        budget,
+        (model, fmt, sets),
+        plan.relearn_estimate,
+        cfg,
+        plan.Compute(precision, gpus=gpus),
     )
     with stage_progress(f"relearn from {source}") as progress:
         log = relearning.relearn(
@@ -153,7 +168,7 @@ def _build(
             max_rows,
             cap if generate else 0,
             precision,
-            gradient_checkpointing,
+            checkpointing,
         )
     adapter = log.pop("adapter")
     keep_whole = keep_checkpoint and adapter is None
@@ -169,6 +184,7 @@ def _build(
         "steps": log["steps"],
         "lr": log["lr"],
         "precision": precision,
+        "gradient_checkpointing": checkpointing,
         "dtype": str(model.dtype),
     }
 

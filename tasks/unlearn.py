@@ -9,18 +9,27 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._progress import stage_progress
-from tasks._stage import cached_stage, gpu_options, load_inputs, on_gpus, save_trained, write_json
+from tasks._stage import (
+    cached_stage,
+    checkpointing_here,
+    gpu_options,
+    load_inputs,
+    on_gpus,
+    save_trained,
+    write_json,
+)
 from unlearning_audit import (
     adapters,
     data,
     distributed,
     evaluation,
+    plan,
     prompts,
     runtime,
     training,
     unlearning,
 )
-from unlearning_audit.config import Precision, UnlearnConfig
+from unlearning_audit.config import Checkpointing, Precision, UnlearnConfig
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 
@@ -34,7 +43,7 @@ def unlearn(
     device: str = "auto",
     trust_remote_code: bool = False,
     precision: Precision = "auto",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: Checkpointing = "auto",
     gpus: int = 1,
 ):
     """Run one unlearning method, in ``config.requests`` successive requests (one stage: the
@@ -46,12 +55,14 @@ def unlearn(
     and stores the checkpoint in the original's dtype. The checkpoint's own model code runs
     only with ``trust_remote_code`` (the audit's parameter; nothing in the store can grant
     it). With ``gpus`` > 1 it trains on that many GPUs (tasks._stage.on_gpus);
-    ``gradient_checkpointing`` and ``gpus`` change memory, not results: not part of the key."""
+    ``gradient_checkpointing`` (auto: decided here, for this machine's device:
+    tasks._stage.checkpointing_here; the manifest records it) and ``gpus`` change memory, not
+    results: not part of the key."""
     precision = runtime.resolve_precision(precision, device)
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
         args = (s, out, checkpoint, data_ref, cfg, seed, device, trust_remote_code, precision)
-        args += (gradient_checkpointing,)
+        args += (gradient_checkpointing, plan.device_budget(device), gpus)  # the builder's
         return on_gpus(gpus, device, _build, *args)
 
     return cached_stage(
@@ -75,9 +86,12 @@ def _build(
     device: str,
     trust_remote_code: bool,
     precision: str,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: Checkpointing,
+    budget: int | None,
+    gpus: int,
 ) -> dict:
-    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files)."""
+    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files);
+    each rank decides checkpointing alike, from the same ``budget``."""
     model, fmt, sets, _ = load_inputs(
         s,
         checkpoint,
@@ -85,10 +99,16 @@ def _build(
         runtime.setup(seed, device),
         trust_remote_code=trust_remote_code,
     )
+    checkpointing = checkpointing_here(
+        gradient_checkpointing,
+        budget,
+        (model, fmt, sets),
+        plan.unlearn_estimate,
+        cfg,
+        plan.Compute(precision, gpus=gpus),
+    )
     with stage_progress(f"unlearn {cfg.label}") as progress:
-        log = unlearning.unlearn(
-            model, fmt, sets, cfg, seed, progress, precision, gradient_checkpointing
-        )
+        log = unlearning.unlearn(model, fmt, sets, cfg, seed, progress, precision, checkpointing)
     adapter = log.pop("adapter")
     state = distributed.full_state_dict(model) if adapter is None else None
     if distributed.ranks()[0] == 0:
@@ -100,5 +120,6 @@ def _build(
         "stopped_early": log["stopped_early"],
         "request_steps": [r["steps"] for r in log["requests"]],
         "precision": precision,
+        "gradient_checkpointing": checkpointing,
         "dtype": str(model.dtype),
     }

@@ -22,16 +22,18 @@ from flows.audit import audit_checkpoint
 from tasks._stage import FAULTS_ENV, load_inputs
 from tasks.data import prepare_data
 from tasks.fisher import (
+    DATA_BATCH,
     MODEL_SUMMARY,
     STORED_DTYPE,
     SUMMARY,
+    diagonal,
     fisher,
     read_fisher,
     read_fisher_summary,
 )
 from tasks.metrics import TABLE
 from tasks.report import fisher_status
-from unlearning_audit import checkpoints, corpus, data, embedded
+from unlearning_audit import checkpoints, corpus, data, embedded, plan
 from unlearning_audit.config import DataConfig, EmbeddedConfig
 from unlearning_audit.metrics import (
     fisher_diagonal,
@@ -51,6 +53,8 @@ pytestmark = [
 ]
 
 ROWS = 24  # forget rows the stage tests' Fisher reads
+TINY = EmbeddedConfig(hidden_size=32, intermediate_size=64, layers=2, heads=2, vocab_size=256)
+"""The small untrained model whose Fisher the stage tests compute, and its embedded data."""
 BF16_ROUNDING = 2.0**-8
 """The largest relative error of rounding a float32 value to bfloat16 (8 significant bits)."""
 
@@ -110,7 +114,7 @@ def stages(prefect_server, tmp_path_factory) -> dict:
     """A store with the embedded data, three checkpoints of one small untrained model (as it
     is, and with room for 2 and for 0 samples at once: its own model code), and the Fisher
     stages the tests read, run in one flow."""
-    config = EmbeddedConfig(hidden_size=32, intermediate_size=64, layers=2, heads=2, vocab_size=256)
+    config = TINY
     facts, _ = corpus.embedded(config)
     tokenizer = embedded.train_tokenizer(facts, config.vocab_size)
     model = embedded.build_model(tokenizer, config)
@@ -229,7 +233,9 @@ def test_summaries_and_rows_of_the_stored_fisher_match_float32(stages) -> None:
     stored = read_fisher(store, stages["every"])
     model, fmt, sets, _ = load_inputs(store, checkpoint, data_ref, "cpu")
     rows = data.sample(sets["forget"], ROWS)
-    exact = fisher_diagonal(model, (data.train_batch(fmt, c) for c in data.chunks(rows, 16)))
+    exact = fisher_diagonal(
+        model, (data.train_batch(fmt, c) for c in data.chunks(rows, DATA_BATCH))
+    )
     assert store.manifest(stages["every"].key)["meta"]["stored_dtype"] == str(STORED_DTYPE)
     for layer in exact:
         assert stored[layer].dtype == torch.float32
@@ -326,7 +332,9 @@ def test_a_summary_only_fisher_stores_the_summary_the_metrics_read(stages) -> No
     assert ref.key != stages["every"].key
     model, fmt, sets, _ = load_inputs(store, stages["plain"], stages["data"], "cpu")
     rows = data.sample(sets["forget"], ROWS)
-    exact = fisher_diagonal(model, (data.train_batch(fmt, c) for c in data.chunks(rows, 16)))
+    exact = fisher_diagonal(
+        model, (data.train_batch(fmt, c) for c in data.chunks(rows, DATA_BATCH))
+    )
     summary, expected = read_fisher_summary(store, ref), fisher_summary(exact)
     assert sorted(summary) == sorted(expected)
     for layer, entry in expected.items():
@@ -345,7 +353,7 @@ def test_the_stage_stores_the_model_fisher_summary_beside_the_empirical_one(stag
     rows = data.sample(sets["forget"], ROWS)
     drawn = fisher_diagonal(
         model,
-        (data.train_batch(fmt, c) for c in data.chunks(rows, 16)),
+        (data.train_batch(fmt, c) for c in data.chunks(rows, DATA_BATCH)),
         labels="model",
         samples=1,
         seed=0,
@@ -357,3 +365,60 @@ def test_the_stage_stores_the_model_fisher_summary_beside_the_empirical_one(stag
         assert summary[layer]["mean"] == pytest.approx(float(values.double().mean()), rel=1e-9)
         assert summary[layer]["mean"] != pytest.approx(empirical[layer]["mean"], rel=1e-3)
     assert read_fisher_summary(store, stages["some"], "model").keys() == {1, 3}
+
+
+# -- the pass size: chosen for the device, never changing the values ------------------------
+
+
+def test_the_model_fisher_does_not_depend_on_the_pass_size(stages) -> None:
+    """The stage's computation (tasks.fisher.diagonal: data batches of DATA_BATCH rows) with
+    passes of 16, 3 and 1 samples: the same label draws, so the same model Fisher up to float
+    summation order; 24 rows make two data batches."""
+    model, fmt, sets, _ = load_inputs(stages["store"], stages["plain"], stages["data"], "cpu")
+    rows = data.sample(sets["forget"], ROWS)
+    assert len(rows) > DATA_BATCH
+    runs = [
+        diagonal(model, fmt, rows, None, SamplesPerPass(size), "model", 1, 0) for size in (16, 3, 1)
+    ]
+    for values in runs[1:]:
+        assert sorted(values) == sorted(runs[0])
+        for layer, expected in runs[0].items():
+            torch.testing.assert_close(values[layer], expected, rtol=1e-5, atol=1e-12)
+
+
+def test_the_stage_starts_at_the_pass_size_its_device_fits(stages, tmp_path, monkeypatch) -> None:
+    """A device budget of the plan's Fisher estimate at 3 samples per pass (the loaded model's
+    shape, its rows' longest rendering): the stage passes 3 samples at a time without running
+    out of memory, records it, and stores the values (empirical and the model's) of the
+    unconstrained stage, which passed 16."""
+    model, fmt, sets, _ = load_inputs(stages["store"], stages["plain"], stages["data"], "cpu")
+    shape = plan.model_shape(model)
+    seq = plan.sequence_length(fmt, {"forget": data.sample(sets["forget"], ROWS)})
+    budget = plan.fisher_estimate(shape, 3, None, seq).peak
+    assert plan.fisher_estimate(shape, 4, None, seq).peak > budget
+    monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(budget))
+    store = Store(str(tmp_path / "store"))
+    plain = stages["store"].local_dir(stages["plain"])
+
+    def copy(out: Path) -> None:
+        shutil.copytree(plain, out, dirs_exist_ok=True)
+
+    checkpoint = store.cached("checkpoint", {"max_samples": None}, {}, "v", copy)[0]
+    ref = _constrained(store.url, checkpoint)
+    meta = store.manifest(ref.key)["meta"]
+    assert (meta["batch_size"], meta["samples_per_pass"], meta["oom_halvings"]) == (16, 3, 0)
+    assert stages["store"].manifest(stages["every"].key)["meta"]["samples_per_pass"] == 16
+    expected, values = read_fisher(stages["store"], stages["every"]), read_fisher(store, ref)
+    assert sorted(values) == sorted(expected)
+    for layer in expected:
+        torch.testing.assert_close(values[layer], expected[layer], rtol=2 * BF16_ROUNDING, atol=0)
+    drawn = read_fisher_summary(store, ref, "model")
+    for layer, entry in read_fisher_summary(stages["store"], stages["every"], "model").items():
+        assert drawn[layer]["mean"] == pytest.approx(entry["mean"], rel=1e-5)
+
+
+@flow
+def _constrained(store: str, checkpoint: ArtifactRef) -> ArtifactRef:
+    """The data stage and the Fisher stage on ``checkpoint``, as _fisher_stages runs them."""
+    data_ref = prepare_data(store, DataConfig(), TINY)
+    return fisher(store, checkpoint, data_ref, max_rows=ROWS, device="cpu", trust_remote_code=True)

@@ -5,10 +5,13 @@ out-of-memory error that splitting cannot help failing at once."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import large_models
 import peak_memory
 import pytest
+import torch
 from prefect import flow
 
 from tasks._stage import FAULTS_ENV, OutOfMemory
@@ -135,6 +138,21 @@ def test_preflight_refuses_a_stage_that_cannot_fit_naming_a_setting_that_would(
     assert "memory: unlearn GA" in err and "--lora 16" in err, err
 
 
+def _stage_run(store: str, small: Path, data_files: dict, config: UnlearnConfig):
+    """The unlearn stage of ``config`` on the small checkpoint, on the CPU, into ``store``."""
+
+    @flow
+    def run():
+        embedded = EmbeddedConfig()
+        checkpoint = fetch_checkpoint(store, str(small), embedded)
+        sets = prepare_data(
+            store, DataConfig(forget=data_files["forget"], retain=data_files["retain"]), embedded
+        )
+        return unlearn(store, checkpoint, sets, config, device="cpu")
+
+    return run()
+
+
 def test_out_of_memory_that_splitting_cannot_help_fails_at_once_with_the_estimate(
     prefect_server, small, data_files, tmp_path, monkeypatch
 ):
@@ -153,20 +171,165 @@ def test_out_of_memory_that_splitting_cannot_help_fails_at_once_with_the_estimat
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({"unlearn": ["oom"] * 3}))
     monkeypatch.setenv(FAULTS_ENV, str(faults))
-    store = str(tmp_path / "store")
-
-    @flow
-    def run():
-        embedded = EmbeddedConfig()
-        checkpoint = fetch_checkpoint(store, str(small), embedded)
-        sets = prepare_data(
-            store, DataConfig(forget=data_files["forget"], retain=data_files["retain"]), embedded
-        )
-        return unlearn(store, checkpoint, sets, config, device="cpu")
-
     with pytest.raises(OutOfMemory) as caught:
-        run()
+        _stage_run(str(tmp_path / "store"), small, data_files, config)
     message = str(caught.value)
     assert "splitting cannot help" in message and "estimated peak" in message, message
     assert "settings that would fit: --lora 16" in message and "--gpus 2" in message, message
     assert json.loads(faults.read_text()) == {"unlearn": ["oom", "oom"]}
+
+
+# -- settings left to the stages: auto gradient checkpointing, the Fisher's pass size -------
+
+
+@pytest.fixture(scope="module")
+def seven_b() -> plan.ModelShape:
+    """Llama-2-7B's shape, built on the meta device from its config (large_models.py)."""
+    return plan.shape_of(large_models.large_configs()["7B (Llama-2-7B)"])
+
+
+def _by_stage(estimate: plan.Plan) -> dict[str, plan.StageEstimate]:
+    return {s.stage.split(" lr=")[0]: s for s in estimate.stages}
+
+
+def test_a_7b_default_audit_fits_141_gb_choosing_checkpointing_and_passes_where_needed(seven_b):
+    """bf16-mixed, 256 tokens per row: without a budget (auto off, 16 samples per Fisher pass)
+    NPO+KL's and the Fisher's peaks exceed 141 GB; on a 141 GB device the defaults fit. Auto
+    checkpoints exactly the training stages that would not fit without it (and those only
+    shrink), and the Fisher passes are the most samples that fit (one more would not)."""
+    budget = plan.parse_size("141GB")
+    audit = large_models.six_method_audit()
+    unbudgeted = _by_stage(plan.plan(audit, seven_b, 256, "bf16-mixed", None))
+    fitted = plan.plan(audit, seven_b, 256, "bf16-mixed", budget)
+    assert not fitted.too_large(), fitted.table()
+    assert unbudgeted["unlearn NPO+KL"].peak > budget and unbudgeted["fisher"].peak > budget
+    checkpointed = []
+    for name, stage in _by_stage(fitted).items():
+        if name.startswith(("unlearn", "relearn", "control relearn")):
+            on = unbudgeted[name].peak > budget
+            assert stage.chosen == f"checkpointing {'on' if on else 'off'} (auto)", name
+            assert stage.peak < unbudgeted[name].peak if on else stage == unbudgeted[name]
+            checkpointed += [name] * on
+    assert checkpointed == ["unlearn GA+GD", "unlearn GA+KL", "unlearn NPO+KL"]
+    size = int(_by_stage(fitted)["fisher"].chosen.split()[0])
+    assert 1 < size < 16
+    assert plan.fisher_estimate(seven_b, size, None, 256).peak <= budget
+    assert plan.fisher_estimate(seven_b, size + 1, None, 256).peak > budget
+    assert (
+        "checkpointing on (auto)" in fitted.table() and f"{size} samples per pass" in fitted.table()
+    )
+
+
+def test_a_7b_audit_fits_80_gib_with_lora_alone_and_names_settings_where_nothing_does(seven_b):
+    """On 80 GiB the defaults do not fit (full training's state and moments), --lora 16 alone
+    does, with the Fisher in passes of fewer samples; no setting proposed sizes the Fisher's
+    passes (the stage does). Checkpointing forced off is refused where auto would fit, naming
+    --gradient-checkpointing. On 40 GiB the Fisher does not fit even in passes of one sample,
+    and the refusal still names a setting."""
+    audit = large_models.six_method_audit()
+    gib80 = plan.parse_size("80GiB")
+    defaults = plan.plan(audit, seven_b, 256, "bf16-mixed", gib80)
+    assert defaults.too_large()
+    fitting = plan.fitting_settings(audit, seven_b, 256, "bf16-mixed", gib80)
+    assert fitting[0] == "--lora 16" and not [f for f in fitting if "fisher" in f], fitting
+    lora = plan.plan(plan.with_lora(audit), seven_b, 256, "bf16-mixed", gib80)
+    assert not lora.too_large(), lora.table()
+    assert _by_stage(lora)["fisher"].chosen == "2 samples per pass"  # bench_scale's figure
+    budget = plan.parse_size("141GB")
+    off = audit.model_copy(update={"gradient_checkpointing": False})
+    refused = plan.plan(off, seven_b, 256, "bf16-mixed", budget)
+    assert [s.stage.split(" lr=")[0] for s in refused.too_large()] == [
+        "unlearn GA+GD",
+        "unlearn GA+KL",
+        "unlearn NPO+KL",
+    ]
+    assert "--gradient-checkpointing" in plan.fitting_settings(
+        off, seven_b, 256, "bf16-mixed", budget
+    )
+    gib40 = plan.parse_size("40GiB")
+    small_device = plan.plan(plan.with_lora(audit), seven_b, 256, "bf16-mixed", gib40)
+    assert [s.stage for s in small_device.too_large()] == ["fisher"]
+    assert _by_stage(small_device)["fisher"].chosen == "1 samples per pass"
+    named = replace(
+        small_device,
+        fitting=tuple(
+            plan.fitting_settings(plan.with_lora(audit), seven_b, 256, "bf16-mixed", gib40)
+        ),
+    )
+    (problem,) = named.problems()
+    assert problem.startswith("memory: fisher needs about") and "--no-fisher" in problem, problem
+    assert named.fitting == ("--no-fisher",)  # more GPUs do not help: the Fisher runs on one
+
+
+def test_auto_checkpointing_needs_a_budget_and_the_models_support(small):
+    """The one decision the plan and the stages share (plan.use_checkpointing): a bool is kept;
+    auto is on only over a known budget, for a model that supports it."""
+    shape = plan.shape_of_folder(small)
+    config = UnlearnConfig(method="GA", batch_size=2, stop_at_forget_em=None)
+    without = plan.unlearn_estimate(shape, config, 32, plan.Compute()).peak
+
+    def estimate(on: bool) -> plan.StageEstimate:
+        return plan.unlearn_estimate(shape, config, 32, plan.Compute(checkpointing=on))
+
+    assert shape.checkpointing
+    assert plan.use_checkpointing("auto", shape, without - 1, estimate)
+    assert not plan.use_checkpointing("auto", shape, without, estimate)
+    assert not plan.use_checkpointing("auto", shape, None, estimate)
+    unsupported = replace(shape, checkpointing=False)
+    assert not plan.use_checkpointing("auto", unsupported, without - 1, estimate)
+    assert plan.use_checkpointing(True, shape, None, estimate)
+    assert not plan.use_checkpointing(False, shape, without - 1, estimate)
+
+
+def test_the_unlearn_stage_checkpoints_where_its_device_needs_and_trains_the_same(
+    prefect_server, small, data_files, tmp_path, monkeypatch
+):
+    """A device budget between the stage's estimated peak with and without checkpointing (the
+    plan's functions, for the rows the stage renders): the stage turns it on and its manifest
+    says so; a large budget leaves it off. The same weights either way (float32, CPU)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from unlearning_audit import prompts
+    from unlearning_audit.store import Store
+
+    config = UnlearnConfig(method="GA", lr=1e-3, steps=2, batch_size=2, stop_at_forget_em=None)
+    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
+    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
+    shape = plan.shape_of_folder(small)
+    on, off = (
+        plan.unlearn_estimate(shape, config, seq, plan.Compute(checkpointing=c)).peak
+        for c in (True, False)
+    )
+    assert on < off
+    weights, used = [], []
+    for budget in ((on + off) // 2, 2**40):
+        monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(budget))
+        store = str(tmp_path / f"store-{budget}")
+        ref = _stage_run(store, small, data_files, config)
+        used.append(Store(store).manifest(ref.key)["meta"]["gradient_checkpointing"])
+        weights.append(load_file(Store(store).local_dir(ref) / "model.safetensors"))
+    assert used == [True, False]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_is_auto_by_default_and_can_be_forced_either_way(small, data_files, tmp_path):
+    """The CLI's two flags and the deployment's JSON parameters: auto, on or off."""
+    parse = cli.build_parser().parse_args
+    args = _audit(small, data_files, tmp_path)
+    given = {
+        (): "auto",
+        ("--gradient-checkpointing",): True,
+        ("--no-gradient-checkpointing",): False,
+    }
+    for flags, expected in given.items():
+        assert cli.audit_params(parse([*args, *flags])).gradient_checkpointing is expected
+    with pytest.raises(SystemExit):
+        parse([*args, "--gradient-checkpointing", "--no-gradient-checkpointing"])
+    for value in ("auto", True, False):
+        parsed = AuditParams.model_validate_json(json.dumps({"gradient_checkpointing": value}))
+        assert parsed.gradient_checkpointing == value
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        AuditParams(gradient_checkpointing="sometimes")

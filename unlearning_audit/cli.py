@@ -719,11 +719,20 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RANK",
         help="train LoRA adapters of this rank in every unlearning and relearning run",
     )
-    scale.add_argument(
+    checkpointing = scale.add_mutually_exclusive_group()
+    checkpointing.add_argument(
         "--gradient-checkpointing",
         action="store_const",
         const=True,
-        help="recompute activations in the backward pass (less memory, more compute)",
+        help="recompute activations in the backward pass (less memory, more compute) in every "
+        "training stage (default: auto, where a stage would not fit its device without it)",
+    )
+    checkpointing.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_const",
+        const=False,
+        help="never recompute activations, even where a stage would not fit without it",
     )
     scale.add_argument("--gpus", type=int, metavar="N", help="GPUs each stage uses (default 1)")
     scale.add_argument(
@@ -745,8 +754,8 @@ def _add_audit_parser(sub: argparse._SubParsersAction) -> None:
         "--fisher-batch-size",
         type=int,
         metavar="N",
-        help=f"samples per per-sample-gradient pass of the Fisher (default "
-        f"{_default(AuditParams, 'fisher_batch_size')})",
+        help="the most samples per per-sample-gradient pass of the Fisher; fewer where the "
+        f"device's memory needs (default {_default(AuditParams, 'fisher_batch_size')})",
     )
     scale.add_argument(
         "--fisher-model-samples",

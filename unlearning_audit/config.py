@@ -30,6 +30,9 @@ Domain = Literal["text", "code", "math"]
 RelearnSource = Literal["forget", "forget-half", "retain", "unrelated"]
 RequestSplit = Literal["disjoint", "repeat"]
 Precision = Literal["auto", "fp32", "bf16-mixed", "bf16"]
+Checkpointing = bool | Literal["auto"]
+"""Gradient checkpointing in the training stages: on, off, or auto (on where the stage would not
+fit its device without it: plan.use_checkpointing)."""
 
 
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -485,11 +488,14 @@ class AuditParams(_Config):
         "in bf16, else fp32. Trained checkpoints are stored in their original's dtype; "
         "evaluation, extraction and Fisher run in each checkpoint's own dtype.",
     )
-    gradient_checkpointing: bool = Field(
-        False,
+    gradient_checkpointing: Checkpointing = Field(
+        "auto",
         description="Recompute each block's activations in the backward pass of the training "
         "stages: their activation memory shrinks to about one block's, for about a third more "
-        "compute.",
+        "compute; the results do not change. auto: each training stage turns it on where its "
+        "estimated peak without it exceeds the memory of the device it runs on (a CUDA GPU's, or "
+        "$UNLEARNING_AUDIT_DEVICE_MEMORY) and the model supports it; off on a device of unknown "
+        "memory. Each stage's manifest records whether it was on.",
     )
     gpus: PositiveInt = Field(
         1,
@@ -507,9 +513,10 @@ class AuditParams(_Config):
     fisher_batch_size: PositiveInt = Field(
         16,
         le=1024,
-        description="Samples per per-sample-gradient pass of the Fisher stage (memory: this "
-        "many copies of the chosen layers' gradients); halved on out-of-memory, values "
-        "unchanged.",
+        description="The most samples per per-sample-gradient pass of the Fisher stage "
+        "(memory: this many copies of the chosen layers' gradients): the stage starts at the "
+        "largest pass size up to it whose estimate fits the memory of its device (1 at worst; "
+        "this one without a known budget), halved on out-of-memory; values unchanged.",
     )
     fisher_model_samples: int = Field(
         1,

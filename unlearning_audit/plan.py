@@ -9,9 +9,13 @@ what is alive at a stage's peak, without allocator slack, the CUDA context or li
 workspaces. tests/test_plan.py holds them to within 30% of a peak measured on CPU, and
 bench/bench_scale.py measures each stage (bench/results/cpu_scale.md).
 
-Peaks are per device: with ``gpus`` > 1, training and Fisher stages shard their weights and
-training state across the GPUs (FSDP) and give each a share of the batch; inference stages
-split the weights across them (device_map).
+Peaks are per device: with ``gpus`` > 1, training stages shard their weights and training
+state across the GPUs (FSDP) and give each a share of the batch; inference stages split the
+weights across them (device_map); the Fisher stage runs on one GPU.
+
+Two memory settings are left to the stages, which choose them on the device they run on from
+the functions here: gradient checkpointing under auto (use_checkpointing) and the Fisher's
+samples per pass (fisher_pass); the plan chooses them as the stages will, for the budget.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
-from .config import AuditParams, RelearnConfig, UnlearnConfig
+from .config import AuditParams, Checkpointing, RelearnConfig, UnlearnConfig
 
 GIB = 2**30
 DEVICE_MEMORY_ENV = "UNLEARNING_AUDIT_DEVICE_MEMORY"
@@ -61,19 +66,30 @@ class ModelShape:
     """The longest sequence the model takes (max_position_embeddings; 0 if it states none)."""
     layer_parameters: dict[int, int]
     """Parameters per layer (0 embeddings, i block i - 1, L + 1 final norm and head)."""
+    checkpointing: bool
+    """Whether the model's class supports gradient checkpointing (auto turns it on only then)."""
 
 
 def shape_of(config) -> ModelShape:
     """The ModelShape of a transformers config, from the model built on the meta device."""
     import torch
-    from torch import nn
     from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return model_shape(AutoModelForCausalLM.from_config(config))
+
+
+def model_shape(model) -> ModelShape:
+    """The ModelShape of a built model: one on the meta device (shape_of), or the one a stage
+    loaded (which decides its memory settings from it: use_checkpointing, fisher_pass); its
+    dtype is its config's."""
+    import torch
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     from .metrics.weights import layer_parameters
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    config = model.config
     head = model.get_output_embeddings()
     linear = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head]
     text = config.get_text_config(decoder=True)
@@ -94,6 +110,7 @@ def shape_of(config) -> ModelShape:
             layer: sum(p.numel() for _, p in params)
             for layer, params in layer_parameters(model).items()
         },
+        checkpointing=bool(getattr(model, "supports_gradient_checkpointing", False)),
     )
 
 
@@ -178,6 +195,9 @@ class StageEstimate:
     stage: str
     devices: int
     parts: dict[str, int]
+    chosen: str = ""
+    """The memory settings chosen for it where the audit left them to the stage (auto
+    gradient checkpointing, the Fisher's samples per pass)."""
 
     @property
     def peak(self) -> int:
@@ -391,14 +411,33 @@ def fisher_parameters(shape: ModelShape, layers: list[int] | None) -> int:
     return sum(shape.layer_parameters.get(layer, 0) for layer in chosen)
 
 
+def fisher_pass(
+    shape: ModelShape,
+    most: int,
+    layers: list[int] | None,
+    seq: int,
+    budget: int | None,
+) -> int:
+    """Samples per per-sample-gradient pass the Fisher stage starts at: the most, up to
+    ``most``, whose estimate (fisher_estimate) fits ``budget``; ``most`` without a budget, and 1
+    where no size fits (one sample that does not fit fails as fisher.SampleDoesNotFit)."""
+    if budget is None:
+        return most
+    fitting = (
+        n for n in range(most, 1, -1) if fisher_estimate(shape, n, layers, seq).peak <= budget
+    )
+    return next(fitting, 1)
+
+
 def fisher_estimate(
-    shape: ModelShape, batch_size: int, layers: list[int] | None, seq: int, gpus: int = 1
+    shape: ModelShape, batch_size: int, layers: list[int] | None, seq: int
 ) -> StageEstimate:
     """The Fisher stage (metrics.fisher): the weights, ``batch_size`` per-sample gradients of
     the chosen layers in the weights' dtype, their fp32 running sums of squares, and the
     per-sample forward and backward passes under eager attention, counted twice: vmap's
     per-sample backward held about twice a batched pass's activations in measurements on CPU
-    (bench/results/cpu_scale.md); sharded across ``gpus``."""
+    (bench/results/cpu_scale.md). On one GPU whatever ``gpus`` the audit gives the other
+    stages: the stage loads the whole model on one device (docs/scale.md)."""
     chosen = fisher_parameters(shape, layers)
     value_bytes = shape.dtype_bytes
     tokens = batch_size * seq
@@ -412,33 +451,75 @@ def fisher_estimate(
     )
     return StageEstimate(
         "fisher",
-        gpus,
+        1,
         {
-            "weights": shape.parameters * shape.dtype_bytes // gpus,
-            "per-sample gradients": batch_size * chosen * shape.dtype_bytes // gpus,
-            "sums": chosen * max(shape.dtype_bytes, 4) // gpus,
-            "activations": activations // gpus + logits_bytes(shape, tokens, 3) // gpus,
+            "weights": shape.parameters * shape.dtype_bytes,
+            "per-sample gradients": batch_size * chosen * shape.dtype_bytes,
+            "sums": chosen * max(shape.dtype_bytes, 4),
+            "activations": activations + logits_bytes(shape, tokens, 3),
         },
     )
 
 
+def use_checkpointing(
+    setting: Checkpointing,
+    shape: ModelShape,
+    budget: int | None,
+    estimate: Callable[[bool], StageEstimate],
+) -> bool:
+    """Whether a training stage checkpoints its activations: as ``setting`` says where it is a
+    bool; under "auto", exactly where its peak without (``estimate(False)``) exceeds ``budget``
+    and the model supports it: off where the stage fits, or the budget is unknown (None). The
+    plan decides with it, and so does the stage on the device it runs on."""
+    if setting != "auto":
+        return setting
+    return budget is not None and shape.checkpointing and estimate(False).peak > budget
+
+
+def checkpointed(
+    setting: Checkpointing,
+    shape: ModelShape,
+    budget: int | None,
+    estimate: Callable[[bool], StageEstimate],
+) -> StageEstimate:
+    """A training stage's estimate with or without checkpointing, as use_checkpointing
+    decides; under "auto" the choice is recorded (StageEstimate.chosen)."""
+    on = use_checkpointing(setting, shape, budget, estimate)
+    ran = estimate(on)
+    if setting != "auto":
+        return ran
+    return replace(ran, chosen=f"checkpointing {'on' if on else 'off'} (auto)")
+
+
 def stage_estimates(
-    params: AuditParams, shape: ModelShape, seq: int, precision: str
+    params: AuditParams, shape: ModelShape, seq: int, precision: str, budget: int | None = None
 ) -> list[StageEstimate]:
     """Every accelerator stage of the audit ``params`` describes (fetching needs none), with
-    the training stages in ``precision`` (resolved); one row per unlearning method."""
+    the training stages in ``precision`` (resolved); one row per unlearning method. Settings
+    left to the stages (auto gradient checkpointing, the Fisher's samples per pass) are chosen
+    as the stages choose them on a device of ``budget`` bytes."""
     gpus = params.gpus
-    compute = Compute(precision, params.gradient_checkpointing, gpus)
+
+    def training(estimate: Callable[[Compute], StageEstimate]) -> StageEstimate:
+        return checkpointed(
+            params.gradient_checkpointing,
+            shape,
+            budget,
+            lambda on: estimate(Compute(precision, on, gpus)),
+        )
+
     stages = [evaluate_estimate(shape, seq, gpus), extract_estimate(shape, seq, gpus)]
     if params.unlearned is None:
-        stages += [unlearn_estimate(shape, m, seq, compute) for m in params.methods]
-    stages.append(relearn_estimate(shape, params.relearn, seq, compute))
+        stages += [training(partial(unlearn_estimate, shape, m, seq)) for m in params.methods]
+    stages.append(training(partial(relearn_estimate, shape, params.relearn, seq)))
     if has_control(params):
-        stages.append(relearn_estimate(shape, params.relearn, seq, compute, "control relearn"))
+        control = partial(relearn_estimate, shape, params.relearn, seq, name="control relearn")
+        stages.append(training(control))
     if params.fisher:
-        stages.append(
-            fisher_estimate(shape, params.fisher_batch_size, params.fisher_layers, seq, gpus)
-        )
+        layers = params.fisher_layers
+        size = fisher_pass(shape, params.fisher_batch_size, layers, seq, budget)
+        fisher = fisher_estimate(shape, size, layers, seq)
+        stages.append(replace(fisher, chosen=f"{size} samples per pass"))
     stages += [evaluate_estimate(shape, seq, gpus, bits) for bits in params.quantization_bits]
     if params.splice:
         stages.append(splice_estimate(shape, seq, gpus))
@@ -511,8 +592,9 @@ class Plan:
         return [s for s in self.stages if s.peak > self.budget]
 
     def table(self) -> str:
-        """The plan as a text table: each stage's peak per device and the budget it is held to,
-        then the store's footprint, and the settings that would fit where a stage does not."""
+        """The plan as a text table: each stage's peak per device, whether it fits the budget
+        and the memory settings chosen for it, then the store's footprint, and the settings
+        that would fit where a stage does not."""
         held = f"{_size(self.budget)} per device" if self.budget else "not enforced (no GPU)"
         size = (
             f"{self.parameters / 1e9:.2f}B"
@@ -523,11 +605,12 @@ class Plan:
         lines = [
             f"model: {size} parameters; training in {self.precision}; {self.sequence} tokens "
             f"per row; device memory: {held}",
-            f"{'stage':<{width}}  {'GPUs':>4}  {'peak/device':>11}  fits",
+            f"{'stage':<{width}}  {'GPUs':>4}  {'peak/device':>11}  fits  chosen",
         ]
         for s in self.stages:
             fits = "-" if self.budget is None else ("yes" if s.peak <= self.budget else "NO")
-            lines.append(f"{s.stage:<{width}}  {s.devices:>4}  {_size(s.peak):>11}  {fits}")
+            row = f"{s.stage:<{width}}  {s.devices:>4}  {_size(s.peak):>11}  {fits:<4}  {s.chosen}"
+            lines.append(row.rstrip())
         kinds = ", ".join(f"{k} {_size(v)}" for k, v in self.store.items() if v)
         lines.append(f"store: {_size(sum(self.store.values()))} ({kinds})")
         if self.too_large():
@@ -538,8 +621,9 @@ class Plan:
         """The settings that would fit, or what was tried."""
         return "; ".join(self.fitting) or (
             "none of --lora 16, --gradient-checkpointing, micro-batches of one row, "
-            "--fisher-batch-size 1, --precision bf16, --gpus up to 8, or their lossless "
-            "one-GPU combinations"
+            "--no-splice, --no-fisher, --precision bf16, --gpus up to 8, or their lossless "
+            "one-GPU combinations (the Fisher's passes are of one sample already where larger "
+            "ones do not fit; --fisher-layers computes fewer layers)"
         )
 
     def problems(self) -> list[str]:
@@ -559,9 +643,10 @@ def plan(
     budget: int | None,
 ) -> Plan:
     """The estimate of the audit ``params`` describes for a model of ``shape`` and rows of
-    ``seq`` tokens, training in ``precision`` (resolved), held to ``budget`` bytes per device."""
+    ``seq`` tokens, training in ``precision`` (resolved), held to ``budget`` bytes per device
+    (which the settings left to the stages are chosen for: stage_estimates)."""
     return Plan(
-        stage_estimates(params, shape, seq, precision),
+        stage_estimates(params, shape, seq, precision, budget),
         store_estimate(params, shape),
         budget,
         precision,
@@ -675,13 +760,16 @@ SETTINGS: list[tuple[str, Callable[[AuditParams], AuditParams], str | None]] = [
     ("--lora 16", with_lora, None),
     ("--gradient-checkpointing", _setting(gradient_checkpointing=True), None),
     ("micro_batches = batch_size (methods, relearn)", _one_row, None),
-    ("--fisher-batch-size 1", _setting(fisher_batch_size=1), None),
     ("--no-splice", _setting(splice=False), None),
+    ("--no-fisher", _setting(fisher=False), None),
     ("--precision bf16 (lossy)", _setting(), "bf16"),
     *((f"--gpus {n}", _setting(gpus=n), None) for n in (2, 4, 8)),
 ]
 """Settings that save memory, tried in this order: (flag, the audit changed by it, the
-precision it forces: pure bf16, lossy, is never combined with others)."""
+precision it forces: pure bf16, lossy, is never combined with others). The Fisher's pass size
+is none of them: the stage sizes its passes to the device (fisher_pass); and
+--gradient-checkpointing helps only an audit that turned it off, auto turning it on wherever a
+stage needs it."""
 
 
 # -- device memory --------------------------------------------------------------------------

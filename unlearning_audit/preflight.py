@@ -228,9 +228,11 @@ def _lora_problems(params: AuditParams) -> list[str]:
 
 
 def _checkpointing_problems(params: AuditParams, original: Path | None) -> list[str]:
-    """Gradient checkpointing asked for on a local original whose transformers model class
-    does not support it (the embedded Llama does; remote code is judged when it loads)."""
-    if not params.gradient_checkpointing or original is None or params.trust_remote_code:
+    """Gradient checkpointing asked for (True; auto turns it on only where the model supports
+    it) on a local original whose transformers model class does not support it (the embedded
+    Llama does; remote code is judged when it loads)."""
+    asked = params.gradient_checkpointing is True
+    if not asked or original is None or params.trust_remote_code:
         return []
     from transformers import AutoConfig, AutoModelForCausalLM
 
