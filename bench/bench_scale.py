@@ -8,6 +8,7 @@ loaded model (tests/peak_memory.py), beside the estimate's extra (its peak less 
 Training runs in fp32, bf16-mixed and with LoRA (rank 16) where the code supports it.
 
     PYTHONPATH=. python bench/bench_scale.py [--out bench/results/cpu_scale.md] [--quick]
+    PYTHONPATH=. python bench/bench_scale.py --estimates-only   (the estimator alone, seconds)
 """
 
 from __future__ import annotations
@@ -23,14 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import peak_memory  # noqa: E402
+from large_models import large_configs, six_method_audit  # noqa: E402
 
 from unlearning_audit import plan, relearning  # noqa: E402
-from unlearning_audit.config import (  # noqa: E402
-    METHODS,
-    AuditParams,
-    RelearnConfig,
-    UnlearnConfig,
-)
+from unlearning_audit.config import AuditParams, RelearnConfig, UnlearnConfig  # noqa: E402
 
 GIB = 2**30
 SMALL = {
@@ -47,136 +44,88 @@ BUDGETS = {"80 GB GPU": int(79.1 * GIB), "141 GB GPU": int(139 * GIB)}
 139."""
 
 
-def large_configs() -> dict:
-    """Llama configs of 1B, 7B and 70B-class models (bf16 checkpoints)."""
-    from transformers import LlamaConfig
-
-    common = {"dtype": "bfloat16", "max_position_embeddings": 4096}
-    return {
-        "1B (Llama-3.2-1B)": LlamaConfig(
-            hidden_size=2048,
-            num_hidden_layers=16,
-            intermediate_size=8192,
-            vocab_size=128256,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            tie_word_embeddings=True,
-            **common,
-        ),
-        "7B (Llama-2-7B)": LlamaConfig(
-            hidden_size=4096,
-            num_hidden_layers=32,
-            intermediate_size=11008,
-            vocab_size=32000,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            **common,
-        ),
-        "70B (Llama-3-70B)": LlamaConfig(
-            hidden_size=8192,
-            num_hidden_layers=80,
-            intermediate_size=28672,
-            vocab_size=128256,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            **common,
-        ),
-    }
-
-
-def six_method_audit(**update) -> AuditParams:
-    """A 6-method audit of a large checkpoint with a never-learned control, every other
-    setting at its default (relearning from forget and forget-half, 3 seeds, Fisher at batch
-    16 over all layers, 8- and 4-bit quantization)."""
-    return AuditParams(
-        original="org/model@main",
-        control="org/control@main",
-        methods=[UnlearnConfig(method=m, lr=1e-5) for m in METHODS],
-        **update,
-    )
-
-
 SCENARIOS = {
     "defaults": {},
-    "--gradient-checkpointing": {"gradient_checkpointing": True},
     "--lora 16": {"lora": True},
-    "--lora 16 --fisher-batch-size 1": {"lora": True, "fisher_batch_size": 1},
-    "--gradient-checkpointing --fisher-batch-size 1": {
-        "gradient_checkpointing": True,
-        "fisher_batch_size": 1,
-    },
-    "--gpus 8 --lora 16 --gradient-checkpointing --fisher-batch-size 1": {
-        "gpus": 8,
-        "lora": True,
-        "gradient_checkpointing": True,
-        "fisher_batch_size": 1,
-    },
+    "--gpus 8": {"gpus": 8},
+    "--gpus 8 --lora 16 --no-fisher": {"gpus": 8, "lora": True, "fisher": False},
 }
+"""The settings compared; gradient checkpointing and the Fisher's samples per pass are left to
+auto in each (chosen for the device budget)."""
 
 
 def scenario(settings: dict) -> AuditParams:
     """The 6-method audit under ``settings`` (``lora``: every run at rank 16, as --lora)."""
     params = six_method_audit(**{k: v for k, v in settings.items() if k != "lora"})
-    if not settings.get("lora"):
-        return params
-    lora = {"lora_rank": LORA}
-    return params.model_copy(
-        update={
-            "methods": [m.model_copy(update=lora) for m in params.methods],
-            "relearn": params.relearn.model_copy(update=lora),
-        }
-    )
+    return plan.with_lora(params) if settings.get("lora") else params
+
+
+def _plans(shape, budget: int | None) -> dict[str, plan.Plan]:
+    """The plan of each scenario on devices of ``budget`` bytes (None: unknown, auto off)."""
+    return {
+        label: plan.plan(scenario(s), shape, SEQUENCE, "bf16-mixed", budget)
+        for label, s in SCENARIOS.items()
+    }
+
+
+def _cell(stage: plan.StageEstimate) -> str:
+    """A stage's peak (GiB) and what auto chose for it: ckpt (checkpointing on), N/pass."""
+    chosen = stage.chosen.replace("checkpointing on (auto)", "ckpt")
+    chosen = chosen.replace("checkpointing off (auto)", "").replace(" samples per pass", "/pass")
+    return f"{stage.peak / GIB:.1f} {chosen}".strip()
+
+
+def stage_table(shape, budget: int | None) -> list[str]:
+    """Markdown: each stage's peak per GPU under each scenario, with what auto chose, on
+    devices of ``budget`` bytes; the largest stage, and whether it fits."""
+    plans = _plans(shape, budget)
+    lines = ["| stage | " + " | ".join(plans) + " |", "| --- |" + " --- |" * len(plans)]
+    stages = [{s.stage.split(" lr=")[0]: s for s in p.stages} for p in plans.values()]
+    for name in stages[0]:
+        cells = [_cell(by_name[name]) if name in by_name else "-" for by_name in stages]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    worst = [max(p.stages, key=lambda s: s.peak) for p in plans.values()]
+    lines.append("| **largest** | " + " | ".join(f"**{w.peak / GIB:.1f}**" for w in worst) + " |")
+    if budget is not None:
+        fits = ["no" if p.too_large() else "yes" for p in plans.values()]
+        lines.append("| fits | " + " | ".join(fits) + " |")
+    return lines
 
 
 def estimator_section() -> list[str]:
-    """Markdown: per model, each stage's peak per GPU under each scenario (bf16-mixed), the
-    scenarios' largest stage against the budgets, the settings that fit each budget, and the
-    store footprint."""
+    """Markdown: per model, each stage's peak per GPU under each scenario (bf16-mixed) with no
+    device budget (auto off, the Fisher at 16 samples per pass) and on each budget (auto's
+    choices), the settings that fit each budget where the defaults do not, and the store
+    footprint."""
     lines = []
     for name, config in large_configs().items():
         start = time.perf_counter()
         shape = plan.shape_of(config)
         built = time.perf_counter() - start
-        plans = {
-            label: plan.plan(scenario(s), shape, SEQUENCE, "bf16-mixed", None)
-            for label, s in SCENARIOS.items()
-        }
         lines += [
             f"### {name}: {shape.parameters / 1e9:.2f}B parameters, bf16 "
             f"(built on meta in {built:.1f} s)",
             "",
-            "Peak per GPU (GiB), bf16-mixed training, "
-            f"{SEQUENCE} tokens per row, batch sizes at their defaults (unlearning 16, "
-            "relearning 8, Fisher 16):",
+            f"Peak per GPU (GiB), bf16-mixed training, {SEQUENCE} tokens per row, batch sizes at "
+            "their defaults (unlearning 16, relearning 8, Fisher at most 16 per pass); ckpt: "
+            "gradient checkpointing turned on by auto, N/pass: the Fisher's samples per pass.",
             "",
-            "| stage | " + " | ".join(plans) + " |",
-            "| --- |" + " --- |" * len(plans),
+            "No device budget (auto leaves checkpointing off, the Fisher at 16 per pass):",
+            "",
+            *stage_table(shape, None),
+            "",
         ]
-        names = [s.stage.split(" lr=")[0] for s in plans["defaults"].stages]
-        for i, stage in enumerate(names):
-            cells = [f"{p.stages[i].peak / GIB:.1f}" for p in plans.values()]
-            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        worst = [max(p.stages, key=lambda s: s.peak) for p in plans.values()]
-        lines.append(
-            "| **largest** | " + " | ".join(f"**{w.peak / GIB:.1f}**" for w in worst) + " |"
-        )
         for budget_name, budget in BUDGETS.items():
-            fits = ["yes" if w.peak <= budget else "no" for w in worst]
-            lines.append(f"| fits one {budget_name} | " + " | ".join(fits) + " |")
-        lines.append("")
-        for budget_name, budget in BUDGETS.items():
-            if worst[0].peak <= budget:
-                lines.append(f"- the defaults fit one {budget_name} ({budget / GIB:.1f} GiB)")
-                continue
-            fitting = plan.fitting_settings(
-                six_method_audit(), shape, SEQUENCE, "bf16-mixed", budget
-            )
-            lines.append(
-                f"- settings under which the 6-method audit fits {budget_name}s "
-                f"({budget / GIB:.1f} GiB each), from the defaults (plan.fitting_settings): "
-                + ("; ".join(f"`{f}`" for f in fitting) or "none")
-            )
-        lines += ["", "Store footprint (GiB):", ""]
+            lines += [f"On {budget_name}s ({budget / GIB:.1f} GiB each):", ""]
+            lines += [*stage_table(shape, budget), ""]
+            if plan.plan(six_method_audit(), shape, SEQUENCE, "bf16-mixed", budget).too_large():
+                fitting = plan.fitting_settings(
+                    six_method_audit(), shape, SEQUENCE, "bf16-mixed", budget
+                )
+                found = "; ".join(f"`{f}`" for f in fitting) or "none"
+                lines += [f"Settings that fit, from the defaults (plan.fitting_settings): {found}"]
+                lines.append("")
+        lines += ["Store footprint (GiB):", ""]
         stores = {
             "defaults": six_method_audit(),
             "--lora 16 (adapters stored, not merged checkpoints)": plan.with_lora(
@@ -199,24 +148,40 @@ def estimator_section() -> list[str]:
     return lines
 
 
+SUMMARY = {  # column: (budget, scenario)
+    "one 80 GB GPU: defaults": ("80 GB GPU", "defaults"),
+    "one 80 GB GPU: `--lora 16`": ("80 GB GPU", "--lora 16"),
+    "one 141 GB GPU: defaults": ("141 GB GPU", "defaults"),
+    "eight 80 GB GPUs: `--gpus 8`": ("80 GB GPU", "--gpus 8"),
+    "eight 80 GB GPUs: `--gpus 8 --lora 16 --no-fisher`": (
+        "80 GB GPU",
+        "--gpus 8 --lora 16 --no-fisher",
+    ),
+}
+"""The README's columns of the largest stage: a budget and a scenario."""
+
+
 def summary_table() -> list[str]:
-    """Markdown for the README: per model, the default audit's main stages and its largest
-    stage under the settings that matter, and the store footprint (GiB)."""
+    """Markdown for the README: per model, the default audit's main stages without a device
+    budget (auto off: no checkpointing, 16 samples per Fisher pass), its largest stage on each
+    budget and scenario of SUMMARY with auto's choices (and whether it fits), and the store
+    footprint (GiB)."""
     lines = [
-        "| model | evaluate | unlearn NPO+KL | relearn | Fisher | largest stage: defaults | "
-        "`--lora 16 --fisher-batch-size 1` | `--gradient-checkpointing --fisher-batch-size 1` "
-        "| `--gpus 8 --lora 16 --gradient-checkpointing --fisher-batch-size 1` | store: "
-        "defaults | store: `--lora 16` |",
-        "| --- |" + " --- |" * 10,
+        "| model | evaluate | unlearn NPO+KL | relearn | Fisher (16 per pass) | "
+        + " | ".join(f"largest stage, {c}" for c in SUMMARY)
+        + " | store: defaults | store: `--lora 16` |",
+        "| --- |" + " --- |" * (6 + len(SUMMARY)),
     ]
     for name, config in large_configs().items():
         shape = plan.shape_of(config)
-
-        stages = {
-            s.stage.split(" lr=")[0]: s.peak
-            for s in plan.plan(six_method_audit(), shape, SEQUENCE, "bf16-mixed", None).stages
-        }
+        unbudgeted = plan.plan(six_method_audit(), shape, SEQUENCE, "bf16-mixed", None)
+        stages = {s.stage.split(" lr=")[0]: s.peak for s in unbudgeted.stages}
         main = [stages[k] / GIB for k in ("evaluate", "unlearn NPO+KL", "relearn", "fisher")]
+        largest = []
+        for budget_name, label in SUMMARY.values():
+            planned = _plans(shape, BUDGETS[budget_name])[label]
+            peak = max(s.peak for s in planned.stages) / GIB
+            largest.append(f"{peak:.0f} ({'no' if planned.too_large() else 'fits'})")
         stores = [
             sum(plan.store_estimate(audit, shape).values()) / GIB
             for audit in (six_method_audit(), plan.with_lora(six_method_audit()))
@@ -225,21 +190,12 @@ def summary_table() -> list[str]:
             f"| {name}, {shape.parameters / 1e9:.2f}B | "
             + " | ".join(f"{v:.0f}" for v in main)
             + " | "
-            + " | ".join(
-                f"{_largest(shape, k) / GIB:.0f}"
-                for k in [*list(SCENARIOS)[:1], *list(SCENARIOS)[3:]]
-            )
+            + " | ".join(largest)
             + " | "
             + " | ".join(f"{v:.0f}" for v in stores)
             + " |"
         )
     return lines
-
-
-def _largest(shape, label: str) -> int:
-    """The largest stage peak of the 6-method audit under scenario ``label``."""
-    estimate = plan.plan(scenario(SCENARIOS[label]), shape, SEQUENCE, "bf16-mixed", None)
-    return max(s.peak for s in estimate.stages)
 
 
 def measured_section(quick: bool) -> list[str]:
@@ -299,6 +255,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the Markdown results here")
     parser.add_argument("--quick", action="store_true", help="the 24M model only")
+    parser.add_argument(
+        "--estimates-only",
+        action="store_true",
+        help="print the estimator's tables alone (seconds), without measuring on CPU",
+    )
     args = parser.parse_args()
     lines = [
         "## Estimated, large models (plan.py)",
@@ -310,6 +271,8 @@ def main() -> None:
         *estimator_section(),
     ]
     print("\n".join(lines), flush=True)
+    if args.estimates_only:
+        return
     lines += ["## Measured on CPU", "", *measured_section(args.quick), ""]
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
