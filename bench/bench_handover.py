@@ -13,7 +13,9 @@ deployed audit (default: `AuditParams()`, the embedded audit `unlearning-audit d
   compute, the summed durations of the task runs inside it that computed (not served from the
   store);
 - hand-over: the sum over those runs of wall time minus compute (queueing, the worker starting
-  a process, imports, the flow engine, results), and its share of the audit's wall time;
+  a process, imports, the flow engine, results), and its share of the audit's wall time; a
+  run's compute is the time during which at least one of its stages computed (two stages side
+  by side count once);
 - outside compute: the audit's wall time minus every stage's compute, wherever it ran (also
   counts what hand-over misses: the audit's polling, stages served from the store).
 
@@ -62,19 +64,31 @@ def _task_runs(client, flow_run_id) -> list:
     )
 
 
-def _computed(task_runs, waits=()) -> float:
-    """Seconds these task runs spent computing: every one not served from the store (nor
-    computed by a pool's flow run), and not overlapping one of the ``waits`` intervals (a
+def _computing(task_runs, waits=()) -> list[tuple]:
+    """The (start, end) of these task runs that computed: every one not served from the store
+    (nor computed by a pool's flow run), and not overlapping one of the ``waits`` intervals (a
     pool's flow run: the audit's task that waits for it, and the task run Prefect adds for it
     as a subflow)."""
-    return sum(
-        _seconds(t.start_time, t.end_time)
+    return [
+        (t.start_time, t.end_time)
         for t in task_runs
         if t.state.name != "Cached"
         and "by flow run" not in (t.state.message or "")  # served after its group's run
         and t.start_time
         and not any(t.start_time < end and start < t.end_time for start, end in waits)
-    )
+    ]
+
+
+def _covered(intervals: list[tuple]) -> float:
+    """Seconds during which at least one of ``intervals`` ran: stages that ran side by side
+    (the control's fetch beside the original's) count once."""
+    total, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total, reach = total + _seconds(start, end), end
+        elif end > reach:
+            total, reach = total + _seconds(reach, end), end
+    return total
 
 
 def measure(audit_id) -> dict:
@@ -86,7 +100,7 @@ def measure(audit_id) -> dict:
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[audit_id])
             )
         )
-        runs = []
+        runs, computing = [], []
         for run in sorted(children, key=lambda r: r.start_time or r.created):
             before = [
                 r.end_time
@@ -96,19 +110,21 @@ def measure(audit_id) -> dict:
                 and r.start_time < run.start_time
             ]
             ready = max([run.created, *(end for end in before if end and end > run.created)])
+            inside = _computing(_task_runs(client, run.id))
+            computing += inside
             runs.append(
                 {
                     "name": run.name,
                     "pool": run.work_pool_name,
                     "wall": _seconds(ready, run.end_time),
-                    "compute": _computed(_task_runs(client, run.id)),
+                    "compute": _covered(inside),
                 }
             )
         waits = [(r.created, r.end_time) for r in children]
-        local = _computed(_task_runs(client, audit_id), waits)
+        computing += _computing(_task_runs(client, audit_id), waits)
     wall = _seconds(audit.start_time, audit.end_time)
     handover = sum(r["wall"] - r["compute"] for r in runs)
-    compute = local + sum(r["compute"] for r in runs)
+    compute = _covered(computing)
     return {
         "state": audit.state.name,
         "wall": wall,

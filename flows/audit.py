@@ -4,9 +4,10 @@ fetch -> unlearn (per method) -> evaluate -> relearn -> evaluate -> extract -> m
 splice (the causal layer test) -> verdict -> report. Run locally, everything runs in this
 process; every stage is served from the store when its inputs, config and code are unchanged.
 Every stage that loads a model gets the audit's ``trust_remote_code``: whether a checkpoint may
-run its own code is the current run's decision, never read from the store. Deployed, the stages
-of each stage group (the original's measurements, the control's, one unlearned model's from
-unlearning to verdict) go to the gpu pool together, as one flow run (tasks._stage.stage_group).
+run its own code is the current run's decision, never read from the store. Deployed, every model
+stage of the audit (the fetches, the original's measurements, the control's, each unlearned
+model's from unlearning to verdict) goes to the gpu pool as one stage group, one flow run
+(tasks._stage.stage_group): an audit hands over to the pool once, not once per stage or model.
 """
 
 from __future__ import annotations
@@ -197,19 +198,17 @@ def _control_evals(
     }
 
 
-@stage_group("control")
 def _control_side(
     store: str, params: AuditParams, control: ArtifactRef | None, data_ref: ArtifactRef
 ) -> tuple[dict[str, list[ArtifactRef]], dict | None]:
-    """The never-learned control's relearning runs and evaluations (_control_evals), one
-    stage group; none without a control."""
+    """The never-learned control's relearning runs and evaluations (_control_evals); none
+    without a control."""
     if control is None:
         return {}, None
     runs = _relearn_all(store, params, control, data_ref, None)
     return runs, _control_evals(store, params, control, data_ref)
 
 
-@stage_group("judge {candidate[label]}")
 def audit_run(
     store: str,
     params: AuditParams,
@@ -304,7 +303,6 @@ def audit_run(
     }
 
 
-@stage_group("original")
 def _original(store: str, params: AuditParams, checkpoint: ArtifactRef, data_ref: ArtifactRef):
     """The original's evaluation (refused before any training where it does not know the
     facts), activations, Fisher, probes and quantized evaluations (quantization's reference,
@@ -378,6 +376,40 @@ def _described(params: AuditParams, control) -> dict:
     }
 
 
+def _milestones(params: AuditParams) -> int:
+    """The audit's progress steps: the models fetched, the original measured, the control
+    relearned, each unlearned model judged, the report."""
+    return 4 + (1 if params.unlearned is not None else len(params.methods))
+
+
+@stage_group("models of {params.original}")
+def audit_models(
+    store: str, params: AuditParams, data_ref: ArtifactRef, progress: str | None
+) -> dict:
+    """Every model stage of the audit, one stage group: fetch the checkpoints (the control's
+    beside the original's), measure the original, relearn the control, judge each unlearned
+    model; ``progress``, the audit's own progress artifact, advances at each step, wherever
+    the group runs. Gives the control's checkpoint (or None), its runs, and the judged runs."""
+    advance, steps = StageProgress("audit", artifact=progress), _milestones(params)
+    control_fetch = _control(store, params)
+    checkpoint = _fetch(store, params, params.original)
+    given = _fetch(store, params, params.unlearned) if params.unlearned is not None else None
+    control = control_fetch.result() if control_fetch is not None else None
+    check_compatible(store, {"original": checkpoint, "unlearned": given, "control": control})
+    advance(1, steps)
+    original = _original(store, params, checkpoint, data_ref)
+    advance(2, steps)
+    control_runs, control_evals = _control_side(store, params, control, data_ref)
+    advance(3, steps)
+    runs = []
+    for candidate in _candidates(params, given):
+        runs.append(
+            audit_run(store, params, data_ref, original, candidate, control_runs, control_evals)
+        )
+        advance(3 + len(runs), steps)
+    return {"control": control, "control_runs": control_runs, "runs": runs}
+
+
 @flow(name="audit-checkpoint")
 def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     """Audit one checkpoint: is the forgotten knowledge gone, or only hidden?
@@ -389,26 +421,11 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
     for warning in warnings(params):
         get_run_logger().warning(warning)
     params = params.with_default_lrs()
-    judged = 1 if params.unlearned is not None else len(params.methods)
-    milestones = 4 + judged
     with StageProgress("audit") as progress:
         data_ref = prepare_data(store, params.data, params.embedded)
-        control_fetch = _control(store, params)
-        checkpoint = _fetch(store, params, params.original)
-        given = _fetch(store, params, params.unlearned) if params.unlearned is not None else None
-        control = control_fetch.result() if control_fetch is not None else None
-        check_compatible(store, {"original": checkpoint, "unlearned": given, "control": control})
-        progress(1, milestones)
-        original = _original(store, params, checkpoint, data_ref)
-        progress(2, milestones)
-        control_runs, control_evals = _control_side(store, params, control, data_ref)
-        progress(3, milestones)
-        runs = []
-        for candidate in _candidates(params, given):
-            runs.append(
-                audit_run(store, params, data_ref, original, candidate, control_runs, control_evals)
-            )
-            progress(3 + len(runs), milestones)
-        report_ref = report(store, _described(params, control), runs, control_runs)
+        models = audit_models(store, params, data_ref, progress.artifact)
+        described = _described(params, models["control"])
+        report_ref = report(store, described, models["runs"], models["control_runs"])
         published = publish(store, report_ref)
+        progress(_milestones(params), _milestones(params))
     return {**published, "report_ref": ref_of(report_ref).model_dump()}

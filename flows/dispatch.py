@@ -4,7 +4,7 @@ Deployed twice (deployments/prefect.yaml): `gpu-stage` on the `gpu` pool and `cp
 `cpu` pool. A deployed audit does not call it directly: a stage task that is not in the store and
 belongs to another pool starts it (tasks/_stage.py), passing the task's own parameters as JSON
 (store references, configs), and reads back the artifact reference it returns. Inside a stage
-group (tasks._stage.stage_group: e.g. every stage of one unlearned model), that first stage
+group (tasks._stage.stage_group: e.g. every model stage of an audit), that first stage
 starts it for the whole group instead, with the group's arguments: the group's stages run here
 in order, each through the store (served where stored, else computed and stored), and the run
 returns the keys it computed; the caller then serves every stage of the group from the store.

@@ -41,14 +41,16 @@ class StageProgress:
 
     Entering creates the progress artifact at 0%; leaving without an error sets it to 100% (a loop
     that stopped early, as unlearning at collapse does, is finished too). Leaving draws the bar's
-    last state and ends its line.
+    last state and ends its line. Given the ``artifact`` of another one (the audit's own, passed
+    to the stage group that runs its models, maybe in another process), calling it advances
+    that artifact, without entering.
     """
 
-    def __init__(self, name: str, stream: TextIO | None = None):
+    def __init__(self, name: str, stream: TextIO | None = None, artifact: UUID | str | None = None):
         self.name = name
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.artifact: UUID | None = None
+        self.artifact = UUID(str(artifact)) if artifact is not None else None
         self.start = self.sent = time.monotonic()
         self.drawn = -math.inf  # the first call draws at once
         self.last = (0, 0)

@@ -6,8 +6,8 @@ faults injected from a file. When deployed (UNLEARNING_AUDIT_DISPATCH=deployed),
 not in the store and belongs to another work pool than this process's flow run (GPU stages: the
 `gpu` pool) runs there as a flow run of the `stage` deployment (flows/dispatch.py), so a cache
 hit never leaves the calling process and a retried flow resumes at the first stage not yet
-stored. Called inside a stage group (a function decorated with :func:`stage_group`, such as all
-the stages of one unlearned model), the first such stage runs the whole group there as one flow
+stored. Called inside a stage group (a function decorated with :func:`stage_group`, such as every
+model stage of an audit), the first such stage runs the whole group there as one flow
 run instead, and every stage of the group is then served from the store: one hand-over to the
 pool per group, not per stage.
 """

@@ -155,6 +155,8 @@ def _memory_problems(params: AuditParams, sets: dict[str, list[dict]] | None) ->
     if checkpoints.parse(params.original).kind not in ("embedded", "local"):
         return []
     try:
+        if plan.device_budget(params.device) is None:
+            return []  # nothing to refuse: not worth building the model's shape
         return plan.plan_audit(params, sets).problems()
     except ValueError as exc:  # a device memory setting that is no size
         return [f"memory: {exc}"]

@@ -3,7 +3,9 @@ HTML page with the figures of :mod:`plots`, built from stored tables alone (no m
 
 The report stage stores its inputs (verdicts, metrics tables, recovery curves) beside the report
 (:data:`INPUTS`), so :func:`rebuild` remakes every file from that one artifact, even after the
-checkpoints and the relearning runs are gone from the store.
+checkpoints and the relearning runs are gone from the store. :mod:`plots` (matplotlib) is
+imported only where a page is drawn: reading a stored report's rows, as a rerun answered from
+the audit index does, stays light.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from html import escape
 from pathlib import Path
 
-from . import plots, study
+from . import study
 from .config import METRIC_NAMES
 from .evaluation import SHORT_ANSWER_WORDS
 from .metrics.table import mean_over_layers
@@ -724,6 +726,8 @@ def _cell(value) -> str:
 
 def _regime_style(regime: str) -> str:
     """The background of a cell that shows ``regime``: a tint of the regime's colour."""
+    from . import plots  # matplotlib: only where a page is drawn, not for a stored report's rows
+
     return f"background:{plots.tint(plots.REGIME_COLORS[regime], 0.45)}"
 
 
@@ -785,6 +789,8 @@ def _heldout_caption(heldout: str | None) -> str:
 
 def figures(audit: dict, runs: list[dict]) -> list[tuple[str, str, bytes]]:
     """The audit's figures as (title, caption, PNG); Fisher only where it was measured."""
+    from . import plots
+
     if not runs:
         return []
     unl = {r["label"]: r["metrics_unlearned"] for r in runs}
@@ -1009,6 +1015,8 @@ def _grid_tag(row: dict) -> str:
 def study_html(rows: list[dict], thresholds: dict, found: list[dict] | None = None) -> str:
     """The study as one self-contained HTML page: the regime grid, a scatter of mean CKA against
     recovery beyond the control by regime, and the full table."""
+    from . import plots
+
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(_regime_counts(rows).items()))
     body = [
         "<h1>Unlearning study: methods x domains x settings</h1>",
