@@ -27,7 +27,7 @@ small as a large model's Fisher holds (1e-20 and below) keep their magnitude, wh
 (smallest subnormal about 6e-8) would flush them to zero; each value rounds by at most 2^-8
 (0.4%) of itself."""
 HELP = (
-    "what helps: fewer layers (--fisher-layers; fisher_layers), more GPUs (--gpus), or no "
+    "what helps: fewer layers (--fisher-layers; fisher_layers), a GPU with more memory, or no "
     "Fisher (--no-fisher)"
 )
 """The settings that let a Fisher whose one sample does not fit run (or not be asked for)."""

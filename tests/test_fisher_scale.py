@@ -9,6 +9,7 @@ Out of memory is a real condition here, not a mock: the checkpoints' own model c
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -203,8 +204,9 @@ def test_one_sample_out_of_memory_fails_at_once_and_stores_nothing(stages) -> No
     model, *_ = load_inputs(store, stages["plain"], stages["data"], "cpu")
     embedding = model.get_input_embeddings().weight.numel()
     assert f"about {bytes_per_sample(embedding) / 2**20:.2f} MiB per sample" in reason
-    for setting in ("--fisher-layers", "--gpus", "--no-fisher"):
+    for setting in ("--fisher-layers", "a GPU with more memory", "--no-fisher"):
         assert setting in reason
+    assert "--gpus" not in reason  # the stage runs on one GPU, whatever --gpus says
     audit = {"fisher": {"layers": [0]}}
     failed = {"ref": None, "failed": reason}
     run = {"label": "GA", "fisher": {"original": failed, "unlearned": failed}}
@@ -387,15 +389,17 @@ def test_the_model_fisher_does_not_depend_on_the_pass_size(stages) -> None:
 
 
 def test_the_stage_starts_at_the_pass_size_its_device_fits(stages, tmp_path, monkeypatch) -> None:
-    """A device budget of the plan's Fisher estimate at 3 samples per pass (the loaded model's
-    shape, its rows' longest rendering): the stage passes 3 samples at a time without running
+    """A device budget whose share auto aims at (plan.auto_budget) is the plan's Fisher
+    estimate at 3 samples per pass (the loaded model's shape, its rows' longest rendering):
+    the stage passes 3 samples at a time without running
     out of memory, records it, and stores the values (empirical and the model's) of the
     unconstrained stage, which passed 16."""
     model, fmt, sets, _ = load_inputs(stages["store"], stages["plain"], stages["data"], "cpu")
     shape = plan.model_shape(model)
     seq = plan.sequence_length(fmt, {"forget": data.sample(sets["forget"], ROWS)})
-    budget = plan.fisher_estimate(shape, 3, None, seq).peak
-    assert plan.fisher_estimate(shape, 4, None, seq).peak > budget
+    three = plan.fisher_estimate(shape, 3, None, seq).peak
+    budget = math.ceil(three / plan.AUTO_SHARE)
+    assert three <= plan.auto_budget(budget) < plan.fisher_estimate(shape, 4, None, seq).peak
     monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(budget))
     store = Store(str(tmp_path / "store"))
     plain = stages["store"].local_dir(stages["plain"])

@@ -15,7 +15,8 @@ weights across them (device_map); the Fisher stage runs on one GPU.
 
 Two memory settings are left to the stages, which choose them on the device they run on from
 the functions here: gradient checkpointing under auto (use_checkpointing) and the Fisher's
-samples per pass (fisher_pass); the plan chooses them as the stages will, for the budget.
+samples per pass (fisher_pass); the plan chooses them as the stages will, for the budget. They
+aim at AUTO_SHARE of it, as the estimates leave out what a GPU adds.
 """
 
 from __future__ import annotations
@@ -411,6 +412,17 @@ def fisher_parameters(shape: ModelShape, layers: list[int] | None) -> int:
     return sum(shape.layer_parameters.get(layer, 0) for layer in chosen)
 
 
+AUTO_SHARE = 0.9
+"""The share of a device's memory the settings left to the stages aim at: the estimates leave
+out the CUDA context, library workspaces and allocator slack (a few GiB on a GPU), and are held
+to within 30% of measured peaks, so a stage estimated at 98% of its device is left some room."""
+
+
+def auto_budget(budget: int) -> int:
+    """The memory the settings left to the stages aim at on a device of ``budget`` bytes."""
+    return int(budget * AUTO_SHARE)
+
+
 def fisher_pass(
     shape: ModelShape,
     most: int,
@@ -419,13 +431,13 @@ def fisher_pass(
     budget: int | None,
 ) -> int:
     """Samples per per-sample-gradient pass the Fisher stage starts at: the most, up to
-    ``most``, whose estimate (fisher_estimate) fits ``budget``; ``most`` without a budget, and 1
-    where no size fits (one sample that does not fit fails as fisher.SampleDoesNotFit)."""
+    ``most``, whose estimate (fisher_estimate) fits auto_budget(``budget``); ``most`` without a
+    budget, and 1 where no size fits (one sample that does not fit fails as
+    fisher.SampleDoesNotFit)."""
     if budget is None:
         return most
-    fitting = (
-        n for n in range(most, 1, -1) if fisher_estimate(shape, n, layers, seq).peak <= budget
-    )
+    aim = auto_budget(budget)
+    fitting = (n for n in range(most, 1, -1) if fisher_estimate(shape, n, layers, seq).peak <= aim)
     return next(fitting, 1)
 
 
@@ -468,12 +480,15 @@ def use_checkpointing(
     estimate: Callable[[bool], StageEstimate],
 ) -> bool:
     """Whether a training stage checkpoints its activations: as ``setting`` says where it is a
-    bool; under "auto", exactly where its peak without (``estimate(False)``) exceeds ``budget``
-    and the model supports it: off where the stage fits, or the budget is unknown (None). The
-    plan decides with it, and so does the stage on the device it runs on."""
+    bool; under "auto", exactly where its peak without (``estimate(False)``) exceeds
+    auto_budget(``budget``) and the model supports it: off where the stage fits, or the budget
+    is unknown (None). The plan decides with it, and so does the stage on the device it runs
+    on."""
     if setting != "auto":
         return setting
-    return budget is not None and shape.checkpointing and estimate(False).peak > budget
+    if budget is None or not shape.checkpointing:
+        return False
+    return estimate(False).peak > auto_budget(budget)
 
 
 def checkpointed(
