@@ -493,9 +493,9 @@ class AuditParams(_Config):
         description="Recompute each block's activations in the backward pass of the training "
         "stages: their activation memory shrinks to about one block's, for about a third more "
         "compute; the results do not change. auto: each training stage turns it on where its "
-        "estimated peak without it exceeds the memory of the device it runs on (a CUDA GPU's, or "
-        "$UNLEARNING_AUDIT_DEVICE_MEMORY) and the model supports it; off on a device of unknown "
-        "memory. Each stage's manifest records whether it was on.",
+        "estimated peak without it exceeds 90% of the memory of the device it runs on (a CUDA "
+        "GPU's, or $UNLEARNING_AUDIT_DEVICE_MEMORY) and the model supports it; off on a device "
+        "of unknown memory. Each stage's manifest records whether it was on.",
     )
     gpus: PositiveInt = Field(
         1,
@@ -515,8 +515,8 @@ class AuditParams(_Config):
         le=1024,
         description="The most samples per per-sample-gradient pass of the Fisher stage "
         "(memory: this many copies of the chosen layers' gradients): the stage starts at the "
-        "largest pass size up to it whose estimate fits the memory of its device (1 at worst; "
-        "this one without a known budget), halved on out-of-memory; values unchanged.",
+        "largest pass size up to it whose estimate fits 90% of the memory of its device (1 at "
+        "worst; this one without a known budget), halved on out-of-memory; values unchanged.",
     )
     fisher_model_samples: int = Field(
         1,
