@@ -15,7 +15,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from tasks._progress import StageProgress
-from tasks._stage import ref_of, stage_group
+from tasks._stage import group_ran_on_pool, ref_of, stage_group
 from tasks.checkpoint import check_compatible, fetch_checkpoint
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
@@ -388,9 +388,15 @@ def audit_models(
 ) -> dict:
     """Every model stage of the audit, one stage group: fetch the checkpoints (the control's
     beside the original's), measure the original, relearn the control, judge each unlearned
-    model; ``progress``, the audit's own progress artifact, advances at each step, wherever
-    the group runs. Gives the control's checkpoint (or None), its runs, and the judged runs."""
-    advance, steps = StageProgress("audit", artifact=progress), _milestones(params)
+    model; ``progress``, the audit's own progress artifact, advances at each step where the
+    stages run (not again as the audit serves them after the group's run on the gpu pool).
+    Gives the control's checkpoint (or None), its runs, and the judged runs."""
+    bar, steps = StageProgress("audit", artifact=progress), _milestones(params)
+
+    def advance(done: int, total: int) -> None:
+        if not group_ran_on_pool():
+            bar(done, total)
+
     control_fetch = _control(store, params)
     checkpoint = _fetch(store, params, params.original)
     given = _fetch(store, params, params.unlearned) if params.unlearned is not None else None

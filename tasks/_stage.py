@@ -21,6 +21,7 @@ import gc
 import importlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
@@ -358,6 +359,14 @@ def stage_group(name: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def group_ran_on_pool() -> bool:
+    """Whether the stage group this call runs in ran on a pool already: its stages are then
+    served from the store here, and what the group reports as it goes (the audit's progress)
+    was reported there."""
+    group = _GROUP.get()
+    return group is not None and group.run is not None
+
+
 @dataclass
 class _Group:
     """One call of a stage group in the calling process, and its flow run on a pool once a
@@ -651,11 +660,17 @@ def checkpointing_here(
     (the memory of the device it runs on: plan.device_budget), with the stage's estimate
     (plan.unlearn_estimate or plan.relearn_estimate of its training ``config``, computing as
     ``compute`` says) for the ``loaded`` model's shape and the longest row of its sets
-    rendered by its renderer. Without a budget auto is off, and nothing is measured."""
+    rendered by its renderer. Without a budget auto is off, and nothing is measured; where the
+    estimator cannot read the model (e.g. its own code's config) it is off too, with a warning:
+    an out-of-memory error then splits the batch."""
     if setting != "auto" or budget is None:
         return setting is True
     model, fmt, sets = loaded
-    shape, seq = plan.model_shape(model), plan.sequence_length(fmt, sets)
+    try:
+        shape, seq = plan.model_shape(model), plan.sequence_length(fmt, sets)
+    except (AttributeError, TypeError, ValueError) as exc:
+        logging.getLogger(__name__).warning("gradient checkpointing off: no estimate (%s)", exc)
+        return False
 
     def ran(on: bool) -> plan.StageEstimate:
         return estimate(shape, config, seq, replace(compute, checkpointing=on))

@@ -4,6 +4,7 @@ data's labels) and the model's (labels drawn from the model; metrics.fisher)."""
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -31,11 +32,6 @@ HELP = (
     "Fisher (--no-fisher)"
 )
 """The settings that let a Fisher whose one sample does not fit run (or not be asked for)."""
-DATA_BATCH = 16
-"""Rows per data batch. The model's Fisher draws its labels batch after batch from one seeded
-generator, so its values depend on how the rows are batched: the batches are of this fixed
-size, whatever the samples per per-sample-gradient pass (which the stage sizes to its device
-and halves on out-of-memory), so that neither Fisher depends on the pass size."""
 
 
 def read_fisher(store: Store, ref: ArtifactRef) -> dict[int, torch.Tensor]:
@@ -66,17 +62,20 @@ def diagonal(
     fmt: prompts.Renderer,
     rows: list[dict],
     layers: list[int] | None,
+    batch_size: int,
     passes: fisher_mod.SamplesPerPass,
     labels: fisher_mod.Labels,
     model_samples: int,
     seed: int,
 ) -> dict[int, torch.Tensor]:
     """The Fisher of ``rows`` (empirical or the model's: ``labels``) as the stage computes it:
-    data batches of DATA_BATCH rows on the model's device, in passes of ``passes``."""
+    data batches of ``batch_size`` rows on the model's device, in passes of ``passes``. Neither
+    changes the values beyond float rounding: the model's label draws come row after row from
+    one seeded CPU generator, whatever the batches (tests/test_fisher_scale.py)."""
     dev = next(model.parameters()).device
     batches = (
         {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
-        for chunk in data.chunks(rows, DATA_BATCH)
+        for chunk in data.chunks(rows, batch_size)
     )
     return fisher_mod.fisher_diagonal(
         model, batches, layers, passes, labels, max(1, model_samples), seed
@@ -93,11 +92,18 @@ def pass_size(
 ) -> int:
     """The samples per pass the stage starts at: plan.fisher_pass for the loaded ``model``'s
     shape, the longest of ``rows`` rendered by ``fmt`` and ``budget``, the memory of the device
-    (plan.device_budget; ``most`` where it is unknown). The stage runs on one device."""
+    (plan.device_budget; ``most`` where it is unknown, or where the estimator cannot read the
+    model, e.g. its own code's config: the passes then halve on out-of-memory). The stage runs
+    on one device."""
     if budget is None:
         return most
     seq = plan.sequence_length(fmt, {"rows": rows})
-    return plan.fisher_pass(plan.model_shape(model), most, layers, seq, budget)
+    try:
+        shape = plan.model_shape(model)
+    except (AttributeError, TypeError, ValueError) as exc:
+        logging.getLogger(__name__).warning("no Fisher pass size from the plan (%s)", exc)
+        return most
+    return plan.fisher_pass(shape, most, layers, seq, budget)
 
 
 def _skipped(out: Path, meta: dict, reason: str) -> dict:
@@ -128,8 +134,8 @@ def fisher(
     At most ``batch_size`` samples go through one per-sample-gradient pass: the stage starts at
     the largest size the plan says fits its device (pass_size); out of memory, the pass size
     halves (down to one sample) and the stage goes on, the size that fitted in the manifest
-    (``samples_per_pass``). The values do not depend on it (the data batches are of DATA_BATCH
-    rows whatever it is), so it is no part of the key. One sample that does not fit
+    (``samples_per_pass``). The values do not depend on it, nor on ``batch_size`` (see
+    diagonal), so neither is part of the key. One sample that does not fit
     (fisher.SampleDoesNotFit) fails the stage at once, naming the memory it needs and the
     settings that help; nothing is stored, so more memory computes it later. A model that gives
     no per-sample gradients (fisher.UnsupportedModel) is skipped: the artifact holds no tensors,
@@ -160,7 +166,15 @@ def fisher(
         size = pass_size(model, fmt, rows, layers, batch_size, budget)
         passes = fisher_mod.SamplesPerPass(size)
         fisher_of = functools.partial(
-            diagonal, model, fmt, rows, layers, passes, model_samples=model_samples, seed=seed
+            diagonal,
+            model,
+            fmt,
+            rows,
+            layers,
+            batch_size,
+            passes,
+            model_samples=model_samples,
+            seed=seed,
         )
 
         try:

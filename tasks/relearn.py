@@ -90,7 +90,7 @@ def relearn(
     def build(s, out, cfg: RelearnConfig):  # cfg: config, more micro-batches after an OOM
         keep = keep_checkpoint or reload
         run = (source, cfg, seed, device, max_rows, keep, generate, precision)
-        run += (gradient_checkpointing, plan.device_budget(device), gpus)  # the builder's
+        run += (gradient_checkpointing, plan.device_budget(device), gpus, config)
         run += (None if reload else original, layer_indices)
         meta = on_gpus(gpus, device, _build, s, out, checkpoint, data_ref, trust_remote_code, *run)
         if reload:  # the relearned model the ranks stored in ``out``, split over the GPUs
@@ -136,11 +136,14 @@ def _build(
     gradient_checkpointing: Checkpointing,
     budget: int | None,
     gpus: int,
+    requested: RelearnConfig,
     original: ArtifactRef | None,
     layer_indices: list[int] | None,
 ) -> dict:
-    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files);
-    each rank decides checkpointing alike, from the same ``budget``."""
+    """The stage's build of ``cfg`` (the ``requested`` config, or it split into more
+    micro-batches after an out-of-memory error), on one GPU or in every rank of several (rank 0
+    writes the files); each rank decides checkpointing alike, from the same ``budget`` and the
+    requested config (a rebuild never turns it off)."""
     model, fmt, sets, cap = load_inputs(
         s,
         checkpoint,
@@ -153,7 +156,7 @@ def _build(
         budget,
         (model, fmt, sets),
         plan.relearn_estimate,
-        cfg,
+        requested,
         plan.Compute(precision, gpus=gpus),
     )
     with stage_progress(f"relearn from {source}") as progress:

@@ -62,7 +62,7 @@ def unlearn(
 
     def build(s, out, cfg: UnlearnConfig):  # cfg: config, more micro-batches after an OOM
         args = (s, out, checkpoint, data_ref, cfg, seed, device, trust_remote_code, precision)
-        args += (gradient_checkpointing, plan.device_budget(device), gpus)  # the builder's
+        args += (gradient_checkpointing, plan.device_budget(device), gpus, config)
         return on_gpus(gpus, device, _build, *args)
 
     return cached_stage(
@@ -89,9 +89,12 @@ def _build(
     gradient_checkpointing: Checkpointing,
     budget: int | None,
     gpus: int,
+    requested: UnlearnConfig,
 ) -> dict:
-    """The stage's build, on one GPU or in every rank of several (rank 0 writes the files);
-    each rank decides checkpointing alike, from the same ``budget``."""
+    """The stage's build of ``cfg`` (the ``requested`` config, or it split into more
+    micro-batches after an out-of-memory error), on one GPU or in every rank of several (rank 0
+    writes the files); each rank decides checkpointing alike, from the same ``budget`` and the
+    requested config (a rebuild never turns it off)."""
     model, fmt, sets, _ = load_inputs(
         s,
         checkpoint,
@@ -104,7 +107,7 @@ def _build(
         budget,
         (model, fmt, sets),
         plan.unlearn_estimate,
-        cfg,
+        requested,
         plan.Compute(precision, gpus=gpus),
     )
     with stage_progress(f"unlearn {cfg.label}") as progress:

@@ -23,7 +23,6 @@ from flows.audit import audit_checkpoint
 from tasks._stage import FAULTS_ENV, load_inputs
 from tasks.data import prepare_data
 from tasks.fisher import (
-    DATA_BATCH,
     MODEL_SUMMARY,
     STORED_DTYPE,
     SUMMARY,
@@ -47,6 +46,9 @@ from unlearning_audit.metrics.fisher import SampleDoesNotFit, SamplesPerPass, by
 from unlearning_audit.preflight import preflight
 from unlearning_audit.report import fisher_line
 from unlearning_audit.store import ArtifactRef, Store
+
+STAGE_BATCH = 16
+"""The Fisher stage's default batch size (the stages here run with it unless they say)."""
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
@@ -236,7 +238,7 @@ def test_summaries_and_rows_of_the_stored_fisher_match_float32(stages) -> None:
     model, fmt, sets, _ = load_inputs(store, checkpoint, data_ref, "cpu")
     rows = data.sample(sets["forget"], ROWS)
     exact = fisher_diagonal(
-        model, (data.train_batch(fmt, c) for c in data.chunks(rows, DATA_BATCH))
+        model, (data.train_batch(fmt, c) for c in data.chunks(rows, STAGE_BATCH))
     )
     assert store.manifest(stages["every"].key)["meta"]["stored_dtype"] == str(STORED_DTYPE)
     for layer in exact:
@@ -335,7 +337,7 @@ def test_a_summary_only_fisher_stores_the_summary_the_metrics_read(stages) -> No
     model, fmt, sets, _ = load_inputs(store, stages["plain"], stages["data"], "cpu")
     rows = data.sample(sets["forget"], ROWS)
     exact = fisher_diagonal(
-        model, (data.train_batch(fmt, c) for c in data.chunks(rows, DATA_BATCH))
+        model, (data.train_batch(fmt, c) for c in data.chunks(rows, STAGE_BATCH))
     )
     summary, expected = read_fisher_summary(store, ref), fisher_summary(exact)
     assert sorted(summary) == sorted(expected)
@@ -355,7 +357,7 @@ def test_the_stage_stores_the_model_fisher_summary_beside_the_empirical_one(stag
     rows = data.sample(sets["forget"], ROWS)
     drawn = fisher_diagonal(
         model,
-        (data.train_batch(fmt, c) for c in data.chunks(rows, DATA_BATCH)),
+        (data.train_batch(fmt, c) for c in data.chunks(rows, STAGE_BATCH)),
         labels="model",
         samples=1,
         seed=0,
@@ -372,15 +374,17 @@ def test_the_stage_stores_the_model_fisher_summary_beside_the_empirical_one(stag
 # -- the pass size: chosen for the device, never changing the values ------------------------
 
 
-def test_the_model_fisher_does_not_depend_on_the_pass_size(stages) -> None:
-    """The stage's computation (tasks.fisher.diagonal: data batches of DATA_BATCH rows) with
-    passes of 16, 3 and 1 samples: the same label draws, so the same model Fisher up to float
-    summation order; 24 rows make two data batches."""
+def test_the_model_fisher_does_not_depend_on_the_batches_or_passes(stages) -> None:
+    """The stage's computation (tasks.fisher.diagonal) in data batches of 16 rows with passes
+    of 16, 3 and 1 samples, and in data batches of 5 rows: the same label draws, so the same
+    model Fisher up to float summation order (24 rows: two data batches, or five). Neither
+    size is in the stage's key."""
     model, fmt, sets, _ = load_inputs(stages["store"], stages["plain"], stages["data"], "cpu")
     rows = data.sample(sets["forget"], ROWS)
-    assert len(rows) > DATA_BATCH
+    assert len(rows) > STAGE_BATCH
     runs = [
-        diagonal(model, fmt, rows, None, SamplesPerPass(size), "model", 1, 0) for size in (16, 3, 1)
+        diagonal(model, fmt, rows, None, batch, SamplesPerPass(size), "model", 1, 0)
+        for batch, size in ((STAGE_BATCH, 16), (STAGE_BATCH, 3), (STAGE_BATCH, 1), (5, 5))
     ]
     for values in runs[1:]:
         assert sorted(values) == sorted(runs[0])

@@ -196,7 +196,7 @@ def test_a_7b_default_audit_fits_141_gb_choosing_checkpointing_and_passes_where_
     """bf16-mixed, 256 tokens per row: without a budget (auto off, 16 samples per Fisher pass)
     NPO+KL's and the Fisher's peaks exceed 141 GB; on a 141 GB device the defaults fit. Auto
     checkpoints exactly the training stages that would not fit the share of it auto aims at
-    without it (and those only shrink), and the Fisher passes are the most samples that fit
+    without it and that it shrinks, and the Fisher passes are the most samples that fit
     that share (one more would not)."""
     budget = plan.parse_size("141GB")
     aim = plan.auto_budget(budget)
@@ -206,14 +206,23 @@ def test_a_7b_default_audit_fits_141_gb_choosing_checkpointing_and_passes_where_
     fitted = plan.plan(audit, seven_b, 256, "bf16-mixed", budget)
     assert not fitted.too_large(), fitted.table()
     assert unbudgeted["unlearn NPO+KL"].peak > budget and unbudgeted["fisher"].peak > budget
+    training = {f"unlearn {m.label}".split(" lr=")[0]: m for m in audit.methods}
     checkpointed = []
     for name, stage in _by_stage(fitted).items():
         if name.startswith(("unlearn", "relearn", "control relearn")):
-            on = unbudgeted[name].peak > aim
+            config = training.get(name, audit.relearn)
+            estimate = plan.unlearn_estimate if name in training else plan.relearn_estimate
+            off, ckpt = (
+                estimate(seven_b, config, 256, plan.Compute("bf16-mixed", c)).peak
+                for c in (False, True)
+            )
+            assert off == unbudgeted[name].peak
+            on = off > aim and ckpt < off  # over the aim, and checkpointing lowers it
             assert stage.chosen == f"checkpointing {'on' if on else 'off'} (auto)", name
-            assert stage.peak < unbudgeted[name].peak if on else stage == unbudgeted[name]
+            assert stage.peak == (ckpt if on else off)
             checkpointed += [name] * on
     assert checkpointed == ["unlearn GA+GD", "unlearn GA+KL", "unlearn NPO+KL"]
+    assert _by_stage(fitted)["unlearn NPO"].peak > aim  # its gradients': nothing to save
     size = int(_by_stage(fitted)["fisher"].chosen.split()[0])
     assert 1 < size < 16
     assert plan.fisher_estimate(seven_b, size, None, 256).peak <= aim

@@ -15,8 +15,9 @@ weights across them (device_map); the Fisher stage runs on one GPU.
 
 Two memory settings are left to the stages, which choose them on the device they run on from
 the functions here: gradient checkpointing under auto (use_checkpointing) and the Fisher's
-samples per pass (fisher_pass); the plan chooses them as the stages will, for the budget. They
-aim at AUTO_SHARE of it, as the estimates leave out what a GPU adds.
+samples per pass (fisher_pass); the plan chooses them as the stages will, for the budget, where
+it sees what they see (the stage reads its own rows, and resolves precision on its machine).
+They aim at AUTO_SHARE of it, as the estimates leave out what a GPU adds.
 """
 
 from __future__ import annotations
@@ -481,14 +482,16 @@ def use_checkpointing(
 ) -> bool:
     """Whether a training stage checkpoints its activations: as ``setting`` says where it is a
     bool; under "auto", exactly where its peak without (``estimate(False)``) exceeds
-    auto_budget(``budget``) and the model supports it: off where the stage fits, or the budget
-    is unknown (None). The plan decides with it, and so does the stage on the device it runs
-    on."""
+    auto_budget(``budget``), the model supports it, and it lowers the peak (where the gradients
+    outweigh the activations it saves nothing, for a third more compute): off where the stage
+    fits, or the budget is unknown (None). The plan decides with it, and so does the stage on
+    the device it runs on."""
     if setting != "auto":
         return setting
     if budget is None or not shape.checkpointing:
         return False
-    return estimate(False).peak > auto_budget(budget)
+    off = estimate(False).peak
+    return off > auto_budget(budget) and estimate(True).peak < off
 
 
 def checkpointed(
