@@ -1,21 +1,19 @@
 """Hand-over overhead of a deployed audit: the time its GPU work spends getting to the gpu pool.
 
-    python bench/bench_handover.py [--params '{"methods": [...]}'] [--home DIR]
+    python bench/bench_handover.py [--params '{"methods": [...]}'] [--label TEXT]
 
 Starts `unlearning-audit server`'s stack (LocalStack: a real `prefect server start` on a free
 port, SQLite in a temporary PREFECT_HOME, process workers, no GPU: one `gpu` worker), runs one
 deployed audit (default: `AuditParams()`, the embedded audit `unlearning-audit demo` runs; JSON
 ``--params`` override fields) into an empty temporary store, and reads from the Prefect API:
 
-- each flow run the audit started on a pool (a stage, or a group of stages): its wall time, from
-  its creation (the audit's request), or later the end of the run that held the pool's one
-  slot before it (the control's fetch runs beside the original's), to its end; and its
-  compute, the summed durations of the task runs inside it that computed (not served from the
-  store);
+- each flow run the audit started on a pool (a stage, or a group of stages: today one, every
+  model stage of the audit): its wall time, from its creation (the audit's request), or later
+  the end of the run that held the pool's one slot before it, to its end; its compute, the time
+  during which at least one task run inside it computed (not served from the store); and where
+  the rest went (_breakdown);
 - hand-over: the sum over those runs of wall time minus compute (queueing, the worker starting
-  a process, imports, the flow engine, results), and its share of the audit's wall time; a
-  run's compute is the time during which at least one of its stages computed (two stages side
-  by side count once);
+  a process, imports, the flow engine, results), and its share of the audit's wall time;
 - outside compute: the audit's wall time minus every stage's compute, wherever it ran (also
   counts what hand-over misses: the audit's polling, stages served from the store).
 
@@ -91,6 +89,26 @@ def _covered(intervals: list[tuple]) -> float:
     return total
 
 
+def _breakdown(run, task_runs) -> dict:
+    """Where a pool run's hand-over goes: ``pickup``, from its creation to its start (the
+    worker noticing it, starting a process, loading the flow); ``lead``, from its start to its
+    first task run's (imports of the stage modules, the flow engine); ``gaps``, the time
+    between its task runs when none ran (Prefect's bookkeeping of each, served stages); and
+    ``tail``, from its last task run's end to its own (results, the process ending)."""
+    spans = sorted((t.start_time, t.end_time) for t in task_runs if t.start_time and t.end_time)
+    if not spans:
+        return {}
+    first, last = spans[0][0], max(end for _, end in spans)
+    busy = _covered(spans)
+    return {
+        "pickup": _seconds(run.created, run.start_time),
+        "lead": _seconds(run.start_time, first),
+        "gaps": _seconds(first, last) - busy,
+        "tail": _seconds(last, run.end_time),
+        "tasks": len(spans),
+    }
+
+
 def measure(audit_id) -> dict:
     """The hand-over numbers of a finished deployed audit (see the module docstring)."""
     with get_client(sync_client=True) as client:
@@ -110,7 +128,8 @@ def measure(audit_id) -> dict:
                 and r.start_time < run.start_time
             ]
             ready = max([run.created, *(end for end in before if end and end > run.created)])
-            inside = _computing(_task_runs(client, run.id))
+            task_runs = _task_runs(client, run.id)
+            inside = _computing(task_runs)
             computing += inside
             runs.append(
                 {
@@ -118,6 +137,7 @@ def measure(audit_id) -> dict:
                     "pool": run.work_pool_name,
                     "wall": _seconds(ready, run.end_time),
                     "compute": _covered(inside),
+                    **_breakdown(run, task_runs),
                 }
             )
         waits = [(r.created, r.end_time) for r in children]
@@ -156,6 +176,11 @@ def main() -> None:
             found = measure(run.id)
     for r in found["runs"]:
         print(f"  {r['name']:<40} {r['pool']}: {r['wall']:6.1f} s, compute {r['compute']:6.1f} s")
+        if "tasks" in r:
+            print(
+                f"    {r['tasks']} task runs; pickup {r['pickup']:.1f} s, lead {r['lead']:.1f} s, "
+                f"gaps {r['gaps']:.1f} s, tail {r['tail']:.1f} s"
+            )
     print(
         "| code | audit | flow runs on a pool | audit wall time | hand-over (share) "
         "| per run | wall minus all compute |"
