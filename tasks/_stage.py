@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import torch
-from prefect import get_client, get_run_logger
+from prefect import Task, get_client, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -100,7 +101,7 @@ def _retry_condition(task, task_run, state) -> bool:
 
 
 def gpu_options() -> dict:
-    """Task options of the GPU stages: tag, retries and exponential backoff (env-configurable).
+    """Task options of the GPU stages: retries and exponential backoff (env-configurable).
 
     UNLEARNING_AUDIT_GPU_RETRIES (default 2) retries, the first after
     UNLEARNING_AUDIT_GPU_RETRY_DELAY seconds (default 5), each next one twice as long.
@@ -108,7 +109,6 @@ def gpu_options() -> dict:
     retries = int(os.environ.get("UNLEARNING_AUDIT_GPU_RETRIES", "2"))
     delay = float(os.environ.get("UNLEARNING_AUDIT_GPU_RETRY_DELAY", "5"))
     return {
-        "tags": ["gpu"],
         "retries": retries,
         "retry_delay_seconds": exponential_backoff(backoff_factor=delay)(retries),
         "retry_condition_fn": _retry_condition,
@@ -116,11 +116,25 @@ def gpu_options() -> dict:
 
 
 CPU_OPTIONS: dict = {
-    "tags": ["cpu"],
     "retries": 1,
     "retry_delay_seconds": 2,
     "retry_condition_fn": _retry_condition,
 }
+
+POOLS: dict[str, str] = {}
+"""The work pool of each stage task, by task name (stage_task): where it runs when deployed."""
+
+
+def stage_task(name: str, pool: Literal["gpu", "cpu"]) -> Callable[[Callable], Task]:
+    """Decorate a stage's function as its Prefect task ``name``, to run on ``pool`` when
+    deployed, with that pool's retries; Prefect's own cache is off (the store caches).
+
+    The pool is recorded here, not as a task tag: Prefect asks its API for a tag's concurrency
+    slots at every run of a tagged task, about half a second each on a loaded server, which
+    for an audit's 70-odd stage runs was most of its hand-over (bench/results/handover.md)."""
+    POOLS[name] = pool
+    options = gpu_options() if pool == "gpu" else CPU_OPTIONS
+    return task(name=name, cache_policy=NO_CACHE, **options)
 
 
 def cached_stage(
@@ -423,7 +437,7 @@ def _remote_pool() -> str | None:
         return None
     if _HERE.get() is not None or not task_ctx.task.fn.__module__.startswith("tasks."):
         return None  # dispatched here already; or not a stage task the stage flow can resolve
-    pool = "gpu" if "gpu" in task_ctx.task.tags else "cpu"
+    pool = POOLS.get(task_ctx.task.name, "cpu")
     return None if pool == _process_pool() else pool
 
 

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks._progress import StageProgress
-from tasks._stage import CPU_OPTIONS, cached_stage, gpu_options, write_json
+from tasks._stage import cached_stage, stage_task, write_json
 from unlearning_audit import checkpoints, corpus, data, embedded, evaluation, runtime, training
 from unlearning_audit.config import EmbeddedConfig
 from unlearning_audit.store import ArtifactRef, Store, code_version
-
-GPU = gpu_options()
 
 
 def _build_embedded(out: Path, config: EmbeddedConfig, control: bool, variant: int) -> dict:
@@ -31,7 +26,7 @@ def _build_embedded(out: Path, config: EmbeddedConfig, control: bool, variant: i
     return {"source": "embedded-control" if control else "embedded", "steps": log["steps"]}
 
 
-@task(name="fetch-checkpoint", cache_policy=NO_CACHE, **GPU)
+@stage_task("fetch-checkpoint", "gpu")
 def fetch_checkpoint(
     store: str,
     spec: str,
@@ -85,7 +80,7 @@ def fetch_checkpoint(
     )
 
 
-@task(name="check-compatible", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("check-compatible", "cpu")
 def check_compatible(store: str, refs: dict[str, ArtifactRef | None]) -> None:
     """Refuse the audit, before any model stage, when a fetched checkpoint cannot be compared
     with the original (refs maps role to checkpoint; None: that role has none): one ValueError

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks._stage import CPU_OPTIONS, cached_stage, write_json
+from tasks._stage import cached_stage, stage_task, write_json
 from unlearning_audit import corpus, data
 from unlearning_audit.config import DataConfig, EmbeddedConfig
 from unlearning_audit.store import code_version
@@ -31,7 +28,7 @@ def data_inputs(config: DataConfig) -> tuple[dict, dict[str, list[dict]] | None]
     return {"rows": data.identity(sets)}, sets
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("prepare-data", "cpu")
 def prepare_data(store: str, config: DataConfig, embedded: EmbeddedConfig):
     """Build and validate the probe sets, from the embedded corpus or the user's sources."""
     external = config.external

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from tasks._stage import cached_stage, load_inputs, stage_task, write_json
 from unlearning_audit import data, evaluation, prompts, quantization, runtime
 from unlearning_audit.store import ArtifactRef, code_version
 
@@ -14,7 +11,7 @@ GENERATED = ("forget", "retain")
 """The sets scored by greedy generation too (ROUGE-L): the verdict's and the report's."""
 
 
-@task(name="evaluate", cache_policy=NO_CACHE, **gpu_options())
+@stage_task("evaluate", "gpu")
 def evaluate(
     store: str,
     checkpoint: ArtifactRef,

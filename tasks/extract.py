@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks._progress import stage_progress
-from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from tasks._stage import cached_stage, load_inputs, stage_task, write_json
 from unlearning_audit import activations, data, layers, prompts, runtime
 from unlearning_audit.store import ArtifactRef, code_version
 
@@ -42,7 +39,7 @@ def write_activations(
     return summary
 
 
-@task(name="extract", cache_policy=NO_CACHE, **gpu_options())
+@stage_task("extract", "gpu")
 def extract(
     store: str,
     checkpoint: ArtifactRef,

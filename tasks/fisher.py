@@ -8,11 +8,9 @@ import logging
 from pathlib import Path
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 
-from tasks._stage import cached_stage, gpu_options, load_inputs, write_json
+from tasks._stage import cached_stage, load_inputs, stage_task, write_json
 from unlearning_audit import data, plan, prompts, runtime
 from unlearning_audit.metrics import fisher as fisher_mod
 from unlearning_audit.store import ArtifactRef, Store, code_version
@@ -113,7 +111,7 @@ def _skipped(out: Path, meta: dict, reason: str) -> dict:
     return {**meta, "skipped": reason}
 
 
-@task(name="fisher", cache_policy=NO_CACHE, **gpu_options())
+@stage_task("fisher", "gpu")
 def fisher(
     store: str,
     checkpoint: ArtifactRef,

@@ -3,10 +3,7 @@ activations and weights, as one long-format Parquet table."""
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks._stage import CPU_OPTIONS, cached_stage, load_model
+from tasks._stage import cached_stage, load_model, stage_task
 from tasks.extract import PROBE_SETS, SUMMARY
 from tasks.fisher import read_fisher, read_fisher_summary
 from tasks.relearn import read_weight_change
@@ -17,7 +14,7 @@ from unlearning_audit.store import ArtifactRef, code_version
 TABLE = "metrics.parquet"
 
 
-@task(name="metrics", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("metrics", "cpu")
 def metrics(
     store: str,
     original: ArtifactRef,

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks._stage import CPU_OPTIONS, cached_stage, load_sets
+from tasks._stage import cached_stage, load_sets, stage_task
 from tasks.extract import SUMMARY, probe_rows
 from unlearning_audit import activations, probes, runtime
 from unlearning_audit.store import ArtifactRef, code_version
@@ -22,7 +20,7 @@ def skipped(table: pa.Table) -> str | None:
     return reason.decode() if reason is not None else None
 
 
-@task(name="probe", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("probe", "cpu")
 def probe(
     store: str,
     data_ref: ArtifactRef,

@@ -8,20 +8,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks._progress import stage_progress
 from tasks._stage import (
     cached_stage,
     checkpointing_here,
-    gpu_options,
     load_folder,
     load_inputs,
     load_sets,
     on_gpus,
     renderer_for,
     save_trained,
+    stage_task,
     write_json,
 )
 from tasks.extract import PROBE_SETS, write_activations
@@ -46,7 +43,7 @@ CURVE = "relearn.json"
 WEIGHT_CHANGE = "weight_change.json"
 
 
-@task(name="relearn", cache_policy=NO_CACHE, **gpu_options())
+@stage_task("relearn", "gpu")
 def relearn(
     store: str,
     checkpoint: ArtifactRef,

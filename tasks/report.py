@@ -6,16 +6,14 @@ from __future__ import annotations
 import math
 import os
 
-from prefect import task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
     create_table_artifact,
 )
-from prefect.cache_policies import NO_CACHE
 from pydantic_core import to_jsonable_python
 
-from tasks._stage import CPU_OPTIONS, cached_stage, write_json
+from tasks._stage import cached_stage, stage_task, write_json
 from tasks.evaluate import SCORES
 from tasks.fisher import STORED_DTYPE
 from tasks.metrics import TABLE
@@ -102,7 +100,7 @@ def fisher_status(store: Store, audit: dict, runs: list[dict]) -> dict | None:
     return {**audit["fisher"], "stored_dtype": str(STORED_DTYPE), "missing": missing}
 
 
-@task(name="report", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("report", "cpu")
 def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[ArtifactRef]]):
     """Write report.md, report.html and summary.json for the audit, and the report inputs
     (report-inputs.json: what the reports were made from, and the references it was read by)
@@ -140,7 +138,7 @@ def report(store: str, audit: dict, runs: list[dict], control: dict[str, list[Ar
     )
 
 
-@task(name="publish", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("publish", "cpu")
 def publish(
     store: str,
     report_ref: ArtifactRef,
@@ -175,7 +173,7 @@ def publish(
     return found
 
 
-@task(name="study-report", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("study-report", "cpu")
 def study_report(store: str, rows: list[dict], params: StudyParams):
     """Store the study table as Markdown and JSON, the HTML study report and the findings page
     (the paper's claims against the study's numbers)."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks._stage import cached_stage, gpu_options, load_inputs, load_model, write_json
+from tasks._stage import cached_stage, load_inputs, load_model, stage_task, write_json
 from unlearning_audit import data, evaluation, layers, prompts, runtime, splice, stats
 from unlearning_audit.config import Thresholds
 from unlearning_audit.store import ArtifactRef, code_version
@@ -13,7 +10,7 @@ from unlearning_audit.store import ArtifactRef, code_version
 SPLICE = "splice.json"
 
 
-@task(name="splice", cache_policy=NO_CACHE, **gpu_options())
+@stage_task("splice", "gpu")
 def splice_run(
     store: str,
     original: ArtifactRef,

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks._progress import stage_progress
 from tasks._stage import (
     cached_stage,
     checkpointing_here,
-    gpu_options,
     load_inputs,
     on_gpus,
     save_trained,
+    stage_task,
     write_json,
 )
 from unlearning_audit import (
@@ -33,7 +30,7 @@ from unlearning_audit.config import Checkpointing, Precision, UnlearnConfig
 from unlearning_audit.store import ArtifactRef, Store, code_version
 
 
-@task(name="unlearn", cache_policy=NO_CACHE, **gpu_options())
+@stage_task("unlearn", "gpu")
 def unlearn(
     store: str,
     checkpoint: ArtifactRef,

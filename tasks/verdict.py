@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks._stage import CPU_OPTIONS, cached_stage, load_sets, write_json
+from tasks._stage import cached_stage, load_sets, stage_task, write_json
 from tasks.evaluate import SCORES
 from tasks.probe import PROBES, skipped
 from tasks.relearn import read_curves
@@ -201,7 +199,7 @@ def _rows(rows: list[dict], ids: list[str]) -> list[dict]:
     return [by_id[i] for i in ids]
 
 
-@task(name="check-known", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("check-known", "cpu")
 def check_known(
     store: str, data_ref: ArtifactRef, original_eval: ArtifactRef, thresholds: Thresholds
 ) -> str:
@@ -216,7 +214,7 @@ def check_known(
     return metric
 
 
-@task(name="verdict", cache_policy=NO_CACHE, **CPU_OPTIONS)
+@stage_task("verdict", "cpu")
 def verdict(
     store: str,
     data_ref: ArtifactRef,

@@ -24,13 +24,14 @@ import json
 import re
 import shutil
 import socket
+import sys
 import time
 import urllib.request
 from uuid import UUID
 
 import pytest
 from matplotlib import image
-from prefect import get_client
+from prefect import Task, get_client
 from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -53,7 +54,7 @@ from test_report import MIN_STD, _screenshot_module
 
 from flows.audit import audit_checkpoint, audit_models
 from flows.dispatch import resolve
-from tasks._stage import StageRunFailed, _import_name, from_json, gpu_options, to_json
+from tasks._stage import POOLS, StageRunFailed, _import_name, from_json, gpu_options, to_json
 from tasks.evaluate import evaluate
 from tasks.verdict import VERDICT
 from unlearning_audit import automations
@@ -419,6 +420,18 @@ def test_gpu_retries_back_off_exponentially(monkeypatch):
     assert retry(None, None, State(type=StateType.FAILED, data=crashed))
     bad_input = ValueError("checkpoint ...: config.json is not valid JSON")
     assert not retry(None, None, State(type=StateType.FAILED, data=bad_input))
+
+
+def test_every_stage_task_names_its_pool_and_carries_no_tag():
+    """The GPU stages go to the gpu pool, the others stay; no stage task has a tag, so Prefect
+    asks its API for no tag concurrency slots at each stage run (tasks._stage.stage_task)."""
+    import flows.audit  # noqa: F401  (imports every stage module)
+
+    assert {name for name, pool in POOLS.items() if pool == "gpu"} == GPU_STAGES
+    assert set(POOLS.values()) == {"gpu", "cpu"}
+    for module in {sys.modules[name] for name in sys.modules if name.startswith("tasks.")}:
+        for task in (obj for obj in vars(module).values() if isinstance(obj, Task)):
+            assert task.name in POOLS and not task.tags, task.name
 
 
 def test_stage_flow_runs_only_stage_tasks_and_groups():
