@@ -145,8 +145,12 @@ def cached_stage(
     version: str,
     build: Callable[..., Mapping[str, Any] | None],
     batch: BaseModel | None = None,
+    memory: Mapping[str, Any] | None = None,
 ):
     """Serve the stage's artifact from the store, or build and store it.
+
+    ``memory``: the settings that change the stage's memory but not its key (``gpus``,
+    ``gradient_checkpointing``), for the estimate an out-of-memory error reports.
 
     ``build(store, folder)`` writes the artifact's files; with ``batch`` (a training config
     with ``batch_size`` and ``micro_batches``) it is ``build(store, folder, batch)`` and is
@@ -166,7 +170,8 @@ def cached_stage(
         group.run_on(pool, store, key)  # the whole group there; raises if it did not store key
     name = _stage_name(stage)
     _clean_stale_once(store_url)
-    note = functools.partial(_memory_note, store, stage, inputs, config)
+    described = {**config, **memory} if memory else config  # the config is a dict where given
+    note = functools.partial(_memory_note, store, stage, inputs, described)
     ref, cached = store.cached(
         stage,
         inputs,

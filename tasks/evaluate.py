@@ -65,4 +65,5 @@ def evaluate(
         {"max_rows": max_rows, "bits": bits, "embeddings": embeddings},
         code_version(evaluation, data, quantization, prompts),
         build,
+        memory={"gpus": gpus},
     )

@@ -75,4 +75,5 @@ def extract(
         {"layers": layer_indices, "max_rows": max_rows, "sets": PROBE_SETS},
         code_version(activations, data, layers, prompts),
         build,
+        memory={"gpus": gpus},
     )

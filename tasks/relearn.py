@@ -112,7 +112,14 @@ def relearn(
         settings["activations"] = {"layers": layer_indices, "sets": PROBE_SETS}
         modules += [activations, layers, weights, sys.modules[write_activations.__module__]]
     return cached_stage(
-        store, "relearn", inputs, settings, code_version(*modules), build, batch=config
+        store,
+        "relearn",
+        inputs,
+        settings,
+        code_version(*modules),
+        build,
+        batch=config,
+        memory={"gradient_checkpointing": gradient_checkpointing, "gpus": gpus},
     )
 
 

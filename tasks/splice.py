@@ -71,4 +71,5 @@ def splice_run(
         },
         code_version(splice, evaluation, data, layers, prompts, stats),
         build,
+        memory={"gpus": gpus},
     )

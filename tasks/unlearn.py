@@ -70,6 +70,7 @@ def unlearn(
         code_version(unlearning, training, adapters, data, evaluation, prompts),
         build,
         batch=config,
+        memory={"gradient_checkpointing": gradient_checkpointing, "gpus": gpus},
     )
 
 

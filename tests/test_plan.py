@@ -138,8 +138,9 @@ def test_preflight_refuses_a_stage_that_cannot_fit_naming_a_setting_that_would(
     assert "memory: unlearn GA" in err and "--lora 16" in err, err
 
 
-def _stage_run(store: str, small: Path, data_files: dict, config: UnlearnConfig):
-    """The unlearn stage of ``config`` on the small checkpoint, on the CPU, into ``store``."""
+def _stage_run(store: str, small: Path, data_files: dict, config: UnlearnConfig, **options):
+    """The unlearn stage of ``config`` on the small checkpoint, on the CPU, into ``store``
+    (``options``: the stage task's own, e.g. gradient_checkpointing)."""
 
     @flow
     def run():
@@ -148,7 +149,7 @@ def _stage_run(store: str, small: Path, data_files: dict, config: UnlearnConfig)
         sets = prepare_data(
             store, DataConfig(forget=data_files["forget"], retain=data_files["retain"]), embedded
         )
-        return unlearn(store, checkpoint, sets, config, device="cpu")
+        return unlearn(store, checkpoint, sets, config, device="cpu", **options)
 
     return run()
 
@@ -177,6 +178,36 @@ def test_out_of_memory_that_splitting_cannot_help_fails_at_once_with_the_estimat
     assert "splitting cannot help" in message and "estimated peak" in message, message
     assert "settings that would fit: --lora 16" in message and "--gpus 2" in message, message
     assert json.loads(faults.read_text()) == {"unlearn": ["oom", "oom"]}
+
+
+def test_the_out_of_memory_estimate_is_of_the_settings_the_stage_ran_with(
+    prefect_server, small, data_files, tmp_path, monkeypatch
+):
+    """Checkpointing forced off where auto would turn it on: the estimate an out-of-memory error
+    reports is the stage's peak without it (the settings it ran with, which its key does not
+    hold), and --gradient-checkpointing is among the settings that would fit."""
+    from transformers import AutoTokenizer
+
+    from unlearning_audit import prompts
+
+    config = UnlearnConfig(method="GA", lr=1e-3, steps=1, batch_size=2, micro_batches=2)
+    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
+    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
+    shape = plan.shape_of_folder(small)
+    off, on = (
+        plan.unlearn_estimate(shape, config, seq, plan.Compute(checkpointing=c)).peak
+        for c in (False, True)
+    )
+    assert on < off
+    monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(off - 1))
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"unlearn": ["oom"]}))
+    monkeypatch.setenv(FAULTS_ENV, str(faults))
+    with pytest.raises(OutOfMemory) as caught:
+        _stage_run(str(tmp_path / "store"), small, data_files, config, gradient_checkpointing=False)
+    message = str(caught.value)
+    assert f"estimated peak {plan._size(off)} per device" in message, message
+    assert "--gradient-checkpointing" in message.split("settings that would fit:")[1], message
 
 
 # -- settings left to the stages: auto gradient checkpointing, the Fisher's pass size -------
