@@ -131,7 +131,10 @@ def stage_task(name: str, pool: Literal["gpu", "cpu"]) -> Callable[[Callable], T
 
     The pool is recorded here, not as a task tag: Prefect asks its API for a tag's concurrency
     slots at every run of a tagged task, about half a second each on a loaded server, which
-    for an audit's 70-odd stage runs was most of its hand-over (bench/results/handover.md)."""
+    for the default embedded audit's 76 stage runs was most of its hand-over
+    (bench/results/handover.md)."""
+    if pool not in ("gpu", "cpu"):
+        raise ValueError(f"{name}: pool must be 'gpu' or 'cpu', got {pool!r}")
     POOLS[name] = pool
     options = gpu_options() if pool == "gpu" else CPU_OPTIONS
     return task(name=name, cache_policy=NO_CACHE, **options)
@@ -171,7 +174,7 @@ def cached_stage(
     name = _stage_name(stage)
     _clean_stale_once(store_url)
     described = {**config, **memory} if memory else config  # the config is a dict where given
-    note = functools.partial(_memory_note, store, stage, inputs, described)
+    note = functools.partial(_memory_note, store, stage, inputs, described, batch)
     ref, cached = store.cached(
         stage,
         inputs,
@@ -266,10 +269,16 @@ def _guarded_build(
 
 
 def _memory_note(
-    store: Store, stage: str, inputs: Mapping[str, Any], config: Any, batch: BaseModel | None
+    store: Store,
+    stage: str,
+    inputs: Mapping[str, Any],
+    config: Any,
+    requested: BaseModel | None,
+    batch: BaseModel | None,
 ) -> str:
-    """The stage's memory estimate (plan.stage_note) for an out-of-memory message, read from its
-    checkpoint's config.json and its data's longest rendered row; what prevents one, if
+    """The stage's memory estimate (plan.stage_note) for an out-of-memory message, with its
+    training config ``batch`` (``requested``, maybe split into more micro-batches), read from
+    its checkpoint's config.json and its data's longest rendered row; what prevents one, if
     anything does (a stage without a checkpoint, a config that cannot be read)."""
     from transformers import AutoTokenizer
 
@@ -281,7 +290,8 @@ def _memory_note(
         shape = plan.shape_of_folder(folder)
         fmt = renderer_for(store, data_ref, AutoTokenizer.from_pretrained(folder))
         seq = plan.sequence_length(fmt, load_sets(store, data_ref))
-        return plan.stage_note(stage, dict(config), batch, shape, seq, plan.device_budget("auto"))
+        budget = plan.device_budget("auto")
+        return plan.stage_note(stage, dict(config), batch, shape, seq, budget, requested)
     except (ValueError, OSError) as exc:
         return f"no memory estimate ({exc})"
 
@@ -666,6 +676,22 @@ def on_gpus(
     return {**meta, "gpus": gpus}
 
 
+MEMORY_LOG = logging.getLogger("unlearning_audit.memory")
+"""Where the memory settings a stage chose for itself are explained; under the package's name,
+so that Prefect sends it to the run's log (runtime.PREFECT_ENV's extra loggers)."""
+
+
+def shape_or_warn(model, fallback: str) -> plan.ModelShape | None:
+    """The loaded ``model``'s shape for a stage's own memory settings (plan.model_shape), or
+    None where the estimator cannot read it (e.g. its own code's config), with a warning saying
+    the stage goes on with ``fallback``."""
+    try:
+        return plan.model_shape(model)
+    except (AttributeError, TypeError, ValueError) as exc:
+        MEMORY_LOG.warning("%s: the estimator cannot read the model (%s)", fallback, exc)
+        return None
+
+
 def checkpointing_here(
     setting: Checkpointing,
     budget: int | None,
@@ -685,11 +711,10 @@ def checkpointing_here(
     if setting != "auto" or budget is None:
         return setting is True
     model, fmt, sets = loaded
-    try:
-        shape, seq = plan.model_shape(model), plan.sequence_length(fmt, sets)
-    except (AttributeError, TypeError, ValueError) as exc:
-        logging.getLogger(__name__).warning("gradient checkpointing off: no estimate (%s)", exc)
+    shape = shape_or_warn(model, "gradient checkpointing off")
+    if shape is None:
         return False
+    seq = plan.sequence_length(fmt, sets)
 
     def ran(on: bool) -> plan.StageEstimate:
         return estimate(shape, config, seq, replace(compute, checkpointing=on))

@@ -4,13 +4,12 @@ data's labels) and the model's (labels drawn from the model; metrics.fisher)."""
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks._stage import cached_stage, load_inputs, stage_task, write_json
+from tasks._stage import cached_stage, load_inputs, shape_or_warn, stage_task, write_json
 from unlearning_audit import data, plan, prompts, runtime
 from unlearning_audit.metrics import fisher as fisher_mod
 from unlearning_audit.store import ArtifactRef, Store, code_version
@@ -68,8 +67,10 @@ def diagonal(
 ) -> dict[int, torch.Tensor]:
     """The Fisher of ``rows`` (empirical or the model's: ``labels``) as the stage computes it:
     data batches of ``batch_size`` rows on the model's device, in passes of ``passes``. Neither
-    changes the values beyond float rounding: the model's label draws come row after row from
-    one seeded CPU generator, whatever the batches (tests/test_fisher_scale.py)."""
+    is part of the key: the empirical Fisher changes by float rounding only, and the model's
+    label draws take the same random numbers whatever the batches (one seeded CPU generator,
+    row after row), though the probabilities they sample can differ by rounding, and a draw
+    near a boundary with them (tests/test_fisher_scale.py)."""
     dev = next(model.parameters()).device
     batches = (
         {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}
@@ -95,12 +96,10 @@ def pass_size(
     on one device."""
     if budget is None:
         return most
-    seq = plan.sequence_length(fmt, {"rows": rows})
-    try:
-        shape = plan.model_shape(model)
-    except (AttributeError, TypeError, ValueError) as exc:
-        logging.getLogger(__name__).warning("no Fisher pass size from the plan (%s)", exc)
+    shape = shape_or_warn(model, f"the Fisher starts at {most} samples per pass")
+    if shape is None:
         return most
+    seq = plan.sequence_length(fmt, {"rows": rows})
     return plan.fisher_pass(shape, most, layers, seq, budget)
 
 

@@ -5,6 +5,7 @@ out-of-memory error that splitting cannot help failing at once."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -208,6 +209,41 @@ def test_the_out_of_memory_estimate_is_of_the_settings_the_stage_ran_with(
     message = str(caught.value)
     assert f"estimated peak {plan._size(off)} per device" in message, message
     assert "--gradient-checkpointing" in message.split("settings that would fit:")[1], message
+
+
+def test_the_out_of_memory_estimate_under_auto_is_of_the_stages_own_choice(
+    prefect_server, small, data_files, tmp_path, monkeypatch
+):
+    """A device where auto checkpoints the requested batch but would not checkpoint it split
+    into one-row micro-batches: the stage keeps checkpointing on through its out-of-memory
+    rebuild, and the estimate the error reports is the split batch's with checkpointing on, as
+    the stage ran it, not off as the split batch alone would choose."""
+    from transformers import AutoTokenizer
+
+    from unlearning_audit import prompts
+
+    config = UnlearnConfig(method="GA", lr=1e-3, steps=1, batch_size=4, stop_at_forget_em=None)
+    split = config.model_copy(update={"micro_batches": 4})  # after two rebuilds
+    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
+    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
+    shape = plan.shape_of_folder(small)
+
+    def peak(cfg: UnlearnConfig, on: bool) -> int:
+        return plan.unlearn_estimate(shape, cfg, seq, plan.Compute(checkpointing=on)).peak
+
+    budget = math.ceil(peak(split, False) / plan.AUTO_SHARE) + 2
+    assert peak(split, False) <= plan.auto_budget(budget) < peak(config, False)
+    assert peak(config, True) < peak(config, False)
+    assert plan._size(peak(split, True)) != plan._size(peak(split, False))
+    monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(budget))
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"unlearn": ["oom"] * 3}))
+    monkeypatch.setenv(FAULTS_ENV, str(faults))
+    with pytest.raises(OutOfMemory) as caught:
+        _stage_run(str(tmp_path / "store"), small, data_files, config)
+    message = str(caught.value)
+    assert f"estimated peak {plan._size(peak(split, True))} per device" in message, message
+    assert json.loads(faults.read_text()) == {"unlearn": []}
 
 
 # -- settings left to the stages: auto gradient checkpointing, the Fisher's pass size -------

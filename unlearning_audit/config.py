@@ -31,8 +31,8 @@ RelearnSource = Literal["forget", "forget-half", "retain", "unrelated"]
 RequestSplit = Literal["disjoint", "repeat"]
 Precision = Literal["auto", "fp32", "bf16-mixed", "bf16"]
 Checkpointing = bool | Literal["auto"]
-"""Gradient checkpointing in the training stages: on, off, or auto (on where the stage would not
-fit its device without it: plan.use_checkpointing)."""
+"""Gradient checkpointing in the training stages: on, off, or auto (on where the stage's peak
+without it exceeds 90% of its device and checkpointing lowers it: plan.use_checkpointing)."""
 
 
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -494,8 +494,9 @@ class AuditParams(_Config):
         "stages: their activation memory shrinks to about one block's, for about a third more "
         "compute; the results do not change. auto: each training stage turns it on where its "
         "estimated peak without it exceeds 90% of the memory of the device it runs on (a CUDA "
-        "GPU's, or $UNLEARNING_AUDIT_DEVICE_MEMORY) and the model supports it; off on a device "
-        "of unknown memory. Each stage's manifest records whether it was on.",
+        "GPU's, or $UNLEARNING_AUDIT_DEVICE_MEMORY), the model supports it and it lowers the "
+        "peak; off on a device of unknown memory. Each stage's manifest records whether it was "
+        "on.",
     )
     gpus: PositiveInt = Field(
         1,
@@ -516,7 +517,8 @@ class AuditParams(_Config):
         description="The most samples per per-sample-gradient pass of the Fisher stage "
         "(memory: this many copies of the chosen layers' gradients): the stage starts at the "
         "largest pass size up to it whose estimate fits 90% of the memory of its device (1 at "
-        "worst; this one without a known budget), halved on out-of-memory; values unchanged.",
+        "worst; this one without a known budget), halved on out-of-memory; also the rows per "
+        "data batch. Values unchanged.",
     )
     fisher_model_samples: int = Field(
         1,

@@ -708,14 +708,23 @@ def fitting_settings(
 
 
 def stage_note(
-    stage: str, config: dict, batch, shape: ModelShape, seq: int, budget: int | None
+    stage: str,
+    config: dict,
+    batch,
+    shape: ModelShape,
+    seq: int,
+    budget: int | None,
+    requested=None,
 ) -> str:
     """The estimate of one stage run (its stage name, the config it is stored under and its
     training config ``batch``, if any) and, against ``budget``, the settings under which it
     would fit; for an out-of-memory error. The config's precision, gradient_checkpointing,
-    gpus, batch_size and layers are read where it holds them (defaults otherwise)."""
-    params = _stage_audit(stage, config, batch)
+    gpus, batch_size and layers are read where it holds them (defaults otherwise); auto
+    checkpointing is resolved as the stage resolved it, from its ``requested`` training config
+    (``batch`` may be it split into more micro-batches)."""
     precision = config.get("precision", "fp32")
+    config = _checkpointing_as_decided(stage, config, requested, shape, seq, budget, precision)
+    params = _stage_audit(stage, config, batch)
     estimate = plan(params, shape, seq, precision, budget)
     ran = next(s for s in estimate.stages if s.stage.startswith(stage))
     parts = ", ".join(f"{k} {_size(v)}" for k, v in ran.parts.items())
@@ -726,6 +735,30 @@ def stage_note(
     return f"{note}; device memory {_size(budget)}; settings that would fit: " + (
         "; ".join(fitting) or "none tried alone or combined"
     )
+
+
+def _checkpointing_as_decided(
+    stage: str,
+    config: dict,
+    requested,
+    shape: ModelShape,
+    seq: int,
+    budget: int | None,
+    precision: str,
+) -> dict:
+    """``config`` with auto gradient checkpointing replaced by what a training stage decided
+    from its ``requested`` config (use_checkpointing, as tasks._stage.checkpointing_here)."""
+    estimates = {"unlearn": unlearn_estimate, "relearn": relearn_estimate}
+    if config.get("gradient_checkpointing", "auto") != "auto" or stage not in estimates:
+        return config
+    if requested is None:
+        return config
+
+    def ran(on: bool) -> StageEstimate:
+        compute = Compute(precision, on, config.get("gpus", 1))
+        return estimates[stage](shape, requested, seq, compute)
+
+    return {**config, "gradient_checkpointing": use_checkpointing("auto", shape, budget, ran)}
 
 
 def _stage_audit(stage: str, config: dict, batch) -> AuditParams:

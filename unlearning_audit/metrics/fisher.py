@@ -344,11 +344,13 @@ def _sampled_labels(
     def predict(rows: slice) -> None:
         embeds = model.get_input_embeddings()(input_ids[rows])
         logits = model(inputs_embeds=embeds).logits[:, :-1]
-        found.append(logits[answer[rows]].float().softmax(dim=-1).cpu())
+        probs = logits[answer[rows]].float().softmax(dim=-1).cpu()
+        # drawn pass by pass, position after position: the same draws as all at once, and only
+        # one pass's probabilities (positions x vocabulary) held at a time
+        found.append(torch.multinomial(probs, samples, replacement=True, generator=generator))
 
     _in_passes(len(input_ids), passes, params, predict)
-    probs = torch.cat(found)
-    drawn = torch.multinomial(probs, samples, replacement=True, generator=generator)
+    drawn = torch.cat(found)
     targets = labels[:, 1:, None].expand(-1, -1, samples).clone()
     targets[answer] = drawn.to(targets.device)
     first = labels[:, :1, None].expand(-1, -1, samples)
