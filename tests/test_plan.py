@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -155,21 +156,33 @@ def _stage_run(store: str, small: Path, data_files: dict, config: UnlearnConfig,
     return run()
 
 
+def _unlearn_peak(small: Path, data_files: dict) -> Callable[[UnlearnConfig, bool], int]:
+    """The estimated peak of the unlearn stage of a config on the small checkpoint, with or
+    without gradient checkpointing, for the rows the stage renders (plan.unlearn_estimate)."""
+    from transformers import AutoTokenizer
+
+    from unlearning_audit import prompts
+
+    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
+    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
+    shape = plan.shape_of_folder(small)
+
+    def peak(config: UnlearnConfig, checkpointing: bool = False) -> int:
+        compute = plan.Compute(checkpointing=checkpointing)
+        return plan.unlearn_estimate(shape, config, seq, compute).peak
+
+    return peak
+
+
 def test_out_of_memory_that_splitting_cannot_help_fails_at_once_with_the_estimate(
     prefect_server, small, data_files, tmp_path, monkeypatch
 ):
     """One-row micro-batches already: the injected OOM is not split, nor retried by the task
     (one of three planned faults fires), and the error carries the stage's estimate and a
     setting that fits a device just too small for it."""
-    from transformers import AutoTokenizer
-
-    from unlearning_audit import prompts
-
     config = UnlearnConfig(method="GA", lr=1e-3, steps=1, batch_size=2, micro_batches=2)
-    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
-    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
-    estimate = plan.unlearn_estimate(plan.shape_of_folder(small), config, seq, plan.Compute())
-    monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(estimate.peak - 1))
+    peak = _unlearn_peak(small, data_files)(config)
+    monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(peak - 1))
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({"unlearn": ["oom"] * 3}))
     monkeypatch.setenv(FAULTS_ENV, str(faults))
@@ -187,18 +200,9 @@ def test_the_out_of_memory_estimate_is_of_the_settings_the_stage_ran_with(
     """Checkpointing forced off where auto would turn it on: the estimate an out-of-memory error
     reports is the stage's peak without it (the settings it ran with, which its key does not
     hold), and --gradient-checkpointing is among the settings that would fit."""
-    from transformers import AutoTokenizer
-
-    from unlearning_audit import prompts
-
     config = UnlearnConfig(method="GA", lr=1e-3, steps=1, batch_size=2, micro_batches=2)
-    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
-    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
-    shape = plan.shape_of_folder(small)
-    off, on = (
-        plan.unlearn_estimate(shape, config, seq, plan.Compute(checkpointing=c)).peak
-        for c in (False, True)
-    )
+    peak = _unlearn_peak(small, data_files)
+    off, on = peak(config, False), peak(config, True)
     assert on < off
     monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(off - 1))
     faults = tmp_path / "faults.json"
@@ -218,19 +222,9 @@ def test_the_out_of_memory_estimate_under_auto_is_of_the_stages_own_choice(
     into one-row micro-batches: the stage keeps checkpointing on through its out-of-memory
     rebuild, and the estimate the error reports is the split batch's with checkpointing on, as
     the stage ran it, not off as the split batch alone would choose."""
-    from transformers import AutoTokenizer
-
-    from unlearning_audit import prompts
-
     config = UnlearnConfig(method="GA", lr=1e-3, steps=1, batch_size=4, stop_at_forget_em=None)
     split = config.model_copy(update={"micro_batches": 4})  # after two rebuilds
-    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
-    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
-    shape = plan.shape_of_folder(small)
-
-    def peak(cfg: UnlearnConfig, on: bool) -> int:
-        return plan.unlearn_estimate(shape, cfg, seq, plan.Compute(checkpointing=on)).peak
-
+    peak = _unlearn_peak(small, data_files)
     budget = math.ceil(peak(split, False) / plan.AUTO_SHARE) + 2
     assert peak(split, False) <= plan.auto_budget(budget) < peak(config, False)
     assert peak(config, True) < peak(config, False)
@@ -369,19 +363,12 @@ def test_the_unlearn_stage_checkpoints_where_its_device_needs_and_trains_the_sam
     plan's functions, for the rows the stage renders): the stage turns it on and its manifest
     says so; a large budget leaves it off. The same weights either way (float32, CPU)."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
-    from unlearning_audit import prompts
     from unlearning_audit.store import Store
 
     config = UnlearnConfig(method="GA", lr=1e-3, steps=2, batch_size=2, stop_at_forget_em=None)
-    rows = {name: json.loads(Path(path).read_text()) for name, path in data_files.items()}
-    seq = plan.sequence_length(prompts.renderer(AutoTokenizer.from_pretrained(small)), rows)
-    shape = plan.shape_of_folder(small)
-    on, off = (
-        plan.unlearn_estimate(shape, config, seq, plan.Compute(checkpointing=c)).peak
-        for c in (True, False)
-    )
+    peak = _unlearn_peak(small, data_files)
+    on, off = peak(config, True), peak(config, False)
     assert on < off
     weights, used = [], []
     for budget in (int((on + off) / 2 / plan.AUTO_SHARE), 2**40):
