@@ -174,6 +174,20 @@ def _unlearn_peak(small: Path, data_files: dict) -> Callable[[UnlearnConfig, boo
     return peak
 
 
+def _oom_message(
+    tmp_path: Path, monkeypatch, small: Path, data_files: dict, config: UnlearnConfig, **options
+) -> tuple[str, list[str]]:
+    """The message of the OutOfMemory the unlearn stage of ``config`` (and the task's
+    ``options``) fails with when every build runs out of memory (three planned faults), and
+    the faults left unfired."""
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"unlearn": ["oom"] * 3}))
+    monkeypatch.setenv(FAULTS_ENV, str(faults))
+    with pytest.raises(OutOfMemory) as caught:
+        _stage_run(str(tmp_path / "store"), small, data_files, config, **options)
+    return str(caught.value), json.loads(faults.read_text())["unlearn"]
+
+
 def test_out_of_memory_that_splitting_cannot_help_fails_at_once_with_the_estimate(
     prefect_server, small, data_files, tmp_path, monkeypatch
 ):
@@ -183,15 +197,10 @@ def test_out_of_memory_that_splitting_cannot_help_fails_at_once_with_the_estimat
     config = UnlearnConfig(method="GA", lr=1e-3, steps=1, batch_size=2, micro_batches=2)
     peak = _unlearn_peak(small, data_files)(config)
     monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(peak - 1))
-    faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps({"unlearn": ["oom"] * 3}))
-    monkeypatch.setenv(FAULTS_ENV, str(faults))
-    with pytest.raises(OutOfMemory) as caught:
-        _stage_run(str(tmp_path / "store"), small, data_files, config)
-    message = str(caught.value)
+    message, unfired = _oom_message(tmp_path, monkeypatch, small, data_files, config)
     assert "splitting cannot help" in message and "estimated peak" in message, message
     assert "settings that would fit: --lora 16" in message and "--gpus 2" in message, message
-    assert json.loads(faults.read_text()) == {"unlearn": ["oom", "oom"]}
+    assert unfired == ["oom", "oom"]
 
 
 def test_the_out_of_memory_estimate_is_of_the_settings_the_stage_ran_with(
@@ -205,12 +214,10 @@ def test_the_out_of_memory_estimate_is_of_the_settings_the_stage_ran_with(
     off, on = peak(config, False), peak(config, True)
     assert on < off
     monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(off - 1))
-    faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps({"unlearn": ["oom"]}))
-    monkeypatch.setenv(FAULTS_ENV, str(faults))
-    with pytest.raises(OutOfMemory) as caught:
-        _stage_run(str(tmp_path / "store"), small, data_files, config, gradient_checkpointing=False)
-    message = str(caught.value)
+    message, unfired = _oom_message(
+        tmp_path, monkeypatch, small, data_files, config, gradient_checkpointing=False
+    )
+    assert unfired == ["oom", "oom"]  # one-row micro-batches already: failed at the first
     assert f"estimated peak {plan._size(off)} per device" in message, message
     assert "--gradient-checkpointing" in message.split("settings that would fit:")[1], message
 
@@ -230,14 +237,9 @@ def test_the_out_of_memory_estimate_under_auto_is_of_the_stages_own_choice(
     assert peak(config, True) < peak(config, False)
     assert plan._size(peak(split, True)) != plan._size(peak(split, False))
     monkeypatch.setenv(plan.DEVICE_MEMORY_ENV, str(budget))
-    faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps({"unlearn": ["oom"] * 3}))
-    monkeypatch.setenv(FAULTS_ENV, str(faults))
-    with pytest.raises(OutOfMemory) as caught:
-        _stage_run(str(tmp_path / "store"), small, data_files, config)
-    message = str(caught.value)
+    message, unfired = _oom_message(tmp_path, monkeypatch, small, data_files, config)
     assert f"estimated peak {plan._size(peak(split, True))} per device" in message, message
-    assert json.loads(faults.read_text()) == {"unlearn": []}
+    assert unfired == []
 
 
 # -- settings left to the stages: auto gradient checkpointing, the Fisher's pass size -------
