@@ -433,5 +433,6 @@ def audit_checkpoint(params: AuditParams = DEFAULT_PARAMS) -> dict:
         described = _described(params, models["control"])
         report_ref = report(store, described, models["runs"], models["control_runs"])
         published = publish(store, report_ref)
-        progress(_milestones(params), _milestones(params))
+        steps = _milestones(params)
+        progress(steps, steps)
     return {**published, "report_ref": ref_of(report_ref).model_dump()}

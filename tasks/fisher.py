@@ -69,8 +69,8 @@ def diagonal(
     data batches of ``batch_size`` rows on the model's device, in passes of ``passes``. Neither
     is part of the key: the empirical Fisher changes by float rounding only, and the model's
     label draws take the same random numbers whatever the batches (one seeded CPU generator,
-    row after row), though the probabilities they sample can differ by rounding, and a draw
-    near a boundary with them (tests/test_fisher_scale.py)."""
+    row after row), though the probabilities they sample can differ by rounding, which can move
+    a draw that lies near a boundary (tests/test_fisher_scale.py)."""
     dev = next(model.parameters()).device
     batches = (
         {k: v.to(dev) for k, v in data.train_batch(fmt, chunk).items()}

@@ -749,9 +749,8 @@ def _checkpointing_as_decided(
     """``config`` with auto gradient checkpointing replaced by what a training stage decided
     from its ``requested`` config (use_checkpointing, as tasks._stage.checkpointing_here)."""
     estimates = {"unlearn": unlearn_estimate, "relearn": relearn_estimate}
-    if config.get("gradient_checkpointing", "auto") != "auto" or stage not in estimates:
-        return config
-    if requested is None:
+    auto = config.get("gradient_checkpointing", "auto") == "auto"
+    if not auto or stage not in estimates or requested is None:
         return config
 
     def ran(on: bool) -> StageEstimate:
